@@ -1,0 +1,3 @@
+from s1fast.cli import main
+
+raise SystemExit(main())

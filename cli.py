@@ -1,0 +1,42 @@
+"""The ``s1fast`` command: ``s1fast <command> [options]``.
+
+Each command lives in the subpackage that owns it and exposes ``main(argv) -> int``; this file only routes,
+importing the command's module lazily so ``s1fast --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("s1fast.train.cli", "fine-tune a Qwen model with the s1 SFT recipe (no arguments: the CPU demo)"),
+    "generate": ("s1fast.model.cli", "budget-forced decoding with the KV-cache decoder"),
+    "eval": ("s1fast.bench.scaling", "test-time scaling evaluation: accuracy against thinking budget"),
+    "bench": ("s1fast.bench.cli", "benchmarks and kernel inspection (kernels | train | decode | inspect | all)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: s1fast <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `s1fast <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"s1fast: unknown command {name!r}; expected one of {', '.join(COMMANDS)}\n", file=sys.stderr)
+        print(_usage(), file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

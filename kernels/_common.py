@@ -1,0 +1,89 @@
+"""Shared plumbing for the kernels: backend dispatch and input validation.
+
+Dispatch rule (one place, used by every kernel):
+- CUDA tensors run the Triton kernels;
+- CPU tensors run the plain-PyTorch path, except when ``TRITON_INTERPRET=1`` was set before Triton was
+  imported: then the Triton kernels run on CPU tensors through Triton's interpreter (how CI tests them).
+``force_backend("torch" | "triton")`` overrides the rule inside a ``with`` block (tests use it to run both
+paths in one process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterable, Iterator
+
+import torch
+
+_state = threading.local()
+_BACKENDS = ("auto", "torch", "triton")
+
+
+def interpreting() -> bool:
+    """True when Triton's interpreter is on (``TRITON_INTERPRET=1``): Triton kernels accept CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def force_backend(name: str) -> Iterator[None]:
+    """Run the kernels' ``name`` path ("auto", "torch" or "triton") inside the block."""
+    if name not in _BACKENDS:
+        raise ValueError(f"force_backend: name must be one of {_BACKENDS}, got {name!r}")
+    previous = getattr(_state, "backend", "auto")
+    _state.backend = name
+    try:
+        yield
+    finally:
+        _state.backend = previous
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the Triton kernel handles tensor ``x`` (see the module docstring for the rule)."""
+    backend = getattr(_state, "backend", "auto")
+    if backend == "torch":
+        return False
+    if x.is_cuda or interpreting():
+        return True
+    if backend == "triton":
+        raise RuntimeError(
+            "force_backend('triton') on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+        )
+    return False
+
+
+def check_tensor(
+    fn: str,
+    name: str,
+    t: object,
+    *,
+    ndim: int | Iterable[int] | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+) -> torch.Tensor:
+    """Raise a clear error unless ``t`` is a tensor with an allowed rank and dtype; return it."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            raise ValueError(f"{fn}: {name} must have {' or '.join(map(str, allowed))} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        allowed_dtypes = tuple(dtypes)
+        if t.dtype not in allowed_dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in allowed_dtypes)
+            raise TypeError(f"{fn}: {name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    return t
+
+
+def check_same_device(fn: str, **tensors: torch.Tensor | None) -> None:
+    """Raise a clear error unless every given tensor is on the same device."""
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {k: v.device for k, v in present.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"{fn}: all tensors must be on one device, got {listing}")
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Activation dtypes the kernels accept (float64 runs the PyTorch path only, for references)."""
