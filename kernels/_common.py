@@ -14,6 +14,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -87,3 +88,22 @@ def check_same_device(fn: str, **tensors: torch.Tensor | None) -> None:
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """Activation dtypes the kernels accept (float64 runs the PyTorch path only, for references)."""
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One compilation of a Triton kernel exactly as its launcher would run it at some shape.
+
+    Kernel modules return these from ``kernel_specs(shape)`` so ``s1fast bench inspect`` can compile every
+    kernel ahead of time for a GPU target (no GPU needed) and read registers, spills and SASS. The launcher
+    and ``kernel_specs`` must take their block sizes / warps from the same config function, so what is
+    inspected is what runs.
+    """
+
+    name: str  # e.g. "rms_norm_fwd"
+    fn: object  # the @triton.jit function
+    signature: dict[str, str]  # every runtime argument, in order -> Triton type: "*bf16", "*fp32", "i32", "i64", "fp32"
+    constexprs: dict[str, object]  # every tl.constexpr argument -> its value
+    num_warps: int
+    num_stages: int = 1
+    config: str = ""  # human-readable, e.g. "BLOCK=1024 warps=4"
