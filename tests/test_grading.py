@@ -1,0 +1,159 @@
+"""Answer extraction and grading on real-looking model outputs and reference answers (AIME / MATH style)."""
+
+import time
+
+import pytest
+
+from s1fast.bench.grading import extract_answer, grade, is_equiv, last_boxed, normalize
+
+# (model output, the answer that must be extracted)
+EXTRACTION = [
+    (r"So the probability is $\boxed{\frac{3}{8}}$.", r"\frac{3}{8}"),
+    (r"Thus $\boxed{\dfrac{\sqrt{3}}{2}}$", r"\dfrac{\sqrt{3}}{2}"),
+    (r"The set is $\boxed{\{1, 2, \{3\}\}}$", r"\{1, 2, \{3\}\}"),  # escaped braces inside
+    (r"\boxed{\left( \frac{1}{2}, \frac{\sqrt{3}}{2} \right)}", r"\left( \frac{1}{2}, \frac{\sqrt{3}}{2} \right)"),
+    (r"First guess \boxed{12}, but recheck: the answer is \boxed{-7}.", "-7"),
+    (r"Area: \boxed {25\pi}", r"25\pi"),
+    (r"\boxed 5 is it", "5"),
+    (r"We get \fbox{204}", "204"),
+    (r"Answer: \boxed{\text{(B)}}", r"\text{(B)}"),
+    # a box cut off by the token limit: the previous complete box counts
+    (r"Earlier \boxed{17}. Later \boxed{\frac{1}{2", "17"),
+    ("<|im_start|>answer\nFinal Answer: 204", "204"),
+    ("Answer:\n  $42$.\n", "42"),
+    ("**Final Answer:** **113**", "113"),
+    ("the answer is 9.", "9"),
+    ("I am not sure about this one.", None),
+    ("", None),
+]
+
+
+@pytest.mark.parametrize("text,expected", EXTRACTION)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_extract_answer_strips_the_answer_phrase_and_stops_at_the_line():
+    text = "Final Answer: The final answer is $\\frac{7}{3}$"
+    assert extract_answer(text) == r"\frac{7}{3}"
+    assert grade(text + "\nmore text on the next line", "7/3") == (r"\frac{7}{3}", True)
+
+
+def test_last_boxed_unbalanced_and_absent():
+    assert last_boxed(r"\boxed{\frac{1}{2}") is None
+    assert last_boxed("no box here") is None
+    assert last_boxed(r"\boxedx") is None  # another command, not \boxed
+
+
+# (prediction, reference) pairs that are the same answer
+EQUIVALENT = [
+    ("42", "42"),
+    ("042", "42"),  # AIME answers are integers 0-999, often zero-padded
+    ("1,000", "1000"),
+    ("1{,}000", "1000"),
+    ("-7", "-7"),
+    ("12.0", "12"),
+    ("18.90", "18.9"),
+    (r"\$18.90", "18.90"),
+    (r"\frac{1}{2}", "1/2"),
+    (r"\dfrac{1}{2}", r"\frac12"),
+    (r"\tfrac{3}{4}", "0.75"),
+    (r"-\frac{3}{4}", r"\frac{-3}{4}"),
+    (".5", "0.5"),
+    (r"10\text{ cm}^2", "10"),
+    (r"5 \text{ inches}", "5"),
+    (r"\text{(C)}", "(C)"),
+    (r"30^\circ", "30"),
+    (r"30^{\circ}", "30"),
+    (r"50\%", "50"),
+    (r"x = 5", "5"),
+    (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"),
+    (r"\left[ -2, 5 \right)", "[-2,5)"),
+    (r"2\sqrt{2}", r"\sqrt{8}"),  # sympy from here on
+    (r"\frac{1}{\sqrt{2}}", r"\frac{\sqrt{2}}{2}"),
+    (r"\frac{\sqrt{3}}{3}", r"\frac{1}{\sqrt3}"),
+    (r"x^2+2x+1", r"(x+1)^2"),
+    (r"\pi r^2", r"r^2\pi"),
+    (r"2^{10}", "1024"),
+    (r"\sqrt[3]{8}", "2"),
+    (r"6 \cdot 7", "42"),
+    (r"\frac{9\pi}{2}", r"4.5\pi"),
+    (r"(\frac{1}{2}, 2\sqrt{2})", r"(0.5,\sqrt{8})"),
+]
+
+
+@pytest.mark.parametrize("prediction,reference", EQUIVALENT)
+def test_equivalent_answers_match(prediction, reference):
+    assert is_equiv(prediction, reference)
+    assert is_equiv(reference, prediction)
+
+
+# (prediction, reference) pairs that are different answers and must NOT match
+DIFFERENT = [
+    ("41", "42"),
+    ("-7", "7"),
+    ("420", "42"),
+    ("1,000", "100"),
+    (r"\frac{1}{2}", r"\frac{1}{3}"),
+    (r"\frac{1}{3}", "0.333"),  # a rounded decimal is not the exact value
+    (r"\frac{3}{4}", r"\frac{4}{3}"),
+    (r"2\sqrt{3}", r"\sqrt{6}"),
+    (r"x^2+1", r"(x+1)^2"),
+    (r"(1,2)", r"(2,1)"),
+    (r"(1,2)", r"[1,2]"),  # open and closed intervals differ
+    (r"(1,2)", r"(1,2,3)"),
+    (r"\text{(B)}", "(C)"),
+    (r"10\pi", "10"),
+    (r"\pi", "3.14159"),
+    (None, "5"),
+    ("", "5"),
+]
+
+
+@pytest.mark.parametrize("prediction,reference", DIFFERENT)
+def test_different_answers_do_not_match(prediction, reference):
+    assert not is_equiv(prediction, reference)
+
+
+def test_integer_reference_given_as_int():
+    assert is_equiv("204", 204)
+    assert not is_equiv("205", 204)
+
+
+@pytest.mark.parametrize(
+    "prediction",
+    [
+        r"9^{9^{9^{9}}}",  # an exponent tower: bounded, never evaluated
+        r"10^{100000}",
+        r"\frac{1}{0}",
+        r"__import__('os').system('echo pwned')",
+        r"x.__class__",
+        r"\frac{\frac{\frac{\frac{1}{2}",
+        r"\sqrt[",
+        "(" * 400 + "1" + ")" * 400,
+        r"\unknowncommand{3}",
+        "}}}{{{",
+    ],
+)
+def test_malformed_or_hostile_answers_never_crash_or_hang(prediction):
+    start = time.perf_counter()
+    assert is_equiv(prediction, "1") is False
+    assert time.perf_counter() - start < 3.0  # the sympy time limit is 2 s
+
+
+def test_normalize_examples():
+    assert normalize(r"$\left( \dfrac{1}{2}, \tfrac12 \right)$.") == r"(\frac{1}{2},\frac{1}{2})"
+    assert normalize(r"\$1,234,567.0") == "1234567"
+    assert normalize(r"\frac 1 2") == r"\frac{1}{2}"
+    assert normalize(r"\sqrt2") == r"\sqrt{2}"
+    assert normalize(r"\pi r^2") == r"\pi r^2"  # the command must not swallow the letter after it
+    assert normalize(r"\text{Evelyn}") == "Evelyn"
+
+
+def test_grade_on_a_full_budget_forced_output():
+    output = (
+        "\nLet me compute 13 * 17 = 221. Wait, check: 13*17 = 221, yes.\n"
+        "<|im_start|>answer\nFinal Answer: The product is $\\boxed{221}$."
+    )
+    assert grade(output, "221") == ("221", True)
+    assert grade(output, "222") == ("221", False)
