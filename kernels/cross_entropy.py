@@ -259,8 +259,8 @@ def _dtype(shape: dict) -> torch.dtype:
 
 
 def kernel_specs(shape: dict) -> list[KernelSpec]:
-    """The cross-entropy kernel as launched for ``shape`` (keys ``vocab``, ``tokens``, ``dtype``) in training:
-    gradient written with the scalar mean/sum scale (the "none" backward uses ``PER_ROW_SCALE=True``)."""
+    """The cross-entropy kernel as launched for ``shape`` (keys ``vocab``, ``dtype``; one program per token
+    row) in training: gradient written with the scalar mean/sum scale ("none" backward: ``PER_ROW_SCALE``)."""
     V = shape["vocab"]
     t = _TRITON_TYPES[_dtype(shape)]
     block, warps = _config(V)
@@ -272,5 +272,5 @@ def kernel_specs(shape: dict) -> list[KernelSpec]:
     return [KernelSpec(
         name="cross_entropy", fn=_cross_entropy_kernel, signature=signature,
         constexprs={"BLOCK_V": block, "WRITE_GRAD": True, "PER_ROW_SCALE": False}, num_warps=warps,
-        config=f"BLOCK_V={block} warps={warps} grid={shape.get('tokens', 'N')} rows",
+        config=f"BLOCK_V={block} warps={warps}",
     )]

@@ -1,26 +1,214 @@
-"""Fused linear cross-entropy (placeholder: unchunked PyTorch; the real implementation is being written)."""
+"""Fused linear cross-entropy: the loss of ``hidden @ weight.T (+ bias)`` without the full ``[N, V]`` logits.
+
+Math (``x = h W^T + b``, ``g = dloss/dx`` from the cross-entropy kernel, see ``cross_entropy``)::
+
+    dloss/dh = g W          dloss/dW = g^T h  (accumulated in fp32)          dloss/db = sum_rows g
+
+Tokens are processed in chunks whose logits buffer fits a memory budget (``chunk_budget_bytes``, default
+1 GiB on CUDA, 128 MiB on CPU; the PyTorch path also counts its two fp32 row temporaries). Per chunk:
+the logits GEMM in the input dtype, the cross-entropy kernel writing ``scale * g`` in place over the
+chunk's logits buffer, then ``grad_hidden[chunk] = g W`` and ``grad_weight += g^T h`` (fp32 accumulator),
+``grad_bias += sum g``. For "mean" / "sum" / ``num_items_in_batch`` the scale is known in the forward
+(1 / count computed on the device, 1, 1 / num_items_in_batch), so all gradients are finished during the
+forward and backward only multiplies them by ``grad_output``. For ``reduction="none"`` every row has its
+own ``grad_output``, which does not factor out of ``g^T h``: the forward computes only the losses, and
+backward recomputes the chunks with ``grad_output`` as the per-row scale. Nothing syncs with the host.
+
+Extra memory beyond the inputs and their gradients: one chunk of logits (plus the fp32 weight-gradient
+accumulator when the weight is not fp32). ``num_items_in_batch`` (int or 0-d tensor) gives
+``sum over tokens / num_items_in_batch``, transformers' gradient-accumulation convention.
+"""
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+import dataclasses
 
-from s1fast.kernels.cross_entropy import cross_entropy_reference
+import torch
+
+from s1fast.kernels._common import FLOAT_DTYPES, check_same_device, check_tensor, use_triton
+from s1fast.kernels.cross_entropy import (
+    _INT_DTYPES,
+    _dtype,
+    check_labels,
+    check_options,
+    cross_entropy_reference,
+    cross_entropy_rows,
+    kernel_specs as _cross_entropy_specs,
+    mean_scale,
+)
+
+DEFAULT_CHUNK_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 1 << 27}
+"""Per-chunk memory budget by device type when ``chunk_budget_bytes`` is not given."""
+
+_fp32_out_gemm = [True]  # cleared if this torch's CUDA addmm rejects out_dtype=float32 for bf16/fp16 inputs
+
+
+def chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, triton_path: bool, budget_bytes: int) -> int:
+    """Rows per chunk so that one chunk's logits (+ the PyTorch path's fp32 temporaries) fit ``budget_bytes``."""
+    row_bytes = vocab * (dtype.itemsize + (0 if triton_path else 8))
+    return max(1, min(n_rows, budget_bytes // row_bytes))
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` in fp32 (or float64) and ``a``, ``b`` possibly bf16/fp16, no [V, H] temp."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and _fp32_out_gemm[0]:
+        try:  # cuBLAS with bf16 operands, fp32 accumulator and fp32 C (beta = 1)
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        except (RuntimeError, TypeError):  # older torch: check fails before any work; fall back for good
+            _fp32_out_gemm[0] = False
+            acc.add_(a @ b)
+    elif acc.is_cuda:
+        acc.add_(a @ b)  # one [V, H] temporary in the input dtype per chunk
+    else:  # CPU: fp32 GEMM on chunk-sized upcasts
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _chunk_loop(hidden, weight, bias, labels, scale, loss, grads, ignore_index, label_smoothing, z_loss, rows):
+    """One pass over the token chunks (shared by every path; only the per-chunk cross-entropy differs).
+
+    Writes per-row losses into ``loss``. ``grads`` is ``None`` (loss only) or ``(grad_hidden, grad_weight,
+    grad_bias)`` with ``None`` for gradients not wanted; ``scale`` (0-d or [N]) multiplies the gradients.
+    """
+    grad_h, grad_w, grad_b = grads if grads is not None else (None, None, None)
+    want_grad = grads is not None and any(g is not None for g in grads)
+    for start in range(0, hidden.shape[0], rows):
+        end = min(start + rows, hidden.shape[0])
+        h = hidden[start:end]
+        logits = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()  # the chunk buffer
+        chunk_scale = scale[start:end] if scale.dim() == 1 else scale
+        cross_entropy_rows(logits, labels[start:end], loss[start:end], logits if want_grad else None, chunk_scale,
+                           ignore_index, label_smoothing, z_loss)
+        if grad_h is not None:
+            torch.mm(logits, weight, out=grad_h[start:end])
+        if grad_w is not None:
+            _accumulate_mm(grad_w, logits.t(), h)
+        if grad_b is not None:
+            grad_b += logits.sum(0, dtype=grad_b.dtype)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, scale, ignore_index, reduction, label_smoothing, z_loss, rows):
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        need = ctx.needs_input_grad[:3]
+        loss = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        ctx.options = (ignore_index, reduction, label_smoothing, z_loss, rows)
+        ctx.dtype = hidden.dtype
+        if reduction == "none" or not any(need):
+            _chunk_loop(hidden, weight, bias, labels, scale, loss, None, ignore_index, label_smoothing, z_loss, rows)
+            ctx.save_for_backward(hidden, weight, bias, labels)
+        else:
+            grads = _new_grads(hidden, weight, bias, need, acc)
+            _chunk_loop(hidden, weight, bias, labels, scale, loss, grads, ignore_index, label_smoothing, z_loss, rows)
+            ctx.save_for_backward(*grads)  # scaled in place by backward: a second backward fails loudly
+        if reduction == "none":
+            return loss
+        return loss.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        ignore_index, reduction, label_smoothing, z_loss, rows = ctx.options
+        if reduction == "none":
+            hidden, weight, bias, labels = ctx.saved_tensors
+            acc = torch.promote_types(hidden.dtype, torch.float32)
+            grads = _new_grads(hidden, weight, bias, ctx.needs_input_grad[:3], acc)
+            scratch = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+            _chunk_loop(hidden, weight, bias, labels, grad_output.to(acc).contiguous(), scratch, grads,
+                        ignore_index, label_smoothing, z_loss, rows)
+            grad_h, grad_w, grad_b = grads
+        else:
+            grad_h, grad_w, grad_b = (g.mul_(grad_output) if g is not None else None for g in ctx.saved_tensors)
+        dtype = ctx.dtype
+        return (grad_h, grad_w.to(dtype) if grad_w is not None else None,
+                grad_b.to(dtype) if grad_b is not None else None) + (None,) * 7
+
+
+def _new_grads(hidden, weight, bias, need, acc):
+    grad_h = torch.empty_like(hidden) if need[0] else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need[1] else None
+    grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None and need[2] else None
+    return grad_h, grad_w, grad_b
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    *,
+    chunk_budget_bytes: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, chunked (see the module docstring).
+
+    ``hidden`` [N, H] or [B, T, H] with ``labels`` [N] or [B, T] (already shifted for a causal LM),
+    ``weight`` [V, H] (may be a tied embedding), ``bias`` [V]. Returns an fp32 scalar, or fp32 losses shaped
+    like ``labels`` for ``reduction="none"`` (float64 inputs give float64).
+    """
+    fn = "fused_linear_cross_entropy"
+    dtypes = FLOAT_DTYPES + (torch.float64,)
+    check_tensor(fn, "hidden", hidden, ndim=(2, 3), dtypes=dtypes)
+    check_tensor(fn, "weight", weight, ndim=2, dtypes=dtypes)
+    check_tensor(fn, "labels", labels, ndim=hidden.dim() - 1, dtypes=_INT_DTYPES)
+    if bias is not None:
+        check_tensor(fn, "bias", bias, ndim=1, dtypes=dtypes)
+    check_same_device(fn, hidden=hidden, weight=weight, labels=labels, bias=bias)
+    V, H = weight.shape
+    if hidden.shape[-1] != H:
+        raise ValueError(f"{fn}: hidden width {hidden.shape[-1]} does not match weight [V, H] = {tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"{fn}: labels must have shape {tuple(hidden.shape[:-1])} to match hidden "
+                         f"{tuple(hidden.shape)}, got {tuple(labels.shape)}")
+    if bias is not None and bias.shape != (V,):
+        raise ValueError(f"{fn}: bias must have shape ({V},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != hidden.dtype:
+            raise TypeError(f"{fn}: {name} dtype {t.dtype} must match hidden dtype {hidden.dtype}")
+    check_options(fn, reduction, label_smoothing, z_loss)
+    if num_items_in_batch is not None and reduction == "none":
+        raise ValueError(f"{fn}: num_items_in_batch divides the summed loss; it cannot be combined with reduction='none'")
+    if chunk_budget_bytes is not None and chunk_budget_bytes <= 0:
+        raise ValueError(f"{fn}: chunk_budget_bytes must be positive, got {chunk_budget_bytes}")
+
+    h2 = hidden.reshape(-1, H)
+    y = labels.reshape(-1).contiguous()
+    check_labels(fn, y, V, ignore_index)
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    if num_items_in_batch is not None:
+        scale = torch.as_tensor(num_items_in_batch).to(device=hidden.device, dtype=acc).reciprocal()
+    elif reduction == "mean":
+        scale = mean_scale(y, ignore_index).to(acc)
+    else:
+        scale = torch.ones((), dtype=acc, device=hidden.device)
+    budget = chunk_budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES["cuda" if hidden.is_cuda else "cpu"]
+    triton_path = hidden.dtype in FLOAT_DTYPES and use_triton(hidden)
+    rows = chunk_rows(h2.shape[0], V, hidden.dtype, triton_path, budget)
+    loss = _FusedLinearCrossEntropy.apply(h2, weight, bias, y, scale, int(ignore_index), reduction,
+                                          float(label_smoothing), float(z_loss), rows)
+    return loss.reshape(labels.shape) if reduction == "none" else loss
 
 
 def fused_linear_cross_entropy_reference(
     hidden, weight, labels, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
     num_items_in_batch=None,
 ):
-    logits = F.linear(hidden, weight, bias)
+    """Unfused reference: full logits with ``F.linear``, then ``cross_entropy_reference``."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).flatten(0, -2)
+    y = labels.reshape(-1)
     if num_items_in_batch is not None:
-        return cross_entropy_reference(logits, labels, ignore_index, "sum", label_smoothing, z_loss) / num_items_in_batch
-    return cross_entropy_reference(logits, labels, ignore_index, reduction, label_smoothing, z_loss)
+        return cross_entropy_reference(logits, y, ignore_index, "sum", label_smoothing, z_loss) / num_items_in_batch
+    loss = cross_entropy_reference(logits, y, ignore_index, reduction, label_smoothing, z_loss)
+    return loss.reshape(labels.shape) if reduction == "none" else loss
 
 
-def fused_linear_cross_entropy(
-    hidden, weight, labels, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-    num_items_in_batch=None,
-):
-    return fused_linear_cross_entropy_reference(
-        hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss, num_items_in_batch
-    )
+def kernel_specs(shape: dict) -> list:
+    """The cross-entropy kernel as this module launches it on each chunk (the GEMMs are cuBLAS)."""
+    rows = chunk_rows(shape["tokens"], shape["vocab"], _dtype(shape), True, DEFAULT_CHUNK_BUDGET_BYTES["cuda"])
+    return [dataclasses.replace(s, name="fused_linear_cross_entropy." + s.name, config=f"{s.config} chunk={rows} rows")
+            for s in _cross_entropy_specs(shape)]
