@@ -1,23 +1,219 @@
-"""RMSNorm (placeholder: PyTorch path only; the Triton kernel is being written)."""
+r"""RMSNorm with Qwen2RMSNorm's numerics: fused Triton forward and backward, plus the PyTorch reference.
+
+Forward, per row :math:`x \in \mathbb{R}^N` (the norm runs over the last dim; leading dims are rows)::
+
+    r   = 1 / sqrt(mean_j(x_j^2) + eps)          fp32 statistics (x upcast first), r saved for backward
+    y   = x * r                                   fp32
+    yc  = cast(y, x.dtype)                        the normalised value cast back to the input dtype
+    out = w * yc                                  in torch's promoted dtype of (w.dtype, x.dtype)
+
+exactly as ``Qwen2RMSNorm`` computes it (so fp32 weights with bf16 activations give an fp32 output, as in
+transformers).
+
+Backward, with ``g = dL/dout`` and the cast's derivative taken as identity (as autograd does)::
+
+    dL/dw_j = sum_rows g_j * yc_j                                (reduced over every row)
+    dy_j    = g_j * w_j
+    dL/dx_j = r * (dy_j - y_j * mean_k(dy_k * y_k))
+
+The last line follows from ``dy_k/dx_j = r * delta_kj - x_k * r^3 * x_j / N``: summing
+``dy_k * dy_k/dx_j`` over k gives ``r * dy_j - r * y_j * (sum_k dy_k * y_k) / N``.
+
+Kernels (memory-bound; everything is computed in fp32 and rounded once on store):
+
+- forward: one program per tile of ``ROWS`` rows x ``BLOCK`` (>= N, power of two) columns, so each row is
+  one contiguous vectorised (128-bit) access and narrow rows (q/k norm over head_dim 64/128) still give
+  every program a full tile. Writes ``out`` and the fp32 ``rstd`` per row.
+- backward: a fixed number of programs (two per SM) walks the row tiles grid-stride, writes ``dx`` and
+  keeps its share of ``dw`` in fp32 registers; the per-program partial sums are then added up by one
+  ``sum(0)`` — deterministic, no atomics.
+
+Row offsets are 64-bit (``rows x N`` can pass 2**31), there are no host syncs, and block sizes come from
+``_config`` (no autotuning), which the launchers and ``kernel_specs`` share.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import triton
+import triton.language as tl
 from torch import nn
+
+from s1fast.kernels._common import FLOAT_DTYPES, KernelSpec, check_same_device, check_tensor, use_triton
+
+MAX_WIDTH = 65536
+"""Widest row the single-tile kernels take (a row is one register tile)."""
+
+_TILE = 4096  # elements per program tile: ~16 per thread at the chosen warps, i.e. 2 x 128-bit loads in bf16
+_BWD_PROGRAMS_PER_SM = 2  # resident backward programs per SM; each adds one fp32 dw row to reduce
+_CPU_BWD_PROGRAMS = 4  # interpreter (tests): few programs, so the grid-stride loop runs several tiles
+
+TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+"""torch dtype -> Triton type name, for ``KernelSpec.signature`` pointers (``"*" + name``)."""
+
+
+def as_rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` viewed as ``[rows, width]`` with unit column stride (any row stride); copies only if it must."""
+    rows = t.reshape(-1, width)
+    return rows if rows.stride(1) == 1 else rows.contiguous()
+
+
+def _config(width: int) -> tuple[int, int, int]:
+    """(BLOCK, ROWS, num_warps) for rows of ``width`` elements: one row = one power-of-two BLOCK."""
+    block = triton.next_power_of_2(width)
+    rows = max(1, _TILE // block)
+    num_warps = min(16, max(1, rows * block // 512))
+    return block, rows, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _bwd_programs(n_tiles: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        cap = _BWD_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        cap = _CPU_BWD_PROGRAMS
+    return max(1, min(n_tiles, cap))
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, W, OUT, RSTD,
+    stride_x, stride_out, n_rows, n_cols, eps,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    row_mask = rows < n_rows
+    col_mask = cols < n_cols
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)
+
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    y = x * rstd[:, None]
+    y_cast = y.to(X.dtype.element_ty).to(tl.float32)
+    out = w[None, :] * y_cast
+    tl.store(OUT + rows64[:, None] * stride_out + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DOUT, X, W, RSTD, DX, DW_PARTIAL,
+    stride_dout, stride_x, stride_dx, n_rows, n_cols,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    col_mask = cols < n_cols
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    for tile in range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+        rows = tile * ROWS + tl.arange(0, ROWS)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)
+
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(DOUT + rows64[:, None] * stride_dout + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        y = x * rstd[:, None]
+        dw += tl.sum(g * y.to(X.dtype.element_ty).to(tl.float32), axis=0)
+        dy = g * w[None, :]
+        dot = tl.sum(dy * y, axis=1) / n_cols
+        dx = rstd[:, None] * (dy - y * dot[:, None])
+        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw, mask=col_mask)
+
+
+def _forward(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    n_rows, n_cols = x2.shape
+    out = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x2.dtype, weight.dtype), device=x2.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
+    if n_rows:
+        block, rows, num_warps = _config(n_cols)
+        _rms_norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+            x2, weight, out, rstd,
+            x2.stride(0), out.stride(0), n_rows, n_cols, eps,
+            BLOCK=block, ROWS=rows, num_warps=num_warps,
+        )
+    return out, rstd
+
+
+def _backward(
+    dout2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n_rows, n_cols = x2.shape
+    dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    if not n_rows:
+        return dx, torch.zeros_like(weight)
+    block, rows, num_warps = _config(n_cols)
+    programs = _bwd_programs(triton.cdiv(n_rows, rows), x2.device)
+    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
+    _rms_norm_bwd_kernel[(programs,)](
+        dout2, x2, weight, rstd, dx, dw_partial,
+        dout2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols,
+        BLOCK=block, ROWS=rows, num_warps=num_warps,
+    )
+    return dx, dw_partial.sum(0).to(weight.dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x2 = as_rows(x, x.shape[-1])
+        weight = weight.contiguous()
+        out, rstd = _forward(x2, weight, eps)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.x_shape = x.shape
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dw = _backward(as_rows(dout, x2.shape[1]), x2, weight, rstd)
+        return dx.view(ctx.x_shape), dw, None
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Qwen2RMSNorm: fp32 statistics, normalised value cast back to x's dtype, then times weight."""
-    xf = x.to(torch.float32)
+    """Qwen2RMSNorm in plain PyTorch: fp32 statistics, normalised value cast back to x's dtype, times weight."""
+    xf = x.to(torch.float32) if x.dtype != torch.float64 else x
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * y.to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return rms_norm_reference(x, weight, eps)
+    """RMSNorm of ``x`` over its last dim, times ``weight`` (shape ``[x.shape[-1]]``); Qwen2RMSNorm numerics.
+
+    Triton kernels on CUDA (and under ``TRITON_INTERPRET=1``); float64 inputs and other CPU tensors take
+    ``rms_norm_reference``. Differentiable in ``x`` and ``weight``.
+    """
+    fn = "rms_norm"
+    check_tensor(fn, "x", x, dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor(fn, "weight", weight, ndim=1, dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_same_device(fn, x=x, weight=weight)
+    if x.dim() == 0 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"{fn}: weight must have shape (x.shape[-1],) = ({x.shape[-1] if x.dim() else '?'},), "
+            f"got weight {tuple(weight.shape)} for x {tuple(x.shape)}"
+        )
+    if torch.float64 in (x.dtype, weight.dtype) or not use_triton(x):
+        return rms_norm_reference(x, weight, eps)
+    if not 1 <= x.shape[-1] <= MAX_WIDTH:
+        raise ValueError(f"{fn}: the Triton kernel takes a last dim from 1 to {MAX_WIDTH}, got {x.shape[-1]}")
+    return _RMSNormFunction.apply(x, weight, float(eps))
 
 
 class RMSNorm(nn.Module):
+    """Drop-in for ``Qwen2RMSNorm`` (same ``weight`` / ``variance_epsilon`` attributes) on the fused kernels."""
+
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
@@ -25,3 +221,23 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def kernel_specs(shape: dict) -> list[KernelSpec]:
+    """The forward and backward kernels as the launchers run them on ``[shape["tokens"], shape["hidden"]]``
+    activations of ``shape["dtype"]`` with a weight of the same dtype."""
+    width, t = shape["hidden"], TRITON_DTYPES[shape["dtype"]]
+    block, rows, num_warps = _config(width)
+    constexprs = {"BLOCK": block, "ROWS": rows}
+    config = f"BLOCK={block} ROWS={rows} warps={num_warps}"
+    fwd = {"X": f"*{t}", "W": f"*{t}", "OUT": f"*{t}", "RSTD": "*fp32",
+           "stride_x": "i32", "stride_out": "i32", "n_rows": "i32", "n_cols": "i32", "eps": "fp32"}
+    bwd = {"DOUT": f"*{t}", "X": f"*{t}", "W": f"*{t}", "RSTD": "*fp32", "DX": f"*{t}", "DW_PARTIAL": "*fp32",
+           "stride_dout": "i32", "stride_x": "i32", "stride_dx": "i32", "n_rows": "i32", "n_cols": "i32"}
+    return [
+        KernelSpec("rms_norm_fwd", _rms_norm_fwd_kernel, fwd, dict(constexprs), num_warps, config=config),
+        KernelSpec("rms_norm_bwd", _rms_norm_bwd_kernel, bwd, dict(constexprs), num_warps, config=config),
+    ]
