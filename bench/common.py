@@ -76,3 +76,95 @@ def environment(device: str | torch.device) -> dict:
         "python": platform.python_version(),
         "git_commit": git_commit(),
     }
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def time_ms(
+    fn: Callable[[], object],
+    *,
+    device: str | torch.device,
+    quick: bool = False,
+    grad_to_none: list[torch.Tensor] | None = None,
+) -> float:
+    """Median milliseconds of one ``fn()`` call after warm-up.
+
+    CUDA: ``triton.testing.do_bench``, which clears the L2 cache (writes a buffer larger than L2) before every
+    timed call, so each call reads its inputs from HBM as a fresh input would. CPU: :func:`measure`.
+    ``grad_to_none``: tensors whose ``.grad`` is reset before each call, so backward timings never include
+    gradient accumulation.
+    """
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
+                              grad_to_none=grad_to_none, return_mode="median"))
+
+    def call() -> None:
+        for t in grad_to_none or ():
+            t.grad = None
+        fn()
+
+    warmup, reps = (1, 3) if quick else (2, 7)
+    return measure(call, device=device, warmup=warmup, reps=reps)["median_ms"]
+
+
+def memory_profile(fn: Callable[[], object], *, device: str | torch.device) -> dict:
+    """Memory that ``fn()`` allocates above what was live before the call, measured, not estimated.
+
+    Returns ``peak_mib`` (peak of the bytes allocated during the call, minus frees) and on CPU also
+    ``largest_alloc_mib`` (the single largest allocation). CUDA: the caching allocator's counters
+    (``max_memory_allocated``). CPU: every allocation and free the CPU allocator reports to
+    ``torch.profiler`` (``profile_memory=True``), replayed in time order.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        fn()
+        torch.cuda.synchronize(dev)
+        return {"peak_mib": (torch.cuda.max_memory_allocated(dev) - base) / 2**20}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    live = peak = largest = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+        largest = max(largest, e.nbytes())
+    return {"peak_mib": peak / 2**20, "largest_alloc_mib": largest / 2**20}
+
+
+def device_ceilings(device: str | torch.device, *, quick: bool = False) -> dict:
+    """The device's measured limits, against which every benchmark reports its share.
+
+    ``copy_gbps``: a large tensor copy, counting bytes read plus bytes written. ``matmul_tflops``: a large
+    square matrix product, bf16 on GPU and fp32 on CPU (``matmul_dtype``).
+    """
+    dev = torch.device(device)
+    gpu = dev.type == "cuda"
+    copy_bytes = 2**30 if gpu else 2**26 if quick else 2**28  # far beyond any L2 / last-level cache
+    src = torch.randn(copy_bytes // 4, device=dev)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), device=dev, quick=quick)
+    del src, dst
+    dtype = torch.bfloat16 if gpu else torch.float32
+    n = 8192 if gpu else 1024
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    mm_ms = time_ms(lambda: a @ b, device=dev, quick=quick)
+    return {
+        "copy_gbps": 2 * copy_bytes / copy_ms / 1e6,
+        "copy_size_mib": copy_bytes / 2**20,
+        "matmul_tflops": 2 * n**3 / mm_ms / 1e9,
+        "matmul_n": n,
+        "matmul_dtype": str(dtype).replace("torch.", ""),
+    }
