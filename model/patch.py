@@ -1,0 +1,262 @@
+"""Patch a transformers Qwen2 / Qwen2.5 / Qwen3 causal LM with s1fast's fused kernels, in place, per instance.
+
+``patch(model)`` gives chosen submodules of *this* model an instance-level ``forward`` (an attribute in the
+module's ``__dict__``, which ``nn.Module.__call__`` finds before the class's method). Classes, torch functions
+and transformers' module-level functions are never touched, so other models in the process keep their
+behaviour, and ``unpatch`` deletes those attributes to restore the original code path exactly. Every module,
+``Parameter`` and ``nn.Linear`` stays where it was: state dicts, PEFT LoRA on the projections, FSDP2
+``fully_shard``, gradient checkpointing and ``torch.compile`` see the same model.
+
+- ``rms_norm``: every ``Qwen2RMSNorm`` / ``Qwen3RMSNorm`` (layer norms, the final norm, Qwen3's q/k norms)
+  runs ``s1fast.kernels.rms_norm`` with its own weight and epsilon.
+- ``rope``: every attention module runs its class's own ``forward`` code, rebound to a globals mapping in
+  which ``apply_rotary_pos_emb`` is ``s1fast.kernels.apply_rope`` (one launch for q and k). Reusing the
+  installed code object keeps attention exactly as the installed transformers version wrote it (KV cache,
+  attention backends, Qwen3's q/k norms); only that one global name differs.
+- ``swiglu``: every MLP computes ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` through its own Linears.
+- ``loss``: the causal-LM forward, in training mode with labels, feeds the final hidden states and the
+  ``lm_head`` weight to ``fused_linear_cross_entropy``: the ``[tokens, vocab]`` logits are never built and
+  ``output.logits`` is None. Semantics are transformers' ``ForCausalLMLoss``: labels are shifted inside
+  (position t predicts label t+1; the last position is ignored), ``ignore_index`` (-100), a ``shift_labels``
+  kwarg replaces the shift, ``num_items_in_batch`` turns the mean into ``sum / num_items_in_batch``
+  (gradient accumulation as transformers' Trainer does it), and an int ``logits_to_keep`` slices the hidden
+  states first. Without labels, in eval mode, with a tensor ``logits_to_keep``, a custom ``loss_function``
+  or a wrapped (e.g. LoRA) ``lm_head``, the class's own forward runs: logits come back as before and
+  ``generate()`` works.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import types
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.loss.loss_utils import LOSS_MAPPING
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.qwen2 import modeling_qwen2 as qwen2
+from transformers.models.qwen3 import modeling_qwen3 as qwen3
+from transformers.utils.generic import can_return_tuple
+
+from s1fast.kernels import apply_rope, fused_linear_cross_entropy, rms_norm, swiglu
+
+CAUSAL_LMS = (qwen2.Qwen2ForCausalLM, qwen3.Qwen3ForCausalLM)
+_RMS_NORMS = (qwen2.Qwen2RMSNorm, qwen3.Qwen3RMSNorm)
+_ATTENTIONS = (qwen2.Qwen2Attention, qwen3.Qwen3Attention)
+_MLPS = (qwen2.Qwen2MLP, qwen3.Qwen3MLP)
+_SWIGLU_ACTS = ("silu", "swish")
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The supported ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` inside ``model`` (itself, or the base model
+    of a PEFT wrapper); a clear ``TypeError`` for anything else."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    if not isinstance(base, CAUSAL_LMS):
+        supported = ", ".join(c.__name__ for c in CAUSAL_LMS)
+        raise TypeError(
+            f"s1fast.model.patch: model must be one of ({supported}) from transformers, or a PEFT model wrapping "
+            f"one; got {type(model).__name__}. Patch the model before torch.compile."
+        )
+    return base
+
+
+# --- the instance-level forwards ---------------------------------------------------------------------------
+
+
+def _ours(fn: Callable) -> Callable:
+    fn._s1fast_patch = True
+    return fn
+
+
+@_ours
+def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+@_ours
+def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """Stand-in for transformers' ``apply_rotary_pos_emb`` inside patched attention forwards."""
+    if unsqueeze_dim != 1:
+        raise ValueError(f"s1fast.model.patch: rope expects q/k as [B, H, T, D] (unsqueeze_dim=1), got {unsqueeze_dim}")
+    return apply_rope(q, k, cos, sin)
+
+
+@functools.cache
+def _rope_forward(forward: types.FunctionType) -> types.FunctionType:
+    """``forward``'s code with ``apply_rotary_pos_emb`` resolved to s1fast's rope (one function per class)."""
+    if "apply_rotary_pos_emb" not in forward.__code__.co_names:
+        raise RuntimeError(
+            f"s1fast.model.patch: {forward.__qualname__} no longer calls apply_rotary_pos_emb in this transformers "
+            "version; patch it with rope=False"
+        )
+    globals_ = dict(forward.__globals__, apply_rotary_pos_emb=_apply_rotary_pos_emb)
+    fn = types.FunctionType(forward.__code__, globals_, forward.__name__, forward.__defaults__, forward.__closure__)
+    fn.__kwdefaults__ = forward.__kwdefaults__
+    fn.__qualname__ = forward.__qualname__
+    return _ours(fn)
+
+
+def _check_labels(name: str, labels: torch.Tensor, hidden: torch.Tensor) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"s1fast.model.patch: {name} must be an integer tensor of token ids, got {labels!r:.80}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"s1fast.model.patch: {name} must have shape {tuple(hidden.shape[:-1])} (batch, tokens) like input_ids, "
+            f"got {tuple(labels.shape)}"
+        )
+
+
+def causal_lm_loss(
+    hidden: torch.Tensor,
+    lm_head: nn.Linear,
+    labels: torch.Tensor | None,
+    *,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    **_: object,
+) -> torch.Tensor:
+    """transformers' ``ForCausalLMLoss`` of ``lm_head(hidden)`` through the fused linear cross-entropy.
+
+    ``hidden`` is ``[B, T, H]``; ``labels`` ``[B, T]`` are shifted here (``shift_labels`` given instead are used
+    as they are). Extra keyword arguments (the model kwargs transformers also passes to its loss) are ignored.
+    """
+    if shift_labels is None:
+        _check_labels("labels", labels, hidden)
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    else:
+        _check_labels("shift_labels", shift_labels, hidden)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(hidden.device)
+    return fused_linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]),
+        lm_head.weight,
+        shift_labels.reshape(-1).to(hidden.device),
+        bias=lm_head.bias,
+        ignore_index=ignore_index,
+        num_items_in_batch=num_items_in_batch,
+    )
+
+
+@_ours
+@can_return_tuple
+def _causal_lm_forward(
+    self,
+    input_ids: torch.LongTensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.LongTensor | None = None,
+    past_key_values=None,
+    inputs_embeds: torch.Tensor | None = None,
+    labels: torch.LongTensor | None = None,
+    use_cache: bool | None = None,
+    logits_to_keep: int | torch.Tensor = 0,
+    **kwargs,
+) -> CausalLMOutputWithPast:
+    fused = (
+        labels is not None
+        and self.training
+        and isinstance(logits_to_keep, int)
+        and isinstance(self.lm_head, nn.Linear)
+        and self.loss_function is LOSS_MAPPING["ForCausalLM"]
+    )
+    if not fused:
+        return type(self).forward(
+            self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+            logits_to_keep=logits_to_keep, return_dict=True, **kwargs,
+        )  # fmt: skip
+    outputs = self.model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+    )  # fmt: skip
+    hidden = outputs.last_hidden_state[:, -logits_to_keep:] if logits_to_keep else outputs.last_hidden_state
+    return CausalLMOutputWithPast(
+        loss=causal_lm_loss(hidden, self.lm_head, labels, **kwargs),
+        logits=None,
+        past_key_values=outputs.past_key_values,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )
+
+
+# --- patch / unpatch ---------------------------------------------------------------------------------------
+
+
+def _is_ours(module: nn.Module) -> bool:
+    forward = vars(module).get("forward")
+    return getattr(getattr(forward, "__func__", None), "_s1fast_patch", False)
+
+
+def _targets(lm: nn.Module, rms_norm: bool, rope: bool, swiglu: bool, loss: bool) -> Iterator[tuple[nn.Module, Callable]]:
+    """(module, unbound forward) for every module the switches select."""
+    if loss:
+        yield lm, _causal_lm_forward
+    for module in lm.modules():
+        if rms_norm and isinstance(module, _RMS_NORMS):
+            yield module, _rms_norm_forward
+        elif rope and isinstance(module, _ATTENTIONS):
+            yield module, _rope_forward(type(module).forward)
+        elif swiglu and isinstance(module, _MLPS):
+            yield module, _mlp_forward
+
+
+def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True, loss: bool = True):
+    """Patch ``model`` (a ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM``, or a PEFT model around one) in place with
+    the fused kernels the switches select, and return it. Patching again replaces the previous patch (so the
+    switches can be changed); ``unpatch`` restores the original forward of every module."""
+    lm = causal_lm(model)
+    if swiglu and lm.config.hidden_act not in _SWIGLU_ACTS:
+        raise ValueError(
+            f"s1fast.model.patch: swiglu=True needs config.hidden_act in {_SWIGLU_ACTS}, got "
+            f"{lm.config.hidden_act!r}; pass swiglu=False"
+        )
+    targets = list(_targets(lm, rms_norm, rope, swiglu, loss))
+    names = {module: name for name, module in lm.named_modules()}
+    for module, _ in targets:
+        if "forward" in vars(module) and not _is_ours(module):
+            raise ValueError(
+                f"s1fast.model.patch: module {names[module] or type(module).__name__!r} already has an instance-level "
+                "forward (e.g. accelerate offloading hooks); patch the model before dispatching it"
+            )
+    unpatch(model)
+    for module, forward in targets:
+        module.forward = types.MethodType(forward, module)
+    return model
+
+
+def unpatch(model: nn.Module):
+    """Undo ``patch``: every module runs its class's forward again (bit-identical outputs). Returns ``model``."""
+    for module in causal_lm(model).modules():
+        if _is_ours(module):
+            del module.forward
+    return model
+
+
+def load(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    attn: str = "auto",
+    device: str | torch.device | None = None,
+    **patch_switches: bool,
+):
+    """``AutoModelForCausalLM.from_pretrained(name_or_path)`` in ``dtype`` on ``device``, then ``patch``.
+
+    ``attn="auto"`` picks "flash_attention_2" when flash-attn is installed and ``device`` is CUDA, else "sdpa";
+    any other value goes to transformers as ``attn_implementation``. ``patch_switches`` are ``patch``'s
+    keywords (``rms_norm``, ``rope``, ``swiglu``, ``loss``). The model comes back in eval mode, as
+    ``from_pretrained`` leaves it: call ``model.train()`` to train with the fused loss.
+    """
+    if attn == "auto":
+        cuda = device is not None and torch.device(device).type == "cuda"
+        attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") is not None else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn, device_map=device)
+    return patch(model, **patch_switches)
