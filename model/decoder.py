@@ -1,0 +1,597 @@
+"""KV-cache decoder for long reasoning traces, with s1 budget forcing inside the decode loop.
+
+``Decoder(model)`` runs the weights of a transformers Qwen2 / Qwen2.5 / Qwen3 causal LM (patched by
+``s1fast.model.patch`` or not) through its own lean forward, without copying them: embedding, per layer RMSNorm,
+q/k/v projections (biases; Qwen3's q/k norms), rotary, grouped-query attention over a static KV cache,
+o_proj, RMSNorm, SwiGLU MLP; final norm; lm_head (tied or not). RMSNorm, rotary and SwiGLU are
+``s1fast.kernels`` (Triton on CUDA) for bf16/fp16/fp32 and the PyTorch references for fp64.
+
+Design:
+- KV cache: one preallocated tensor for keys and one for values, ``[layers, rows, kv_heads, seq, head_dim]``
+  (``[layers, rows, seq, kv_heads, head_dim]`` for flash-attn), one row per sequence, tokens left-aligned
+  at their positions. It is sized for the request and kept for the next one when it fits.
+- Prefill: the prompts, longest first, in chunks of ``prefill_chunk`` positions; a chunk covers the same
+  positions in every row, so attention is causal with a lower-right offset (no materialised mask, flash
+  kernels on CUDA). Only each row's last position goes through the lm_head.
+- Decode: one token per row per step; attention reads ``cache[..., :L]`` where L is the longest *used*
+  length of the active rows (rounded up to one of 8 buckets per octave when CUDA graphs are on), with a
+  per-row mask. Grouped-query heads are folded into the query axis (``[rows, kv_heads, group * tokens,
+  head_dim]``) so keys are never repeated. Rows that finish leave the batch: the last active row's cache is
+  moved into the hole, and later steps run on fewer rows.
+- On CUDA each (rows, L-bucket) decode step is captured once in a CUDA graph (``flash_attn_with_kvcache``,
+  when flash-attn is installed, reads per-row lengths itself, so one graph per row count). Sampling runs after
+  the graph. The host reads each step's tokens one step late: step k+1 is launched with step k's tokens (on
+  the device) before the host looks at them, so the GPU never waits for Python. When the host finds an edit
+  (budget forcing, a stop, the length limit), step k+1's guess is discarded for that row: its cache write
+  lies past the row's length and is overwritten by the next step, which feeds the edited tokens of every row
+  in one multi-token forward (rows padded to the longest edit).
+- Budget forcing (``s1fast.model.budget``) decides per row what is fed next; injected tokens enter the cache
+  in that one forward, never by re-running the prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from s1fast.kernels import (
+    apply_rope,
+    apply_rope_reference,
+    rms_norm,
+    rms_norm_reference,
+    swiglu,
+    swiglu_reference,
+)
+from s1fast.kernels._common import FLOAT_DTYPES
+from s1fast.model.budget import BudgetForcing, RowState
+from s1fast.model.patch import causal_lm
+
+try:  # optional: per-row cache lengths inside the kernel, appends new tokens itself
+    from flash_attn import flash_attn_with_kvcache
+except ImportError:  # pragma: no cover - flash-attn is not installed on CI
+    flash_attn_with_kvcache = None
+
+DTYPES = (torch.float64, *FLOAT_DTYPES)
+
+
+def _bucket(length: int) -> int:
+    """``length`` rounded up to one of 8 steps per octave (at least 64): attention reads at most 12.5% more
+    keys than used, and a decode from 8K to 16K needs 8 CUDA graphs, not 8K."""
+    step = max(64, 1 << max(0, length.bit_length() - 4))
+    return -(-length // step) * step
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator) -> torch.Tensor:
+    """Next token per row: argmax when ``temperature == 0``; else softmax(logits / temperature) restricted to
+    the ``top_k`` largest and to the smallest set with probability >= ``top_p`` (transformers' rules), drawn
+    with the exponential race (argmax of p / Exp(1) noise), which needs no host sync."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1.0 - top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / noise).argmax(-1)
+
+
+@dataclass
+class RowResult:
+    """One prompt's output. ``tokens[:think_end]`` is the thinking, ``tokens[answer_start:]`` the answer (the
+    delimiter lies between; both are 0 without budget forcing, ``len(tokens)`` if thinking never ended)."""
+
+    tokens: list[int]
+    thinking_tokens: int
+    forced_waits: int
+    budget_cut: bool
+    thinking_ended: bool
+    finish_reason: str  # "stop" or "length"
+    think_end: int
+    answer_start: int
+    text: str | None = None
+    thinking: str | None = None
+    answer: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    rows: list[RowResult]
+    prefill_s: float
+    decode_s: float
+    decode_tokens: int  # tokens emitted by the decode loop (all but each row's first)
+    steps: int  # forward passes after the prefill
+    memory: dict = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return [r.tokens for r in self.rows]
+
+    @property
+    def thinking_tokens(self) -> list[int]:
+        return [r.thinking_tokens for r in self.rows]
+
+    @property
+    def forced_waits(self) -> list[int]:
+        return [r.forced_waits for r in self.rows]
+
+    @property
+    def budget_cut(self) -> list[bool]:
+        return [r.budget_cut for r in self.rows]
+
+    @property
+    def text(self) -> list[str | None]:
+        return [r.text for r in self.rows]
+
+    @property
+    def thinking(self) -> list[str | None]:
+        return [r.thinking for r in self.rows]
+
+    @property
+    def answer(self) -> list[str | None]:
+        return [r.answer for r in self.rows]
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+class GenerationStream:
+    """Iterator of ``(row, new_token_ids)`` as tokens are decided; ``.result`` once it is exhausted."""
+
+    def __init__(self, gen: Iterator[tuple[int, list[int]]]):
+        self._gen = gen
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+        self.result = yield from self._gen
+
+
+class Decoder:
+    """Batched, budget-forced generation over a transformers Qwen2/2.5/3 causal LM's weights.
+
+    Args:
+        model: ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` (or a PEFT model wrapping one), any device, dtype
+            bf16 / fp16 / fp32 / fp64. Its parameters are used in place.
+        max_seq_len: longest prompt + ``max_new_tokens`` accepted (default: the config's
+            ``max_position_embeddings``). The cache is allocated per request for what it needs.
+        tokenizer: optional; adds ``text`` / ``thinking`` / ``answer`` to the results.
+        prefill_chunk: positions per prefill forward (bounds activation memory for long prompts).
+        cuda_graphs: capture decode steps in CUDA graphs (default: on for CUDA).
+        attention: "auto" (flash-attn's ``flash_attn_with_kvcache`` for bf16/fp16 on CUDA when installed,
+            else SDPA), "sdpa" or "flash".
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        max_seq_len: int | None = None,
+        tokenizer=None,
+        prefill_chunk: int = 2048,
+        cuda_graphs: bool | None = None,
+        attention: str = "auto",
+    ):
+        lm = causal_lm(model)
+        cfg = lm.config
+        core = lm.model
+        layer_types = getattr(cfg, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise NotImplementedError(f"Decoder: only full attention is supported, the config has layer_types={layer_types}")
+        if cfg.hidden_act != "silu":
+            raise NotImplementedError(f"Decoder: only SiLU MLPs (SwiGLU) are supported, got hidden_act={cfg.hidden_act!r}")
+        self.config = cfg
+        self.tokenizer = tokenizer
+        self.embed = core.embed_tokens.weight
+        self.dtype, self.device = self.embed.dtype, self.embed.device
+        if self.dtype not in DTYPES:
+            raise TypeError(f"Decoder: model dtype must be one of {DTYPES}, got {self.dtype}")
+        self.vocab = self.embed.shape[0]
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.group = self.heads // self.kv_heads
+        self.eps = cfg.rms_norm_eps
+        self.max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
+        if isinstance(self.max_seq_len, bool) or not isinstance(self.max_seq_len, int) or self.max_seq_len < 2:
+            raise ValueError(f"Decoder: max_seq_len must be an int >= 2, got {max_seq_len!r}")
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise ValueError(f"Decoder: prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
+        fused = self.dtype in FLOAT_DTYPES  # the kernels take bf16/fp16/fp32; fp64 runs the references
+        self._rms = rms_norm if fused else rms_norm_reference
+        self._rope = apply_rope if fused else apply_rope_reference
+        self._swiglu = swiglu if fused else swiglu_reference
+        self.layers = []
+        for layer in core.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            self.layers.append(SimpleNamespace(
+                ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
+                q=att.q_proj.weight, q_b=att.q_proj.bias, k=att.k_proj.weight, k_b=att.k_proj.bias,
+                v=att.v_proj.weight, v_b=att.v_proj.bias, o=att.o_proj.weight, o_b=att.o_proj.bias,
+                q_norm=getattr(getattr(att, "q_norm", None), "weight", None),
+                k_norm=getattr(getattr(att, "k_norm", None), "weight", None),
+                gate=mlp.gate_proj.weight, up=mlp.up_proj.weight, down=mlp.down_proj.weight,
+            ))  # fmt: skip
+        self.norm = core.norm.weight
+        self.lm_head = lm.lm_head.weight
+        self._rotary = core.rotary_emb
+
+        if attention not in ("auto", "sdpa", "flash"):
+            raise ValueError(f"Decoder: attention must be 'auto', 'sdpa' or 'flash', got {attention!r}")
+        flash_ok = flash_attn_with_kvcache is not None and self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
+        if attention == "flash" and not flash_ok:
+            raise ValueError("Decoder: attention='flash' needs flash-attn installed, a CUDA model and bf16/fp16 weights")
+        self.flash = flash_ok and attention != "sdpa"
+        self._seq_axis = 2 if self.flash else 3  # of the [layers, rows, ...] cache
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError("Decoder: cuda_graphs=True needs the model on a CUDA device")
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        self._k = self._v = None
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._pool = None
+
+    # --- memory ----------------------------------------------------------------------------------------
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * len(self.layers) * self.kv_heads * self.head_dim * self.embed.element_size()
+
+    def memory(self) -> dict:
+        """Bytes held: the model's weights the decoder reads (shared tensors once), the KV cache, the buffers
+        (rotary table, step inputs, logits). CUDA graphs' private pools come on top on CUDA."""
+        params = {self.embed, self.norm, self.lm_head}
+        for layer in self.layers:
+            params.update(t for t in vars(layer).values() if t is not None)
+        weights = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in params}.values())
+        kv = 0 if self._k is None else 2 * self._k.numel() * self._k.element_size()
+        buffers = 0 if self._k is None else sum(
+            t.numel() * t.element_size() for t in (self._cos, self._sin, self._ids, self._pos, self._arange, self._logits)
+        )
+        return {
+            "weights_bytes": weights, "kv_cache_bytes": kv, "buffers_bytes": buffers, "total_bytes": weights + kv + buffers,
+            "kv_bytes_per_token": self.kv_bytes_per_token(),
+            "cache_rows": 0 if self._k is None else self._k.shape[1],
+            "cache_positions": 0 if self._k is None else self._k.shape[self._seq_axis],
+        }  # fmt: skip
+
+    def release(self) -> None:
+        """Free the KV cache, buffers and CUDA graphs (the next request allocates them again)."""
+        self._k = self._v = None
+        self._graphs.clear()
+
+    def _ensure_cache(self, rows: int, positions: int) -> None:
+        if self._k is not None and self._k.shape[1] >= rows and self._k.shape[self._seq_axis] >= positions:
+            return
+        self.release()
+        dev, L, H, D = self.device, len(self.layers), self.kv_heads, self.head_dim
+        shape = (L, rows, positions, H, D) if self.flash else (L, rows, H, positions, D)
+        self._k = torch.zeros(shape, dtype=self.dtype, device=dev)
+        self._v = torch.zeros(shape, dtype=self.dtype, device=dev)
+        cos, sin = self._rotary(self._k, torch.arange(positions, device=dev)[None])
+        self._cos, self._sin = cos[0], sin[0]
+        self._ids = torch.zeros(rows, 1, dtype=torch.long, device=dev)
+        self._pos = torch.zeros(rows, dtype=torch.long, device=dev)
+        self._arange = torch.arange(max(rows, positions), device=dev)
+        logit_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        self._logits = torch.zeros(rows, self.vocab, dtype=logit_dtype, device=dev)
+
+    # --- the forward -----------------------------------------------------------------------------------
+
+    def _forward(self, ids: torch.Tensor, start: int | torch.Tensor, kv_len: int, last: torch.Tensor | None) -> torch.Tensor:
+        """Run ``ids`` [n, T] of cache rows 0..n-1 from position ``start`` (an int: the same for every row, a
+        prefill chunk; a tensor [n]: per row), writing their keys/values; attend over cache positions
+        ``< kv_len``. Returns logits [n, vocab] at token index ``last`` [n] of each row (None: the last)."""
+        n, T = ids.shape
+        H, Hkv, G, D = self.heads, self.kv_heads, self.group, self.head_dim
+        uniform = isinstance(start, int)
+        qpos = (start + self._arange[:T]).expand(n, T) if uniform else start[:, None] + self._arange[:T]
+        cos, sin = self._cos[qpos], self._sin[qpos]
+        if self.flash:
+            seqlens = (torch.full((n,), start, device=self.device) if uniform else start).to(torch.int32)
+        elif not uniform:
+            allowed = self._arange[:kv_len] <= qpos[:, :, None]  # [n, T, kv_len]
+            mask = allowed[:, None, :, None, :].expand(n, 1, T, G, kv_len).reshape(n, 1, T * G, kv_len)
+            rows = self._arange[:n, None]
+        x = F.embedding(ids, self.embed)
+        for i, w in enumerate(self.layers):
+            h = self._rms(x, w.ln1, self.eps)
+            q = F.linear(h, w.q, w.q_b).view(n, T, H, D)
+            k = F.linear(h, w.k, w.k_b).view(n, T, Hkv, D)
+            v = F.linear(h, w.v, w.v_b).view(n, T, Hkv, D)
+            if w.q_norm is not None:
+                q, k = self._rms(q, w.q_norm, self.eps), self._rms(k, w.k_norm, self.eps)
+            q, k = self._rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [n, heads, T, D]
+            kc, vc = self._k[i], self._v[i]
+            if self.flash:
+                out = flash_attn_with_kvcache(
+                    q.transpose(1, 2), kc[:n], vc[:n], k=k.transpose(1, 2), v=v, cache_seqlens=seqlens, causal=True
+                )  # [n, T, H, D]
+            elif uniform:
+                kc[:n, :, start : start + T] = k
+                vc[:n, :, start : start + T] = v.transpose(1, 2)
+                out = F.scaled_dot_product_attention(
+                    q, kc[:n, :, :kv_len], vc[:n, :, :kv_len],
+                    attn_mask=None if start == 0 else causal_lower_right(T, kv_len), is_causal=start == 0, enable_gqa=True,
+                ).transpose(1, 2)  # fmt: skip
+            else:
+                kc[rows, :, qpos] = k.transpose(1, 2)
+                vc[rows, :, qpos] = v
+                qf = q.view(n, Hkv, G, T, D).transpose(2, 3).reshape(n, Hkv, T * G, D)
+                out = F.scaled_dot_product_attention(qf, kc[:n, :, :kv_len], vc[:n, :, :kv_len], attn_mask=mask)
+                out = out.view(n, Hkv, T, G, D).permute(0, 2, 1, 3, 4)
+            x = x + F.linear(out.reshape(n, T, H * D), w.o, w.o_b)
+            h = self._rms(x, w.ln2, self.eps)
+            x = x + F.linear(self._swiglu(F.linear(h, w.gate), F.linear(h, w.up)), w.down)
+        x = x[:, -1] if last is None else x[self._arange[:n], last]
+        return F.linear(self._rms(x, self.norm, self.eps), self.lm_head)
+
+    def _decode_body(self, n: int, kv_len: int) -> None:
+        self._logits[:n] = self._forward(self._ids[:n], self._pos[:n], kv_len, None)
+
+    def _decode(self, n: int, kv_len: int) -> None:
+        """One token for rows 0..n-1 (inputs ``_ids``, ``_pos``) -> ``_logits[:n]``, through a CUDA graph."""
+        if not self.cuda_graphs:
+            return self._decode_body(n, kv_len)
+        key = (n, 0 if self.flash else _bucket(kv_len))
+        graph = self._graphs.get(key)
+        if graph is None:
+            # Warm-up on a side stream (cuBLAS handles, lazy inits), then capture. Both run the real step:
+            # it writes the same keys/values at the same positions again, so it is idempotent.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._decode_body(n, key[1] or kv_len)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._decode_body(n, key[1] or kv_len)
+            self._graphs[key] = graph
+        graph.replay()
+
+    def _move_row(self, src: int, dst: int, length: int) -> None:
+        for cache in (self._k, self._v):
+            cache[:, dst].narrow(self._seq_axis - 1, 0, length).copy_(cache[:, src].narrow(self._seq_axis - 1, 0, length))
+
+    def _fetch(self, tokens: torch.Tensor) -> Callable[[], list[int]]:
+        """Start copying ``tokens`` to the host without waiting; the returned call waits and gives the list."""
+        if tokens.device.type != "cuda":
+            return tokens.tolist
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def wait() -> list[int]:
+            done.synchronize()
+            return host.tolist()
+
+        return wait
+
+    # --- generation ------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+        budget: BudgetForcing | None = None,
+        stream: Callable[[int, list[int]], object] | None = None,
+    ) -> GenerationResult:
+        """Generate for a batch of prompts (token-id lists, any lengths). ``max_new_tokens`` bounds generated
+        plus injected tokens per row; ``temperature=0`` is greedy; ``seed`` makes sampling reproducible;
+        ``stop_token_ids`` end a row (the stop token is kept); ``budget`` applies s1 budget forcing (every
+        prompt must end with the think delimiter); ``stream(row, new_token_ids)`` is called as tokens are
+        decided. Returns a ``GenerationResult``."""
+        if stream is not None and not callable(stream):
+            raise TypeError(f"Decoder.generate: stream must be None or a callable (row, new_token_ids), got {type(stream).__name__}")
+        run = self.stream(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=seed, stop_token_ids=stop_token_ids, budget=budget)  # fmt: skip
+        for row, new in run:
+            if stream is not None:
+                stream(row, new)
+        return run.result
+
+    def stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+        budget: BudgetForcing | None = None,
+    ) -> GenerationStream:
+        """``generate`` as an iterator of ``(row, new_token_ids)``; the result is ``.result`` at the end.
+        Arguments are checked here, before anything runs."""
+        prompts = self._check_prompts(prompts)
+        fn = "Decoder.generate"
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"{fn}: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+        if len(prompts[longest]) + max_new_tokens > self.max_seq_len:
+            raise ValueError(
+                f"{fn}: prompts[{longest}] has {len(prompts[longest])} tokens; with max_new_tokens={max_new_tokens} that "
+                f"exceeds max_seq_len={self.max_seq_len} (shorten the prompt or max_new_tokens, or raise max_seq_len)"
+            )
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"{fn}: temperature must be a number >= 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"{fn}: top_k must be None or an int >= 1, got {top_k!r}")
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+            raise ValueError(f"{fn}: top_p must be None or a number in (0, 1], got {top_p!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"{fn}: seed must be None or an int, got {seed!r}")
+        if isinstance(stop_token_ids, (str, bytes, int)) or not isinstance(stop_token_ids, (Sequence, set, frozenset)):
+            raise TypeError(f"{fn}: stop_token_ids must be a list of token ids, got {type(stop_token_ids).__name__}")
+        stop = frozenset(self._check_ids("stop_token_ids", stop_token_ids))
+        if budget is not None:
+            if not isinstance(budget, BudgetForcing):
+                raise TypeError(f"{fn}: budget must be None or a BudgetForcing, got {type(budget).__name__}")
+            self._check_ids("budget token ids", sorted(budget.token_ids()))
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(self.device)
+            if seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(seed)
+        sample = lambda logits: _sample(logits, float(temperature), top_k, top_p, generator)  # noqa: E731
+        return GenerationStream(self._run(prompts, max_new_tokens, sample, stop, budget))
+
+    def _check_ids(self, name: str, ids: Sequence[int]) -> list[int]:
+        out = []
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab:
+                raise ValueError(f"Decoder.generate: {name} must be ints in [0, {self.vocab}) (the vocabulary), got {t!r}")
+            out.append(t)
+        return out
+
+    def _check_prompts(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError("Decoder.generate: prompts must be a non-empty list of token-id lists")
+        if all(isinstance(p, int) for p in prompts):
+            raise ValueError("Decoder.generate: prompts must be a list of token-id lists; for one prompt pass [ids]")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, torch.Tensor):
+                p = p.tolist()
+            if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
+                raise ValueError(f"Decoder.generate: prompts[{i}] must be a list of token ids, got {type(p).__name__}")
+            if not p:
+                raise ValueError(f"Decoder.generate: prompts[{i}] is empty; every prompt needs at least one token")
+            out.append(self._check_ids(f"prompts[{i}]", p))
+        return out
+
+    @torch.inference_mode()
+    def _run(self, prompts, max_new_tokens, sample, stop, budget) -> Iterator[tuple[int, list[int]]]:
+        states = [RowState(p[-1], budget, max_new_tokens, stop) for p in prompts]
+        slots = sorted(range(len(prompts)), key=lambda r: -len(prompts[r]))  # cache row -> request
+        longest_feed = budget.longest_injection() if budget is not None else 1
+        self._ensure_cache(len(prompts), _bucket(len(prompts[slots[0]]) + max_new_tokens + longest_feed))
+        sync = lambda: torch.cuda.synchronize(self.device) if self.device.type == "cuda" else None  # noqa: E731
+        emitted = steps = 0
+
+        def decide(slot: int, token: int) -> list[int] | None:
+            nonlocal emitted
+            state = states[slots[slot]]
+            before = len(state.tokens)
+            feed = state.step(token)
+            emitted += len(state.tokens) - before
+            return feed
+
+        def news(before: list[int]) -> Iterator[tuple[int, list[int]]]:
+            for slot, r in enumerate(slots):
+                if len(states[r].tokens) > before[slot]:
+                    yield r, states[r].tokens[before[slot] :]
+
+        t0 = time.perf_counter()
+        tokens = sample(self._prefill([prompts[r] for r in slots]))
+        n = len(slots)
+        pos = [len(prompts[r]) for r in slots]  # per cache row: positions filled = where the next token goes
+        pending = self._fetch(tokens)
+        self._ids[:n, 0] = tokens
+        self._pos[:n] = torch.tensor(pos)
+        sync()
+        t1 = time.perf_counter()
+        first = True
+        while slots:
+            n = len(slots)
+            # Launch the next step on the guess that the pending tokens are fed as they are ...
+            self._decode(n, max(pos) + 1)
+            guess = sample(self._logits[:n])
+            self._ids[:n, 0] = guess
+            self._pos[:n] += 1
+            speculative = self._fetch(guess)
+            steps += 1
+            # ... and meanwhile decide on the pending tokens.
+            before = [len(states[r].tokens) for r in slots]
+            toks = pending()
+            feeds = [decide(s, t) for s, t in enumerate(toks)]
+            if first:  # the prefill's tokens are not decode tokens
+                emitted, first = 0, False
+            kept = [f is not None and f == [t] for f, t in zip(feeds, toks)]
+            if all(kept):
+                yield from news(before)
+                pos = [p + 1 for p in pos]
+                pending = speculative
+                continue
+            # An edit or a finished row: the guess stands only for rows that kept their token.
+            guessed = speculative()
+            for s in range(n):
+                if kept[s]:
+                    pos[s] += 1
+                    feeds[s] = decide(s, guessed[s])
+            yield from news(before)
+            alive = [s for s in range(n) if feeds[s] is not None]
+            holes = [s for s in range(len(alive)) if feeds[s] is None]
+            for hole, s in zip(holes, [s for s in alive if s >= len(alive)]):
+                self._move_row(s, hole, pos[s])
+                slots[hole], pos[hole], feeds[hole] = slots[s], pos[s], feeds[s]
+            del slots[len(alive) :], pos[len(alive) :], feeds[len(alive) :]
+            if not slots:
+                break
+            # One forward feeds every row its tokens (edits several at once), padded to the longest.
+            n, width = len(slots), max(map(len, feeds))
+            ids = torch.tensor([f + f[-1:] * (width - len(f)) for f in feeds], device=self.device)
+            last = torch.tensor([len(f) - 1 for f in feeds], device=self.device)
+            start = torch.tensor(pos, device=self.device)
+            tokens = sample(self._forward(ids, start, max(pos) + width, last))
+            steps += 1
+            pos = [p + len(f) for p, f in zip(pos, feeds)]
+            pending = self._fetch(tokens)
+            self._ids[:n, 0] = tokens
+            self._pos[:n] = torch.tensor(pos)
+        sync()
+        t2 = time.perf_counter()
+        return self._result(states, t1 - t0, t2 - t1, emitted, steps)
+
+    def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Fill cache rows 0..n-1 with ``prompts`` (longest first); logits [n, vocab] after each prompt."""
+        lengths = [len(p) for p in prompts]
+        logits = torch.empty(len(prompts), self.vocab, dtype=self._logits.dtype, device=self.device)
+        for c in range(0, lengths[0], self.prefill_chunk):
+            m = sum(length > c for length in lengths)  # rows reaching this chunk: a prefix (longest first)
+            T = min(self.prefill_chunk, lengths[0] - c)
+            ids = torch.tensor([p[c : c + T] + [0] * (T - len(p[c : c + T])) for p in prompts[:m]], device=self.device)
+            last = torch.tensor([min(length - 1 - c, T - 1) for length in lengths[:m]], device=self.device)
+            out = self._forward(ids, c, c + T, last)
+            ends = [r for r in range(m) if lengths[r] <= c + T]
+            logits[ends] = out[ends].to(logits.dtype)
+        return logits
+
+    def _result(self, states: list[RowState], prefill_s: float, decode_s: float, emitted: int, steps: int) -> GenerationResult:
+        rows = []
+        for st in states:
+            end = len(st.tokens)
+            think_end, answer_start = (st.think_end, st.answer_start) if st.thinking_ended else (end, end)
+            row = RowResult(
+                tokens=st.tokens, thinking_tokens=st.thinking, forced_waits=st.waits, budget_cut=st.budget_cut,
+                thinking_ended=st.thinking_ended, finish_reason=st.finish_reason, think_end=think_end, answer_start=answer_start,
+            )  # fmt: skip
+            if self.tokenizer is not None:
+                dec = self.tokenizer.decode
+                row.text, row.thinking, row.answer = dec(st.tokens), dec(st.tokens[:think_end]), dec(st.tokens[answer_start:])
+            rows.append(row)
+        return GenerationResult(rows, prefill_s, decode_s, emitted, steps, self.memory())
