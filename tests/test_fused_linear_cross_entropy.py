@@ -1,0 +1,278 @@
+"""fused_linear_cross_entropy against float64 references and transformers' causal-LM loss, on the Triton
+(interpreter) and PyTorch paths, with one and many chunks.
+
+Tolerances, relative to the largest reference magnitude: fp32 1e-5 (fp32 GEMMs over H <= 64 and an fp32
+softmax: rounding ~6e-8 per operation, a few hundred accumulated); bf16 2e-2 against a float64 reference
+on the same bf16 inputs: the logits and their gradient are rounded to bf16 (2^-9 ~ 2e-3 relative each)
+before the two backward GEMMs, and those roundings compound over H- and V-long sums. Against transformers
+in bf16 (which rounds the logits the same way) 1e-2.
+"""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from s1fast.bench.common import QWEN25_SHAPES
+from s1fast.kernels import force_backend, fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+
+flce_module = importlib.import_module("s1fast.kernels.fused_linear_cross_entropy")
+ce_module = importlib.import_module("s1fast.kernels.cross_entropy")
+BACKENDS = ["triton", "torch"]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def assert_close(actual, expected, rel):
+    e = expected.detach().double()
+    torch.testing.assert_close(actual.detach().double(), e, rtol=rel, atol=rel * float(e.abs().max()) + 1e-30)
+
+
+def make_case(shape, H, V, dtype, bias=True, ignore="some", seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    hidden = torch.randn(*shape, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * 2 / H**0.5).to(dtype)
+    b = torch.randn(V, generator=g).to(dtype) if bias else None
+    labels = torch.randint(0, V, shape, generator=g)
+    flat = labels.view(-1)
+    if ignore == "some":
+        flat[torch.randperm(flat.numel(), generator=g)[: flat.numel() // 3]] = -100
+    elif ignore == "all":
+        flat[:] = -100
+    return hidden, weight, b, labels
+
+
+def grads_of(fn, tensors, grad_output=None):
+    """Loss and gradients of every tensor in ``tensors`` (None entries skipped) through ``fn(*leaves)``."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    loss = fn(*leaves)
+    go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.dtype)
+    wanted = [t for t in leaves if t is not None]
+    return loss, torch.autograd.grad(loss, wanted, go)
+
+
+def run(backend, hidden, weight, bias, labels, grad_output=None, **kw):
+    with force_backend(backend):
+        return grads_of(lambda h, w, b: fused_linear_cross_entropy(h, w, labels, b, **kw), (hidden, weight, bias),
+                        grad_output)
+
+
+def reference64(hidden, weight, bias, labels, grad_output=None, **kw):
+    """float64 full logits, F.cross_entropy (+ z-loss), through autograd."""
+    def loss_fn(h, w, b):
+        x = F.linear(h, w, b).flatten(0, -2)
+        y = labels.reshape(-1)
+        valid = y != kw.get("ignore_index", -100)
+        rows = F.cross_entropy(x, y, ignore_index=kw.get("ignore_index", -100), reduction="none",
+                               label_smoothing=kw.get("label_smoothing", 0.0))
+        rows = rows + kw.get("z_loss", 0.0) * torch.logsumexp(x, 1).pow(2) * valid
+        reduction = kw.get("reduction", "mean")
+        if kw.get("num_items_in_batch") is not None:
+            return rows.sum() / kw["num_items_in_batch"]
+        if reduction == "none":
+            return rows.reshape(labels.shape)
+        return rows.sum() / valid.sum().clamp(min=1) if reduction == "mean" else rows.sum()
+
+    return grads_of(loss_fn, tuple(t.double() if t is not None else None for t in (hidden, weight, bias)), grad_output)
+
+
+def check(got, want, dtype):
+    (loss, grads), (ref_loss, ref_grads) = got, want
+    assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
+    assert_close(loss, ref_loss, 1e-5 if dtype == torch.float32 else 1e-2)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype
+        assert_close(g, r, TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_matches_float64_reference(backend, dtype, reduction, chunked):
+    hidden, weight, bias, labels = make_case((2, 5), 48, 1000, dtype)
+    go = torch.rand(2, 5) + 0.5 if reduction == "none" else None  # non-uniform per-row grad_output
+    budget = 3 * 1000 * 12 if chunked else None  # 3 rows per chunk (4 chunks, last one partial) or one chunk
+    opts = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+    got = run(backend, hidden, weight, bias, labels, go, chunk_budget_bytes=budget, **opts)
+    check(got, reference64(hidden, weight, bias, labels, go, **opts), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_many_chunks_equal_one_chunk(backend, reduction):
+    hidden, weight, bias, labels = make_case((13,), 32, 4099, torch.float32)
+    go = torch.rand(13) + 0.5 if reduction == "none" else None
+    one = run(backend, hidden, weight, bias, labels, go, reduction=reduction)
+    many = run(backend, hidden, weight, bias, labels, go, reduction=reduction, chunk_budget_bytes=1)  # 1 row/chunk
+    # fp32 GEMMs of different shapes sum in different orders: agreement at fp32 rounding, not bitwise
+    assert_close(many[0], one[0], 1e-5)
+    for a, b in zip(many[1], one[1]):
+        assert_close(a, b, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_items", [None, 11, "tensor"])
+def test_matches_transformers_causal_lm_loss(backend, dtype, num_items):
+    """transformers' ForCausalLMLoss on full logits (it shifts labels itself) vs ours on shifted labels."""
+    B, T, H, V = 2, 6, 32, 1000
+    hidden, weight, _, labels = make_case((B, T), H, V, dtype, bias=False)
+    n_items = torch.tensor(11) if num_items == "tensor" else num_items
+    shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    got = run(backend, hidden, weight, None, shift_labels, num_items_in_batch=n_items)
+    want = grads_of(lambda h, w: ForCausalLMLoss(F.linear(h, w), labels, V, num_items_in_batch=n_items),
+                    (hidden, weight))
+    assert_close(got[0], want[0], 1e-5 if dtype == torch.float32 else 1e-2)
+    for g, r in zip(got[1], want[1]):
+        assert_close(g, r, 1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qwen_vocab(backend):
+    hidden, weight, bias, labels = make_case((3,), 16, 151936, torch.float32, ignore="none")
+    labels[1] = 151935
+    got = run(backend, hidden, weight, bias, labels, label_smoothing=0.05, z_loss=1e-4)
+    check(got, reference64(hidden, weight, bias, labels, label_smoothing=0.05, z_loss=1e-4), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tied_embedding_gradient_accumulates(backend):
+    """The LM head reuses the embedding matrix: its gradient is the sum of both uses."""
+    V, H = 1000, 32
+    _, weight, _, labels = make_case((2, 5), H, V, torch.float32, bias=False)
+    ids = torch.randint(0, V, (2, 5))
+
+    def model(loss_fn, w):
+        hidden = torch.tanh(F.embedding(ids, w) * 3)
+        return loss_fn(hidden, w)
+
+    w = weight.clone().requires_grad_()
+    with force_backend(backend):
+        model(lambda h, w_: fused_linear_cross_entropy(h, w_, labels, chunk_budget_bytes=4 * V * 12), w).backward()
+    w64 = weight.double().requires_grad_()
+    model(lambda h, w_: fused_linear_cross_entropy_reference(h, w_, labels), w64).backward()
+    assert_close(w.grad, w64.grad, 1e-5)
+    # both uses contribute: the embedding rows of ``ids`` get gradient beyond the head's share
+    head_only = torch.autograd.grad(fused_linear_cross_entropy_reference(torch.tanh(F.embedding(ids, w64) * 3).detach(),
+                                                                         w64, labels), w64)[0]
+    assert (w64.grad - head_only)[ids.view(-1)].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_zero_grads(backend, reduction):
+    hidden, weight, bias, labels = make_case((4,), 16, 1000, torch.float32, ignore="all")
+    loss, grads = run(backend, hidden, weight, bias, labels, reduction=reduction, chunk_budget_bytes=1)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    for g in grads:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_only_where_required(backend):
+    hidden, weight, bias, labels = make_case((5,), 16, 1000, torch.float32)
+    (_, ref_grads) = reference64(hidden, weight, bias, labels)
+    h = hidden.clone().requires_grad_()
+    with force_backend(backend):
+        (gh,) = torch.autograd.grad(fused_linear_cross_entropy(h, weight, labels, bias), h)
+        w = weight.clone().requires_grad_()
+        (gw,) = torch.autograd.grad(fused_linear_cross_entropy(hidden, w, labels, bias), w)
+        with torch.no_grad():
+            loss = fused_linear_cross_entropy(h, w, labels, bias)
+    assert_close(gh, ref_grads[0], 1e-5)
+    assert_close(gw, ref_grads[1], 1e-5)
+    assert not loss.requires_grad
+    assert_close(loss, reference64(hidden, weight, bias, labels)[0], 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_grad_hidden_fully_written(backend, reduction, monkeypatch):
+    """NaN-poison the hidden-gradient buffer: every chunk (the partial last one too) must overwrite it."""
+    original = flce_module._new_grads
+
+    def poisoned(*args):
+        grad_h, grad_w, grad_b = original(*args)
+        return grad_h.fill_(float("nan")), grad_w, grad_b
+
+    monkeypatch.setattr(flce_module, "_new_grads", poisoned)
+    hidden, weight, bias, labels = make_case((10,), 16, 1000, torch.float32)
+    go = torch.rand(10) + 0.5 if reduction == "none" else None
+    got = run(backend, hidden, weight, bias, labels, go, reduction=reduction, chunk_budget_bytes=3 * 1000 * 12)
+    check(got, reference64(hidden, weight, bias, labels, go, reduction=reduction), torch.float32)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest storage produced by any aten op (forward and backward) inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def test_largest_allocation_far_below_full_logits():
+    """PyTorch path (the chunk loop is shared with the Triton path, whose kernel allocates nothing)."""
+    N, H, V = 1024, 16, 4096
+    hidden, weight, bias, labels = make_case((N,), H, V, torch.float32)
+    full_logits = N * V * 4  # 16 MiB
+    budget = full_logits // 16  # 21 rows per chunk on the PyTorch path (logits + two fp32 temporaries)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with LargestTensor() as eager:
+        fused_linear_cross_entropy_reference(h, w, labels).backward()
+    assert eager.largest >= full_logits  # the tracker sees the unfused logits, so it can catch ours
+    with force_backend("torch"), LargestTensor() as fused:
+        fused_linear_cross_entropy(h, w, labels, chunk_budget_bytes=budget).backward()
+    # the largest tensor is a chunk of logits (or its fp32 temporaries), within the budget
+    assert fused.largest <= budget
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_label_raises_on_cpu(backend):
+    hidden, weight, bias, labels = make_case((2, 3), 16, 1000, torch.float32, ignore="none")
+    labels[1, 0] = 1000
+    with force_backend(backend), pytest.raises(ValueError, match=r"labels\[3\] = 1000 is outside \[0, 1000\)"):
+        fused_linear_cross_entropy(hidden, weight, labels)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda h, w, y, b: fused_linear_cross_entropy(h[:, :8], w, y), ValueError, r"hidden width 8 does not match weight"),
+        (lambda h, w, y, b: fused_linear_cross_entropy(h, w, y, b[:10]), ValueError, r"bias must have shape \(100,\)"),
+        (lambda h, w, y, b: fused_linear_cross_entropy(h, w, y[:2]), ValueError, r"labels must have shape \(4,\)"),
+        (lambda h, w, y, b: fused_linear_cross_entropy(h, w, y.float()), TypeError, r"labels must have dtype in"),
+        (lambda h, w, y, b: fused_linear_cross_entropy(h[0], w, y), ValueError, r"hidden must have 2 or 3 dims"),
+        (lambda h, w, y, b: fused_linear_cross_entropy(h, w.double(), y), TypeError, r"weight dtype torch.float64 must match"),
+        (lambda h, w, y, b: fused_linear_cross_entropy(h.int(), w, y), TypeError, r"hidden must have dtype in"),
+        (lambda h, w, y, b: fused_linear_cross_entropy(h, w, y, reduction="avg"), ValueError, r"reduction must be one of"),
+        (lambda h, w, y, b: fused_linear_cross_entropy(h, w, y, label_smoothing=-0.1), ValueError, r"label_smoothing"),
+        (lambda h, w, y, b: fused_linear_cross_entropy(h, w, y, reduction="none", num_items_in_batch=3), ValueError,
+         r"num_items_in_batch .* reduction='none'"),
+        (lambda h, w, y, b: fused_linear_cross_entropy(h, w.to("meta"), y), ValueError, r"one device.*weight on meta"),
+        (lambda h, w, y, b: fused_linear_cross_entropy(h, w, y, chunk_budget_bytes=0), ValueError, r"chunk_budget_bytes"),
+    ],
+)
+def test_bad_inputs(call, error, message):
+    hidden, weight, bias, labels = make_case((4,), 16, 100, torch.float32, ignore="none")
+    with pytest.raises(error, match=message):
+        call(hidden, weight, labels, bias)
+
+
+def test_kernel_specs_reuse_cross_entropy_kernel_at_chunk_size():
+    shape = dict(QWEN25_SHAPES["1.5B"], tokens=32768, dtype=torch.bfloat16)
+    (spec,) = flce_module.kernel_specs(shape)
+    (ce_spec,) = ce_module.kernel_specs(shape)
+    assert spec.fn is ce_spec.fn and spec.signature == ce_spec.signature and spec.constexprs == ce_spec.constexprs
+    rows = (1 << 30) // (151936 * 2)  # 1 GiB of bf16 logits rows
+    assert f"chunk={rows} rows" in spec.config
