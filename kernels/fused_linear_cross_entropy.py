@@ -44,9 +44,12 @@ _fp32_out_gemm = [True]  # cleared if this torch's CUDA addmm rejects out_dtype=
 
 
 def chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, triton_path: bool, budget_bytes: int) -> int:
-    """Rows per chunk so that one chunk's logits (+ the PyTorch path's fp32 temporaries) fit ``budget_bytes``."""
+    """Rows per chunk so that one chunk's logits (+ the PyTorch path's fp32 temporaries) fit ``budget_bytes``,
+    balanced so that the last chunk is not a sliver (fewest chunks, equal sizes)."""
     row_bytes = vocab * (dtype.itemsize + (0 if triton_path else 8))
-    return max(1, min(n_rows, budget_bytes // row_bytes))
+    most = max(1, budget_bytes // row_bytes)
+    n_chunks = max(1, -(-n_rows // most))
+    return max(1, -(-n_rows // n_chunks))
 
 
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

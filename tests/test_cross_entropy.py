@@ -235,3 +235,22 @@ def test_kernel_specs_match_kernel_and_launcher(model):
     block, warps = ce_module._config(shape["vocab"])  # the launcher's own config function
     assert spec.constexprs["BLOCK_V"] == block and spec.num_warps == warps
     assert 4096 <= block <= 16384
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernel_and_label_contract(dtype, monkeypatch):
+    """On a GPU: compiled kernel vs float64 at the Qwen vocab; a bad label gives NaN without a sync, and
+    raises with S1FAST_CHECK_LABELS=1."""
+    logits, labels = make_case(64, 151936, dtype)
+    go = torch.rand(64) + 0.5
+    loss, grad = run("auto", logits.cuda(), labels.cuda(), go.cuda(), reduction="none", label_smoothing=0.1, z_loss=1e-4)
+    ref_loss, ref_grad = expected(logits, labels, go, reduction="none", label_smoothing=0.1, z_loss=1e-4)
+    assert_close(loss.cpu(), ref_loss, 1e-5)
+    assert_close(grad.cpu(), ref_grad, GRAD_TOL[dtype])
+    labels[5] = 151936
+    bad = cross_entropy(logits.cuda(), labels.cuda(), reduction="none")
+    assert bad[5].isnan() and torch.isfinite(bad[torch.arange(64) != 5]).all()
+    monkeypatch.setenv("S1FAST_CHECK_LABELS", "1")
+    with pytest.raises(ValueError, match=r"labels\[5\] = 151936"):
+        cross_entropy(logits.cuda(), labels.cuda())
