@@ -249,6 +249,21 @@ def test_strided_last_dim_and_empty(backend):
     assert q_rot.shape == (B, Hq, 0, D) and k_rot.shape == (B, Hkv, 0, D)
 
 
+def test_broadcast_gradients_fp16():
+    """``.sum().backward()`` hands the backward stride-0 (expanded) gradients; fp16 activations."""
+    q, k = _qk(1, 3, 1, 2, 16, torch.float16)
+    cos, sin = _rotary(16, _random_positions(1, 2), torch.float16)
+    q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+    with force_backend("triton"):
+        q_rot, k_rot = apply_rope(q, k, cos, sin)
+    (q_rot.sum() + k_rot.sum()).backward()
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    sum(t.sum() for t in apply_rope_reference(q64, k64, cos.double(), sin.double())).backward()
+    for got, ref in ((q.grad, q64.grad), (k.grad, k64.grad)):
+        bound = _u_out(torch.float16, "triton") * ref.abs() + 3 * U32 * _mag(torch.ones_like(ref), cos, sin, True)
+        _assert_within(got, ref, bound, "grad of sum")
+
+
 def test_float64_runs_reference_path():
     q, k = _qk(1, 2, 1, 2, 8, torch.float64)
     cos, sin = _rotary(8, _random_positions(1, 2), torch.float64)
