@@ -36,9 +36,11 @@ and k are one index ``h in [0, Hq + Hkv)`` (q rows first, then k rows), tiled ``
 half, so small GQA key-head counts share vector-wide tiles with the query heads. cos/sin are read once per
 token and reused for every head; loads are vectorised along D (unit stride); offsets are 64-bit; batch,
 head and token strides are arbitrary, so Qwen's ``view(B, T, H, D).transpose(1, 2)`` layout is read in
-place. Outputs are new tensors made with ``torch.empty_like`` of the input: same shape, and for a dense
-input (contiguous or transposed) the same strides, so the transposed layout stays transposed (the same
-rule as PyTorch's elementwise ops). A tensor whose last dimension is not unit-stride is copied first.
+place. Outputs are new tensors (q and k are never written) made with ``torch.empty_like`` of the tensor
+they are computed from (q and k forward, the incoming gradients backward): same shape and, for a dense
+input (contiguous or transposed), the same strides, so the transposed layout stays transposed (PyTorch's
+rule for elementwise ops; the PyTorch path follows PyTorch's own choice). A tensor whose last dimension is
+not unit-stride (e.g. an expanded gradient) is copied first.
 """
 
 from __future__ import annotations
