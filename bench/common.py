@@ -7,6 +7,7 @@ in the key names (``median_ms``, ``tokens_per_s``, ``peak_mem_mib``, ``gbps``, `
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -108,8 +109,14 @@ def time_ms(
             t.grad = None
         fn()
 
-    warmup, reps = (1, 3) if quick else (2, 7)
-    return measure(call, device=device, warmup=warmup, reps=reps)["median_ms"]
+    # As many repetitions as fit a time budget (at least 3): cheap calls get enough samples for a stable
+    # median on a noisy CPU, expensive ones stay affordable.
+    t0 = time.perf_counter()
+    call()
+    once_s = time.perf_counter() - t0
+    budget_s = 0.3 if quick else 2.0
+    reps = max(3, min(50, int(budget_s / max(once_s, 1e-6))))
+    return measure(call, device=device, warmup=0, reps=reps)["median_ms"]  # the call above warmed up
 
 
 def memory_profile(fn: Callable[[], object], *, device: str | torch.device) -> dict:
@@ -143,11 +150,13 @@ def memory_profile(fn: Callable[[], object], *, device: str | torch.device) -> d
     return {"peak_mib": peak / 2**20, "largest_alloc_mib": largest / 2**20}
 
 
+@functools.lru_cache(maxsize=None)
 def device_ceilings(device: str | torch.device, *, quick: bool = False) -> dict:
     """The device's measured limits, against which every benchmark reports its share.
 
     ``copy_gbps``: a large tensor copy, counting bytes read plus bytes written. ``matmul_tflops``: a large
-    square matrix product, bf16 on GPU and fp32 on CPU (``matmul_dtype``).
+    square matrix product, bf16 on GPU and fp32 on CPU (``matmul_dtype``). Measured once per process and
+    device (cached), so every suite of a run shares the figures.
     """
     dev = torch.device(device)
     gpu = dev.type == "cuda"

@@ -1,0 +1,143 @@
+"""``s1fast bench``: one command for every benchmark.
+
+    s1fast bench kernels|train|decode|sft|all [--device D] [--quick] [--out DIR] [--peers LIST] [--profile]
+    s1fast bench inspect [--json] [--models 0.5B,...] [--arch sm_90,sm_80]
+
+Every run first records the environment (device, versions, git commit) and measures the device's ceilings
+(copy bandwidth, matmul TFLOP/s), then runs the suites, each a module ``s1fast.bench.<suite>`` exposing
+``run(*, device, quick, peers) -> list[dict]``. A suite whose module is not there (yet) is reported as
+skipped with the reason; one that fails is reported with its error and the run goes on (exit status 1).
+Prints each suite's main columns; writes every figure to ``results.json``, ``results.md`` and PNG plots to ``--out`` (and with ``--profile`` a Chrome /
+Perfetto trace per suite, with the top operators printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from s1fast.bench.common import default_device, device_ceilings, environment
+
+SUITES = ("kernels", "train", "decode", "sft", "inspect")
+PEERS = ("eager", "compile", "liger", "hf")
+
+
+def _peers(value: str) -> list[str]:
+    peers = [p.strip() for p in value.split(",") if p.strip()]
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown peers {unknown}; expected a comma-separated subset of {PEERS}")
+    return peers
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="s1fast bench",
+        description="Benchmarks against peers and the device's measured limits. "
+        "`s1fast bench inspect --help` for the ahead-of-time kernel inspection.",
+    )
+    p.add_argument("suite", choices=(*SUITES, "all"), help="what to run; `all` runs every suite")
+    p.add_argument("--device", default=default_device(), help="cuda, cuda:N or cpu (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="small shapes and few repetitions (CPU CI mode)")
+    p.add_argument("--out", default="bench-out", help="directory for JSON, markdown, plots, traces (default: %(default)s)")
+    p.add_argument("--peers", type=_peers, default=None,
+                   help=f"comma-separated subset of {','.join(PEERS)} (default: all; on CPU with --quick all but "
+                   "compile, whose CPU compile time would dominate the run)")
+    p.add_argument("--profile", action="store_true",
+                   help="run each suite under torch.profiler: Chrome/Perfetto trace in --out, top ops printed")
+    return p
+
+
+def _load(suite: str):
+    """The suite's module, or the reason it cannot run."""
+    name = f"s1fast.bench.{suite}"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            return f"bench/{suite}.py is not written yet"
+        return f"needs the missing module {e.name!r}"
+
+
+def _run_suite(suite: str, args, peers: list[str]) -> tuple[dict, tuple | None]:
+    """The suite's results and the columns to print (its ``SUMMARY_COLUMNS``, if it has them)."""
+    module = _load(suite)
+    if isinstance(module, str):
+        return {"skipped": module}, None
+    t0 = time.perf_counter()
+    result: dict = {}
+    if args.profile:
+        from s1fast.bench.profiling import format_summary, profiled
+
+        with profiled(Path(args.out) / f"trace_{suite}.json", device=args.device) as summary:
+            rows = module.run(device=args.device, quick=args.quick, peers=peers)
+        result["profile"] = summary
+        print(format_summary(summary, suite))
+    else:
+        rows = module.run(device=args.device, quick=args.quick, peers=peers)
+    result.update(rows=rows, wall_s=time.perf_counter() - t0)
+    if hasattr(module, "backend_note"):
+        result["note"] = module.backend_note()
+    return result, getattr(module, "SUMMARY_COLUMNS", None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["inspect"]:
+        from s1fast.bench.inspect import main as inspect_main
+
+        return inspect_main(argv[1:])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f"--device: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
+    if device.type not in ("cuda", "cpu"):
+        parser.error(f"--device must be cuda[:N] or cpu, got {args.device!r}")
+    peers = args.peers
+    if peers is None:
+        peers = [p for p in PEERS if not (p == "compile" and device.type == "cpu" and args.quick)]
+
+    from s1fast.bench.report import markdown_table, write
+
+    print(f"s1fast bench {args.suite}: device={args.device} quick={args.quick} peers={','.join(peers)}")
+    results = {
+        "environment": environment(args.device),
+        "arguments": {"suite": args.suite, "device": args.device, "quick": args.quick, "peers": peers},
+        "ceilings": device_ceilings(args.device, quick=args.quick),
+        "suites": {},
+    }
+    for key, value in {**results["environment"], **results["ceilings"]}.items():
+        print(f"  {key}: {value}")
+    failed = False
+    for suite in SUITES if args.suite == "all" else (args.suite,):
+        print(f"\n== {suite}", flush=True)
+        try:
+            outcome, columns = _run_suite(suite, args, peers)
+        except Exception as e:  # one broken suite must not hide the others' results
+            traceback.print_exc()
+            outcome, columns = {"error": f"{type(e).__name__}: {e}"}, None
+            failed = True
+        results["suites"][suite] = outcome
+        if "rows" in outcome:
+            if outcome.get("note"):
+                print(outcome["note"])
+            print(markdown_table(outcome["rows"], columns))
+        else:
+            print(f"skipped: {outcome['skipped']}" if "skipped" in outcome else f"error: {outcome['error']}")
+    written = write(results, args.out)
+    print("\nwrote " + ", ".join(written))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
