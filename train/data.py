@@ -1,0 +1,190 @@
+"""s1K data: loading (parquet, JSONL or a Hugging Face dataset name), s1's exact text and loss mask, length checks.
+
+s1K rows carry ``question``, ``thinking_trajectories`` (a list holding one string) and ``attempt``; s1K-1.1
+rows carry ``{deepseek,gemini}_thinking_trajectory`` and ``{deepseek,gemini}_attempt`` instead. Both are
+turned into the same training text, built here rather than by a tokenizer's chat template (which differs
+between Qwen versions)::
+
+    <|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n
+    <|im_start|>user\\n{question}<|im_end|>\\n<|im_start|>assistant\\n
+    <|im_start|>think\\n{thinking}\\n<|im_start|>answer\\n{answer}<|im_end|>\\n
+
+Labels are unshifted (the model shifts them): -100 up to and including ``<|im_start|>assistant\\n``, the token
+ids after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+IGNORE_INDEX = -100
+DEFAULT_BLOCK_SIZE = 32768
+TRAJECTORY_SOURCES = ("deepseek", "gemini")
+SAMPLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "s1k_sample.jsonl")
+
+
+def prompt_text(question: str) -> str:
+    """The untrained part of an example: system and user turns and the assistant header."""
+    return (
+        f"{IM_START}system\n{SYSTEM_PROMPT}{IM_END}\n"
+        f"{IM_START}user\n{question}{IM_END}\n"
+        f"{IM_START}assistant\n"
+    )
+
+
+def completion_text(thinking: str, attempt: str) -> str:
+    """The trained part: thinking, then the answer (prefixed with "Answer: " unless it already says so)."""
+    attempt = attempt.strip()
+    answer = attempt if "Answer:" in attempt else "Answer: " + attempt
+    return f"{IM_START}think\n{thinking.strip()}\n{IM_START}answer\n{answer}{IM_END}\n"
+
+
+def _schema(columns: Sequence[str], trajectory: str | None, where: str) -> tuple[str, str]:
+    """(thinking column, attempt column) for s1K or s1K-1.1 columns; clear error when neither fits."""
+    columns = set(columns)
+    if trajectory is not None and trajectory not in TRAJECTORY_SOURCES:
+        raise ValueError(f"trajectory must be one of {TRAJECTORY_SOURCES} (s1K-1.1) or None, got {trajectory!r}")
+    if trajectory is None and {"thinking_trajectories", "attempt"} <= columns:
+        pair = ("thinking_trajectories", "attempt")
+    else:
+        source = trajectory or "deepseek"
+        pair = (f"{source}_thinking_trajectory", f"{source}_attempt")
+    missing = sorted(({"question", *pair}) - columns)
+    if missing:
+        raise ValueError(
+            f"{where}: missing column(s) {missing}; expected s1K columns (question, thinking_trajectories, attempt) "
+            f"or s1K-1.1 columns (question, {{deepseek,gemini}}_thinking_trajectory, {{deepseek,gemini}}_attempt); "
+            f"found {sorted(columns)}"
+        )
+    return pair
+
+
+def example_text(record: dict, *, trajectory: str | None = None, index: int | None = None) -> tuple[str, str]:
+    """(prompt, completion) of one s1K or s1K-1.1 record; ``trajectory`` picks s1K-1.1's deepseek/gemini trace."""
+    row = "record" if index is None else f"row {index}"
+    think_col, attempt_col = _schema(record.keys(), trajectory, row)
+    question, thinking, attempt = record["question"], record[think_col], record[attempt_col]
+    if isinstance(thinking, str):  # s1K-1.1: one string; s1K: a list of strings
+        thinking = [thinking]
+    if thinking is None or not all(isinstance(t, str) for t in thinking) or not "\n".join(thinking).strip():
+        raise ValueError(f"{row}: no thinking trajectory in column {think_col!r} (got {thinking!r:.80})")
+    for name, value in (("question", question), (attempt_col, attempt)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{row}: column {name!r} is empty or not a string (got {value!r:.80})")
+    return prompt_text(question), completion_text("\n".join(thinking), attempt)
+
+
+def check_tokenizer(tokenizer) -> None:
+    """The text format needs ``<|im_start|>`` and ``<|im_end|>`` as single special tokens."""
+    for token in (IM_START, IM_END):
+        ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+            raise ValueError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} has no single token for "
+                f"{token!r} (it encodes to {ids}); s1's format needs a Qwen ChatML tokenizer"
+            )
+
+
+def tokenize_example(record: dict, tokenizer, *, trajectory: str | None = None, index: int | None = None) -> dict:
+    """s1's text of ``record`` as ``{"input_ids": [...], "labels": [...]}`` (no special tokens added; labels
+    unshifted, -100 up to and including ``<|im_start|>assistant\\n``)."""
+    return tokenize_records([record], tokenizer, trajectory=trajectory, first_index=index or 0)[0]
+
+
+def tokenize_records(records: Sequence[dict], tokenizer, *, trajectory: str | None = None, first_index: int = 0) -> list[dict]:
+    """:func:`tokenize_example` for many records in one batched tokenizer call."""
+    check_tokenizer(tokenizer)
+    pairs = [example_text(r, trajectory=trajectory, index=first_index + i) for i, r in enumerate(records)]
+    enc = tokenizer([p + c for p, c in pairs], add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for i, ((prompt, _), ids, offsets) in enumerate(zip(pairs, enc["input_ids"], enc["offset_mapping"])):
+        # Number of tokens inside the prompt; the prompt ends with "\n" after a special token, so a token boundary
+        # falls exactly at len(prompt) (checked, not assumed).
+        n_prompt = sum(1 for _, end in offsets if end <= len(prompt))
+        if n_prompt == 0 or offsets[n_prompt - 1][1] != len(prompt) or n_prompt >= len(ids):
+            raise ValueError(f"row {first_index + i}: no token boundary after the assistant header")
+        out.append({"input_ids": list(ids), "labels": [IGNORE_INDEX] * n_prompt + list(ids[n_prompt:])})
+    return out
+
+
+def read_records(source: str | None = None, *, split: str = "train") -> list[dict]:
+    """Rows of a local ``.parquet`` / ``.jsonl`` / ``.json`` file or a Hugging Face dataset name
+    (e.g. ``simplescaling/s1K-1.1``); ``None`` is the bundled sample."""
+    source = SAMPLE_PATH if source is None else source
+    if os.path.exists(source):
+        ext = os.path.splitext(source)[1].lower()
+        if ext == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError as e:
+                raise ImportError(f"reading {source} needs pyarrow: pip install pyarrow") from e
+            return pq.read_table(source).to_pylist()
+        if ext == ".jsonl":
+            with open(source, encoding="utf-8") as f:
+                rows = []
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise ValueError(f"{source}: line {n} is not valid JSON ({e})") from e
+                return rows
+        if ext == ".json":
+            with open(source, encoding="utf-8") as f:
+                rows = json.load(f)
+            if not isinstance(rows, list):
+                raise ValueError(f"{source}: expected a JSON list of records, got {type(rows).__name__}")
+            return rows
+        raise ValueError(f"data {source!r}: expected a .parquet, .jsonl or .json file")
+    if source.count("/") != 1 or source.startswith((".", "/")):
+        raise FileNotFoundError(f"data {source!r}: no such file, and not a Hugging Face dataset name (owner/name)")
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"loading the dataset {source!r} by name needs `datasets`: pip install datasets") from e
+    return datasets.load_dataset(source, split=split).to_list()
+
+
+@dataclass
+class Dataset:
+    """Tokenised examples that fit the block, with their source row indices and the rows dropped for length."""
+
+    examples: list[dict]
+    indices: list[int]
+    dropped: list[tuple[int, int]]  # (row index, length in tokens)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def load_dataset(
+    source: str | None, tokenizer, *, trajectory: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
+    drop_long: bool = True, split: str = "train",
+) -> Dataset:
+    """Read, check and tokenise a dataset. Examples longer than ``block_size`` are never cut: they are dropped
+    (``drop_long``) or raise; either way each is reported by row index and length."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    records = read_records(source, split=split)
+    where = source or SAMPLE_PATH
+    if not records:
+        raise ValueError(f"data {where!r} is empty: no rows to train on")
+    columns = set().union(*(r.keys() for r in records))
+    _schema(columns, trajectory, f"data {where!r}")
+    tokenized = tokenize_records(records, tokenizer, trajectory=trajectory)
+    long = [(i, len(t["input_ids"])) for i, t in enumerate(tokenized) if len(t["input_ids"]) > block_size]
+    if long and not drop_long:
+        raise ValueError(
+            f"{len(long)} example(s) longer than block_size={block_size} tokens (row, length): {long[:20]}; "
+            "raise the block size or allow dropping them (examples are never cut)"
+        )
+    long_rows = {i for i, _ in long}
+    keep = [i for i in range(len(tokenized)) if i not in long_rows]
+    if not keep:
+        raise ValueError(f"every example of {where!r} is longer than block_size={block_size} tokens")
+    return Dataset([tokenized[i] for i in keep], keep, long)
