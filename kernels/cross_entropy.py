@@ -41,8 +41,7 @@ from s1fast.kernels._common import FLOAT_DTYPES, KernelSpec, check_same_device, 
 
 _REDUCTIONS = ("mean", "sum", "none")
 _INT_DTYPES = (torch.int64, torch.int32)
-_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
-                 torch.int32: "i32"}
+_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -188,12 +187,14 @@ def mean_scale(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- autograd
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, reduction, label_smoothing, z_loss):
+    def forward(ctx, logits, labels, ignore_index, reduction, label_smoothing, z_loss, grad_enabled):
         N = logits.shape[0]
         acc = torch.promote_types(logits.dtype, torch.float32)
         loss = torch.empty(N, dtype=acc, device=logits.device)
         scale = mean_scale(labels, ignore_index) if reduction == "mean" else torch.ones((), device=logits.device)
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if ctx.needs_input_grad[0] else None
+        # needs_input_grad stays True under torch.no_grad(): the caller's grad mode decides (no wasted gradient)
+        want = ctx.needs_input_grad[0] and grad_enabled
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if want else None
         cross_entropy_rows(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss)
         ctx.reduction = reduction
         if grad is not None:
@@ -207,7 +208,7 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         go = grad_output.unsqueeze(1) if ctx.reduction == "none" else grad_output
-        return grad.mul_(go), None, None, None, None, None
+        return grad.mul_(go), None, None, None, None, None, None
 
 
 def cross_entropy(
@@ -234,7 +235,7 @@ def cross_entropy(
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     return _CrossEntropy.apply(logits, labels.contiguous(), int(ignore_index), reduction, float(label_smoothing),
-                               float(z_loss))
+                               float(z_loss), torch.is_grad_enabled())
 
 
 def cross_entropy_reference(logits, labels, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0):

@@ -93,9 +93,10 @@ def _chunk_loop(hidden, weight, bias, labels, scale, loss, grads, ignore_index, 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, scale, ignore_index, reduction, label_smoothing, z_loss, rows):
+    def forward(ctx, hidden, weight, bias, labels, scale, ignore_index, reduction, label_smoothing, z_loss, rows,
+                grad_enabled):
         acc = torch.promote_types(hidden.dtype, torch.float32)
-        need = ctx.needs_input_grad[:3]
+        need = tuple(n and grad_enabled for n in ctx.needs_input_grad[:3])  # True under no_grad otherwise
         loss = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         ctx.options = (ignore_index, reduction, label_smoothing, z_loss, rows)
         ctx.dtype = hidden.dtype
@@ -125,7 +126,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_h, grad_w, grad_b = (g.mul_(grad_output) if g is not None else None for g in ctx.saved_tensors)
         dtype = ctx.dtype
         return (grad_h, grad_w.to(dtype) if grad_w is not None else None,
-                grad_b.to(dtype) if grad_b is not None else None) + (None,) * 7
+                grad_b.to(dtype) if grad_b is not None else None) + (None,) * 8
 
 
 def _new_grads(hidden, weight, bias, need, acc):
@@ -193,7 +194,7 @@ def fused_linear_cross_entropy(
     triton_path = hidden.dtype in FLOAT_DTYPES and use_triton(hidden)
     rows = chunk_rows(h2.shape[0], V, hidden.dtype, triton_path, budget)
     loss = _FusedLinearCrossEntropy.apply(h2, weight, bias, y, scale, int(ignore_index), reduction,
-                                          float(label_smoothing), float(z_loss), rows)
+                                          float(label_smoothing), float(z_loss), rows, torch.is_grad_enabled())
     return loss.reshape(labels.shape) if reduction == "none" else loss
 
 

@@ -254,3 +254,22 @@ def test_cuda_kernel_and_label_contract(dtype, monkeypatch):
     monkeypatch.setenv("S1FAST_CHECK_LABELS", "1")
     with pytest.raises(ValueError, match=r"labels\[5\] = 151936"):
         cross_entropy(logits.cuda(), labels.cuda())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_gradient_work_under_no_grad(backend, monkeypatch):
+    """needs_input_grad stays True under torch.no_grad(): the kernel must still skip writing a gradient."""
+    calls = []
+    original = ce_module.cross_entropy_rows
+
+    def spy(logits, labels, loss, grad, *rest):
+        calls.append(grad)
+        return original(logits, labels, loss, grad, *rest)
+
+    monkeypatch.setattr(ce_module, "cross_entropy_rows", spy)
+    logits, labels = make_case(5, 1000, torch.float32)
+    x = logits.requires_grad_()
+    with force_backend(backend), torch.no_grad():
+        loss = cross_entropy(x, labels)
+    assert calls == [None] and not loss.requires_grad
+    assert_close(loss, reference(logits, labels), 1e-5)
