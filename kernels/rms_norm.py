@@ -12,22 +12,25 @@ transformers).
 
 Backward, with ``g = dL/dout`` and the cast's derivative taken as identity (as autograd does)::
 
-    dL/dw_j = sum_rows g_j * yc_j                                (reduced over every row)
-    dy_j    = g_j * w_j
-    dL/dx_j = r * (dy_j - y_j * mean_k(dy_k * y_k))
+    dL/dw_j = sum over rows of g_j * yc_j
+    h_j     = g_j * w_j                                  the gradient reaching y
+    dL/dx_j = r * (h_j - y_j * mean_k(h_k * y_k))
 
-The last line follows from ``dy_k/dx_j = r * delta_kj - x_k * r^3 * x_j / N``: summing
-``dy_k * dy_k/dx_j`` over k gives ``r * dy_j - r * y_j * (sum_k dy_k * y_k) / N``.
+The last line: ``dy_k/dx_j = r * delta_kj - x_k * r^3 * x_j / N = r * (delta_kj - y_k * y_j / N)``, so
+``dL/dx_j = sum_k h_k * dy_k/dx_j = r * h_j - r * y_j * (sum_k h_k * y_k) / N``.
 
-Kernels (memory-bound; everything is computed in fp32 and rounded once on store):
+Kernels (memory-bound; computed in fp32 from the loaded values, rounded only where Qwen2RMSNorm rounds
+and on store):
 
 - forward: one program per tile of ``ROWS`` rows x ``BLOCK`` (>= N, power of two) columns, so each row is
   one contiguous vectorised (128-bit) access and narrow rows (q/k norm over head_dim 64/128) still give
   every program a full tile. Writes ``out`` and the fp32 ``rstd`` per row.
-- backward: a fixed number of programs (two per SM) walks the row tiles grid-stride, writes ``dx`` and
-  keeps its share of ``dw`` in fp32 registers; the per-program partial sums are then added up by one
-  ``sum(0)`` — deterministic, no atomics.
+- backward: a fixed number of programs (two per SM) walks the row tiles grid-stride, recomputes ``y`` from
+  ``x`` and ``rstd``, writes ``dx`` and keeps its share of ``dw`` in fp32 registers; the per-program partial
+  sums are then added up by one ``sum(0)``: deterministic, no atomics.
 
+A row is one register tile, so widths run up to ``MAX_WIDTH``; up to 8192 (every Qwen hidden size and
+head_dim) the sm_90 builds use no local memory, wider rows spill in the backward (correct, slower).
 Row offsets are 64-bit (``rows x N`` can pass 2**31), there are no host syncs, and block sizes come from
 ``_config`` (no autotuning), which the launchers and ``kernel_specs`` share.
 """
@@ -44,9 +47,10 @@ from torch import nn
 from s1fast.kernels._common import FLOAT_DTYPES, KernelSpec, check_same_device, check_tensor, use_triton
 
 MAX_WIDTH = 65536
-"""Widest row the single-tile kernels take (a row is one register tile)."""
+"""Widest row the Triton kernels take (a row is one register tile)."""
 
 _TILE = 4096  # elements per program tile: ~16 per thread at the chosen warps, i.e. 2 x 128-bit loads in bf16
+_MAX_ROWS = 32  # rows per tile for narrow rows (a 64 x 64 fp32 tile makes sm_90 ptxas spill in the backward)
 _BWD_PROGRAMS_PER_SM = 2  # resident backward programs per SM; each adds one fp32 dw row to reduce
 _CPU_BWD_PROGRAMS = 4  # interpreter (tests): few programs, so the grid-stride loop runs several tiles
 
@@ -63,7 +67,7 @@ def as_rows(t: torch.Tensor, width: int) -> torch.Tensor:
 def _config(width: int) -> tuple[int, int, int]:
     """(BLOCK, ROWS, num_warps) for rows of ``width`` elements: one row = one power-of-two BLOCK."""
     block = triton.next_power_of_2(width)
-    rows = max(1, _TILE // block)
+    rows = min(_MAX_ROWS, max(1, _TILE // block))
     num_warps = min(16, max(1, rows * block // 512))
     return block, rows, num_warps
 
@@ -199,9 +203,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     check_tensor(fn, "x", x, dtypes=FLOAT_DTYPES + (torch.float64,))
     check_tensor(fn, "weight", weight, ndim=1, dtypes=FLOAT_DTYPES + (torch.float64,))
     check_same_device(fn, x=x, weight=weight)
-    if x.dim() == 0 or weight.shape[0] != x.shape[-1]:
+    if x.dim() == 0:
+        raise ValueError(f"{fn}: x must have at least 1 dim (the normalised one), got a scalar")
+    if weight.shape[0] != x.shape[-1]:
         raise ValueError(
-            f"{fn}: weight must have shape (x.shape[-1],) = ({x.shape[-1] if x.dim() else '?'},), "
+            f"{fn}: weight must have shape ({x.shape[-1]},) to match x's last dim, "
             f"got weight {tuple(weight.shape)} for x {tuple(x.shape)}"
         )
     if torch.float64 in (x.dtype, weight.dtype) or not use_triton(x):

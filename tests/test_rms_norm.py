@@ -1,0 +1,227 @@
+"""rms_norm: Triton kernels (through the interpreter on CPU) and the PyTorch path, forward and backward, against
+a float64 reference and transformers' own Qwen2RMSNorm.
+
+Tolerances, relative to the largest reference magnitude (and elementwise):
+- fp32 1e-5: the kernels compute in fp32 (~6e-8 rounding per operation; the row statistics sum a few
+  thousand squares), far below it.
+- bf16 1.6e-2 = 2^-6: bf16 keeps 8 significant bits, so one rounding costs up to 2^-8 relative
+  (round-to-nearest, as on GPU and in torch) or just under 2^-7 (Triton's interpreter truncates fp32->bf16).
+  The forward rounds twice (the normalised value back to x's dtype, then the output), so two truncations
+  stay under 2^-6; the gradients round once. Against Qwen2RMSNorm, which also rounds twice, the same bound
+  holds.
+The PyTorch path runs exactly Qwen2RMSNorm's operations, so against transformers it must match bit for bit.
+"""
+
+import importlib
+import inspect
+
+import pytest
+import torch
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+from s1fast.bench.common import QWEN25_SHAPES
+from s1fast.kernels import RMSNorm, force_backend, rms_norm, rms_norm_reference
+
+rms_module = importlib.import_module("s1fast.kernels.rms_norm")  # the package attribute is the function
+BACKENDS = ["triton", "torch"]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-6}
+
+
+def assert_close(actual, expected, rel):
+    expected = expected.detach().double()
+    torch.testing.assert_close(actual.detach().double(), expected, rtol=rel, atol=rel * float(expected.abs().max()))
+
+
+def make_case(shape, dtype, weight_dtype=None, seed=None):
+    """Random x (offset and scaled, so rows have different norms), weight and upstream gradient."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31 if seed is None else seed)
+    width = shape[-1]
+    x = (torch.randn(shape, generator=g) * 2 + torch.randn(shape[:-1] + (1,), generator=g)).to(dtype)
+    weight = (torch.randn(width, generator=g) * 0.5 + 1).to(weight_dtype or dtype)
+    out_dtype = torch.promote_types(dtype, weight.dtype)
+    grad = torch.randn(shape, generator=g).to(out_dtype)
+    return x, weight, grad
+
+
+def run(backend, x, weight, grad, eps=1e-6):
+    """Output, dx and dweight through the public function on the chosen backend."""
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    with force_backend(backend):
+        out = rms_norm(x, weight, eps)
+        dx, dw = torch.autograd.grad(out, (x, weight), grad)
+    return out, dx, dw
+
+
+def run_float64(x, weight, grad, eps=1e-6):
+    return run("torch", x.double(), weight.double(), grad.double(), eps)
+
+
+def run_qwen2(x, weight, grad, eps=1e-6):
+    module = Qwen2RMSNorm(x.shape[-1], eps=eps).to(weight.dtype)
+    module.weight.data.copy_(weight)
+    x = x.detach().requires_grad_()
+    out = module(x)
+    dx, dw = torch.autograd.grad(out, (x, module.weight), grad)
+    return out, dx, dw
+
+
+CASES = [
+    ((3, 5, 100), torch.float32),  # odd width: masked columns, no 128-bit vectors
+    ((8, 896), torch.bfloat16),  # Qwen2.5-0.5B hidden
+    ((4, 1536), torch.float32),  # 1.5B hidden, several rows per tile
+    ((6, 3584), torch.bfloat16),  # 7B hidden: one row per tile, backward programs loop over several tiles
+    ((1, 5120), torch.bfloat16),  # 32B hidden, one row
+    ((2, 1, 1536), torch.bfloat16),  # T = 1 (decode)
+    ((2, 5, 7, 64), torch.bfloat16),  # q/k norm over head_dim 64: 70 rows = three 32-row tiles, the last partly masked
+    ((3, 2, 128), torch.float32),  # head_dim 128
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,dtype", CASES, ids=[f"{s}-{str(d)[6:]}" for s, d in CASES])
+def test_matches_float64_and_qwen2(backend, shape, dtype):
+    x, weight, grad = make_case(shape, dtype)
+    out, dx, dw = run(backend, x, weight, grad)
+    assert (out.dtype, dx.dtype, dw.dtype) == (dtype, dtype, dtype)
+    assert out.shape == dx.shape == x.shape
+
+    for actual, expected in zip((out, dx, dw), run_float64(x, weight, grad)):
+        assert_close(actual, expected, TOL[dtype])
+    for actual, expected in zip((out, dx, dw), run_qwen2(x, weight, grad)):
+        if backend == "torch":
+            assert torch.equal(actual, expected)
+        else:
+            assert_close(actual, expected, TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_weight_with_bf16_input_follows_torch_promotion(backend):
+    """transformers keeps norm weights in fp32 under mixed precision: the output is then fp32."""
+    x, weight, grad = make_case((4, 3, 896), torch.bfloat16, weight_dtype=torch.float32)
+    out, dx, dw = run(backend, x, weight, grad)
+    assert (out.dtype, dx.dtype, dw.dtype) == (torch.float32, torch.bfloat16, torch.float32)
+    # Qwen2RMSNorm casts the normalised value to bf16 before the fp32 weight multiplies it: out / w must be
+    # a bf16 value up to the final fp32 rounding (2^-24), which the tolerances below could not tell apart.
+    y = out.double() / weight.double()
+    assert_close(y, y.to(torch.bfloat16).double(), 2**-20)
+    for actual, expected in zip((out, dx, dw), run_qwen2(x, weight, grad)):
+        assert actual.dtype == expected.dtype
+        assert_close(actual, expected, TOL[torch.bfloat16])
+    for actual, expected in zip((out, dx, dw), run_float64(x, weight, grad)):
+        assert_close(actual, expected, TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs_and_gradients(backend):
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    # a column slice (rows strided by 2 * width: handled by strides, no copy) ...
+    wide = torch.randn(5, 2 * 896, generator=g)
+    sliced = wide[:, 896:]
+    # ... and Qwen3's q/k norm layout: [B, T, H, D] transposed to [B, H, T, D] (leading dims not collapsible)
+    qk = torch.randn(2, 3, 4, 64, generator=g).transpose(1, 2)
+    for x in (sliced, qk):
+        assert not x.is_contiguous()
+        weight = torch.randn(x.shape[-1], generator=g) + 1
+        grad = torch.randn(x.shape[::-1], generator=g).permute(*reversed(range(x.dim())))  # non-contiguous too
+        out, dx, dw = run(backend, x, weight, grad)
+        for actual, expected in zip((out, dx, dw), run_float64(x, weight, grad)):
+            assert_close(actual, expected, TOL[torch.float32])
+
+
+def test_every_output_element_is_written(monkeypatch):
+    """Every buffer the launchers allocate (out, rstd, dx, the dweight partials) starts as NaN."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        return empty(*args, **kwargs).fill_(float("nan"))
+
+    cases = [make_case((3, 5, 100), torch.float32), make_case((2, 5, 7, 64), torch.bfloat16), make_case((5, 3584), torch.float32)]
+    for x, weight, grad in cases:
+        monkeypatch.setattr(torch, "empty", poisoned)
+        results = run("triton", x, weight, grad)
+        monkeypatch.setattr(torch, "empty", empty)
+        for actual, expected in zip(results, run_float64(x, weight, grad)):
+            assert torch.isfinite(actual).all()
+            assert_close(actual, expected, TOL[x.dtype])
+
+
+def test_dispatch_triton_function_and_float64_reference():
+    x, weight, grad = make_case((3, 64), torch.float32)
+    with force_backend("triton"):
+        assert type(rms_norm(x, weight.requires_grad_()).grad_fn).__name__ == "_RMSNormFunctionBackward"
+        out64 = rms_norm(x.double(), weight.double())  # float64 always takes the reference
+    assert "RMSNormFunction" not in type(out64.grad_fn).__name__
+    assert torch.equal(out64, rms_norm_reference(x.double(), weight.double()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_is_a_drop_in_for_qwen2rmsnorm(backend):
+    reference = Qwen2RMSNorm(128, eps=1e-5)
+    reference.weight.data.normal_(1.0, 0.3)
+    module = RMSNorm(128, eps=1e-5)
+    module.load_state_dict(reference.state_dict())
+    assert module.variance_epsilon == reference.variance_epsilon == 1e-5
+    assert module.extra_repr() == reference.extra_repr()
+    x = torch.randn(2, 3, 128)
+    with force_backend(backend):
+        out = module(x)
+    assert_close(out, reference(x), TOL[torch.float32])
+    out.backward(torch.ones_like(out))
+    assert module.weight.grad is not None and torch.isfinite(module.weight.grad).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(2, 8)
+    w = torch.randn(8)
+    with pytest.raises(TypeError, match=r"rms_norm: x must be a torch.Tensor"):
+        rms_norm(x.tolist(), w)
+    with pytest.raises(TypeError, match=r"rms_norm: x must have dtype in \(float32, bfloat16, float16, float64\), got int64"):
+        rms_norm(torch.ones(2, 8, dtype=torch.long), w)
+    with pytest.raises(TypeError, match=r"rms_norm: weight must have dtype in .*got int32"):
+        rms_norm(x, torch.ones(8, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"rms_norm: weight must have 1 dims, got shape \(1, 8\)"):
+        rms_norm(x, w[None])
+    with pytest.raises(ValueError, match=r"rms_norm: weight must have shape \(8,\) to match x's last dim, got weight \(7,\)"):
+        rms_norm(x, w[:7])
+    with pytest.raises(ValueError, match=r"rms_norm: x must have at least 1 dim"):
+        rms_norm(torch.tensor(1.0), w)
+    with pytest.raises(ValueError, match=r"rms_norm: all tensors must be on one device, got x on cpu, weight on meta"):
+        rms_norm(x, w.to("meta"))
+    wide = rms_module.MAX_WIDTH + 1
+    with force_backend("triton"), pytest.raises(ValueError, match=rf"rms_norm: the Triton kernel takes a last dim from 1 to {wide - 1}, got {wide}"):
+        rms_norm(torch.randn(1, wide), torch.randn(wide))
+
+
+def test_kernel_specs_describe_the_launched_kernels():
+    kernels = {rms_module._rms_norm_fwd_kernel, rms_module._rms_norm_bwd_kernel}
+    for model, dims in QWEN25_SHAPES.items():
+        specs = rms_module.kernel_specs(dict(dims, tokens=4096, dtype=torch.bfloat16))
+        assert [s.name for s in specs] == ["rms_norm_fwd", "rms_norm_bwd"]
+        for spec in specs:
+            assert spec.fn in kernels  # a JITFunction (an InterpretedFunction under TRITON_INTERPRET=1)
+            params = inspect.signature(spec.fn.fn).parameters.values()
+            runtime = [p.name for p in params if "constexpr" not in str(p.annotation)]
+            constexpr = [p.name for p in params if "constexpr" in str(p.annotation)]
+            assert list(spec.signature) == runtime
+            assert sorted(spec.constexprs) == sorted(constexpr)
+            assert set(spec.signature.values()) <= {"*bf16", "*fp32", "i32", "fp32"}
+            block, rows, warps = rms_module._config(dims["hidden"])
+            assert spec.constexprs == {"BLOCK": block, "ROWS": rows} and spec.num_warps == warps
+            assert block >= dims["hidden"] and block & (block - 1) == 0
+
+
+@pytest.mark.gpu
+def test_rows_past_int32_offsets(device):
+    """rows x width > 2**31: row offsets must be 64-bit. Checks the last rows against the reference."""
+    width = 4096
+    rows = 2**31 // width + 8
+    x = torch.randn(rows, width, device=device, dtype=torch.bfloat16)
+    weight = torch.randn(width, device=device, dtype=torch.bfloat16).requires_grad_()
+    x.requires_grad_()
+    out = rms_norm(x, weight)
+    grad = torch.randn_like(out)
+    (dx,) = torch.autograd.grad(out, x, grad)
+    tail = slice(rows - 16, rows)
+    ref_out, ref_dx, _ = run_float64(x[tail].cpu(), weight.cpu(), grad[tail].cpu())
+    assert_close(out[tail].cpu(), ref_out, TOL[torch.bfloat16])
+    assert_close(dx[tail].cpu(), ref_dx, TOL[torch.bfloat16])
