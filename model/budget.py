@@ -31,6 +31,7 @@ tokens: an injection that does not fit is cut, and the row ends.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass, field
 
 S1_END_THINK = "<|im_start|>answer"
@@ -107,18 +108,17 @@ class BudgetForcing:
         def encode(text: str) -> list[int]:
             return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-        vocab = len(tokenizer)
-        texts = tokenizer.batch_decode([[i] for i in range(vocab)])
-        return cls(
+        settings = cls(  # validated before the vocabulary scan
             end_think=encode(end_think),
             wait=encode(wait),
             budget_end=encode(budget_end),
             max_thinking_tokens=max_thinking_tokens,
             num_waits=num_waits,
             min_thinking_tokens=min_thinking_tokens,
-            newline=encode("\n"),
-            newline_ending=frozenset(i for i, t in enumerate(texts) if t.endswith("\n")),
         )
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        ending = frozenset(i for i, t in enumerate(texts) if t.endswith("\n"))
+        return dataclasses.replace(settings, newline=encode("\n"), newline_ending=ending)
 
     def token_ids(self) -> set[int]:
         """Every id these settings can inject (the decoder checks them against the vocabulary)."""
@@ -160,10 +160,6 @@ class RowState:
         self.think_end = 0  # index in tokens where thinking stops (the delimiter starts)
         self.answer_start = 0  # index in tokens where the answer starts (after the delimiter)
         self.finish_reason: str | None = None
-
-    @property
-    def thinking_now(self) -> bool:
-        return not self.thinking_ended
 
     def step(self, token: int) -> list[int] | None:
         b = self.budget

@@ -131,6 +131,22 @@ class GenerationResult:
         return [r.budget_cut for r in self.rows]
 
     @property
+    def thinking_ended(self) -> list[bool]:
+        return [r.thinking_ended for r in self.rows]
+
+    @property
+    def think_end(self) -> list[int]:
+        return [r.think_end for r in self.rows]
+
+    @property
+    def answer_start(self) -> list[int]:
+        return [r.answer_start for r in self.rows]
+
+    @property
+    def finish_reason(self) -> list[str]:
+        return [r.finish_reason for r in self.rows]
+
+    @property
     def text(self) -> list[str | None]:
         return [r.text for r in self.rows]
 
