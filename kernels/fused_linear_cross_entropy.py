@@ -15,7 +15,9 @@ own ``grad_output``, which does not factor out of ``g^T h``: the forward compute
 backward recomputes the chunks with ``grad_output`` as the per-row scale. Nothing syncs with the host.
 
 Extra memory beyond the inputs and their gradients: one chunk of logits (plus the fp32 weight-gradient
-accumulator when the weight is not fp32). ``num_items_in_batch`` (int or 0-d tensor) gives
+accumulator when the weight is not fp32). On CUDA the bf16/fp16 weight-gradient GEMM writes into the fp32
+accumulator directly (``torch.addmm(..., out_dtype=torch.float32)``); a torch whose addmm refuses that
+falls back to a per-chunk [V, H] product in the input dtype added to the accumulator. ``num_items_in_batch`` (int or 0-d tensor) gives
 ``sum over tokens / num_items_in_batch``, transformers' gradient-accumulation convention.
 """
 
