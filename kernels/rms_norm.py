@@ -79,7 +79,8 @@ def _sm_count(device_index: int) -> int:
 
 def _bwd_programs(n_tiles: int, device: torch.device) -> int:
     if device.type == "cuda":
-        cap = _BWD_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cap = _BWD_PROGRAMS_PER_SM * _sm_count(index)
     else:
         cap = _CPU_BWD_PROGRAMS
     return max(1, min(n_tiles, cap))

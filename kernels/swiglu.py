@@ -132,7 +132,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     check_tensor(fn, "up", up, dtypes=FLOAT_DTYPES + (torch.float64,))
     check_same_device(fn, gate=gate, up=up)
     if gate.shape != up.shape:
-        raise ValueError(f"{fn}: gate and up must have the same shape, got gate {tuple(gate.shape)} and up {tuple(up.shape)}")
+        raise ValueError(
+            f"{fn}: gate and up must have the same shape, got gate {tuple(gate.shape)} and up {tuple(up.shape)}"
+        )
     if gate.dtype != up.dtype:
         raise TypeError(f"{fn}: gate and up must have the same dtype, got gate {gate.dtype} and up {up.dtype}")
     if gate.dim() == 0:

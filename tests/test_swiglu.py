@@ -111,8 +111,10 @@ def test_in_qwen2mlp(backend, dtype):
     out = mlp.down_proj(act)
     grads = torch.autograd.grad(out, params, grad)
 
-    # the projections' bf16 matmuls feed the same rounded inputs to both sides: only swiglu differs
-    rel = TOL[dtype] if dtype == torch.float32 else 2 * TOL[dtype]  # bf16 down_proj/weight grads add one rounding
+    # Both sides run the same projections on the same inputs: only swiglu differs. In bf16 its difference
+    # (< 2^-6, see the module docstring) passes through down_proj and the weight-gradient matmuls, whose bf16
+    # outputs round once more (2^-7), hence twice the bound there (observed: up to ~1.2e-2).
+    rel = 2 * TOL[dtype] if dtype == torch.bfloat16 else TOL[dtype]
     for actual, expected in zip((act, out, *grads), (captured[0], expected_out, *expected_grads)):
         if backend == "torch":
             assert torch.equal(actual, expected)
@@ -127,7 +129,7 @@ def test_non_contiguous_inputs_and_gradients(backend):
     gate_up = torch.randn(2, 3, 2 * 896, generator=g) * 3
     chunked = gate_up.chunk(2, dim=-1)
     # ... and transposed views (leading dims not collapsible, made contiguous)
-    transposed = (torch.randn(4, 5, 96, generator=g).transpose(0, 1) * 3, torch.randn(4, 5, 96, generator=g).transpose(0, 1))
+    transposed = tuple(torch.randn(4, 5, 96, generator=g).transpose(0, 1) * scale for scale in (3, 1))
     for gate, up in (chunked, transposed):
         assert not gate.is_contiguous() and not up.is_contiguous()
         grad = torch.randn(gate.shape[::-1], generator=g).permute(*reversed(range(gate.dim())))  # non-contiguous too
@@ -143,7 +145,8 @@ def test_every_output_element_is_written(monkeypatch):
     def poisoned(*args, **kwargs):
         return empty(*args, **kwargs).fill_(float("nan"))
 
-    for gate, up, grad in (make_case((3, 100), torch.float32), make_case((3, 8960), torch.bfloat16), make_case((5, 37, 16), torch.float32)):
+    shapes = [((3, 100), torch.float32), ((3, 8960), torch.bfloat16), ((5, 37, 16), torch.float32)]
+    for gate, up, grad in (make_case(*case) for case in shapes):
         monkeypatch.setattr(torch, "empty", poisoned)
         results = run("triton", gate, up, grad)
         monkeypatch.setattr(torch, "empty", empty)
@@ -181,11 +184,13 @@ def test_bad_inputs_raise_clear_errors():
     gate, up = torch.randn(2, 8), torch.randn(2, 8)
     with pytest.raises(TypeError, match=r"swiglu: up must be a torch.Tensor, got float"):
         swiglu(gate, 1.0)
-    with pytest.raises(TypeError, match=r"swiglu: gate must have dtype in \(float32, bfloat16, float16, float64\), got int64"):
+    dtypes = r"\(float32, bfloat16, float16, float64\)"
+    with pytest.raises(TypeError, match=rf"swiglu: gate must have dtype in {dtypes}, got int64"):
         swiglu(torch.ones(2, 8, dtype=torch.long), up)
-    with pytest.raises(ValueError, match=r"swiglu: gate and up must have the same shape, got gate \(2, 8\) and up \(2, 7\)"):
+    message = r"swiglu: gate and up must have the same shape, got gate \(2, 8\) and up \(2, 7\)"
+    with pytest.raises(ValueError, match=message):
         swiglu(gate, up[:, :7])
-    with pytest.raises(TypeError, match=r"swiglu: gate and up must have the same dtype, got gate torch.float32 and up torch.bfloat16"):
+    with pytest.raises(TypeError, match=r"swiglu: gate and up must have the same dtype, got gate torch.float32 and up"):
         swiglu(gate, up.bfloat16())
     with pytest.raises(ValueError, match=r"swiglu: all tensors must be on one device, got gate on cpu, up on meta"):
         swiglu(gate, up.to("meta"))
