@@ -97,12 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         device = torch.device(args.device)
-    except RuntimeError as e:
-        parser.error(f"--device: {e}")
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cuda", "cpu"):
+        parser.error(f"--device must be cuda[:N] or cpu, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
-    if device.type not in ("cuda", "cpu"):
-        parser.error(f"--device must be cuda[:N] or cpu, got {args.device!r}")
     peers = args.peers
     if peers is None:
         peers = [p for p in PEERS if not (p == "compile" and device.type == "cpu" and args.quick)]

@@ -125,7 +125,8 @@ def memory_profile(fn: Callable[[], object], *, device: str | torch.device) -> d
     Returns ``peak_mib`` (peak of the bytes allocated during the call, minus frees) and on CPU also
     ``largest_alloc_mib`` (the single largest allocation). CUDA: the caching allocator's counters
     (``max_memory_allocated``). CPU: every allocation and free the CPU allocator reports to
-    ``torch.profiler`` (``profile_memory=True``), replayed in time order.
+    ``torch.profiler`` (``profile_memory=True``), replayed in time order; ``{}`` when a profiler is already
+    running (they cannot nest).
     """
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -137,6 +138,8 @@ def memory_profile(fn: Callable[[], object], *, device: str | torch.device) -> d
         return {"peak_mib": (torch.cuda.max_memory_allocated(dev) - base) / 2**20}
     from torch.profiler import ProfilerActivity, profile
 
+    if torch._C._autograd._profiler_enabled():
+        return {}  # inside `--profile`: profilers do not nest, so CPU memory cannot be measured there
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted(

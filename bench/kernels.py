@@ -6,7 +6,7 @@ For each kernel at each shape, every implementation gets:
   would; on CPU repeated wall-clock timing); gradients reset to None before each call. ``bwd_ms`` is
   ``fwd_bwd_ms - fwd_ms``: a fused backward may consume what its forward saved, so it cannot be re-run.
 - ``*_gbps`` and ``fwd_bwd_pct_of_copy_bw``: bytes that must move (each input read once, each output
-  written once; ``moved_mib_*``) over the time, against the measured device-copy bandwidth. For the
+  written once; ``*_moved_mib``) over the time, against the measured device-copy bandwidth. For the
   compute-bound fused linear cross-entropy: ``fwd_bwd_tflops`` (6·N·H·V) and ``fwd_bwd_pct_of_matmul``.
 - ``peak_mem_mib``: memory allocated during one forward+backward above what was live before (measured:
   CUDA allocator peak, or the CPU allocator's events under ``torch.profiler``); ``extra_mem_mib``: the
@@ -218,14 +218,15 @@ def _measure(case: Case, name: str, fn: Callable, device: str, quick: bool, ceil
     row["bwd_ms"] = row["fwd_bwd_ms"] - row["fwd_ms"]
     for t in leaves:
         t.grad = None
-    mem = memory_profile(fwd_bwd, device=device)
-    grads_mib = sum(t.numel() * t.element_size() for t in leaves) / 2**20
-    row["peak_mem_mib"] = mem["peak_mib"]
-    row["extra_mem_mib"] = mem["peak_mib"] - grads_mib
+    mem = memory_profile(fwd_bwd, device=device)  # empty on CPU under --profile
+    if mem:
+        grads_mib = sum(t.numel() * t.element_size() for t in leaves) / 2**20
+        row["peak_mem_mib"] = mem["peak_mib"]
+        row["extra_mem_mib"] = mem["peak_mib"] - grads_mib
     if "largest_alloc_mib" in mem:
         row["largest_alloc_mib"] = mem["largest_alloc_mib"]
     for phase, nbytes in case.moved_bytes.items():
-        row[f"moved_mib_{phase}"] = nbytes / 2**20
+        row[f"{phase}_moved_mib"] = nbytes / 2**20
         row[f"{phase}_gbps"] = nbytes / row[f"{phase}_ms"] / 1e6
     if "fwd_bwd" in case.moved_bytes:
         row["fwd_bwd_pct_of_copy_bw"] = 100 * row["fwd_bwd_gbps"] / ceilings["copy_gbps"]
@@ -271,7 +272,8 @@ def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
         for r in case_rows:
             if eager and "fwd_bwd_ms" in r:
                 r["fwd_bwd_speedup_vs_eager"] = eager["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-                r["peak_mem_ratio_vs_eager"] = r["peak_mem_mib"] / eager["peak_mem_mib"] if eager["peak_mem_mib"] else None
+            if eager and eager.get("peak_mem_mib") and "peak_mem_mib" in r:
+                r["peak_mem_ratio_vs_eager"] = r["peak_mem_mib"] / eager["peak_mem_mib"]
         rows += case_rows
         del case
     return rows

@@ -1,0 +1,182 @@
+"""The bench suite: CLI end to end at tiny shapes, measured memory, profiling, and pytest-benchmark
+microbenchmarks (`pytest --benchmark-only tests/test_bench.py` times them; a normal run calls each once)."""
+
+import json
+
+import pytest
+import torch
+
+from s1fast import kernels as K
+from s1fast.bench import cli
+from s1fast.bench import kernels as kbench
+from s1fast.bench.common import QWEN25_SHAPES, memory_profile
+from s1fast.kernels import force_backend
+
+# A tiny Qwen-like shape so the Triton kernels run through the interpreter in seconds.
+TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=1000, tied=True)
+UNIT_SUFFIXES = ("_ms", "_gbps", "_mib", "_tflops", "_pct_of_copy_bw", "_pct_of_matmul", "_vs_eager")
+
+
+@pytest.fixture
+def tiny_shapes(monkeypatch):
+    monkeypatch.setitem(QWEN25_SHAPES, "tiny", TINY)
+    grid = {"rms_norm": [("tiny", 8), ("tiny", 32)], "rope": [("tiny", 8)], "swiglu": [("tiny", 8)],
+            "cross_entropy": [("tiny", 8)], "fused_linear_cross_entropy": [("tiny", 8)]}
+    monkeypatch.setattr(kbench, "shapes", lambda device, quick: grid)
+    return grid
+
+
+def test_memory_profile_measures_cpu_allocations():
+    def work():
+        a = torch.empty(1 << 20)  # 4 MiB
+        b = torch.empty(1 << 19)  # 2 MiB: 6 MiB live
+        del a
+        c = torch.empty(1 << 18)  # 1 MiB: 3 MiB live
+        return b, c
+
+    mem = memory_profile(work, device="cpu")
+    assert mem["peak_mib"] == pytest.approx(6.0, abs=0.01)
+    assert mem["largest_alloc_mib"] == pytest.approx(4.0, abs=0.01)
+
+
+def test_bench_kernels_cli_end_to_end(tiny_shapes, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["kernels", "--quick", "--device", "cpu", "--peers", "eager,liger,hf", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    env = results["environment"]
+    assert env["device_type"] == "cpu" and env["torch"] == torch.__version__ and env["git_commit"]
+    ceilings = results["ceilings"]
+    assert ceilings["copy_gbps"] > 0 and ceilings["matmul_tflops"] > 0 and ceilings["matmul_dtype"] == "float32"
+    rows = results["suites"]["kernels"]["rows"]
+    expected = {(k, m, t, impl) for k, grid in tiny_shapes.items() for m, t in grid
+                for impl in ("s1fast", "eager", "liger", "hf")}
+    assert {(r["kernel"], r["model"], r["tokens"], r["impl"]) for r in rows} == expected
+    for r in rows:
+        if r["impl"] == "liger":
+            assert r["skipped"] == "Liger-Kernel runs on CUDA only"
+            continue
+        if r["impl"] == "hf" and r["kernel"] not in ("rms_norm", "rope"):
+            assert "same PyTorch ops" in r["skipped"]
+            continue
+        assert "skipped" not in r, r
+        # conftest sets TRITON_INTERPRET=1: our rows ran the Triton kernels through the interpreter
+        assert r["backend"] == ("triton-interpreter" if r["impl"] == "s1fast" else "torch")
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["peak_mem_mib"] > 0
+        assert r["bwd_ms"] == pytest.approx(r["fwd_bwd_ms"] - r["fwd_ms"])
+        for key, value in r.items():
+            if isinstance(value, float):
+                assert key.endswith(UNIT_SUFFIXES) or key in ("peak_mem_ratio_vs_eager",), key
+        if r["kernel"] == "fused_linear_cross_entropy":
+            assert r["fwd_bwd_tflops"] > 0 and "fwd_bwd_gbps" not in r
+            assert r["largest_alloc_mib"] > 0 and r["full_logits_fp32_mib"] == pytest.approx(8 * 1000 * 4 / 2**20)
+        else:
+            assert r["fwd_bwd_gbps"] > 0 and r["fwd_bwd_pct_of_copy_bw"] > 0
+    eager_rms = next(r for r in rows if r["kernel"] == "rms_norm" and r["impl"] == "eager" and r["tokens"] == 8)
+    # bytes that must move, forward+backward: x, y read/written once forward, dy, x read and dx written backward
+    assert eager_rms["fwd_bwd_moved_mib"] == pytest.approx((5 * 8 * 64 * 4 + 3 * 64 * 4) / 2**20)
+    assert eager_rms["fwd_bwd_speedup_vs_eager"] == 1.0
+    report = (out / "results.md").read_text()
+    assert "## kernels" in report and "| kernel | model | tokens |" in report
+    for kernel in tiny_shapes:
+        assert (out / f"kernels_{kernel}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "copy_gbps" in printed and "Triton kernels through TRITON_INTERPRET=1" in printed
+
+
+def test_missing_and_failing_suites_are_reported_not_fatal(tiny_shapes, tmp_path, monkeypatch):
+    class Broken:
+        @staticmethod
+        def run(*, device, quick, peers):
+            raise RuntimeError("boom")
+
+    real_load = cli._load
+    monkeypatch.setattr(cli, "SUITES", ("not_a_suite", "broken", "kernels"))
+    monkeypatch.setattr(cli, "_load", lambda s: Broken if s == "broken" else real_load(s))
+    monkeypatch.setattr(kbench, "shapes", lambda device, quick: {"swiglu": [("tiny", 8)]})
+    out = tmp_path / "out"
+    assert cli.main(["all", "--quick", "--device", "cpu", "--peers", "eager", "--out", str(out)]) == 1
+    suites = json.loads((out / "results.json").read_text())["suites"]
+    assert suites["not_a_suite"] == {"skipped": "bench/not_a_suite.py is not written yet"}
+    assert suites["broken"] == {"error": "RuntimeError: boom"}
+    assert {r["impl"] for r in suites["kernels"]["rows"]} == {"s1fast", "eager"}
+
+
+def test_profile_writes_trace_and_top_ops(tiny_shapes, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(kbench, "shapes", lambda device, quick: {"rms_norm": [("tiny", 8)]})
+    out = tmp_path / "out"
+    assert cli.main(["kernels", "--quick", "--device", "cpu", "--peers", "eager", "--profile", "--out", str(out)]) == 0
+    trace = json.loads((out / "trace_kernels.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"kernels/rms_norm/s1fast/forward", "kernels/rms_norm/eager/backward"} <= names
+    profile = json.loads((out / "results.json").read_text())["suites"]["kernels"]["profile"]
+    shares = [o["share_pct"] for o in profile["top_ops"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.0 + 1e-6
+    regions = {r["name"]: r for r in profile["regions"]}
+    assert regions["kernels/rms_norm/eager/forward"]["calls"] > 1 and regions["kernels/rms_norm/eager/forward"]["total_ms"] > 0
+    assert "== profile: kernels" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["kernels", "--peers", "eager,vllm"], "unknown peers ['vllm']"),
+    (["kernels", "--device", "tpu"], "--device must be cuda[:N] or cpu"),
+    (["nonsense"], "invalid choice: 'nonsense'"),
+])
+def test_bad_arguments_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# ---- pytest-benchmark microbenchmarks (CPU sizes: Qwen2.5-0.5B widths, the kernels' PyTorch paths) ----
+
+def _cpu_case(kernel: str):
+    torch.manual_seed(0)
+    s = QWEN25_SHAPES["0.5B"]
+    if kernel == "rms_norm":
+        return (torch.randn(512, s["hidden"]), 1 + 0.1 * torch.randn(s["hidden"])), K.rms_norm, K.rms_norm_reference
+    if kernel == "swiglu":
+        return (torch.randn(256, s["intermediate"]), torch.randn(256, s["intermediate"])), K.swiglu, K.swiglu_reference
+    if kernel == "rope":
+        q, k = torch.randn(1, s["heads"], 256, s["head_dim"]), torch.randn(1, s["kv_heads"], 256, s["head_dim"])
+        angles = torch.randn(1, 256, s["head_dim"] // 2)
+        emb = torch.cat((angles, angles), -1)
+        return (q, k, emb.cos(), emb.sin()), K.apply_rope, K.apply_rope_reference
+    if kernel == "cross_entropy":
+        labels = torch.randint(0, s["vocab"], (16,))
+        return (torch.randn(16, s["vocab"]), labels), K.cross_entropy, K.cross_entropy_reference
+    # a 32K vocabulary keeps the lm_head (and its gradient) small enough for a microbenchmark
+    labels = torch.randint(0, 32768, (64,))
+    return ((torch.randn(64, s["hidden"]), 0.02 * torch.randn(32768, s["hidden"]), labels),
+            K.fused_linear_cross_entropy, K.fused_linear_cross_entropy_reference)
+
+
+@pytest.mark.parametrize("impl", ["s1fast", "eager"])
+@pytest.mark.parametrize("kernel", kbench.KERNELS)
+def test_microbenchmark_cpu_fwd_bwd(kernel, impl, benchmark, request):
+    inputs, ours, reference = _cpu_case(kernel)
+    leaves = [t.requires_grad_(True) for t in inputs if t.is_floating_point()]
+    if kernel == "rope":
+        leaves = leaves[:2]
+        for t in inputs[2:]:
+            t.requires_grad_(False)
+    fn = ours if impl == "s1fast" else reference
+
+    def fwd_bwd():
+        for t in leaves:
+            t.grad = None
+        out = fn(*inputs)
+        outs = list(out) if isinstance(out, tuple) else [out]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        return outs
+
+    benchmark.group = kernel
+    timed = request.config.getoption("benchmark_only")  # a normal test run calls the function once
+    with force_backend("torch"):
+        outs = benchmark.pedantic(fwd_bwd, rounds=10 if timed else 1, warmup_rounds=1 if timed else 0)
+    expected = reference(*[t.detach() for t in inputs])
+    expected = list(expected) if isinstance(expected, tuple) else [expected]
+    for got, want in zip(outs, expected):
+        # fp32 on both sides; the kernels' CPU paths reorder reductions: ~1e-5 relative
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-5)
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
