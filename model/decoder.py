@@ -315,8 +315,10 @@ class Decoder:
         if self.flash:
             seqlens = (torch.full((n,), start, device=self.device) if uniform else start).to(torch.int32)
         elif not uniform:
-            allowed = self._arange[:kv_len] <= qpos[:, :, None]  # [n, T, kv_len]
-            mask = allowed[:, None, :, None, :].expand(n, 1, T, G, kv_len).reshape(n, 1, T * G, kv_len)
+            # additive mask, built once per step for every layer: query (t, g) of row r sees keys <= qpos[r, t]
+            hidden = self._arange[:kv_len] > qpos[:, :, None]  # [n, T, kv_len]
+            mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
+            mask = mask[:, None, :, None, :].expand(n, 1, T, G, kv_len).reshape(n, 1, T * G, kv_len)  # T=1: a view
             rows = self._arange[:n, None]
         x = F.embedding(ids, self.embed)
         for i, w in enumerate(self.layers):

@@ -441,3 +441,21 @@ def test_cuda_graphs_match_eager_and_transformers():
     graphs = Decoder(model, cuda_graphs=True).generate(prompts, max_new_tokens=30, budget=bf)
     eager = Decoder(model, cuda_graphs=False).generate(prompts, max_new_tokens=30, budget=bf)
     assert graphs.tokens == eager.tokens
+
+
+def test_decode_bench_rows():
+    """bench/decode.py's measurements on a tiny plan: every impl timed, ratios and bandwidth shares filled."""
+    from s1fast.bench import decode
+
+    model = model_for()
+    dec = Decoder(model)
+    plan = dict(shape="tiny", dtype=torch.float64, contexts=(16,), batches=(1, 2), new_tokens=6, bf_prompt=8,
+                bf_thinking=40, reps=1)  # fmt: skip
+    rows = decode.throughput(model, dec, plan, "cpu", ["hf"], copy_gbps=10.0)
+    assert [(r["impl"], r["batch"]) for r in rows] == [("s1fast", 1), ("hf_dynamic", 1), ("s1fast", 2), ("hf_dynamic", 2)]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["speedup_vs_hf"] > 0
+        assert r["pct_of_bw_limit"] == pytest.approx(100 * r["tokens_per_s"] / r["bw_limit_tokens_per_s"])
+    bf = {r["impl"]: r for r in decode.budget_forcing(model, dec, plan, "cpu")}
+    assert set(bf) == {"plain", "in_loop", "s1_reprefill"} and bf["in_loop"]["forced_waits"] == 4
+    assert bf["s1_reprefill"]["in_loop_speedup"] > 0
