@@ -89,6 +89,24 @@ def check_same_device(fn: str, **tensors: torch.Tensor | None) -> None:
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """Activation dtypes the kernels accept (float64 runs the PyTorch path only, for references)."""
 
+TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+"""torch dtype -> Triton type name, for ``KernelSpec.signature`` pointers (``"*" + name``)."""
+
+
+def as_rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` viewed as ``[rows, width]`` with unit column stride (any row stride); copies only if it must."""
+    rows = t.reshape(-1, width)
+    return rows if rows.stride(1) == 1 else rows.contiguous()
+
+
+def spec_dtype(shape: dict) -> torch.dtype:
+    """The activation dtype of a ``kernel_specs`` shape dict: a torch dtype or its name ("bf16", "bfloat16")."""
+    dtype = shape.get("dtype", torch.bfloat16)
+    if isinstance(dtype, str):
+        names = {v: k for k, v in TRITON_DTYPES.items()}
+        dtype = names.get(dtype) or getattr(torch, dtype)
+    return dtype
+
 
 @dataclass(frozen=True)
 class KernelSpec:

@@ -37,11 +37,18 @@ import torch
 import triton
 import triton.language as tl
 
-from s1fast.kernels._common import FLOAT_DTYPES, KernelSpec, check_same_device, check_tensor, use_triton
+from s1fast.kernels._common import (
+    FLOAT_DTYPES,
+    TRITON_DTYPES,
+    KernelSpec,
+    check_same_device,
+    check_tensor,
+    spec_dtype,
+    use_triton,
+)
 
 _REDUCTIONS = ("mean", "sum", "none")
 _INT_DTYPES = (torch.int64, torch.int32)
-_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -254,16 +261,11 @@ def cross_entropy_reference(logits, labels, ignore_index=-100, reduction="mean",
 
 
 # ----------------------------------------------------------------------------------------- inspection
-def _dtype(shape: dict) -> torch.dtype:
-    d = shape.get("dtype", torch.bfloat16)
-    return getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(d, d)) if isinstance(d, str) else d
-
-
 def kernel_specs(shape: dict) -> list[KernelSpec]:
     """The cross-entropy kernel as launched for ``shape`` (keys ``vocab``, ``dtype``; one program per token
     row) in training: gradient written with the scalar mean/sum scale ("none" backward: ``PER_ROW_SCALE``)."""
     V = shape["vocab"]
-    t = _TRITON_TYPES[_dtype(shape)]
+    t = TRITON_DTYPES[spec_dtype(shape)]
     block, warps = _config(V)
     signature = {
         "logits_ptr": f"*{t}", "grad_ptr": f"*{t}", "labels_ptr": "*i64", "loss_ptr": "*fp32", "scale_ptr": "*fp32",

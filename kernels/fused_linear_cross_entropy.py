@@ -27,10 +27,9 @@ import dataclasses
 
 import torch
 
-from s1fast.kernels._common import FLOAT_DTYPES, check_same_device, check_tensor, use_triton
+from s1fast.kernels._common import FLOAT_DTYPES, check_same_device, check_tensor, spec_dtype, use_triton
 from s1fast.kernels.cross_entropy import (
     _INT_DTYPES,
-    _dtype,
     check_labels,
     check_options,
     cross_entropy_reference,
@@ -215,6 +214,6 @@ def fused_linear_cross_entropy_reference(
 
 def kernel_specs(shape: dict) -> list:
     """The cross-entropy kernel as this module launches it on each chunk (the GEMMs are cuBLAS)."""
-    rows = chunk_rows(shape["tokens"], shape["vocab"], _dtype(shape), True, DEFAULT_CHUNK_BUDGET_BYTES["cuda"])
+    rows = chunk_rows(shape["tokens"], shape["vocab"], spec_dtype(shape), True, DEFAULT_CHUNK_BUDGET_BYTES["cuda"])
     return [dataclasses.replace(s, name="fused_linear_cross_entropy." + s.name, config=f"{s.config} chunk={rows} rows")
             for s in _cross_entropy_specs(shape)]

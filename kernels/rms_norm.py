@@ -44,7 +44,16 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from s1fast.kernels._common import FLOAT_DTYPES, KernelSpec, check_same_device, check_tensor, use_triton
+from s1fast.kernels._common import (
+    FLOAT_DTYPES,
+    TRITON_DTYPES,
+    KernelSpec,
+    as_rows,
+    check_same_device,
+    check_tensor,
+    spec_dtype,
+    use_triton,
+)
 
 MAX_WIDTH = 65536
 """Widest row the Triton kernels take (a row is one register tile)."""
@@ -53,16 +62,6 @@ _TILE = 4096  # elements per program tile: ~16 per thread at the chosen warps, i
 _MAX_ROWS = 32  # rows per tile for narrow rows (a 64 x 64 fp32 tile makes sm_90 ptxas spill in the backward)
 _BWD_PROGRAMS_PER_SM = 2  # resident backward programs per SM; each adds one fp32 dw row to reduce
 _CPU_BWD_PROGRAMS = 4  # interpreter (tests): few programs, so the grid-stride loop runs several tiles
-
-TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-"""torch dtype -> Triton type name, for ``KernelSpec.signature`` pointers (``"*" + name``)."""
-
-
-def as_rows(t: torch.Tensor, width: int) -> torch.Tensor:
-    """``t`` viewed as ``[rows, width]`` with unit column stride (any row stride); copies only if it must."""
-    rows = t.reshape(-1, width)
-    return rows if rows.stride(1) == 1 else rows.contiguous()
-
 
 def _config(width: int) -> tuple[int, int, int]:
     """(BLOCK, ROWS, num_warps) for rows of ``width`` elements: one row = one power-of-two BLOCK."""
@@ -236,7 +235,7 @@ class RMSNorm(nn.Module):
 def kernel_specs(shape: dict) -> list[KernelSpec]:
     """The forward and backward kernels as the launchers run them on ``[shape["tokens"], shape["hidden"]]``
     activations of ``shape["dtype"]`` with a weight of the same dtype."""
-    width, t = shape["hidden"], TRITON_DTYPES[shape["dtype"]]
+    width, t = shape["hidden"], TRITON_DTYPES[spec_dtype(shape)]
     block, rows, num_warps = _config(width)
     constexprs = {"BLOCK": block, "ROWS": rows}
     config = f"BLOCK={block} ROWS={rows} warps={num_warps}"

@@ -49,11 +49,18 @@ import torch
 import triton
 import triton.language as tl
 
-from s1fast.kernels._common import FLOAT_DTYPES, KernelSpec, check_same_device, check_tensor, use_triton
+from s1fast.kernels._common import (
+    FLOAT_DTYPES,
+    TRITON_DTYPES,
+    KernelSpec,
+    check_same_device,
+    check_tensor,
+    spec_dtype,
+    use_triton,
+)
 
 _FN = "apply_rope"
 _ACCEPTED = FLOAT_DTYPES + (torch.float64,)
-_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -229,7 +236,7 @@ def apply_rope(
 
 def _triton_type(arg) -> str:
     if isinstance(arg, torch.Tensor):
-        return "*" + _TRITON_DTYPES[arg.dtype]
+        return "*" + TRITON_DTYPES[arg.dtype]
     return "i32" if -(2**31) <= arg < 2**31 else "i64"
 
 
@@ -242,9 +249,7 @@ def kernel_specs(shape: dict) -> list[KernelSpec]:
     arguments come from the launcher's own ``_launch_args`` on meta tensors. At Qwen shapes every pointer
     and every stride is a multiple of 16 bytes / elements (what Triton's JIT marks ``tt.divisibility=16``).
     """
-    dtype = shape.get("dtype", torch.bfloat16)
-    if isinstance(dtype, str):
-        dtype = {v: k for k, v in _TRITON_DTYPES.items()}.get(dtype) or getattr(torch, dtype)
+    dtype = spec_dtype(shape)
     hq, hk, d, n = shape["heads"], shape["kv_heads"], shape["head_dim"], shape["tokens"]
     meta = dict(device="meta", dtype=dtype)
     q = torch.empty(1, n, hq, d, **meta).transpose(1, 2)

@@ -26,8 +26,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from s1fast.kernels._common import FLOAT_DTYPES, KernelSpec, check_same_device, check_tensor, use_triton
-from s1fast.kernels.rms_norm import TRITON_DTYPES, as_rows
+from s1fast.kernels._common import (
+    FLOAT_DTYPES,
+    TRITON_DTYPES,
+    KernelSpec,
+    as_rows,
+    check_same_device,
+    check_tensor,
+    spec_dtype,
+    use_triton,
+)
 
 _MAX_BLOCK = 1024  # columns per tile; wide rows (intermediate 4864 - 27648) span several column blocks
 _TILE = 4096  # elements per program: 16 per thread at 8 warps, i.e. 2 x 128-bit loads per tensor in bf16
@@ -147,7 +155,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def kernel_specs(shape: dict) -> list[KernelSpec]:
     """The forward and backward kernels as the launchers run them on ``[shape["tokens"],
     shape["intermediate"]]`` gate/up activations of ``shape["dtype"]``."""
-    ptr = f"*{TRITON_DTYPES[shape['dtype']]}"
+    ptr = f"*{TRITON_DTYPES[spec_dtype(shape)]}"
     block, rows, num_warps = _config(shape["intermediate"])
     constexprs = {"BLOCK": block, "ROWS": rows}
     config = f"BLOCK={block} ROWS={rows} warps={num_warps}"
