@@ -228,6 +228,12 @@ class Decoder:
         self._rms = rms_norm if fused else rms_norm_reference
         self._rope = apply_rope if fused else apply_rope_reference
         self._swiglu = swiglu if fused else swiglu_reference
+        linears = [lm.lm_head] + [getattr(layer.self_attn, f"{x}_proj") for layer in core.layers for x in "qkvo"]
+        linears += [getattr(layer.mlp, f"{x}_proj") for layer in core.layers for x in ("gate", "up", "down")]
+        if not all(isinstance(m, torch.nn.Linear) for m in linears):
+            kinds = sorted({type(m).__name__ for m in linears if not isinstance(m, torch.nn.Linear)})
+            raise TypeError(f"Decoder: the projections must be plain nn.Linear, found {kinds} (merge adapters first, "
+                            "e.g. PEFT's merge_and_unload())")  # fmt: skip
         self.layers = []
         for layer in core.layers:
             att, mlp = layer.self_attn, layer.mlp
@@ -241,6 +247,9 @@ class Decoder:
             ))  # fmt: skip
         self.norm = core.norm.weight
         self.lm_head = lm.lm_head.weight
+        places = {(t.device, t.dtype) for t in self._weights()}
+        if len(places) > 1:
+            raise ValueError(f"Decoder: all weights must share one device and dtype, found {sorted(map(str, places))}")
         self._rotary = core.rotary_emb
 
         if attention not in ("auto", "sdpa", "flash"):
@@ -259,16 +268,18 @@ class Decoder:
 
     # --- memory ----------------------------------------------------------------------------------------
 
+    def _weights(self) -> list[torch.Tensor]:
+        layers = [t for layer in self.layers for t in vars(layer).values() if t is not None]
+        return [self.embed, self.norm, self.lm_head, *layers]
+
     def kv_bytes_per_token(self) -> int:
         return 2 * len(self.layers) * self.kv_heads * self.head_dim * self.embed.element_size()
 
     def memory(self) -> dict:
         """Bytes held: the model's weights the decoder reads (shared tensors once), the KV cache, the buffers
         (rotary table, step inputs, logits). CUDA graphs' private pools come on top on CUDA."""
-        params = {self.embed, self.norm, self.lm_head}
-        for layer in self.layers:
-            params.update(t for t in vars(layer).values() if t is not None)
-        weights = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in params}.values())
+        unique = {t.data_ptr(): t for t in self._weights()}.values()  # a tied lm_head once
+        weights = sum(t.numel() * t.element_size() for t in unique)
         kv = 0 if self._k is None else 2 * self._k.numel() * self._k.element_size()
         buffers = 0 if self._k is None else sum(
             t.numel() * t.element_size() for t in (self._cos, self._sin, self._ids, self._pos, self._arange, self._logits)

@@ -427,6 +427,14 @@ def test_decoder_rejects_bad_arguments():
         Decoder(model, attention="flash")
     with pytest.raises(TypeError, match="must be one of"):
         Decoder(torch.nn.Linear(2, 2))
+    wrapped = tiny_model("qwen2", dtype=torch.float64, layers=1)
+    wrapped.model.layers[0].mlp.up_proj = torch.nn.Sequential(wrapped.model.layers[0].mlp.up_proj)  # as adapters do
+    with pytest.raises(TypeError, match=r"plain nn.Linear, found \['Sequential'\].*merge_and_unload"):
+        Decoder(wrapped)
+    mixed = tiny_model("qwen2", dtype=torch.float64, layers=1)
+    mixed.model.norm.float()
+    with pytest.raises(ValueError, match="one device and dtype"):
+        Decoder(mixed)
 
 
 @pytest.mark.gpu
