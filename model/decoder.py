@@ -4,7 +4,7 @@
 ``s1fast.model.patch`` or not) through its own lean forward, without copying them: embedding, per layer RMSNorm,
 q/k/v projections (biases; Qwen3's q/k norms), rotary, grouped-query attention over a static KV cache,
 o_proj, RMSNorm, SwiGLU MLP; final norm; lm_head (tied or not). RMSNorm, rotary and SwiGLU are
-``s1fast.kernels`` (Triton on CUDA) for bf16/fp16/fp32 and the PyTorch references for fp64.
+``s1fast.kernels`` (Triton on CUDA; their PyTorch paths on CPU and for fp64).
 
 Design:
 - KV cache: one preallocated tensor for keys and one for values, ``[layers, rows, kv_heads, seq, head_dim]``
@@ -40,14 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from s1fast.kernels import (
-    apply_rope,
-    apply_rope_reference,
-    rms_norm,
-    rms_norm_reference,
-    swiglu,
-    swiglu_reference,
-)
+from s1fast.kernels import apply_rope, rms_norm, swiglu
 from s1fast.kernels._common import FLOAT_DTYPES
 from s1fast.model.budget import BudgetForcing, RowState
 from s1fast.model.patch import causal_lm
@@ -224,10 +217,6 @@ class Decoder:
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"Decoder: prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
         self.prefill_chunk = prefill_chunk
-        fused = self.dtype in FLOAT_DTYPES  # the kernels take bf16/fp16/fp32; fp64 runs the references
-        self._rms = rms_norm if fused else rms_norm_reference
-        self._rope = apply_rope if fused else apply_rope_reference
-        self._swiglu = swiglu if fused else swiglu_reference
         linears = [lm.lm_head] + [getattr(layer.self_attn, f"{x}_proj") for layer in core.layers for x in "qkvo"]
         linears += [getattr(layer.mlp, f"{x}_proj") for layer in core.layers for x in ("gate", "up", "down")]
         if not all(isinstance(m, torch.nn.Linear) for m in linears):
@@ -333,13 +322,13 @@ class Decoder:
             rows = self._arange[:n, None]
         x = F.embedding(ids, self.embed)
         for i, w in enumerate(self.layers):
-            h = self._rms(x, w.ln1, self.eps)
+            h = rms_norm(x, w.ln1, self.eps)
             q = F.linear(h, w.q, w.q_b).view(n, T, H, D)
             k = F.linear(h, w.k, w.k_b).view(n, T, Hkv, D)
             v = F.linear(h, w.v, w.v_b).view(n, T, Hkv, D)
             if w.q_norm is not None:
-                q, k = self._rms(q, w.q_norm, self.eps), self._rms(k, w.k_norm, self.eps)
-            q, k = self._rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [n, heads, T, D]
+                q, k = rms_norm(q, w.q_norm, self.eps), rms_norm(k, w.k_norm, self.eps)
+            q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [n, heads, T, D]
             kc, vc = self._k[i], self._v[i]
             if self.flash:
                 out = flash_attn_with_kvcache(
@@ -359,10 +348,10 @@ class Decoder:
                 out = F.scaled_dot_product_attention(qf, kc[:n, :, :kv_len], vc[:n, :, :kv_len], attn_mask=mask)
                 out = out.view(n, Hkv, T, G, D).permute(0, 2, 1, 3, 4)
             x = x + F.linear(out.reshape(n, T, H * D), w.o, w.o_b)
-            h = self._rms(x, w.ln2, self.eps)
-            x = x + F.linear(self._swiglu(F.linear(h, w.gate), F.linear(h, w.up)), w.down)
+            h = rms_norm(x, w.ln2, self.eps)
+            x = x + F.linear(swiglu(F.linear(h, w.gate), F.linear(h, w.up)), w.down)
         x = x[:, -1] if last is None else x[self._arange[:n], last]
-        return F.linear(self._rms(x, self.norm, self.eps), self.lm_head)
+        return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head)
 
     def _decode_body(self, n: int, kv_len: int) -> None:
         self._logits[:n] = self._forward(self._ids[:n], self._pos[:n], kv_len, None)
