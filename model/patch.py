@@ -23,6 +23,11 @@ behaviour, and ``unpatch`` deletes those attributes to restore the original code
   states first. Without labels, in eval mode, with a tensor ``logits_to_keep``, a custom ``loss_function``
   or a wrapped (e.g. LoRA) ``lm_head``, the class's own forward runs: logits come back as before and
   ``generate()`` works.
+
+Packed sequences (padding-free SFT): pass ``position_ids`` restarting at 0 per sequence, no attention mask,
+``use_cache=False`` (transformers 5 builds the block-diagonal mask from ``position_ids`` only when no KV cache
+is made, and in train mode ``use_cache`` still defaults to ``config.use_cache``), and label -100 on the first
+token of each sequence so no sequence predicts the next one's first token.
 """
 
 from __future__ import annotations

@@ -1,0 +1,193 @@
+"""Training-step benchmark: one forward + backward + AdamW step of random-initialised Qwen2.5-shaped models,
+transformers unpatched vs ``s1fast.model.patch`` vs Liger-Kernel.
+
+    python -m s1fast.bench.train [--device cuda] [--quick] [--peers liger] [--json]
+
+GPU: Qwen2.5-0.5B and 1.5B shapes (all layers, full vocabulary, tied embeddings) at 4K / 16K / 32K tokens per
+step (one packed row, as padding-free SFT feeds it), bf16 weights, gradient checkpointing on (as the s1 recipe
+trains, and without it 1.5B activations at 32K do not fit). Quick: 0.5B at 4K. CPU: 2 layers of 0.5B width
+with the full vocabulary, fp32, 1024 tokens (enough for the logits to matter next to the 545 MB tied
+embedding and its gradient), no checkpointing: the peak-memory ratio is what carries over to a GPU there, the
+CPU times much less so (quick: one timed step).
+
+Per row: ``median_ms`` of the whole step after warm-up (optimizer state already allocated), ``tokens_per_s``,
+``model_tflops`` and on CUDA ``mfu_pct`` (6 x matmul parameters x tokens plus causal attention, against the
+measured matmul ceiling; recomputation not counted), ``static_mib`` (parameters + AdamW state), ``step_peak_mib``
+(measured peak above that during one step: activations, logits, gradients; CUDA allocator counters, or the
+CPU allocator's events under torch.profiler), ``peak_mem_mib`` (their sum), and on the patched and Liger rows
+``speedup_vs_unpatched`` and ``peak_mem_vs_unpatched``. ``peers``: "liger" adds Liger-Kernel
+(``apply_liger_kernel_to_qwen2``, CUDA only, when installed); other peers do not apply here. Liger patches
+transformers' Qwen2 classes for the whole process, so its rows run last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from s1fast.bench.common import (
+    QWEN25_SHAPES,
+    default_device,
+    device_ceilings,
+    environment,
+    memory_profile,
+    synchronize,
+)
+from s1fast.bench.profiling import region
+from s1fast.model.patch import patch
+
+IMPLS = ("unpatched", "s1fast", "liger")
+
+
+def grid(device: str, quick: bool) -> list[dict]:
+    """The configurations to run: model shape name, layers, tokens per step, dtype, gradient checkpointing."""
+    if torch.device(device).type == "cuda":
+        models = [("0.5B", 4096)] if quick else [(m, t) for m in ("0.5B", "1.5B") for t in (4096, 16384, 32768)]
+        return [dict(model=m, layers=QWEN25_SHAPES[m]["layers"], tokens=t, dtype=torch.bfloat16, grad_ckpt=True)
+                for m, t in models]  # fmt: skip
+    return [dict(model="0.5B", layers=2, tokens=1024, dtype=torch.float32, grad_ckpt=False)]
+
+
+def build(model: str, layers: int, device: str, dtype: torch.dtype, grad_ckpt: bool) -> Qwen2ForCausalLM:
+    s = QWEN25_SHAPES[model]
+    config = Qwen2Config(
+        hidden_size=s["hidden"], intermediate_size=s["intermediate"], num_hidden_layers=layers,
+        num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], vocab_size=s["vocab"],
+        tie_word_embeddings=s["tied"], rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768,
+        attn_implementation="sdpa", use_cache=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device):
+        lm = Qwen2ForCausalLM(config).to(dtype).train()
+    if grad_ckpt:
+        lm.gradient_checkpointing_enable()
+    return lm
+
+
+def apply(impl: str, lm: Qwen2ForCausalLM) -> None:
+    if impl == "s1fast":
+        patch(lm)
+    elif impl == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+        apply_liger_kernel_to_qwen2(
+            rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True, model=lm
+        )
+
+
+def model_flops(model: str, layers: int, tokens: int) -> float:
+    """Forward + backward FLOPs of one step: 6 per matmul parameter per token, plus causal attention
+    (QK^T and PV over half the T x T square: 2 T^2 Hq D forward, times 3 with backward) per layer."""
+    s = QWEN25_SHAPES[model]
+    h, q, kv = s["hidden"], s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+    per_layer = h * q * 2 + h * kv * 2 + 3 * h * s["intermediate"]
+    return 6.0 * tokens * (layers * per_layer + h * s["vocab"]) + layers * 6.0 * tokens**2 * q
+
+
+def _static_bytes(lm: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    tensors = list(lm.parameters()) + [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def _liger_missing(device: str) -> str | None:
+    if torch.device(device).type != "cuda":
+        return "Liger-Kernel runs on CUDA only"
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError as e:
+        return f"liger-kernel not installed ({e}); pip install liger-kernel"
+    return None
+
+
+def measure_step(impl: str, cfg: dict, device: str, quick: bool) -> dict:
+    lm = build(cfg["model"], cfg["layers"], device, cfg["dtype"], cfg["grad_ckpt"])
+    apply(impl, lm)
+    # fused AdamW (transformers' Trainer default): no optimizer temporaries of the parameters' size, which on
+    # the CPU shape would otherwise hide the logits in the peak
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=1e-4, fused=True)
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, lm.config.vocab_size, (1, cfg["tokens"]), generator=g).to(device)
+    labels = input_ids.clone()
+    labels[:, : cfg["tokens"] // 10] = -100  # a prompt that is not trained, as in SFT
+
+    def step() -> None:
+        with region(f"train/{impl}/forward"):
+            loss = lm(input_ids=input_ids, labels=labels).loss
+        with region(f"train/{impl}/backward"):
+            loss.backward()
+        with region(f"train/{impl}/optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    try:
+        step()  # allocates the AdamW state: what follows is the steady state
+        static = _static_bytes(lm, opt)
+        peak = memory_profile(step, device=device)["peak_mib"]
+        times = []
+        for _ in range((1 if quick else 3) if torch.device(device).type == "cpu" else 5):
+            synchronize(device)
+            t0 = time.perf_counter()
+            step()
+            synchronize(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+    except torch.OutOfMemoryError:
+        return {"error": "out of memory"}
+    finally:
+        del lm, opt
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    ms = statistics.median(times)
+    tflops = model_flops(cfg["model"], cfg["layers"], cfg["tokens"]) / ms / 1e9
+    row = {"median_ms": ms, "tokens_per_s": cfg["tokens"] / ms * 1e3, "model_tflops": tflops}
+    if torch.device(device).type == "cuda":  # a shared CPU's matmul ceiling is too noisy to divide by
+        row["mfu_pct"] = 100 * tflops / device_ceilings(device, quick=quick)["matmul_tflops"]
+    return {**row, "static_mib": static / 2**20, "step_peak_mib": peak, "peak_mem_mib": static / 2**20 + peak}
+
+
+def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
+    impls = [i for i in IMPLS if i != "liger" or "liger" in peers]  # liger last: it patches classes globally
+    env = environment(device)
+    rows = []
+    for impl in impls:
+        skipped = _liger_missing(device) if impl == "liger" else None
+        for cfg in grid(device, quick):
+            row = {"bench": "train", "impl": impl, **cfg, "dtype": str(cfg["dtype"]).replace("torch.", "")}
+            row.update({"skipped": skipped} if skipped else measure_step(impl, cfg, device, quick))
+            rows.append({**row, **env})
+    base = {(r["model"], r["tokens"]): r for r in rows if r["impl"] == "unpatched" and "median_ms" in r}
+    for r in rows:
+        ref = base.get((r["model"], r["tokens"]))
+        if r["impl"] != "unpatched" and ref and "median_ms" in r:
+            r["speedup_vs_unpatched"] = ref["median_ms"] / r["median_ms"]
+            r["peak_mem_vs_unpatched"] = r["peak_mem_mib"] / ref["peak_mem_mib"]
+    return rows
+
+
+COLUMNS = ("impl", "model", "layers", "tokens", "dtype", "grad_ckpt", "median_ms", "tokens_per_s", "mfu_pct",
+           "peak_mem_mib", "step_peak_mib", "speedup_vs_unpatched", "peak_mem_vs_unpatched", "skipped", "error")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    from s1fast.bench.report import markdown_table
+
+    p = argparse.ArgumentParser(prog="python -m s1fast.bench.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=default_device(), help="cuda, cuda:N or cpu (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="one small configuration, few repetitions")
+    p.add_argument("--peers", default="liger", help="comma-separated; 'liger' adds Liger-Kernel (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    args = p.parse_args(argv)
+    rows = run(device=args.device, quick=args.quick, peers=[x for x in args.peers.split(",") if x])
+    print(json.dumps(rows, indent=1) if args.json else markdown_table(rows, COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
