@@ -160,7 +160,15 @@ def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
         skipped = _liger_missing(device) if impl == "liger" else None
         for cfg in grid(device, quick):
             row = {"bench": "train", "impl": impl, **cfg, "dtype": str(cfg["dtype"]).replace("torch.", "")}
-            row.update({"skipped": skipped} if skipped else measure_step(impl, cfg, device, quick))
+            if skipped:
+                row["skipped"] = skipped
+            else:
+                try:
+                    row.update(measure_step(impl, cfg, device, quick))
+                except Exception as e:  # a peer built for other transformers versions must not end the run
+                    if impl != "liger":
+                        raise
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
             rows.append({**row, **env})
     base = {(r["model"], r["tokens"]): r for r in rows if r["impl"] == "unpatched" and "median_ms" in r}
     for r in rows:

@@ -8,6 +8,7 @@ interpreter (conftest sets TRITON_INTERPRET=1 without a GPU).
 from __future__ import annotations
 
 import copy
+import importlib
 import types
 
 import pytest
@@ -16,9 +17,10 @@ from tiny_qwen import VOCAB, random_batch, tiny_model
 from torch import nn
 from transformers.models.qwen2 import modeling_qwen2
 
-import s1fast.model.patch as patch_module
 from s1fast.kernels import force_backend
 from s1fast.model.patch import load, patch, unpatch
+
+patch_module = importlib.import_module("s1fast.model.patch")  # the package exports the function `patch` too
 
 # fp32: patched and unpatched do the same math in fp32, in a different order (fused / chunked reductions), so
 # results differ by rounding: a few 1e-7 relative per op, a few 1e-6 after two layers forward and backward.
@@ -66,7 +68,7 @@ def assert_same_training(ref, patched, input_ids, labels, rel=FP32_REL, **kwargs
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "grad_ckpt"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no_ckpt", "grad_ckpt"])
 def test_loss_logits_and_every_grad_match_transformers_fp32(arch, tied, checkpointing):
     ref, patched = patched_pair(arch, tied=tied)
     if checkpointing:
@@ -97,13 +99,12 @@ def test_bf16_is_as_close_to_float64_as_transformers(arch):
     def rel_err(x, x64):
         return ((x.double() - x64).norm() / x64.norm()).item()
 
-    # bf16 keeps 8 bits: a relative error of a few 1e-3 is one rounding; 2e-3 floor for quantities where
-    # transformers happens to round luckily.
+    # bf16 keeps 8 bits: a relative error of a few 1e-3 is one rounding; the 2e-3 floor covers quantities where
+    # transformers happens to round luckily. Measured: both at 1e-2..3e-2 on gradients, ratio about 1.
     assert rel_err(out.loss, out64.loss) <= 2 * rel_err(out_ref.loss, out64.loss) + 2e-3
     for name in g64:
         ours, theirs = rel_err(g[name], g64[name]), rel_err(g_ref[name], g64[name])
         assert ours <= 2 * theirs + 2e-3, f"grad of {name}: bf16 error {ours:.3g} vs transformers' {theirs:.3g}"
-        assert ours < 0.05, f"grad of {name}: bf16 error {ours:.3g}"
 
 
 def test_every_module_runs_the_fused_kernels(monkeypatch):
@@ -297,12 +298,16 @@ def test_trainer_smoke(tmp_path):
             gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no",
             use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
         )  # fmt: skip
-        Trainer(model=model, args=args, train_dataset=rows).train()
-        return model
+        trainer = Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        losses = torch.tensor([log["loss"] for log in trainer.state.log_history if "loss" in log])
+        return losses, model.state_dict()
 
     ref, model = patched_pair("qwen2")
-    ref_state = train(ref, "ref").state_dict()
-    state = train(model, "patched").state_dict()
+    ref_losses, ref_state = train(ref, "ref")
+    losses, state = train(model, "patched")
+    assert len(ref_losses) == 2
+    assert_rel(losses, ref_losses, 1e-5, "logged losses")
     for name, p in state.items():
         assert_rel(p, ref_state[name], 1e-4, f"{name} after Trainer")
 
