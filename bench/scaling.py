@@ -4,7 +4,8 @@ For every point of a sweep (a maximum thinking budget and a number of forced "Wa
 JSONL / parquet / Hugging Face dataset is decoded with budget forcing in batches by one reused
 :class:`s1fast.model.Decoder`, the answer is extracted and graded (:mod:`s1fast.bench.grading`), and the point
 is written atomically to ``OUT/points/<point>.json``. A rerun with the same settings skips finished points, so
-a crashed or extended sweep only computes what is missing; different settings in the same ``OUT`` are refused.
+a crashed or extended sweep only computes what is missing; different settings in the same ``OUT`` are refused
+(the model is known by its path: evaluate new weights saved over old ones in a new ``OUT``).
 Then ``OUT/results.json``, ``OUT/results.md`` and ``OUT/scaling.png`` (accuracy against mean thinking tokens,
 log x axis) are rebuilt from every finished point.
 
@@ -190,6 +191,7 @@ def plot(points: list[dict], path: str, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     one_budget = len({p["max_thinking_tokens"] for p in points}) == 1
     groups: dict[str, list[dict]] = {}
@@ -206,7 +208,13 @@ def plot(points: list[dict], path: str, title: str) -> None:
             label = f"W{p['num_waits']}" if one_budget else (
                 "no cap" if p["max_thinking_tokens"] is None else str(p["max_thinking_tokens"]))
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xscale("log")
+    ax.set_xscale("log", base=2)  # ticks at powers of two, like s1's figure (512, 1K, 2K, ...)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}" if v < 1024 else f"{v / 1024:g}K"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.1)
+    accuracies = [100 * p["accuracy"] for p in points]
+    low, high = max(0.0, min(accuracies) - 5), min(100.0, max(accuracies) + 5)
+    ax.set_ylim(max(0.0, min(low, high - 10)), min(100.0, max(high, low + 10)))
     ax.set_xlabel("average thinking tokens")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=9)
@@ -265,7 +273,7 @@ class EvalConfig:
 def _check_settings(out: str, settings: dict) -> None:
     """Bind ``out`` to ``settings`` (run.json); refuse to mix points computed with different settings."""
     path = os.path.join(out, "run.json")
-    if os.path.exists(path):
+    if os.path.exists(path) and any(n.endswith(".json") for n in os.listdir(os.path.join(out, "points"))):
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
@@ -273,8 +281,7 @@ def _check_settings(out: str, settings: dict) -> None:
             details = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
             raise ValueError(f"out {out!r} holds points computed with other settings ({details}); "
                              "use a new --out directory")
-    else:
-        _write_atomic(path, json.dumps(settings, indent=2))
+    _write_atomic(path, json.dumps(settings, indent=2))
 
 
 def evaluate(cfg: EvalConfig) -> list[dict]:
@@ -296,9 +303,11 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         raise ValueError(f"dtype: expected 'auto' or one of {sorted(DTYPES)}, got {cfg.dtype!r}")
     problems = load_problems(cfg.problems, question_field=cfg.question_field, answer_field=cfg.answer_field,
                              limit=cfg.limit, split=cfg.split)
+    def where(name: str | None) -> str | None:  # local paths absolute, so a rerun from elsewhere matches
+        return os.path.abspath(name) if name is not None and os.path.exists(name) else name
+
     settings = {
-        "model": os.path.abspath(cfg.model) if os.path.exists(cfg.model) else cfg.model,
-        "tokenizer": cfg.tokenizer, "problems": cfg.problems,
+        "model": where(cfg.model), "tokenizer": where(cfg.tokenizer), "problems": where(cfg.problems),
         "problems_sha256": hashlib.sha256(json.dumps(problems, sort_keys=True).encode()).hexdigest(),
         "num_problems": len(problems), "max_new_tokens": cfg.max_new_tokens,
         "max_answer_tokens": cfg.max_answer_tokens, "temperature": cfg.temperature, "top_k": cfg.top_k,

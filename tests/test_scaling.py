@@ -36,10 +36,13 @@ def _save_model(path, *, eager_to_end: bool) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _cheap_cpu_runs():
+def _cheap_cpu_runs(request):
     """The fused kernels' PyTorch paths: through the Triton interpreter (conftest sets TRITON_INTERPRET=1 on CPU)
     every prefill of these runs would cost seconds; the kernels are checked by their own tests. One intra-op
     thread: the matrices here are tiny, and on a busy 2-core machine a second thread only waits (4x slower)."""
+    if request.node.get_closest_marker("gpu"):
+        yield
+        return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -138,6 +141,18 @@ def test_forced_waits_are_counted(tmp_path, problems):
         assert p["mean_forced_waits"] == p["num_waits"]
         assert p["mean_thinking_tokens"] == p["num_waits"] * wait_len
         assert p["budget_cut_fraction"] == 0.0 and p["accuracy"] == 0.0
+
+
+@pytest.mark.gpu
+def test_sweep_on_cuda_bf16(random_model, problems, tmp_path):
+    out = tmp_path / "run"
+    assert scaling.main(_args(random_model, problems, out, "--budgets", "3", "7", "--waits", "0", "1",
+                              "--device", "cuda", "--dtype", "bfloat16")) == 0
+    results = _read(out)
+    assert results["settings"]["dtype"] == "bfloat16" and len(results["points"]) == 4
+    for p in results["points"]:
+        with open(out / "points" / f"budget-{p['max_thinking_tokens']}_waits-{p['num_waits']}.json") as f:
+            assert all(r["thinking_tokens"] <= p["max_thinking_tokens"] for r in json.load(f)["records"])
 
 
 def test_problems_validation(tmp_path):
