@@ -184,3 +184,15 @@ def test_tokenizer_without_delimiters_is_rejected():
     plain = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", name_or_path="plain-chars")
     with pytest.raises(ValueError, match=r"tokenizer 'plain-chars' has no single token for '<\|im_start\|>'"):
         tokenize_example(RECORD, plain)
+
+
+def test_dataset_name_needs_datasets_or_loads_it():
+    """A Hugging Face name goes to `datasets` (not installed here: a clear error saying what to install)."""
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("datasets is installed; loading by name needs the network")
+    with pytest.raises(ImportError, match="simplescaling/s1K.*pip install datasets"):
+        read_records("simplescaling/s1K")
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face dataset name"):
+        read_records("no/such/file.jsonl")

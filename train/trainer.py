@@ -388,6 +388,8 @@ class Trainer:
         if os.path.isfile(rng):
             _set_rng_state(torch.load(rng, weights_only=False))
         self.step = state["step"]
+        if self.rank == 0:
+            _truncate_log(self.config.output_dir, self.step)
 
     def save_model(self, path: str | None = None, dtype: torch.dtype | None = None) -> str:
         """Gather the full weights and ``save_pretrained`` them (in ``dtype``, default the compute dtype) with the
@@ -412,6 +414,25 @@ class Trainer:
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's full value (FSDP2's grad norm is one), else the tensor."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _truncate_log(output_dir: str, step: int) -> None:
+    """Keep the log lines of steps up to ``step`` (those after it are about to be run again; a line cut short by
+    a kill is dropped), so that a resumed run's log reads like an uninterrupted one."""
+    path = os.path.join(output_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 def _fsync_dir(path: str) -> None:
