@@ -3,11 +3,11 @@
 ``extract_answer(text)`` takes the content of the last ``\\boxed{...}`` (or ``\\fbox``) of a model's output,
 nested braces included, else the text after the last "Answer:" / "Final Answer:" / "the answer is".
 ``is_equiv(prediction, reference)`` compares two answers: exact match after ``normalize``, numbers compared
-as exact fractions (so ``042`` = ``42`` and ``0.5`` = ``\\frac{1}{2}``), tuples element by element, then
-symbolic equivalence with sympy when it is installed. LaTeX is turned into sympy expressions here (fractions,
-roots, powers, pi, products): sympy's own LaTeX parser needs a pinned antlr runtime. Grading never raises on
-a malformed answer, and sympy work runs under a time limit with exponents bounded, so an adversarial answer
-(``9^{9^{9^9}}``) costs at most that limit.
+as exact fractions (so ``042`` = ``42`` and ``0.5`` = ``\\frac{1}{2}``), tuples and intervals element by
+element, bare comma-separated lists in any order, then symbolic equivalence with sympy when it is installed.
+LaTeX is turned into sympy expressions here (fractions, roots, powers, pi, products): sympy's own LaTeX
+parser needs a pinned antlr runtime. Grading never raises on a malformed answer, and sympy work runs under a
+time limit with exponents bounded, so an adversarial answer (``9^{9^{9^9}}``) costs at most that limit.
 """
 
 from __future__ import annotations
@@ -139,19 +139,20 @@ def normalize(answer: str) -> str:
     removed from numbers; all whitespace removed."""
     s = _strip_math(str(answer))
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![A-Za-z])|\\displaystyle", "", s)
-    s = re.sub(r"\\[,!;: ]|~", "", s)
+    s = re.sub(r"(?<!\\)\\[,!;: ]|~", "", s)  # spacing commands, not the `\\` row break
     s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°", "", s)
     s = re.sub(r"\\?[%$]", "", s)
     s = s.replace("{,}", ",")
     # a unit: a \text{...} (maybe squared) after a quantity; a lone \text{...} is the answer itself
     s = re.sub(r"(?<=[\d}).])\s*" + _UNIT_WRAPPERS + r"\{[^{}]*\}(?:\^\{?\d\}?)?\s*$", "", s)
-    s = re.sub(_UNIT_WRAPPERS + r"\{([^{}]*)\}|\\text(?:bf|it)\{([^{}]*)\}", lambda m: m.group(1) or m.group(2) or "", s)
+    s = re.sub(r"(?:" + _UNIT_WRAPPERS + r"|\\text(?:bf|it))\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])", "\\1\0", s)  # `\pi r` must not become `\pir`
     s = re.sub(r"\s+", "", s).replace("\0", " ").rstrip(".")
     s = _brace_args(_brace_args(s, "\\frac", 2), "\\sqrt", 1)
     if s.count("=") == 1 and re.match(r"^[A-Za-z]=", s):
         s = s[2:]
+    s = re.sub(r"^[A-Za-z]\\in(?![A-Za-z])", "", s)
     if re.fullmatch(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
         s = s.replace(",", "")
     if re.fullmatch(r"[-+]?\d+\.0+", s):
@@ -367,10 +368,19 @@ def is_equiv(prediction: str | None, reference: str | int | float, *, sympy_time
     if na is not None and nb is not None:
         return na == nb
     ea, eb = _elements(a), _elements(b)
-    if ea is not None or eb is not None:
-        return (ea is not None and eb is not None and ea[0] == eb[0] and len(ea[1]) == len(eb[1])
-                and all(is_equiv(x, y, sympy_timeout=sympy_timeout) for x, y in zip(ea[1], eb[1])))
-    return _sympy_equal(a, b, sympy_timeout)
+    if ea is None and eb is None:
+        return _sympy_equal(a, b, sympy_timeout)
+    if ea is None or eb is None or ea[0] != eb[0] or len(ea[1]) != len(eb[1]):
+        return False
+    if ea[0]:  # a tuple or an interval: element by element
+        return all(is_equiv(x, y, sympy_timeout=sympy_timeout) for x, y in zip(ea[1], eb[1]))
+    unmatched = list(eb[1])  # a bare list ("all solutions, separated by commas"): in any order
+    for x in ea[1]:
+        match = next((y for y in unmatched if is_equiv(x, y, sympy_timeout=sympy_timeout)), None)
+        if match is None:
+            return False
+        unmatched.remove(match)
+    return True
 
 
 def grade(output: str, reference: str | int | float) -> tuple[str | None, bool]:

@@ -108,8 +108,8 @@ def load_tokenizer(model: str, tokenizer: str | None = None):
     from transformers import AutoTokenizer
 
     if tokenizer is None:
-        own = not os.path.isdir(model) or any(
-            os.path.exists(os.path.join(model, name)) for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+        files = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+        own = not os.path.isdir(model) or any(os.path.exists(os.path.join(model, name)) for name in files)
         tokenizer = model if own else qwen_tokenizer_path()
     tok = AutoTokenizer.from_pretrained(tokenizer)
     check_tokenizer(tok)
@@ -298,7 +298,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
                          f"{cfg.max_new_tokens!r} and {cfg.max_answer_tokens!r}")
     points = sweep(cfg.budgets, cfg.waits)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    dtype_name = ("bfloat16" if torch.device(device).type == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype
+    dtype_name = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if torch.device(device).type == "cuda" else "float32"
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype: expected 'auto' or one of {sorted(DTYPES)}, got {cfg.dtype!r}")
     problems = load_problems(cfg.problems, question_field=cfg.question_field, answer_field=cfg.answer_field,

@@ -79,6 +79,10 @@ EQUIVALENT = [
     (r"6 \cdot 7", "42"),
     (r"\frac{9\pi}{2}", r"4.5\pi"),
     (r"(\frac{1}{2}, 2\sqrt{2})", r"(0.5,\sqrt{8})"),
+    ("3, 5", "5, 3"),  # "enter all the solutions, separated by commas": any order
+    (r"\frac{1}{2}, -\sqrt{2}", r"-\sqrt2,0.5"),
+    (r"x \in [-2, 7]", "[-2,7]"),
+    (r"\begin{pmatrix} 1 \\ -2 \end{pmatrix}", r"\begin{pmatrix}1\\-2\end{pmatrix}"),  # `\\` is no spacing
 ]
 
 
@@ -102,6 +106,9 @@ DIFFERENT = [
     (r"(1,2)", r"(2,1)"),
     (r"(1,2)", r"[1,2]"),  # open and closed intervals differ
     (r"(1,2)", r"(1,2,3)"),
+    ("3, 5", "5, 5"),  # in any order, but each element once
+    ("3,5,5", "5,3,3"),
+    (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\begin{pmatrix} 12 \end{pmatrix}"),
     (r"\text{(B)}", "(C)"),
     (r"10\pi", "10"),
     (r"\pi", "3.14159"),
