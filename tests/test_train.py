@@ -119,11 +119,13 @@ def test_packed_loss_and_grads_equal_examples_run_apart(patched):
 
 
 def test_global_batch_loss_independent_of_split(tmp_path):
-    """The same step with one packed row, rows of 64 tokens, or one example per row: same loss, same weights."""
+    """The same step with one packed row, rows of 64 tokens, one example per row, or gradient checkpointing:
+    same loss, same weights."""
     dataset = train_worker.synthetic_dataset(8)
     results = []
-    for i, (tokens, pack) in enumerate([(4096, True), (64, True), (4096, False)]):
-        cfg = train_worker.config(str(tmp_path / str(i)), global_batch=8, micro_batch_tokens=tokens, pack=pack, max_steps=1)
+    for i, (tokens, pack, ckpt) in enumerate([(4096, True, False), (64, True, False), (4096, False, False), (64, True, True)]):
+        cfg = train_worker.config(str(tmp_path / str(i)), global_batch=8, micro_batch_tokens=tokens, pack=pack,
+                                  gradient_checkpointing=ckpt, max_steps=1)
         trainer = Trainer(train_worker.tiny_model(), dataset, cfg, device=CPU)
         examples = [dataset.examples[j] for j in trainer.batch_positions(0)]
         loss, _ = trainer.train_step(examples)

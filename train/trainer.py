@@ -230,7 +230,11 @@ class Trainer:
         lm = causal_lm(model)
         lm.config.use_cache = False
         if config.gradient_checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
+                lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         param_dtype = getattr(torch, config.param_dtype)
         self.model = shard_model(
             model, param_dtype=None if param_dtype == torch.float32 else param_dtype, reduce_dtype=torch.float32,
