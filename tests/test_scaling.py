@@ -143,6 +143,41 @@ def test_forced_waits_are_counted(tmp_path, problems):
         assert p["budget_cut_fraction"] == 0.0 and p["accuracy"] == 0.0
 
 
+def test_accuracy_counts_graded_answers(random_model, problems, tmp_path, monkeypatch):
+    """The random model never answers right, so the decoded rows are rewritten before grading: problem 0 answers
+    in its answer text, 1 answers wrong, 2 never ends thinking but boxed the answer in its thinking (graded on
+    the whole output), 3 boxed the answer in its thinking but answered wrong after it, 4 keeps the model's
+    output. Accuracy must be 2/5 with the right answers extracted."""
+    with open(problems) as f:
+        references = [json.loads(line)["answer"] for line in f]
+    decode, seen = scaling.decode_batch, []
+
+    def scripted(*args, **kwargs):
+        rows = decode(*args, **kwargs)
+        for row in rows:
+            i = len(seen)
+            seen.append(i)
+            if i == 0:
+                row["answer_text"] = f"\nFinal Answer: The answer is $\\boxed{{{references[0]}}}$."
+            elif i == 1:
+                row["answer_text"] = "\nFinal Answer: 999"
+            elif i == 2:
+                row["answer_text"], row["output"] = None, f"so it is \\boxed{{{references[2]}}} and"
+            elif i == 3:
+                row["answer_text"], row["output"] = "\nFinal Answer: 1000", f"\\boxed{{{references[3]}}}"
+        return rows
+
+    monkeypatch.setattr(scaling, "decode_batch", scripted)
+    out = tmp_path / "run"
+    assert scaling.main(_args(random_model, problems, out, "--budgets", "2")) == 0
+    (point,) = _read(out)["points"]
+    assert point["accuracy"] == pytest.approx(2 / 5) and point["correct"] == 2
+    with open(out / "points" / "budget-2_waits-0.json") as f:
+        records = json.load(f)["records"]
+    assert [r["correct"] for r in records] == [True, False, True, False, False]
+    assert [r["extracted"] for r in records[:4]] == [references[0], "999", references[2], "1000"]
+
+
 @pytest.mark.gpu
 def test_sweep_on_cuda_bf16(random_model, problems, tmp_path):
     out = tmp_path / "run"
