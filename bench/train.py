@@ -8,7 +8,7 @@ step (one packed row, as padding-free SFT feeds it), bf16 weights, gradient chec
 trains, and without it 1.5B activations at 32K do not fit). Quick: 0.5B at 4K. CPU: 2 layers of 0.5B width
 with the full vocabulary, fp32, 1024 tokens (enough for the logits to matter next to the 545 MB tied
 embedding and its gradient), no checkpointing: the peak-memory ratio is what carries over to a GPU there, the
-CPU times much less so (quick: one timed step).
+CPU times much less so (quick: 1 layer, 512 tokens, one timed step).
 
 Per row: ``median_ms`` of the whole step after warm-up (optimizer state already allocated), ``tokens_per_s``,
 ``model_tflops`` and on CUDA ``mfu_pct`` (6 x matmul parameters x tokens plus causal attention, against the
@@ -51,7 +51,8 @@ def grid(device: str, quick: bool) -> list[dict]:
         models = [("0.5B", 4096)] if quick else [(m, t) for m in ("0.5B", "1.5B") for t in (4096, 16384, 32768)]
         return [dict(model=m, layers=QWEN25_SHAPES[m]["layers"], tokens=t, dtype=torch.bfloat16, grad_ckpt=True)
                 for m, t in models]  # fmt: skip
-    return [dict(model="0.5B", layers=2, tokens=1024, dtype=torch.float32, grad_ckpt=False)]
+    layers, tokens = (1, 512) if quick else (2, 1024)
+    return [dict(model="0.5B", layers=layers, tokens=tokens, dtype=torch.float32, grad_ckpt=False)]
 
 
 def build(model: str, layers: int, device: str, dtype: torch.dtype, grad_ckpt: bool) -> Qwen2ForCausalLM:
