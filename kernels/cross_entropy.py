@@ -37,15 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from s1fast.kernels._common import (
-    FLOAT_DTYPES,
-    TRITON_DTYPES,
-    KernelSpec,
-    check_same_device,
-    check_tensor,
-    spec_dtype,
-    use_triton,
-)
+from s1fast.kernels._common import FLOAT_DTYPES, TRITON_DTYPES, KernelSpec
+from s1fast.kernels._common import check_same_device, check_tensor, spec_dtype, use_triton
 
 _REDUCTIONS = ("mean", "sum", "none")
 _INT_DTYPES = (torch.int64, torch.int32)

@@ -44,16 +44,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from s1fast.kernels._common import (
-    FLOAT_DTYPES,
-    TRITON_DTYPES,
-    KernelSpec,
-    as_rows,
-    check_same_device,
-    check_tensor,
-    spec_dtype,
-    use_triton,
-)
+from s1fast.kernels._common import FLOAT_DTYPES, TRITON_DTYPES, KernelSpec, as_rows
+from s1fast.kernels._common import check_same_device, check_tensor, spec_dtype, use_triton
 
 MAX_WIDTH = 65536
 """Widest row the Triton kernels take (a row is one register tile)."""

@@ -26,16 +26,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from s1fast.kernels._common import (
-    FLOAT_DTYPES,
-    TRITON_DTYPES,
-    KernelSpec,
-    as_rows,
-    check_same_device,
-    check_tensor,
-    spec_dtype,
-    use_triton,
-)
+from s1fast.kernels._common import FLOAT_DTYPES, TRITON_DTYPES, KernelSpec, as_rows
+from s1fast.kernels._common import check_same_device, check_tensor, spec_dtype, use_triton
 
 _MAX_BLOCK = 1024  # columns per tile; wide rows (intermediate 4864 - 27648) span several column blocks
 _TILE = 4096  # elements per program: 16 per thread at 8 warps, i.e. 2 x 128-bit loads per tensor in bf16

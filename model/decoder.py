@@ -98,6 +98,16 @@ class RowResult:
     answer: str | None = None
 
 
+class _PerRow:
+    """``result.<name>``: the list of ``rows[i].<name>`` over the prompts."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else [getattr(row, self.name) for row in obj.rows]
+
+
 @dataclass
 class GenerationResult:
     rows: list[RowResult]
@@ -107,49 +117,18 @@ class GenerationResult:
     steps: int  # forward passes after the prefill
     memory: dict = field(default_factory=dict)
 
-    @property
-    def tokens(self) -> list[list[int]]:
-        return [r.tokens for r in self.rows]
-
-    @property
-    def thinking_tokens(self) -> list[int]:
-        return [r.thinking_tokens for r in self.rows]
-
-    @property
-    def forced_waits(self) -> list[int]:
-        return [r.forced_waits for r in self.rows]
-
-    @property
-    def budget_cut(self) -> list[bool]:
-        return [r.budget_cut for r in self.rows]
-
-    @property
-    def thinking_ended(self) -> list[bool]:
-        return [r.thinking_ended for r in self.rows]
-
-    @property
-    def think_end(self) -> list[int]:
-        return [r.think_end for r in self.rows]
-
-    @property
-    def answer_start(self) -> list[int]:
-        return [r.answer_start for r in self.rows]
-
-    @property
-    def finish_reason(self) -> list[str]:
-        return [r.finish_reason for r in self.rows]
-
-    @property
-    def text(self) -> list[str | None]:
-        return [r.text for r in self.rows]
-
-    @property
-    def thinking(self) -> list[str | None]:
-        return [r.thinking for r in self.rows]
-
-    @property
-    def answer(self) -> list[str | None]:
-        return [r.answer for r in self.rows]
+    # per-prompt lists, one entry per row: result.tokens[i] is rows[i].tokens
+    tokens = _PerRow()
+    thinking_tokens = _PerRow()
+    forced_waits = _PerRow()
+    budget_cut = _PerRow()
+    thinking_ended = _PerRow()
+    think_end = _PerRow()
+    answer_start = _PerRow()
+    finish_reason = _PerRow()
+    text = _PerRow()
+    thinking = _PerRow()
+    answer = _PerRow()
 
     @property
     def decode_tokens_per_s(self) -> float:

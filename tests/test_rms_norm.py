@@ -13,7 +13,6 @@ The PyTorch path runs exactly Qwen2RMSNorm's operations, so against transformers
 """
 
 import importlib
-import inspect
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from s1fast.bench.common import QWEN25_SHAPES
 from s1fast.kernels import RMSNorm, force_backend, rms_norm, rms_norm_reference
+from spec_checks import assert_spec_matches_kernel
 
 rms_module = importlib.import_module("s1fast.kernels.rms_norm")  # the package attribute is the function
 BACKENDS = ["triton", "torch"]
@@ -202,11 +202,7 @@ def test_kernel_specs_describe_the_launched_kernels():
         assert [s.name for s in specs] == ["rms_norm_fwd", "rms_norm_bwd"]
         for spec in specs:
             assert spec.fn in kernels  # a JITFunction (an InterpretedFunction under TRITON_INTERPRET=1)
-            params = inspect.signature(spec.fn.fn).parameters.values()
-            runtime = [p.name for p in params if "constexpr" not in str(p.annotation)]
-            constexpr = [p.name for p in params if "constexpr" in str(p.annotation)]
-            assert list(spec.signature) == runtime
-            assert sorted(spec.constexprs) == sorted(constexpr)
+            assert_spec_matches_kernel(spec)
             assert set(spec.signature.values()) <= {"*bf16", "*fp32", "i32", "fp32"}
             block, rows, warps = rms_module._config(dims["hidden"])
             assert spec.constexprs == {"BLOCK": block, "ROWS": rows} and spec.num_warps == warps

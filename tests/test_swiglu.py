@@ -11,7 +11,6 @@ The PyTorch path runs exactly Qwen2MLP's ``act_fn(gate) * up``, so against trans
 """
 
 import importlib
-import inspect
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
 from s1fast.bench.common import QWEN25_SHAPES
 from s1fast.kernels import force_backend, swiglu, swiglu_reference
+from spec_checks import assert_spec_matches_kernel
 
 swiglu_module = importlib.import_module("s1fast.kernels.swiglu")  # the package attribute is the function
 BACKENDS = ["triton", "torch"]
@@ -205,11 +205,7 @@ def test_kernel_specs_describe_the_launched_kernels():
         assert [s.name for s in specs] == ["swiglu_fwd", "swiglu_bwd"]
         for spec in specs:
             assert spec.fn in kernels  # a JITFunction (an InterpretedFunction under TRITON_INTERPRET=1)
-            params = inspect.signature(spec.fn.fn).parameters.values()
-            runtime = [p.name for p in params if "constexpr" not in str(p.annotation)]
-            constexpr = [p.name for p in params if "constexpr" in str(p.annotation)]
-            assert list(spec.signature) == runtime
-            assert sorted(spec.constexprs) == sorted(constexpr)
+            assert_spec_matches_kernel(spec)
             assert set(spec.signature.values()) <= {"*bf16", "i32"}
             block, rows, warps = swiglu_module._config(dims["intermediate"])
             assert spec.constexprs == {"BLOCK": block, "ROWS": rows} and spec.num_warps == warps
