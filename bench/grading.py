@@ -28,6 +28,7 @@ _MAX_EXPONENT = 1000
 # ---------------------------------------------------------------------------------------------- extraction
 
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]")
 _ANSWER_PREFIX = re.compile(r"(?:the\s+)?(?:final\s+)?answer\s*(?::|is\b)\s*", re.IGNORECASE)
 
 
@@ -93,6 +94,9 @@ def extract_answer(text: str) -> str | None:
             rest = next((line.strip() for line in lines[n + 1 :] if line.strip()), "")
         while (m := _ANSWER_PREFIX.match(rest)) is not None:  # "Final Answer: The final answer is 5"
             rest = rest[m.end() :]
+        # "The final answer is $5$. I hope it is correct.": the leading math span is the answer
+        if span := _MATH_SPAN.match(rest.strip()):
+            return next(g for g in span.groups() if g is not None).strip() or None
         rest = _strip_math(rest.strip().rstrip("."))
         return _strip_math(rest.rstrip(".")) or None
     return None
@@ -191,9 +195,11 @@ def _split_top_level(s: str) -> list[str]:
 
 
 def _elements(s: str) -> tuple[str, list[str]] | None:
-    """``(a,b)`` / ``[a,b)`` / ``a,b`` as its brackets and elements; None for a single expression."""
+    """``(a,b)`` / ``[a,b)`` / ``a,b`` / ``\\{a,b\\}`` as its brackets and elements; None for a single expression."""
     brackets = ""
-    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _split_top_level(s[1:-1])[1:]:
+    if s.startswith("\\{") and s.endswith("\\}"):  # a set: its elements in any order, like a bare list
+        s = s[2:-2]
+    elif len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _split_top_level(s[1:-1])[1:]:
         brackets, s = s[0] + s[-1], s[1:-1]
     parts = _split_top_level(s)
     return (brackets, parts) if len(parts) > 1 else None

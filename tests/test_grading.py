@@ -23,6 +23,8 @@ EXTRACTION = [
     ("Answer:\n  $42$.\n", "42"),
     ("**Final Answer:** **113**", "113"),
     ("the answer is 9.", "9"),
+    ("Final Answer: The final answer is $5$. I hope it is correct.", "5"),  # Minerva's format
+    (r"Final Answer: \(x = -2\), as checked above.", "x = -2"),
     ("I am not sure about this one.", None),
     ("", None),
 ]
@@ -82,6 +84,7 @@ EQUIVALENT = [
     ("3, 5", "5, 3"),  # "enter all the solutions, separated by commas": any order
     (r"\frac{1}{2}, -\sqrt{2}", r"-\sqrt2,0.5"),
     (r"x \in [-2, 7]", "[-2,7]"),
+    (r"\{-1, \frac{1}{2}\}", r"\frac12, -1"),  # a set: its elements in any order
     (r"\begin{pmatrix} 1 \\ -2 \end{pmatrix}", r"\begin{pmatrix}1\\-2\end{pmatrix}"),  # `\\` is no spacing
 ]
 
@@ -108,6 +111,7 @@ DIFFERENT = [
     (r"(1,2)", r"(1,2,3)"),
     ("3, 5", "5, 5"),  # in any order, but each element once
     ("3,5,5", "5,3,3"),
+    (r"\{1, 2\}", r"\{1, 3\}"),
     (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\begin{pmatrix} 12 \end{pmatrix}"),
     (r"\text{(B)}", "(C)"),
     (r"10\pi", "10"),
