@@ -5,6 +5,7 @@ plain-PyTorch reference of the same function (``*_reference``). See ``_common`` 
 """
 
 from s1fast.kernels._common import force_backend, interpreting
+from s1fast.kernels.decode_attention import decode_attention, decode_attention_reference
 from s1fast.kernels.cross_entropy import cross_entropy, cross_entropy_reference
 from s1fast.kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
@@ -20,6 +21,8 @@ __all__ = [
     "apply_rope_reference",
     "cross_entropy",
     "cross_entropy_reference",
+    "decode_attention",
+    "decode_attention_reference",
     "force_backend",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_reference",
