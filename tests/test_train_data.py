@@ -170,6 +170,8 @@ def test_bad_input_errors_name_the_problem(tmp_path, tokenizer):
         read_records(__file__)  # an existing .py file
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_records(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(FileNotFoundError, match="no such file"):  # owner/name-shaped, but a file name
+        read_records("data/missing.jsonl")
     with pytest.raises(ValueError, match="block_size must be >= 1"):
         load_dataset(None, tokenizer, block_size=0)
 

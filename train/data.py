@@ -121,7 +121,8 @@ def read_records(source: str | None = None, *, split: str = "train") -> list[dic
                 raise ValueError(f"{source}: expected a JSON list of records, got {type(rows).__name__}")
             return rows
         raise ValueError(f"data {source!r}: expected a .parquet, .jsonl or .json file")
-    if source.count("/") != 1 or source.startswith((".", "/")):
+    looks_like_file = os.path.splitext(source)[1].lower() in (".parquet", ".jsonl", ".json")
+    if looks_like_file or source.count("/") != 1 or source.startswith((".", "/")):
         raise FileNotFoundError(f"data {source!r}: no such file, and not a Hugging Face dataset name (owner/name)")
     try:
         import datasets
