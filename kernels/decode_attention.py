@@ -155,7 +155,7 @@ def _decode_combine_kernel(
         acc = acc * alpha + tl.sum(w[:, None] * a, 0)
         m_all = m_new
 
-    out = tl.where(l_all > 0, acc / l_all, 0.0)
+    out = acc / tl.where(l_all > 0, l_all, 1.0)  # no chunk used (length 0): acc is 0, so is the output
     tl.store(out_ptr + b * s_ob + h * s_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
@@ -167,7 +167,7 @@ def _config(rows: int, kv_heads: int, bound: int, head_dim: int, dtype: torch.dt
     """
     elem = torch.empty((), dtype=dtype).element_size()
     block_n = max(16, min(64, _TILE_BYTES // (head_dim * elem)))
-    wanted = max(1, -(-_TARGET_PROGRAMS // (rows * kv_heads)))
+    wanted = max(1, -(-_TARGET_PROGRAMS // max(1, rows * kv_heads)))
     chunk = max(1, -(-bound // wanted))
     chunk = -(-chunk // block_n) * block_n
     splits = max(1, -(-bound // chunk))
@@ -192,19 +192,20 @@ def _combine_args(m, l, acc, lengths, out, S, cfg) -> list:
     return [m, l, acc, lengths, out, S, cfg["chunk"], cfg["splits"], *out.stride()[:2]]
 
 
-def _partials(B: int, Hq: int, D: int, splits: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _buffers(B: int, Hq: int, D: int, splits: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
+    """Uninitialised pass-1 partials (fp32 m, l ``[B, Hq, splits]``, acc ``[B, Hq, splits, D]``) and the output."""
     f32 = dict(dtype=torch.float32, device=device)
-    return torch.empty(B, Hq, splits, **f32), torch.empty(B, Hq, splits, **f32), torch.empty(B, Hq, splits, D, **f32)
+    m, l, acc = torch.empty(B, Hq, splits, **f32), torch.empty(B, Hq, splits, **f32), torch.empty(B, Hq, splits, D, **f32)
+    return m, l, acc, torch.empty(B, Hq, D, dtype=dtype, device=device)
 
 
 def _launch(q, k, v, lengths, scale: float) -> torch.Tensor:
     B, Hq, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    cfg = _config(B, Hkv, max(S, 1), D, q.dtype)
+    m, l, acc, out = _buffers(B, Hq, D, cfg["splits"], q.dtype, q.device)
     if B == 0 or Hq == 0:
         return out
-    cfg = _config(B, Hkv, max(S, 1), D, q.dtype)
-    m, l, acc = _partials(B, Hq, D, cfg["splits"], q.device)
     G = Hq // Hkv
     _decode_split_kernel[(cfg["splits"], Hkv, B)](
         *_split_args(q, k, v, lengths, m, l, acc, scale * _LOG2E, cfg),
@@ -236,6 +237,11 @@ def decode_attention_reference(
     return out.reshape(B, Hq, D).to(q.dtype)
 
 
+def supports_head_dim(head_dim: int) -> bool:
+    """Whether the kernel takes heads of ``head_dim``: a power of two in [16, 256] (all Qwen2/2.5/3 heads)."""
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
 def _check(q, k_cache, v_cache, lengths, scale) -> float:
     check_tensor(_FN, "q", q, ndim=3, dtypes=_ACCEPTED)
     check_tensor(_FN, "k_cache", k_cache, ndim=4, dtypes=_ACCEPTED)
@@ -255,7 +261,7 @@ def _check(q, k_cache, v_cache, lengths, scale) -> float:
         raise ValueError(f"{_FN}: v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
     if lengths.shape[0] != B:
         raise ValueError(f"{_FN}: lengths must be [B] = [{B}], got {tuple(lengths.shape)}")
-    if D < 16 or D > 256 or D & (D - 1):
+    if not supports_head_dim(D):
         raise ValueError(f"{_FN}: head_dim (last dim of q) must be a power of two in [16, 256], got {D}")
     if scale is None:
         return D**-0.5
@@ -309,11 +315,10 @@ def kernel_specs(shape: dict) -> list[KernelSpec]:
     k = torch.empty(2, B, Hkv, S, D, **meta)[0]
     lengths = torch.empty(B, dtype=torch.int64, device="meta")
     cfg = _config(B, Hkv, S, D, dtype)
-    m, l, acc = _partials(B, Hq, D, cfg["splits"], "meta")
+    m, l, acc, out = _buffers(B, Hq, D, cfg["splits"], dtype, "meta")
     G = Hq // Hkv
     split_const = dict(HQ=Hq, G=G, D=D, BLOCK_G=_block_g(G), BLOCK_N=cfg["BLOCK_N"], DOT_FP32=cfg["DOT_FP32"])
     combine_const = dict(HQ=Hq, D=D, BLOCK_S=cfg["BLOCK_S"])
-    out = torch.empty(B, Hq, D, **meta)
     specs = []
     for name, fn, args, constexprs, warps, stages in (
         ("decode_attn_split", _decode_split_kernel, _split_args(q, k, k, lengths, m, l, acc, D**-0.5 * _LOG2E, cfg),
