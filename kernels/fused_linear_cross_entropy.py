@@ -60,7 +60,11 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     elif acc.is_cuda and _fp32_out_gemm[0]:
         try:  # cuBLAS with bf16 operands, fp32 accumulator and fp32 C (beta = 1)
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-        except (RuntimeError, TypeError):  # older torch: check fails before any work; fall back for good
+        except torch.OutOfMemoryError:
+            raise  # not a missing feature: keep the fast path for later calls
+        except (RuntimeError, TypeError):  # torch without addmm(out_dtype=) (TypeError) or one whose CUDA addmm
+            # wants C in the operands' dtype (RuntimeError): its argument checks fail before any work, so acc
+            # is untouched; fall back for good
             _fp32_out_gemm[0] = False
             acc.add_(a @ b)
     elif acc.is_cuda:
@@ -137,6 +141,18 @@ def _new_grads(hidden, weight, bias, need, acc):
     return grad_h, grad_w, grad_b
 
 
+def _autocast_inputs(hidden, weight, bias):
+    """Under ``torch.autocast`` the GEMMs run in the autocast dtype, as ``F.linear`` would (fp32 weights with
+    bf16 autocast: bf16 logits, fp32 loss); the cast copies are differentiable, so gradients reach the fp32
+    leaves. Without this, the chunk GEMMs would autocast while the ``out=`` products did not, and crash."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = lambda t: t.to(dtype) if t is not None and t.dtype in FLOAT_DTYPES else t  # noqa: E731 (float64 stays)
+    return cast(hidden), cast(weight), cast(bias)
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -164,6 +180,7 @@ def fused_linear_cross_entropy(
     if bias is not None:
         check_tensor(fn, "bias", bias, ndim=1, dtypes=dtypes)
     check_same_device(fn, hidden=hidden, weight=weight, labels=labels, bias=bias)
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     V, H = weight.shape
     if hidden.shape[-1] != H:
         raise ValueError(f"{fn}: hidden width {hidden.shape[-1]} does not match weight [V, H] = {tuple(weight.shape)}")
@@ -178,6 +195,8 @@ def fused_linear_cross_entropy(
     check_options(fn, reduction, label_smoothing, z_loss)
     if num_items_in_batch is not None and reduction == "none":
         raise ValueError(f"{fn}: num_items_in_batch divides the summed loss; it cannot be combined with reduction='none'")
+    if isinstance(num_items_in_batch, (int, float)) and not num_items_in_batch > 0:  # a tensor is not checked: no sync
+        raise ValueError(f"{fn}: num_items_in_batch must be positive, got {num_items_in_batch}")
     if chunk_budget_bytes is not None and chunk_budget_bytes <= 0:
         raise ValueError(f"{fn}: chunk_budget_bytes must be positive, got {chunk_budget_bytes}")
 
@@ -186,7 +205,10 @@ def fused_linear_cross_entropy(
     check_labels(fn, y, V, ignore_index)
     acc = torch.promote_types(hidden.dtype, torch.float32)
     if num_items_in_batch is not None:
-        scale = torch.as_tensor(num_items_in_batch).to(device=hidden.device, dtype=acc).reciprocal()
+        if isinstance(num_items_in_batch, torch.Tensor):
+            scale = num_items_in_batch.to(device=hidden.device, dtype=acc).reciprocal()
+        else:  # filled on the device: no host-to-device copy (allowed under CUDA-graph capture)
+            scale = torch.full((), 1.0 / num_items_in_batch, dtype=acc, device=hidden.device)
     elif reduction == "mean":
         scale = mean_scale(y, ignore_index).to(acc)
     else:
@@ -194,8 +216,9 @@ def fused_linear_cross_entropy(
     budget = chunk_budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES["cuda" if hidden.is_cuda else "cpu"]
     triton_path = hidden.dtype in FLOAT_DTYPES and use_triton(hidden)
     rows = chunk_rows(h2.shape[0], V, hidden.dtype, triton_path, budget)
-    loss = _FusedLinearCrossEntropy.apply(h2, weight, bias, y, scale, int(ignore_index), reduction,
-                                          float(label_smoothing), float(z_loss), rows, torch.is_grad_enabled())
+    with torch.autocast(hidden.device.type, enabled=False):  # inputs already cast; products stay as chosen
+        loss = _FusedLinearCrossEntropy.apply(h2, weight, bias, y, scale, int(ignore_index), reduction,
+                                              float(label_smoothing), float(z_loss), rows, torch.is_grad_enabled())
     return loss.reshape(labels.shape) if reduction == "none" else loss
 
 

@@ -247,6 +247,30 @@ def test_largest_allocation_far_below_full_logits():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_runs_gemms_in_autocast_dtype(backend, reduction):
+    """fp32 weights under bf16 autocast (transformers' Trainer with bf16=True on an fp32 model): the loss is
+    the reference's under the same autocast (bf16 logits from bf16-cast inputs, fp32 cross-entropy) and fp32
+    gradients reach the fp32 leaves. 2e-2: bf16 logits and gradients, as the module docstring explains."""
+    hidden, weight, bias, labels = make_case((3, 5), 32, 300, torch.float32)
+    go = torch.rand(3, 5) + 0.5 if reduction == "none" else None
+
+    def under_autocast(fn):
+        def call(h, w, b):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(h, w, labels, b, reduction=reduction)
+        return call
+
+    with force_backend(backend):
+        loss, grads = grads_of(under_autocast(fused_linear_cross_entropy), (hidden, weight, bias), go)
+    ref_loss, ref_grads = grads_of(under_autocast(fused_linear_cross_entropy_reference), (hidden, weight, bias), go)
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    assert_close(loss, ref_loss, 2e-2)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert_close(g, r, 2e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_out_of_range_label_raises_on_cpu(backend):
     hidden, weight, bias, labels = make_case((2, 3), 16, 1000, torch.float32, ignore="none")
     labels[1, 0] = 1000
@@ -270,6 +294,8 @@ def test_out_of_range_label_raises_on_cpu(backend):
          r"num_items_in_batch .* reduction='none'"),
         (lambda h, w, y, b: fused_linear_cross_entropy(h, w.to("meta"), y), ValueError, r"one device.*weight on meta"),
         (lambda h, w, y, b: fused_linear_cross_entropy(h, w, y, chunk_budget_bytes=0), ValueError, r"chunk_budget_bytes"),
+        (lambda h, w, y, b: fused_linear_cross_entropy(h, w, y, num_items_in_batch=0), ValueError,
+         r"num_items_in_batch must be positive"),
     ],
 )
 def test_bad_inputs(call, error, message):
