@@ -71,7 +71,7 @@ def load_problems(source: str, *, question_field: str = "question", answer_field
                   limit: int | None = None, split: str = "test") -> list[dict]:
     """``[{"question": str, "answer": str}, ...]`` from a .jsonl / .json / .parquet file or a dataset name
     (its ``split``)."""
-    rows = read_records(source, split=split)
+    rows = read_records(source, split=split, what="problems")
     problems = []
     for i, row in enumerate(rows[:limit]):
         if not isinstance(row, dict):
@@ -271,6 +271,8 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     if cfg.max_new_tokens < 1 or cfg.max_answer_tokens < 1:
         raise ValueError(f"max_new_tokens and max_answer_tokens: expected positive integers, got "
                          f"{cfg.max_new_tokens!r} and {cfg.max_answer_tokens!r}")
+    if not os.path.isdir(cfg.model) and (cfg.model.count("/") != 1 or cfg.model.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"model {cfg.model!r}: no such directory, and not a Hugging Face name (owner/name)")
     points = sweep(cfg.budgets, cfg.waits)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     dtype_name = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if torch.device(device).type == "cuda" else "float32"
@@ -408,7 +410,11 @@ def parse_args(argv: list[str]) -> EvalConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(sys.argv[1:] if argv is None else list(argv))
-    summaries = evaluate(cfg)
+    try:
+        summaries = evaluate(cfg)
+    except (ValueError, OSError, ImportError) as e:  # bad problems, model, tokenizer, settings or output directory
+        print(f"s1fast eval: error: {e}", file=sys.stderr)
+        return 2
     print(markdown_table(summaries), end="")
     print(f"s1fast eval: results in {os.path.join(cfg.out, 'results.json')}, results.md, scaling.png")
     return 0

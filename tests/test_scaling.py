@@ -77,7 +77,7 @@ def _read(out):
         return json.load(f)
 
 
-def test_sweep_budgets_resume_and_reports(random_model, problems, tmp_path, monkeypatch):
+def test_sweep_budgets_resume_and_reports(random_model, problems, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     calls = []
     decode = scaling.decode_batch
@@ -125,8 +125,10 @@ def test_sweep_budgets_resume_and_reports(random_model, problems, tmp_path, monk
     assert len(_read(out)["points"]) == 6
 
     # other settings in the same directory are refused, naming what changed
-    with pytest.raises(ValueError, match="temperature"):
-        scaling.main(_args(random_model, problems, out, "--budgets", "2", "--temperature", "0.7"))
+    capsys.readouterr()
+    assert scaling.main(_args(random_model, problems, out, "--budgets", "2", "--temperature", "0.7")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("s1fast eval: error: ") and "temperature: 0.0 -> 0.7" in err and "new --out" in err
 
 
 def test_forced_waits_are_counted(tmp_path, problems):
@@ -216,6 +218,13 @@ def test_bad_arguments_are_refused(capsys):
         scaling.sweep([-1], [0])
     cfg = scaling.parse_args(["--model", "m", "--problems", "p", "--out", "o", "--budgets", "512", "none"])
     assert scaling.sweep(cfg.budgets, cfg.waits) == [scaling.SweepPoint(512, 0), scaling.SweepPoint(None, 0)]
+
+
+def test_missing_model_or_problems_is_a_clear_error(random_model, problems, tmp_path, capsys):
+    assert scaling.main(_args(str(tmp_path / "no-model"), problems, tmp_path / "o")) == 2
+    assert "s1fast eval: error: model" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert scaling.main(_args(random_model, "data/missing.jsonl", tmp_path / "o")) == 2
+    assert "error: problems 'data/missing.jsonl': no such file" in capsys.readouterr().err
 
 
 def test_prompt_is_s1s():

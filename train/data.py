@@ -92,9 +92,9 @@ def tokenize_records(records: Sequence[dict], tokenizer, *, trajectory: str | No
     return out
 
 
-def read_records(source: str | None = None, *, split: str = "train") -> list[dict]:
+def read_records(source: str | None = None, *, split: str = "train", what: str = "data") -> list[dict]:
     """Rows of a local ``.parquet`` / ``.jsonl`` / ``.json`` file or a Hugging Face dataset name
-    (e.g. ``simplescaling/s1K-1.1``); ``None`` is the bundled sample."""
+    (e.g. ``simplescaling/s1K-1.1``); ``None`` is the bundled sample. Errors name the source as ``what``."""
     source = SAMPLE_PATH if source is None else source
     if os.path.exists(source):
         ext = os.path.splitext(source)[1].lower()
@@ -120,10 +120,10 @@ def read_records(source: str | None = None, *, split: str = "train") -> list[dic
             if not isinstance(rows, list):
                 raise ValueError(f"{source}: expected a JSON list of records, got {type(rows).__name__}")
             return rows
-        raise ValueError(f"data {source!r}: expected a .parquet, .jsonl or .json file")
+        raise ValueError(f"{what} {source!r}: expected a .parquet, .jsonl or .json file")
     looks_like_file = os.path.splitext(source)[1].lower() in (".parquet", ".jsonl", ".json")
     if looks_like_file or source.count("/") != 1 or source.startswith((".", "/")):
-        raise FileNotFoundError(f"data {source!r}: no such file, and not a Hugging Face dataset name (owner/name)")
+        raise FileNotFoundError(f"{what} {source!r}: no such file, and not a Hugging Face dataset name (owner/name)")
     try:
         import datasets
     except ImportError as e:
