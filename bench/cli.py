@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device must be cuda[:N] or cpu, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
+    if device.type == "cuda":
+        if (device.index or 0) >= torch.cuda.device_count():
+            parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(device)  # Triton launches on the current device, not on its arguments' device
     peers = args.peers
     if peers is None:
         peers = [p for p in PEERS if not (p == "compile" and device.type == "cpu" and args.quick)]

@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", default="liger", help="comma-separated; 'liger' adds Liger-Kernel (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = p.parse_args(argv)
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.set_device(args.device)  # Triton launches on the current device, not on its arguments' device
     rows = run(device=args.device, quick=args.quick, peers=[x for x in args.peers.split(",") if x])
     print(json.dumps(rows, indent=1) if args.json else markdown_table(rows, COLUMNS))
     return 0
