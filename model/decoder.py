@@ -14,9 +14,12 @@ Design:
   positions in every row, so attention is causal with a lower-right offset (no materialised mask, flash
   kernels on CUDA). Only each row's last position goes through the lm_head.
 - Decode: one token per row per step; attention reads ``cache[..., :L]`` where L is the longest *used*
-  length of the active rows (rounded up to one of 8 buckets per octave when CUDA graphs are on), with a
-  per-row mask. Grouped-query heads are folded into the query axis (``[rows, kv_heads, group * tokens,
-  head_dim]``) so keys are never repeated. Rows that finish leave the batch: the last active row's cache is
+  length of the active rows (rounded up to one of 8 buckets per octave when CUDA graphs are on). On CUDA
+  (and under ``TRITON_INTERPRET=1``) one-token steps run ``s1fast.kernels.decode_attention``: split over
+  the sequence so that batch 1 with 2 kv heads still fills the GPU, per-row lengths read on the device, each
+  row's keys read only up to its own length, L (the bucket) fixing the grid. Otherwise, and for multi-token
+  steps, SDPA with a per-row mask, grouped-query heads folded into the query axis (``[rows, kv_heads,
+  group * tokens, head_dim]``) so keys are never repeated. Rows that finish leave the batch: the last active row's cache is
   moved into the hole, and later steps run on fewer rows.
 - On CUDA each (rows, L-bucket) decode step is captured once in a CUDA graph (``flash_attn_with_kvcache``,
   when flash-attn is installed, reads per-row lengths itself, so one graph per row count). Sampling runs after
@@ -40,8 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from s1fast.kernels import apply_rope, rms_norm, swiglu
-from s1fast.kernels._common import FLOAT_DTYPES
+from s1fast.kernels import apply_rope, decode_attention, rms_norm, swiglu
+from s1fast.kernels._common import FLOAT_DTYPES, interpreting, use_triton
+from s1fast.kernels.decode_attention import supports_head_dim
 from s1fast.model.budget import BudgetForcing, RowState
 from s1fast.model.patch import causal_lm
 
@@ -157,8 +161,10 @@ class Decoder:
         tokenizer: optional; adds ``text`` / ``thinking`` / ``answer`` to the results.
         prefill_chunk: positions per prefill forward (bounds activation memory for long prompts).
         cuda_graphs: capture decode steps in CUDA graphs (default: on for CUDA).
-        attention: "auto" (flash-attn's ``flash_attn_with_kvcache`` for bf16/fp16 on CUDA when installed,
-            else SDPA), "sdpa" or "flash".
+        attention: "auto" (flash-attn's ``flash_attn_with_kvcache`` for bf16/fp16 on CUDA when installed;
+            else s1fast's Triton ``decode_attention`` for one-token steps where the kernels run Triton, see
+            ``decode_attention_path``; SDPA for the rest), "flash", "triton" (the Triton decode kernel even
+            when flash-attn is installed) or "sdpa" (SDPA only).
     """
 
     def __init__(
@@ -220,12 +226,17 @@ class Decoder:
             raise ValueError(f"Decoder: all weights must share one device and dtype, found {sorted(map(str, places))}")
         self._rotary = core.rotary_emb
 
-        if attention not in ("auto", "sdpa", "flash"):
-            raise ValueError(f"Decoder: attention must be 'auto', 'sdpa' or 'flash', got {attention!r}")
+        if attention not in ("auto", "sdpa", "flash", "triton"):
+            raise ValueError(f"Decoder: attention must be 'auto', 'sdpa', 'flash' or 'triton', got {attention!r}")
         flash_ok = flash_attn_with_kvcache is not None and self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
         if attention == "flash" and not flash_ok:
             raise ValueError("Decoder: attention='flash' needs flash-attn installed, a CUDA model and bf16/fp16 weights")
-        self.flash = flash_ok and attention != "sdpa"
+        self.flash = flash_ok and attention in ("auto", "flash")
+        self._kernel_ok = attention in ("auto", "triton") and self.dtype in FLOAT_DTYPES and supports_head_dim(self.head_dim)
+        if attention == "triton" and not (self._kernel_ok and (self.device.type == "cuda" or interpreting())):
+            raise ValueError("Decoder: attention='triton' needs a CUDA model (or TRITON_INTERPRET=1), bf16/fp16/fp32 "
+                             f"weights and a power-of-two head_dim in [16, 256]; got {self.device.type}, {self.dtype}, "
+                             f"head_dim={self.head_dim}")  # fmt: skip
         self._seq_axis = 2 if self.flash else 3  # of the [layers, rows, ...] cache
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("Decoder: cuda_graphs=True needs the model on a CUDA device")
@@ -233,6 +244,14 @@ class Decoder:
         self._k = self._v = None
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None
+
+    @property
+    def decode_attention_path(self) -> str:
+        """The attention of one-token decode steps as things stand (the kernels' backend can be forced per block,
+        ``s1fast.kernels.force_backend``): "flash", "triton" (``decode_attention``) or "sdpa"."""
+        if self.flash:
+            return "flash"
+        return "triton" if self._kernel_ok and use_triton(self.embed) else "sdpa"
 
     # --- memory ----------------------------------------------------------------------------------------
 
@@ -291,8 +310,12 @@ class Decoder:
         uniform = isinstance(start, int)
         qpos = (start + self._arange[:T]).expand(n, T) if uniform else start[:, None] + self._arange[:T]
         cos, sin = self._cos[qpos], self._sin[qpos]
+        kernel = not uniform and T == 1 and self.decode_attention_path == "triton"
         if self.flash:
             seqlens = (torch.full((n,), start, device=self.device) if uniform else start).to(torch.int32)
+        elif kernel:
+            lengths = start + 1  # row r sees cache positions <= its token's
+            rows = self._arange[:n, None]
         elif not uniform:
             # additive mask, built once per step for every layer: query (t, g) of row r sees keys <= qpos[r, t]
             hidden = self._arange[:kv_len] > qpos[:, :, None]  # [n, T, kv_len]
@@ -323,9 +346,12 @@ class Decoder:
             else:
                 kc[rows, :, qpos] = k.transpose(1, 2)
                 vc[rows, :, qpos] = v
-                qf = q.view(n, Hkv, G, T, D).transpose(2, 3).reshape(n, Hkv, T * G, D)
-                out = F.scaled_dot_product_attention(qf, kc[:n, :, :kv_len], vc[:n, :, :kv_len], attn_mask=mask)
-                out = out.view(n, Hkv, T, G, D).permute(0, 2, 1, 3, 4)
+                if kernel:  # [n, H, D] -> [n, 1, H, D]
+                    out = decode_attention(q[:, :, 0], kc[:n, :, :kv_len], vc[:n, :, :kv_len], lengths)[:, None]
+                else:
+                    qf = q.view(n, Hkv, G, T, D).transpose(2, 3).reshape(n, Hkv, T * G, D)
+                    out = F.scaled_dot_product_attention(qf, kc[:n, :, :kv_len], vc[:n, :, :kv_len], attn_mask=mask)
+                    out = out.view(n, Hkv, T, G, D).permute(0, 2, 1, 3, 4)
             x = x + F.linear(out.reshape(n, T, H * D), w.o, w.o_b)
             h = rms_norm(x, w.ln2, self.eps)
             x = x + F.linear(swiglu(F.linear(h, w.gate), F.linear(h, w.up)), w.down)

@@ -162,8 +162,51 @@ def test_fused_kernels_triton_path():
     model = model_for(dtype=torch.float32)
     prompts = make_prompts((3, 5), seed=4)
     with force_backend("triton"):
-        res = Decoder(model).generate(prompts, max_new_tokens=4)
+        dec = Decoder(model)
+        assert dec.decode_attention_path == "triton"
+        res = dec.generate(prompts, max_new_tokens=4)
     assert res.tokens == [hf_generate(model, p, 4) for p in prompts]
+
+
+def test_decode_attention_kernel_path(monkeypatch):
+    """One-token steps run the split-over-sequence kernel (spied on), with row 0's keys spread over two
+    chunks and rows of different lengths; tokens equal transformers' (fp32) and the SDPA path's."""
+    if not (torch.cuda.is_available() or interpreting()):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1 set before triton is imported")
+    import s1fast.model.decoder as decoder_module
+
+    calls = []
+
+    def spy(q, k_cache, v_cache, lengths, scale=None):
+        calls.append((tuple(k_cache.shape), lengths.tolist()))
+        return decode_attention(q, k_cache, v_cache, lengths, scale)
+
+    decode_attention = decoder_module.decode_attention
+    monkeypatch.setattr(decoder_module, "decode_attention", spy)
+    model = model_for(dtype=torch.float32)
+    prompts = make_prompts((70, 3, 9), seed=5)
+    with force_backend("triton"):  # prefill in chunks of 16: the short rows leave the interpreted prefill early
+        res = Decoder(model, attention="triton", prefill_chunk=16).generate(prompts, max_new_tokens=4)
+    with force_backend("torch"):
+        sdpa = Decoder(model).generate(prompts, max_new_tokens=4)
+    # one call per layer and step; cache rows are longest first, the longest reads past the first 64-key chunk
+    assert len(calls) >= 6 and len(calls) % 2 == 0
+    assert calls[0][1] == [71, 10, 4] and calls[-1][1][0] > 71 and calls[-1][0][2] >= calls[-1][1][0]
+    assert res.tokens == sdpa.tokens == [hf_generate(model, p, 4) for p in prompts]
+
+
+def test_decode_attention_path_choice(monkeypatch):
+    model = model_for(dtype=torch.float32)
+    with force_backend("torch"):
+        assert Decoder(model).decode_attention_path == "sdpa"
+    with force_backend("triton"):
+        assert Decoder(model, attention="sdpa").decode_attention_path == "sdpa"
+        assert Decoder(model_for()).decode_attention_path == "sdpa"  # float64: SDPA
+    with pytest.raises(ValueError, match=r"attention='triton' needs .* got cpu, torch.float64"):
+        Decoder(model_for(), attention="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"attention='triton' needs a CUDA model \(or TRITON_INTERPRET=1\)"):
+        Decoder(model, attention="triton")
 
 
 # --- budget forcing against s1's stop-edit-regenerate --------------------------------------------------
