@@ -5,10 +5,13 @@ Throughput. Decode tokens/s of a random-initialised model (Qwen2.5-1.5B shape in
 in fp32 on CPU) for every (context, batch): the median wall time of ``generate`` for N new tokens minus that
 for 1 new token (so the prefill cancels), the same way for every implementation:
 - ``s1fast``: ``Decoder.generate`` (CUDA graphs on GPU); its graphs are captured by a first, untimed call;
+- ``s1fast_sdpa`` (GPU, when ``s1fast`` runs another attention): the same decoder with ``attention="sdpa"``,
+  to show what the decode-attention kernel buys;
 - ``hf_dynamic`` (peer ``hf``): transformers ``generate`` with its default cache (DynamicCache);
 - ``hf_static_compile`` (peer ``compile``, GPU only): ``generate(cache_implementation="static")``, for which
   transformers compiles the forward itself; warmed up before timing.
-Each row has the bandwidth limit: tokens/s if every step only read the weights plus the used KV cache
+Every decoder row names the attention its one-token steps ran (``attention``: "triton" for s1fast's
+split-over-sequence ``decode_attention``, "flash" for flash-attn, "sdpa"). Each row has the bandwidth limit: tokens/s if every step only read the weights plus the used KV cache
 (``weights + batch * kv_bytes_per_token * (context + N / 2)``) at the measured copy bandwidth
 (``device_ceilings``), and the measured share of it (``pct_of_bw_limit``).
 
@@ -31,7 +34,7 @@ import torch
 
 from s1fast.bench.common import QWEN25_SHAPES, device_ceilings, environment, measure
 
-SUMMARY_COLUMNS = ("case", "impl", "context", "batch", "new_tokens", "tokens_per_s", "speedup_vs_hf",
+SUMMARY_COLUMNS = ("case", "impl", "attention", "context", "batch", "new_tokens", "tokens_per_s", "speedup_vs_hf",
                    "pct_of_bw_limit", "overhead_pct", "seconds")  # fmt: skip
 PEERS = ("hf", "compile")
 SMALL = dict(layers=4, hidden=256, heads=4, kv_heads=2, head_dim=64, intermediate=768, vocab=8192, tied=True)
@@ -79,7 +82,12 @@ def _decode_rate(generate, batch: int, new_tokens: int, device: str, reps: int) 
 
 
 def throughput(model, decoder, p: dict, device: str, peers: list[str], copy_gbps: float) -> list[dict]:
+    from s1fast.model.decoder import Decoder
+
     rows = []
+    sdpa = None
+    if torch.device(device).type == "cuda" and decoder.decode_attention_path != "sdpa":
+        sdpa = Decoder(model, max_seq_len=decoder.max_seq_len, attention="sdpa")
     g = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
     weights = decoder.memory()["weights_bytes"]
@@ -95,6 +103,10 @@ def throughput(model, decoder, p: dict, device: str, peers: list[str], copy_gbps
             base = dict(case="decode", model=p["shape"], dtype=str(p["dtype"]).replace("torch.", ""), context=context,
                         batch=batch, new_tokens=n, bw_limit_tokens_per_s=limit, step_mib=step_bytes / 2**20)  # fmt: skip
             impls = {"s1fast": lambda k: decoder.generate(prompts, max_new_tokens=k)}
+            paths = {"s1fast": decoder.decode_attention_path}
+            if sdpa is not None:
+                impls["s1fast_sdpa"] = lambda k: sdpa.generate(prompts, max_new_tokens=k)
+                paths["s1fast_sdpa"] = sdpa.decode_attention_path
             if "hf" in peers:
                 impls["hf_dynamic"] = lambda k: _hf_generate(model, ids, k)
             if "compile" in peers and gpu:
@@ -110,11 +122,15 @@ def throughput(model, decoder, p: dict, device: str, peers: list[str], copy_gbps
                     if gpu:
                         torch.cuda.empty_cache()
                 found[name] = dict(base, impl=name, tokens_per_s=rate, seconds=seconds, pct_of_bw_limit=100 * rate / limit)
+                if name in paths:
+                    found[name]["attention"] = paths[name]
             for row in found.values():
                 if "hf_dynamic" in found:
                     row["speedup_vs_hf"] = row["tokens_per_s"] / found["hf_dynamic"]["tokens_per_s"]
                 rows.append(row)
-            decoder.release()  # the next (context, batch) allocates its own cache
+            for dec in (decoder, sdpa):  # the next (context, batch) allocates its own cache
+                if dec is not None:
+                    dec.release()
     return rows
 
 
@@ -140,7 +156,8 @@ def budget_forcing(model, decoder, p: dict, device: str) -> list[dict]:
                 history += list(forcing.wait)
 
     runs["s1_reprefill"] = s1_rounds
-    base = dict(case="budget_forcing", model=p["shape"], context=p["bf_prompt"], batch=1, new_tokens=n)
+    base = dict(case="budget_forcing", model=p["shape"], context=p["bf_prompt"], batch=1, new_tokens=n,
+                attention=decoder.decode_attention_path)  # fmt: skip
     rows = {}
     for name, fn in runs.items():
         ms = measure(fn, device=device, warmup=1, reps=p["reps"])["median_ms"]

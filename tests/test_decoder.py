@@ -506,7 +506,9 @@ def test_decode_bench_rows():
     assert [(r["impl"], r["batch"]) for r in rows] == [("s1fast", 1), ("hf_dynamic", 1), ("s1fast", 2), ("hf_dynamic", 2)]
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["speedup_vs_hf"] > 0
+        assert r.get("attention") == ("sdpa" if r["impl"] == "s1fast" else None)  # float64: the SDPA path
         assert r["pct_of_bw_limit"] == pytest.approx(100 * r["tokens_per_s"] / r["bw_limit_tokens_per_s"])
     bf = {r["impl"]: r for r in decode.budget_forcing(model, dec, plan, "cpu")}
     assert set(bf) == {"plain", "in_loop", "s1_reprefill"} and bf["in_loop"]["forced_waits"] == 4
+    assert {r["attention"] for r in bf.values()} == {"sdpa"}
     assert bf["s1_reprefill"]["in_loop_speedup"] > 0
