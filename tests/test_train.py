@@ -169,6 +169,20 @@ def test_resume_gives_the_same_losses_and_checkpoints_are_atomic(tmp_path):
         resumed.load_checkpoint(str(tmp_path))
 
 
+def test_checkpoint_files_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """trainer_state.json and the RNG state are fsynced, then the temporary directory, then it is renamed."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", os.path.basename(b))) or replace(a, b))
+    trainer = Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(8),
+                      train_worker.config(str(tmp_path), global_batch=8, max_steps=1), device=CPU)
+    trainer.fit()
+    rename = events.index(("replace", "checkpoint-000001"))
+    synced = {name for kind, name in events[:rename] if kind == "fsync"}
+    assert {"trainer_state.json", "rng-rank0.pt", ".tmp-checkpoint-000001"} <= synced, events
+
+
 def _run(args, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)  # the kernels' PyTorch path on CPU, as in the fixture above

@@ -350,15 +350,15 @@ class Trainer:
         dist.barrier()
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
-        torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{self.rank}.pt"))
+        _write_synced(os.path.join(tmp, f"rng-rank{self.rank}.pt"), lambda f: torch.save(_rng_state(), f))
         if self.rank == 0:
             state = {"step": self.step, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                      "num_examples": len(self.dataset), "world_size": self.world,
                      "scheduler": self.scheduler.state_dict(), "config": asdict(self.config)}
-            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump(state, f, indent=1)
+            _write_synced(os.path.join(tmp, "trainer_state.json"), lambda f: f.write(json.dumps(state, indent=1).encode()))
         dist.barrier()
-        if self.rank == 0:
+        if self.rank == 0:  # every file is on disk (dcp.save fsyncs its own) before the rename makes it a checkpoint
+            _fsync_dir(tmp)
             os.replace(tmp, final)
             _fsync_dir(self.config.output_dir)
             steps = sorted(int(n[len(CHECKPOINT_PREFIX):]) for n in os.listdir(self.config.output_dir)
@@ -437,6 +437,14 @@ def _truncate_log(output_dir: str, step: int) -> None:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
+
+
+def _write_synced(path: str, write: Callable) -> None:
+    """``write(binary file)`` then flush and fsync, so a crash right after cannot leave the file empty."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: str) -> None:
