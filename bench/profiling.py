@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 _active = False
@@ -64,9 +65,13 @@ def summarise(prof, *, device: str, top: int = 15) -> dict:
     def total_ms(e) -> float:
         return (e.device_time_total if gpu else e.cpu_time_total) / 1e3
 
+    def is_op(e) -> bool:  # on CUDA the kernels themselves: a CPU op's self device time repeats its kernels'
+        return (not getattr(e, "is_user_annotation", False) and self_ms(e) > 0
+                and (not gpu or e.device_type != DeviceType.CPU))
+
     events = prof.key_averages()
     regions = [e for e in events if getattr(e, "is_user_annotation", False)]
-    ops = [e for e in events if not getattr(e, "is_user_annotation", False) and self_ms(e) > 0]
+    ops = [e for e in events if is_op(e)]
     whole = sum(self_ms(e) for e in ops) or 1.0
     ops.sort(key=self_ms, reverse=True)
     return {

@@ -2,6 +2,7 @@
 microbenchmarks (`pytest --benchmark-only tests/test_bench.py` times them; a normal run calls each once)."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -114,6 +115,26 @@ def test_profile_writes_trace_and_top_ops(tiny_shapes, tmp_path, monkeypatch, ca
     regions = {r["name"]: r for r in profile["regions"]}
     assert regions["kernels/rms_norm/eager/forward"]["calls"] > 1 and regions["kernels/rms_norm/eager/forward"]["total_ms"] > 0
     assert "== profile: kernels" in capsys.readouterr().out
+
+
+def test_cuda_profile_shares_count_each_kernel_once():
+    """On CUDA a CPU op's self device time repeats the time of the kernels it launched, which appear as events of
+    their own: shares are taken over the device events only (a CPU op in the sum would halve every share)."""
+    from torch.autograd import DeviceType
+
+    from s1fast.bench.profiling import summarise
+
+    def event(key, device_type, self_us, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=self_us,
+                               device_time_total=self_us, is_user_annotation=annotation, count=1)
+
+    events = [event("aten::mm", DeviceType.CPU, 1000), event("gemm_kernel", DeviceType.CUDA, 1000),
+              event("_rms_norm_fwd_kernel", DeviceType.CUDA, 3000),
+              event("kernels/rms_norm/s1fast/forward", DeviceType.CUDA, 3000, annotation=True)]
+    summary = summarise(SimpleNamespace(key_averages=lambda: events), device="cuda")
+    assert [(o["name"], o["share_pct"]) for o in summary["top_ops"]] == [("_rms_norm_fwd_kernel", 75.0),
+                                                                         ("gemm_kernel", 25.0)]
+    assert [r["name"] for r in summary["regions"]] == ["kernels/rms_norm/s1fast/forward"]
 
 
 @pytest.mark.parametrize("argv, message", [
