@@ -82,6 +82,20 @@ def main(argv: list[str]) -> int:
     for name in ("max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.temperature < 0:
+        parser.error(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        parser.error(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.no_think and (args.max_thinking_tokens is not None or args.num_waits or args.min_thinking_tokens):
+        parser.error("--no-think turns budget forcing off: drop --max-thinking-tokens / --num-waits / --min-thinking-tokens")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f"--device: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available")
     if not os.path.isdir(args.model):
         parser.error(f"model: {args.model!r} is not a directory (s1fast generate loads local models only)")
     try:
@@ -96,9 +110,11 @@ def main(argv: list[str]) -> int:
     from s1fast.model.decoder import Decoder
     from s1fast.model.patch import load
 
-    device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    tokenizer = load_tokenizer(args.model, args.tokenizer)
+    try:
+        tokenizer = load_tokenizer(args.model, args.tokenizer)
+    except (OSError, ValueError) as e:  # no tokenizer files there, or not a Qwen ChatML tokenizer
+        parser.error(f"tokenizer ({args.tokenizer or args.model}): {e}")
     budget = None
     if not args.no_think:
         try:  # validates the counts with BudgetForcing's messages

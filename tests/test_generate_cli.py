@@ -69,6 +69,11 @@ def test_generate_jsonl_batches(model_dir, capsys, tmp_path):
         (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--prompt", "x", "--num-waits", "-1"], "num_waits must be an int >= 0"),
         (["--prompt", "x", "--max-thinking-tokens", "2", "--min-thinking-tokens", "3"], "must not exceed"),
+        (["--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
+        (["--prompt", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--prompt", "x", "--top-k", "0"], "--top-k must be >= 1"),
+        (["--prompt", "x", "--no-think", "--num-waits", "2"], "--no-think turns budget forcing off"),
+        (["--prompt", "x", "--device", "cpu", "--tokenizer", "/nonexistent-tokenizer"], "tokenizer (/nonexistent-tokenizer)"),
     ],
 )
 def test_generate_rejects_bad_arguments(model_dir, capsys, argv, match):
