@@ -273,8 +273,12 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
                          f"{cfg.max_new_tokens!r} and {cfg.max_answer_tokens!r}")
     if not os.path.isdir(cfg.model) and (cfg.model.count("/") != 1 or cfg.model.startswith((".", "/", "~"))):
         raise FileNotFoundError(f"model {cfg.model!r}: no such directory, and not a Hugging Face name (owner/name)")
+    if cfg.temperature < 0 or (cfg.top_p is not None and not 0 < cfg.top_p <= 1):
+        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {cfg.temperature!r} and {cfg.top_p!r}")
     points = sweep(cfg.budgets, cfg.waits)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is available")
     dtype_name = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if torch.device(device).type == "cuda" else "float32"
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype: expected 'auto' or one of {sorted(DTYPES)}, got {cfg.dtype!r}")

@@ -225,6 +225,8 @@ def test_missing_model_or_problems_is_a_clear_error(random_model, problems, tmp_
     assert "s1fast eval: error: model" in capsys.readouterr().err and not (tmp_path / "o").exists()
     assert scaling.main(_args(random_model, "data/missing.jsonl", tmp_path / "o")) == 2
     assert "error: problems 'data/missing.jsonl': no such file" in capsys.readouterr().err
+    assert scaling.main(_args(random_model, problems, tmp_path / "o", "--top-p", "0")) == 2
+    assert "top_p in (0, 1]" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_prompt_is_s1s():
