@@ -11,7 +11,8 @@ for 1 new token (so the prefill cancels), the same way for every implementation:
 - ``hf_static_compile`` (peer ``compile``, GPU only): ``generate(cache_implementation="static")``, for which
   transformers compiles the forward itself; warmed up before timing.
 Every decoder row names the attention its one-token steps ran (``attention``: "triton" for s1fast's
-split-over-sequence ``decode_attention``, "flash" for flash-attn, "sdpa"). Each row has the bandwidth limit: tokens/s if every step only read the weights plus the used KV cache
+split-over-sequence ``decode_attention``, "flash" for flash-attn, "sdpa"). Each row has the bandwidth limit:
+tokens/s if every step only read the weights plus the used KV cache
 (``weights + batch * kv_bytes_per_token * (context + N / 2)``) at the measured copy bandwidth
 (``device_ceilings``), and the measured share of it (``pct_of_bw_limit``).
 
