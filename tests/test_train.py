@@ -4,6 +4,7 @@ FSDP2 equal to 1 process, the saved model, and the ``s1fast train`` command (dem
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -136,6 +137,31 @@ def test_global_batch_loss_independent_of_split(tmp_path):
         torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=0)
         # AdamW's first step moves every weight by about lr: equal to fp32 rounding of the gradients.
         torch.testing.assert_close(params, results[0][1], rtol=1e-5, atol=1e-6)
+
+
+def test_s1_schedule_and_step_count(tmp_path):
+    """s1: 1,000 examples, global batch 16, 5 epochs = 63 steps per epoch (the last batch of an epoch holds 8),
+    315 optimizer steps; AdamW 1e-5, betas (0.9, 0.95), weight decay 1e-4 on matrices only; linear warmup over
+    ceil(5% of 315) = 16 steps (from 0, as transformers' Trainer), then cosine to 0."""
+    from s1fast.train.trainer import TrainConfig
+
+    trainer = Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(1000),
+                      TrainConfig(output_dir=str(tmp_path), param_dtype="float32", progress=False), device=CPU)
+    assert (trainer.steps_per_epoch, trainer.total_steps) == (63, 315)
+    for epoch in range(2):
+        batches = [trainer.batch_positions(epoch * 63 + k) for k in range(63)]
+        assert [len(b) for b in batches] == [16] * 62 + [8]
+        assert sorted(i for b in batches for i in b) == list(range(1000))  # each example once per epoch
+    assert trainer.batch_positions(0) != trainer.batch_positions(63)  # reshuffled every epoch
+    (group_decay, group_plain) = trainer.optimizer.param_groups
+    assert group_decay["lr"] == 0.0 and group_decay["betas"] == (0.9, 0.95) and group_decay["weight_decay"] == 1e-4
+    assert all(p.ndim >= 2 for p in group_decay["params"]) and all(p.ndim == 1 for p in group_plain["params"])
+    assert group_plain["weight_decay"] == 0.0
+    factor = trainer.scheduler.lr_lambdas[0]
+    assert [factor(k) for k in (0, 8, 16)] == [0.0, 0.5, 1.0]
+    for k in (16, 100, 200, 315):
+        assert factor(k) == pytest.approx(0.5 * (1 + math.cos(math.pi * (k - 16) / (315 - 16))), abs=1e-12)
+    assert factor(315) == pytest.approx(0.0, abs=1e-12)
 
 
 # --- checkpoints and resume ------------------------------------------------------------------------------------
