@@ -36,7 +36,7 @@ COPY_MODULE = textwrap.dedent('''
         ]
 ''')
 
-MEMORY_BOUND = ("rms_norm", "rope", "swiglu", "cross_entropy")
+MEMORY_BOUND = ("rms_norm", "rope", "swiglu", "cross_entropy", "decode_attn")
 KEYS = {"kernel", "arch", "config", "registers", "spill_bytes", "shared_bytes", "widest_global_load_bits",
         "widest_global_store_bits"}
 
