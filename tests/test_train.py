@@ -338,6 +338,11 @@ def test_cli_bad_input(tmp_path, capsys):
     assert main(["--output-dir", str(tmp_path / "o"), "--resume", "--no-progress", "--max-steps", "1"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
 
+    assert main(["--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main(["--device", "gpu", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--device 'gpu'" in capsys.readouterr().err
+
     with pytest.raises(ValueError, match="global_batch must be >= 1"):
         Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(),
                 train_worker.config(str(tmp_path / "c"), global_batch=0), device=CPU)

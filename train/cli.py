@@ -111,11 +111,16 @@ def _demo_decode(args, output_dir: str, tokenizer, device: torch.device) -> None
     result = decoder.generate([prompt], max_new_tokens=args.max_new_tokens, budget=budget,
                               stop_token_ids=[tokenizer.convert_tokens_to_ids(IM_END)])
     row = result.rows[0]
-    print(f"\nBudget-forced decode (max {args.max_thinking_tokens} thinking tokens, {args.num_waits} forced Wait):")
+
+    def shown(text: str) -> str:  # a barely trained model often repeats a space or a newline: make that visible
+        return text if text.strip() else f"{text!r} (whitespace only)"
+
+    print(f"\nBudget-forced decode (max {args.max_thinking_tokens} thinking tokens, {args.num_waits} forced Wait) "
+          "by the model just trained from random weights: expect s1's structure, not sense")
     print(f"question: {DEMO_QUESTION}")
     print(f"--- thinking ({row.thinking_tokens} tokens, {row.forced_waits} Wait forced, "
-          f"{'cut at the budget' if row.budget_cut else 'ended by the model'}) ---\n{row.thinking}")
-    print(f"--- answer ({len(row.tokens) - row.answer_start} tokens, finish: {row.finish_reason}) ---\n{row.answer}")
+          f"{'cut at the budget' if row.budget_cut else 'ended by the model'}) ---\n{shown(row.thinking)}")
+    print(f"--- answer ({len(row.tokens) - row.answer_start} tokens, finish: {row.finish_reason}) ---\n{shown(row.answer)}")
     print(f"({result.decode_tokens_per_s:,.0f} tokens/s)")
 
 
@@ -123,6 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     demo = args.model is None
     output_dir = args.output_dir or ("s1fast-demo" if demo else "s1fast-" + os.path.basename(os.path.normpath(args.model)))
+    problem = None
+    if args.model is not None and not os.path.isdir(args.model) and (
+        args.model.count("/") != 1 or args.model.startswith((".", "/", "~"))
+    ):
+        problem = f"--model {args.model!r}: no such directory, and not a Hugging Face name (owner/name)"
+    elif args.device is not None:
+        try:
+            if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+                problem = f"--device {args.device}: no CUDA device is available"
+        except RuntimeError as e:
+            problem = f"--device {args.device!r}: {e}"
+    if problem is not None:
+        print(f"s1fast train: error: {problem}", file=sys.stderr)
+        return 2
     rank, world, device = init_distributed(args.device)
     try:
         check_writable(output_dir, "--output-dir")  # before the model loads
@@ -175,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         if demo and rank == 0 and not args.no_decode:
             _demo_decode(args, output_dir, tokenizer, device)
         return 0
-    except (ValueError, FileNotFoundError, PermissionError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:  # bad data, model, tokenizer, checkpoint or output directory
         print(f"s1fast train: error: {e}", file=sys.stderr)
         return 2
     finally:
