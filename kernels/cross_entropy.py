@@ -137,10 +137,13 @@ def _rows_torch(logits, labels, loss, grad, scale, ignore_index, label_smoothing
     loss.copy_(torch.where(valid, rows, 0.0) + poison)
     if grad is not None:
         scale = torch.where(valid, scale.to(x.dtype), 0.0)
-        g = torch.exp(x - lse.unsqueeze(1))
+        # softmax written straight into grad when the dtypes allow (x is no longer read after this point)
+        g = grad if grad.dtype == x.dtype else torch.empty_like(x)
+        torch.sub(x, lse.unsqueeze(1), out=g).exp_()
         g.mul_(((1 + 2 * z_loss * lse) * scale).unsqueeze(1)).sub_((label_smoothing / V * scale - poison).unsqueeze(1))
         g.scatter_add_(1, safe, (-(1 - label_smoothing) * scale).unsqueeze(1))
-        grad.copy_(g)
+        if g is not grad:
+            grad.copy_(g)
 
 
 def cross_entropy_rows(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss):

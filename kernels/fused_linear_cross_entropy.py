@@ -81,10 +81,16 @@ def _chunk_loop(hidden, weight, bias, labels, scale, loss, grads, ignore_index, 
     """
     grad_h, grad_w, grad_b = grads if grads is not None else (None, None, None)
     want_grad = grads is not None and any(g is not None for g in grads)
+    # one chunk buffer for the whole loop (fresh [rows, V] allocations per chunk cost page faults on CPU)
+    buffer = hidden.new_empty(min(rows, hidden.shape[0]), weight.shape[0])
     for start in range(0, hidden.shape[0], rows):
         end = min(start + rows, hidden.shape[0])
         h = hidden[start:end]
-        logits = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()  # the chunk buffer
+        logits = buffer[: end - start]
+        if bias is not None:
+            torch.addmm(bias, h, weight.t(), out=logits)
+        else:
+            torch.mm(h, weight.t(), out=logits)
         chunk_scale = scale[start:end] if scale.dim() == 1 else scale
         cross_entropy_rows(logits, labels[start:end], loss[start:end], logits if want_grad else None, chunk_scale,
                            ignore_index, label_smoothing, z_loss)
