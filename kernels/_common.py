@@ -54,6 +54,15 @@ def use_triton(x: torch.Tensor) -> bool:
     return False
 
 
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``t``'s CUDA device current for a kernel launch (Triton launches on the current device, not on
+    the tensors' one: a model spread over GPUs would otherwise run kernels on the wrong GPU). Backward passes
+    need nothing: autograd runs them with the gradients' device current."""
+    if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def check_tensor(
     fn: str,
     name: str,

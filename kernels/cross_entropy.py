@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from s1fast.kernels._common import FLOAT_DTYPES, TRITON_DTYPES, KernelSpec
-from s1fast.kernels._common import check_same_device, check_tensor, spec_dtype, use_triton
+from s1fast.kernels._common import check_same_device, check_tensor, on_device, spec_dtype, use_triton
 
 _REDUCTIONS = ("mean", "sum", "none")
 _INT_DTYPES = (torch.int64, torch.int32)
@@ -242,8 +242,9 @@ def cross_entropy(
     check_labels(fn, labels, logits.shape[1], ignore_index)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    return _CrossEntropy.apply(logits, labels.contiguous(), int(ignore_index), reduction, float(label_smoothing),
-                               float(z_loss), torch.is_grad_enabled())
+    with on_device(logits):
+        return _CrossEntropy.apply(logits, labels.contiguous(), int(ignore_index), reduction,
+                                   float(label_smoothing), float(z_loss), torch.is_grad_enabled())
 
 
 def cross_entropy_reference(logits, labels, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0):

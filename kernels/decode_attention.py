@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from s1fast.kernels._common import FLOAT_DTYPES, TRITON_DTYPES, KernelSpec
-from s1fast.kernels._common import check_same_device, check_tensor, interpreting, spec_dtype, use_triton
+from s1fast.kernels._common import check_same_device, check_tensor, interpreting, on_device, spec_dtype, use_triton
 
 _FN = "decode_attention"
 _ACCEPTED = FLOAT_DTYPES + (torch.float64,)
@@ -289,7 +289,8 @@ def decode_attention(
     if q.dtype == torch.float64 or not use_triton(q):
         return decode_attention_reference(q, k_cache, v_cache, lengths, scale)
     q, k_cache, v_cache, lengths = map(_unit_last, (q, k_cache, v_cache, lengths))
-    return _launch(q, k_cache, v_cache, lengths, scale)
+    with on_device(q):
+        return _launch(q, k_cache, v_cache, lengths, scale)
 
 
 def _triton_type(arg) -> str:

@@ -27,7 +27,7 @@ import dataclasses
 
 import torch
 
-from s1fast.kernels._common import FLOAT_DTYPES, check_same_device, check_tensor, spec_dtype, use_triton
+from s1fast.kernels._common import FLOAT_DTYPES, check_same_device, check_tensor, on_device, spec_dtype, use_triton
 from s1fast.kernels.cross_entropy import (
     _INT_DTYPES,
     check_labels,
@@ -222,7 +222,8 @@ def fused_linear_cross_entropy(
     budget = chunk_budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES["cuda" if hidden.is_cuda else "cpu"]
     triton_path = hidden.dtype in FLOAT_DTYPES and use_triton(hidden)
     rows = chunk_rows(h2.shape[0], V, hidden.dtype, triton_path, budget)
-    with torch.autocast(hidden.device.type, enabled=False):  # inputs already cast; products stay as chosen
+    # inputs already cast: products stay as chosen; kernels launch on hidden's GPU
+    with torch.autocast(hidden.device.type, enabled=False), on_device(hidden):
         loss = _FusedLinearCrossEntropy.apply(h2, weight, bias, y, scale, int(ignore_index), reduction,
                                               float(label_smoothing), float(z_loss), rows, torch.is_grad_enabled())
     return loss.reshape(labels.shape) if reduction == "none" else loss

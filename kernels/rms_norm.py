@@ -45,7 +45,7 @@ import triton.language as tl
 from torch import nn
 
 from s1fast.kernels._common import FLOAT_DTYPES, TRITON_DTYPES, KernelSpec, as_rows
-from s1fast.kernels._common import check_same_device, check_tensor, spec_dtype, use_triton
+from s1fast.kernels._common import check_same_device, check_tensor, on_device, spec_dtype, use_triton
 
 MAX_WIDTH = 65536
 """Widest row the Triton kernels take (a row is one register tile)."""
@@ -206,7 +206,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
         return rms_norm_reference(x, weight, eps)
     if not 1 <= x.shape[-1] <= MAX_WIDTH:
         raise ValueError(f"{fn}: the Triton kernel takes a last dim from 1 to {MAX_WIDTH}, got {x.shape[-1]}")
-    return _RMSNormFunction.apply(x, weight, float(eps))
+    with on_device(x):
+        return _RMSNormFunction.apply(x, weight, float(eps))
 
 
 class RMSNorm(nn.Module):

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from s1fast.kernels._common import FLOAT_DTYPES, TRITON_DTYPES, KernelSpec
-from s1fast.kernels._common import check_same_device, check_tensor, spec_dtype, use_triton
+from s1fast.kernels._common import check_same_device, check_tensor, on_device, spec_dtype, use_triton
 
 _FN = "apply_rope"
 _ACCEPTED = FLOAT_DTYPES + (torch.float64,)
@@ -224,7 +224,8 @@ def apply_rope(
     _check(q, k, cos, sin)
     if torch.float64 in (q.dtype, cos.dtype) or not use_triton(q):
         return apply_rope_reference(q, k, cos, sin)
-    return _RoPEFunction.apply(q, k, cos, sin)
+    with on_device(q):
+        return _RoPEFunction.apply(q, k, cos, sin)
 
 
 def _triton_type(arg) -> str:

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from s1fast.kernels._common import FLOAT_DTYPES, TRITON_DTYPES, KernelSpec, as_rows
-from s1fast.kernels._common import check_same_device, check_tensor, spec_dtype, use_triton
+from s1fast.kernels._common import check_same_device, check_tensor, on_device, spec_dtype, use_triton
 
 _MAX_BLOCK = 1024  # columns per tile; wide rows (intermediate 4864 - 27648) span several column blocks
 _TILE = 4096  # elements per program: 16 per thread at 8 warps, i.e. 2 x 128-bit loads per tensor in bf16
@@ -141,7 +141,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{fn}: gate and up must have at least 1 dim, got scalars")
     if gate.dtype == torch.float64 or not use_triton(gate):
         return swiglu_reference(gate, up)
-    return _SwiGLUFunction.apply(gate, up)
+    with on_device(gate):
+        return _SwiGLUFunction.apply(gate, up)
 
 
 def kernel_specs(shape: dict) -> list[KernelSpec]:
