@@ -104,8 +104,21 @@ TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "
 
 def as_rows(t: torch.Tensor, width: int) -> torch.Tensor:
     """``t`` viewed as ``[rows, width]`` with unit column stride (any row stride); copies only if it must."""
-    rows = t.reshape(-1, width)
-    return rows if rows.stride(1) == 1 else rows.contiguous()
+    return unit_last(t.reshape(-1, width))
+
+
+def unit_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its last dimension is unit-stride (any other strides), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def triton_type(arg: object) -> str:
+    """The ``KernelSpec.signature`` type of one launch argument: pointer by dtype, float, or 32/64-bit int."""
+    if isinstance(arg, torch.Tensor):
+        return "*" + {**TRITON_DTYPES, torch.int32: "i32", torch.int64: "i64"}[arg.dtype]
+    if isinstance(arg, float):
+        return "fp32"
+    return "i32" if -(2**31) <= arg < 2**31 else "i64"
 
 
 def spec_dtype(shape: dict) -> torch.dtype:

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from s1fast.kernels._common import FLOAT_DTYPES, TRITON_DTYPES, KernelSpec
+from s1fast.kernels._common import FLOAT_DTYPES, KernelSpec, triton_type, unit_last
 from s1fast.kernels._common import check_same_device, check_tensor, interpreting, on_device, spec_dtype, use_triton
 
 _FN = "decode_attention"
@@ -270,10 +270,6 @@ def _check(q, k_cache, v_cache, lengths, scale) -> float:
     return float(scale)
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
@@ -288,17 +284,9 @@ def decode_attention(
     scale = _check(q, k_cache, v_cache, lengths, scale)
     if q.dtype == torch.float64 or not use_triton(q):
         return decode_attention_reference(q, k_cache, v_cache, lengths, scale)
-    q, k_cache, v_cache, lengths = map(_unit_last, (q, k_cache, v_cache, lengths))
+    q, k_cache, v_cache, lengths = map(unit_last, (q, k_cache, v_cache, lengths))
     with on_device(q):
         return _launch(q, k_cache, v_cache, lengths, scale)
-
-
-def _triton_type(arg) -> str:
-    if isinstance(arg, torch.Tensor):
-        return "*" + {**TRITON_DTYPES, torch.int32: "i32", torch.int64: "i64"}[arg.dtype]
-    if isinstance(arg, float):
-        return "fp32"
-    return "i32" if -(2**31) <= arg < 2**31 else "i64"
 
 
 def kernel_specs(shape: dict) -> list[KernelSpec]:
@@ -328,7 +316,7 @@ def kernel_specs(shape: dict) -> list[KernelSpec]:
          combine_const, 4, 1),
     ):  # fmt: skip
         names = [p for p in fn.arg_names if p not in constexprs]
-        signature = {p: _triton_type(a) for p, a in zip(names, args, strict=True)}
+        signature = {p: triton_type(a) for p, a in zip(names, args, strict=True)}
         config = f"S={S} splits={cfg['splits']} chunk={cfg['chunk']} " + " ".join(f"{k}={v}" for k, v in constexprs.items())
         specs.append(KernelSpec(name=name, fn=fn, signature=signature, constexprs=constexprs, num_warps=warps,
                                 num_stages=stages, config=f"{config} warps={warps} stages={stages}"))  # fmt: skip

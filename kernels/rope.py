@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from s1fast.kernels._common import FLOAT_DTYPES, TRITON_DTYPES, KernelSpec
+from s1fast.kernels._common import FLOAT_DTYPES, KernelSpec, triton_type, unit_last
 from s1fast.kernels._common import check_same_device, check_tensor, on_device, spec_dtype, use_triton
 
 _FN = "apply_rope"
@@ -117,10 +117,6 @@ def _config(heads: int, head_dim: int) -> tuple[dict, int]:
     return {"BLOCK_H": block_h, "BLOCK_HALF": block_half}, num_warps
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _launch_args(q, k, cos, sin, q_out, k_out) -> list:
     """The kernel's runtime arguments in order (shared by the launcher and ``kernel_specs``)."""
     B, _, T, D = q.shape
@@ -147,7 +143,7 @@ def _rope_launch(q, k, cos, sin, q_out, k_out, *, backward: bool) -> tuple[torch
 
 
 def _rotate(a: torch.Tensor, b: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool):
-    a, b, cos, sin = map(_unit_last, (a, b, cos, sin))
+    a, b, cos, sin = map(unit_last, (a, b, cos, sin))
     return _rope_launch(a, b, cos, sin, torch.empty_like(a), torch.empty_like(b), backward=backward)
 
 
@@ -228,12 +224,6 @@ def apply_rope(
         return _RoPEFunction.apply(q, k, cos, sin)
 
 
-def _triton_type(arg) -> str:
-    if isinstance(arg, torch.Tensor):
-        return "*" + TRITON_DTYPES[arg.dtype]
-    return "i32" if -(2**31) <= arg < 2**31 else "i64"
-
-
 def kernel_specs(shape: dict) -> list[KernelSpec]:
     """The forward and backward launches at ``shape`` (a ``QWEN25_SHAPES`` entry plus ``tokens``, ``dtype``).
 
@@ -253,7 +243,7 @@ def kernel_specs(shape: dict) -> list[KernelSpec]:
     blocks, num_warps = _config(hq + hk, d)
     constexprs = {"HQ": hq, "HK": hk, "HALF": d // 2, **blocks}
     names = [name for name in _rope_kernel.arg_names if name not in (*constexprs, "BACKWARD")]
-    signature = {name: _triton_type(arg) for name, arg in zip(names, args, strict=True)}
+    signature = {name: triton_type(arg) for name, arg in zip(names, args, strict=True)}
     config = f"HQ={hq} HK={hk} BLOCK_H={blocks['BLOCK_H']} BLOCK_HALF={blocks['BLOCK_HALF']} warps={num_warps}"
     return [
         KernelSpec(
