@@ -27,7 +27,6 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -35,7 +34,7 @@ import torch
 
 from s1fast.bench.grading import extract_answer, is_equiv
 from s1fast.model.chat import IM_END, load_tokenizer, think_prompt
-from s1fast.train.data import read_records
+from s1fast.train.data import read_records, write_atomic
 
 EXAMPLE_PROBLEMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "example_problems.jsonl")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
@@ -127,19 +126,6 @@ def decode_batch(decoder, prompts: list[list[int]], forcing, *, max_new_tokens: 
 
 # ------------------------------------------------------------------------------------------------ outputs
 
-def _write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _summary(point: dict) -> dict:
@@ -208,9 +194,9 @@ def write_reports(out: str, settings: dict, environment: dict) -> list[dict]:
             with open(os.path.join(points_dir, name), encoding="utf-8") as f:
                 summaries.append(_summary(json.load(f)))
     summaries.sort(key=lambda p: SweepPoint(p["max_thinking_tokens"], p["num_waits"]).sort_key())
-    _write_atomic(os.path.join(out, "results.json"),
+    write_atomic(os.path.join(out, "results.json"),
                   json.dumps({"settings": settings, "environment": environment, "points": summaries}, indent=2))
-    _write_atomic(os.path.join(out, "results.md"), markdown_table(summaries))
+    write_atomic(os.path.join(out, "results.md"), markdown_table(summaries))
     if summaries:
         plot(summaries, os.path.join(out, "scaling.png"),
              f"{os.path.basename(os.path.normpath(settings['model']))} on {os.path.basename(settings['problems'])}")
@@ -254,7 +240,7 @@ def _check_settings(out: str, settings: dict) -> None:
             details = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
             raise ValueError(f"out {out!r} holds points computed with other settings ({details}); "
                              "use a new --out directory")
-    _write_atomic(path, json.dumps(settings, indent=2))
+    write_atomic(path, json.dumps(settings, indent=2))
 
 
 def evaluate(cfg: EvalConfig) -> list[dict]:
@@ -345,7 +331,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
                 "tokens_per_s": sum(r["thinking_tokens"] + r["answer_tokens"] for r in records) / max(elapsed, 1e-9),
                 "records": records,
             }
-            _write_atomic(os.path.join(cfg.out, "points", point.key + ".json"), json.dumps(result, indent=1))
+            write_atomic(os.path.join(cfg.out, "points", point.key + ".json"), json.dumps(result, indent=1))
         bar.close()
     return write_reports(cfg.out, settings, environment(device))
 

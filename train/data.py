@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,22 @@ def completion_text(thinking: str, attempt: str) -> str:
     attempt = attempt.strip()
     answer = attempt if "Answer:" in attempt else "Answer: " + attempt
     return f"{IM_START}think\n{thinking.strip()}\n{IM_START}answer\n{answer}{IM_END}\n"
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that a crash leaves the old file or the new one, never a partial one:
+    a temporary file in the same directory, fsynced, then renamed over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _schema(columns: Sequence[str], trajectory: str | None, where: str) -> tuple[str, str]:

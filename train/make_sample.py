@@ -16,7 +16,7 @@ import os
 import random
 from collections.abc import Callable
 
-SAMPLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "s1k_sample.jsonl")
+from s1fast.train.data import SAMPLE_PATH, write_atomic
 
 
 def _slip(rng: random.Random, value: int) -> int:
@@ -192,11 +192,7 @@ def make_rows(n: int, seed: int = 0, slip_rate: float = 0.12) -> list[dict]:
 
 def write_jsonl(rows: list[dict], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def main(argv: list[str] | None = None) -> int:

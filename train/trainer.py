@@ -27,7 +27,7 @@ from torch import nn
 
 from s1fast.model.fsdp import shard_model
 from s1fast.model.patch import causal_lm
-from s1fast.train.data import IGNORE_INDEX, Dataset
+from s1fast.train.data import IGNORE_INDEX, Dataset, write_atomic
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -434,9 +434,7 @@ def _truncate_log(output_dir: str, step: int) -> None:
                     keep.append(line if line.endswith("\n") else line + "\n")
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, "".join(keep))
 
 
 def _write_synced(path: str, write: Callable) -> None:
