@@ -180,3 +180,21 @@ def device_ceilings(device: str | torch.device, *, quick: bool = False) -> dict:
         "matmul_n": n,
         "matmul_dtype": str(dtype).replace("torch.", ""),
     }
+
+
+def random_qwen2(shape: dict, *, device: str | torch.device, layers: int | None = None, dtype: torch.dtype = torch.float32,
+                 max_positions: int = 32768, use_cache: bool = False):
+    """A random-initialised (seed 0) transformers ``Qwen2ForCausalLM`` of a ``QWEN25_SHAPES``-style dict
+    (``layers`` overrides its depth), with Qwen2.5's RMSNorm eps and rope theta, SDPA attention."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"] if layers is None else layers, num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], head_dim=shape["head_dim"], vocab_size=shape["vocab"],
+        tie_word_embeddings=shape["tied"], rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=max_positions,
+        attn_implementation="sdpa", use_cache=use_cache,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device):
+        return Qwen2ForCausalLM(config).to(dtype)

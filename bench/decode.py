@@ -33,7 +33,7 @@ import sys
 
 import torch
 
-from s1fast.bench.common import QWEN25_SHAPES, device_ceilings, environment, measure
+from s1fast.bench.common import QWEN25_SHAPES, device_ceilings, environment, measure, random_qwen2
 
 SUMMARY_COLUMNS = ("case", "impl", "attention", "context", "batch", "new_tokens", "tokens_per_s", "speedup_vs_hf",
                    "pct_of_bw_limit", "overhead_pct", "seconds")  # fmt: skip
@@ -52,17 +52,7 @@ def plan(device: str, quick: bool) -> dict:
 
 
 def build_model(shape: dict, dtype: torch.dtype, device: str, max_positions: int):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        hidden_size=shape["hidden"], intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"], vocab_size=shape["vocab"],
-        tie_word_embeddings=shape["tied"], max_position_embeddings=max_positions, rope_theta=1e6, rms_norm_eps=1e-6,
-        attn_implementation="sdpa",
-    )  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(dtype).eval()
+    model = random_qwen2(shape, device=device, dtype=dtype, max_positions=max_positions, use_cache=True).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model

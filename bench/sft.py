@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from s1fast.bench.common import QWEN25_SHAPES, default_device, environment, synchronize
+from s1fast.bench.common import QWEN25_SHAPES, default_device, environment, random_qwen2, synchronize
 from s1fast.model.patch import patch
 from s1fast.train.data import IGNORE_INDEX, Dataset
 from s1fast.train.trainer import TrainConfig, Trainer, init_distributed
@@ -54,20 +54,6 @@ def synthetic_dataset(lengths: list[int], vocab: int, seed: int = 0) -> Dataset:
     return Dataset(examples, list(range(len(examples))), [])
 
 
-def _model(shape: dict, layers: int, device: torch.device):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        hidden_size=shape["hidden"], intermediate_size=shape["intermediate"], num_hidden_layers=layers,
-        num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"], head_dim=shape["head_dim"],
-        vocab_size=shape["vocab"], tie_word_embeddings=shape["tied"], rms_norm_eps=1e-6, rope_theta=1e6,
-        max_position_embeddings=32768, attn_implementation="sdpa", use_cache=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device(device):
-        return Qwen2ForCausalLM(config)
-
-
 def measure(shape: dict, layers: int, dataset_name: str, patched: bool, device: torch.device,
             steps: int) -> dict:
     n_real, mean, longest = DATASETS[dataset_name]
@@ -75,7 +61,7 @@ def measure(shape: dict, layers: int, dataset_name: str, patched: bool, device: 
     cuda = device.type == "cuda"
     lengths = synthetic_lengths(global_batch * (steps + 1), mean, longest)
     dataset = synthetic_dataset(lengths, shape["vocab"])
-    lm = _model(shape, layers, device)
+    lm = random_qwen2(shape, device=device, layers=layers)
     if patched:
         patch(lm)
     with tempfile.TemporaryDirectory() as out:

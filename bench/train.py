@@ -29,7 +29,7 @@ import statistics
 import time
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
 from s1fast.bench.common import (
     QWEN25_SHAPES,
@@ -37,6 +37,7 @@ from s1fast.bench.common import (
     device_ceilings,
     environment,
     memory_profile,
+    random_qwen2,
     synchronize,
 )
 from s1fast.bench.profiling import region
@@ -56,16 +57,7 @@ def grid(device: str, quick: bool) -> list[dict]:
 
 
 def build(model: str, layers: int, device: str, dtype: torch.dtype, grad_ckpt: bool) -> Qwen2ForCausalLM:
-    s = QWEN25_SHAPES[model]
-    config = Qwen2Config(
-        hidden_size=s["hidden"], intermediate_size=s["intermediate"], num_hidden_layers=layers,
-        num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], vocab_size=s["vocab"],
-        tie_word_embeddings=s["tied"], rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768,
-        attn_implementation="sdpa", use_cache=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device(device):
-        lm = Qwen2ForCausalLM(config).to(dtype).train()
+    lm = random_qwen2(QWEN25_SHAPES[model], device=device, layers=layers, dtype=dtype).train()
     if grad_ckpt:
         lm.gradient_checkpointing_enable()
     return lm
