@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import types
 from collections.abc import Callable, Iterator
 
@@ -94,19 +95,48 @@ def _apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     return apply_rope(q, k, cos, sin)
 
 
+def _rebind(fn: types.FunctionType, name: str, value: object) -> types.FunctionType:
+    """A copy of ``fn`` whose global ``name`` is ``value``. Decorators made with ``functools.wraps`` (e.g.
+    transformers' ``deprecate_kwarg`` around ``forward`` since 5.24) are kept: the innermost function is rebound
+    and each wrapper is rebuilt around the copy, by replacing the closure cell that held the function it wraps,
+    so the wrappers' own behaviour (keyword renames, warnings) is unchanged."""
+    inner = getattr(fn, "__wrapped__", None)
+    if inner is None:
+        if name not in fn.__code__.co_names:
+            raise RuntimeError(
+                f"s1fast.model.patch: {fn.__qualname__} no longer calls {name} in this transformers version; "
+                "patch it with rope=False"
+            )
+        copy = types.FunctionType(fn.__code__, dict(fn.__globals__, **{name: value}), fn.__name__, fn.__defaults__, fn.__closure__)
+    else:
+        cells = fn.__closure__ or ()
+        holds = [_cell_holds(cell, inner) for cell in cells]
+        if sum(holds) != 1:
+            raise RuntimeError(
+                f"s1fast.model.patch: cannot see through the decorator around {fn.__qualname__} in this transformers "
+                "version; patch it with rope=False"
+            )
+        new_inner = _rebind(inner, name, value)
+        closure = tuple(types.CellType(new_inner) if h else cell for cell, h in zip(cells, holds))
+        copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, closure)
+        copy.__dict__.update(fn.__dict__)
+        copy.__wrapped__ = new_inner
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__ = fn.__qualname__
+    return copy
+
+
+def _cell_holds(cell: types.CellType, value: object) -> bool:
+    try:
+        return cell.cell_contents is value
+    except ValueError:  # an empty cell
+        return False
+
+
 @functools.cache
 def _rope_forward(forward: types.FunctionType) -> types.FunctionType:
     """``forward``'s code with ``apply_rotary_pos_emb`` resolved to s1fast's rope (one function per class)."""
-    if "apply_rotary_pos_emb" not in forward.__code__.co_names:
-        raise RuntimeError(
-            f"s1fast.model.patch: {forward.__qualname__} no longer calls apply_rotary_pos_emb in this transformers "
-            "version; patch it with rope=False"
-        )
-    globals_ = dict(forward.__globals__, apply_rotary_pos_emb=_apply_rotary_pos_emb)
-    fn = types.FunctionType(forward.__code__, globals_, forward.__name__, forward.__defaults__, forward.__closure__)
-    fn.__kwdefaults__ = forward.__kwdefaults__
-    fn.__qualname__ = forward.__qualname__
-    return _ours(fn)
+    return _ours(_rebind(forward, "apply_rotary_pos_emb", _apply_rotary_pos_emb))
 
 
 def _check_labels(name: str, labels: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -151,20 +181,33 @@ def causal_lm_loss(
     )
 
 
+# cls.forward -> its positional names: filled by patch(), read by the forward (no inspect there). Keyed by the
+# function, not the class, so that subclasses made on the fly (FSDP2's FSDPQwen2ForCausalLM) find it.
+_POSITIONAL_NAMES: dict[Callable, tuple[str, ...]] = {}
+
+
+def _positional_names(cls: type) -> tuple[str, ...]:
+    """The names of ``cls.forward``'s positional parameters after ``self``, as the installed transformers spells
+    them (``past_key_values`` before 5.24, ``cache`` since)."""
+    params = inspect.signature(inspect.unwrap(cls.forward)).parameters.values()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in params if p.kind in kinds)[1:]
+
+
 @_ours
 @can_return_tuple
-def _causal_lm_forward(
-    self,
-    input_ids: torch.LongTensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.LongTensor | None = None,
-    past_key_values=None,
-    inputs_embeds: torch.Tensor | None = None,
-    labels: torch.LongTensor | None = None,
-    use_cache: bool | None = None,
-    logits_to_keep: int | torch.Tensor = 0,
-    **kwargs,
-) -> CausalLMOutputWithPast:
+def _causal_lm_forward(self, *args, **kwargs) -> CausalLMOutputWithPast:
+    """The causal LM's forward with the fused loss. Arguments are named as the installed class's forward names
+    them and passed on unchanged, so keyword renames between transformers releases need nothing here."""
+    names = _POSITIONAL_NAMES[type(self).forward]
+    if len(args) > len(names):
+        raise TypeError(f"{type(self).__name__}.forward takes {len(names)} positional arguments, got {len(args)}")
+    for name, value in zip(names, args):
+        if name in kwargs:
+            raise TypeError(f"{type(self).__name__}.forward got multiple values for argument {name!r}")
+        kwargs[name] = value
+    labels = kwargs.get("labels")
+    logits_to_keep = kwargs.get("logits_to_keep", 0)
     fused = (
         labels is not None
         and self.training
@@ -173,23 +216,18 @@ def _causal_lm_forward(
         and self.loss_function is LOSS_MAPPING["ForCausalLM"]
     )
     if not fused:
-        return type(self).forward(
-            self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-            logits_to_keep=logits_to_keep, return_dict=True, **kwargs,
-        )  # fmt: skip
-    outputs = self.model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
-    )  # fmt: skip
+        return type(self).forward(self, return_dict=True, **kwargs)
+    del kwargs["labels"]
+    kwargs.pop("logits_to_keep", None)
+    outputs = self.model(**kwargs)
     hidden = outputs.last_hidden_state[:, -logits_to_keep:] if logits_to_keep else outputs.last_hidden_state
-    return CausalLMOutputWithPast(
-        loss=causal_lm_loss(hidden, self.lm_head, labels, **kwargs),
-        logits=None,
-        past_key_values=outputs.past_key_values,
-        hidden_states=outputs.hidden_states,
-        attentions=outputs.attentions,
-    )
+    rest = {key: value for key, value in outputs.items() if key != "last_hidden_state"}  # the cache, hidden states...
+    return CausalLMOutputWithPast(loss=causal_lm_loss(hidden, self.lm_head, labels, **kwargs), logits=None, **rest)
+
+
+# Introspection (transformers' Trainer picks dataset columns from ``inspect.signature(model.forward)``) sees the
+# installed forward's parameters, as with the unpatched model.
+_causal_lm_forward.__signature__ = inspect.signature(inspect.unwrap(qwen2.Qwen2ForCausalLM.forward))
 
 
 # --- patch / unpatch ---------------------------------------------------------------------------------------
@@ -203,6 +241,7 @@ def _is_ours(module: nn.Module) -> bool:
 def _targets(lm: nn.Module, rms_norm: bool, rope: bool, swiglu: bool, loss: bool) -> Iterator[tuple[nn.Module, Callable]]:
     """(module, unbound forward) for every module the switches select."""
     if loss:
+        _POSITIONAL_NAMES.setdefault(type(lm).forward, _positional_names(type(lm)))
         yield lm, _causal_lm_forward
     for module in lm.modules():
         if rms_norm and isinstance(module, _RMS_NORMS):

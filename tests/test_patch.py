@@ -8,7 +8,9 @@ interpreter (conftest sets TRITON_INTERPRET=1 without a GPU).
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
+import inspect
 import types
 
 import pytest
@@ -204,6 +206,81 @@ def test_num_items_in_batch_and_logits_to_keep():
         for keep in (1, 4, torch.tensor([0, 3, 7])):
             logits = patched(input_ids=input_ids, logits_to_keep=keep).logits  # training mode, no labels
             assert_rel(logits, ref(input_ids=input_ids, logits_to_keep=keep).logits, FP32_REL, f"logits_to_keep={keep}")
+
+
+def test_positional_arguments_and_the_cache_through_the_fused_loss():
+    """The fused forward takes positional arguments in the installed class's order and returns the cache the
+    model made, whatever this transformers release calls it (``past_key_values`` before 5.24, ``cache`` since)."""
+    ref, patched = patched_pair("qwen2")
+    input_ids, labels = random_batch(2, 9)
+    mask = torch.ones_like(input_ids)
+    positional = inspect.signature(patched.forward).parameters  # what Trainer sees: the installed signature
+    assert list(positional)[:2] == ["input_ids", "attention_mask"] and "labels" in positional
+    out = patched(input_ids, mask, labels=labels, use_cache=True)
+    out_ref = ref(input_ids, mask, labels=labels, use_cache=True)
+    assert out.logits is None
+    assert_rel(out.loss, out_ref.loss, FP32_REL, "loss with positional arguments")
+    cache, cache_ref = out.to_tuple()[1], out_ref.to_tuple()[2]  # (loss, cache) vs (loss, logits, cache)
+    assert type(cache) is type(cache_ref) and cache.get_seq_length() == 9
+    with pytest.raises(TypeError, match="multiple values for argument 'input_ids'"):
+        patched(input_ids, input_ids=input_ids, labels=labels)
+
+
+def _counting_decorator(counter: list):
+    """A decorator like transformers' ``deprecate_kwarg``: ``functools.wraps`` over a closure, with behaviour of
+    its own (counts calls, renames a keyword)."""
+
+    def decorate(func):
+        @functools.wraps(func)
+        def wrapped(*args, **kwargs):
+            counter.append(1)
+            if "old_mask" in kwargs:
+                kwargs["attention_mask"] = kwargs.pop("old_mask")
+            return func(*args, **kwargs)
+
+        return wrapped
+
+    return decorate
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_rope_patch_sees_through_decorated_attention_forwards(arch, monkeypatch):
+    """Attention classes whose forward is wrapped (once more on top of whatever this transformers release
+    already wraps it in) still get s1fast's rope, the wrapper still runs, and the results match transformers."""
+    ref, model = patched_pair(arch)
+    unpatch(model)
+    attention = type(model.model.layers[0].self_attn)
+    counter = []
+    decorated = type("DecoratedAttention", (attention,), {"forward": _counting_decorator(counter)(attention.forward)})
+    for layer in model.model.layers:
+        layer.self_attn.__class__ = decorated
+    rope_calls = []
+    apply_rope = patch_module.apply_rope
+    monkeypatch.setattr(patch_module, "apply_rope", lambda *a: rope_calls.append(1) or apply_rope(*a))
+    patch(model)
+    input_ids, labels = random_batch(2, 11)
+    assert_same_training(ref, model, input_ids, labels)
+    layers = len(model.model.layers)
+    assert len(counter) == layers and len(rope_calls) == layers, "the wrapper and s1fast's rope run once per layer"
+    unpatch(model)
+    assert decorated.forward.__wrapped__ is attention.forward, "the class's own forward is untouched"
+
+
+def test_rope_patch_refuses_a_decorator_it_cannot_see_through():
+    def opaque(func):  # wraps without keeping the function in its closure
+        @functools.wraps(func)
+        def wrapped(*args, **kwargs):
+            return wrapped.__wrapped__(*args, **kwargs)
+
+        return wrapped
+
+    _, model = patched_pair("qwen2")
+    unpatch(model)
+    attention = type(model.model.layers[0].self_attn)
+    model.model.layers[0].self_attn.__class__ = type("Opaque", (attention,), {"forward": opaque(attention.forward)})
+    with pytest.raises(RuntimeError, match="cannot see through the decorator .* rope=False"):
+        patch(model)
+    patch(model, rope=False)  # the way out the message names
 
 
 def test_unpatch_restores_bit_identical_outputs_and_other_models_are_untouched():
