@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: Qwen2.5 shapes, timing (medians after warm-up), device ceilings, environment.
+"""Shared benchmark plumbing: timing (medians after warm-up), device ceilings, environment.
 
 Every bench module (``kernels``, ``train``, ``decode``, ...) exposes
 ``run(*, device: str, quick: bool, peers: list[str]) -> list[dict]``: one flat dict per measurement, units
@@ -17,14 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-# Qwen2.5 shapes (ANCHORS.md). `kernel_specs(shape)` in each kernel module and the benchmarks take these dicts.
-QWEN25_SHAPES: dict[str, dict] = {
-    "0.5B": dict(layers=24, hidden=896, heads=14, kv_heads=2, head_dim=64, intermediate=4864, vocab=151936, tied=True),
-    "1.5B": dict(layers=28, hidden=1536, heads=12, kv_heads=2, head_dim=128, intermediate=8960, vocab=151936, tied=True),
-    "7B": dict(layers=28, hidden=3584, heads=28, kv_heads=4, head_dim=128, intermediate=18944, vocab=152064, tied=False),
-    "32B": dict(layers=64, hidden=5120, heads=40, kv_heads=8, head_dim=128, intermediate=27648, vocab=152064, tied=False),
-}
-
+from s1fast.model.shapes import QWEN25_SHAPES, random_qwen2  # noqa: F401  (the benchmarks' shapes)
 
 def synchronize(device: str | torch.device) -> None:
     if torch.device(device).type == "cuda":
@@ -61,20 +54,16 @@ def git_commit() -> str:
 
 def environment(device: str | torch.device) -> dict:
     """Device name and software versions, recorded with every benchmark run."""
-    import transformers
-    import triton
+    from s1fast.env import versions
 
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    found = versions()
     return {
         "device": name,
         "device_type": dev.type,
         "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "transformers": transformers.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
+        **{key: found[key] for key in ("torch", "triton", "transformers", "flash-attn", "cuda", "python")},
         "git_commit": git_commit(),
     }
 
@@ -85,38 +74,57 @@ def default_device() -> str:
 
 
 def time_ms(
-    fn: Callable[[], object],
+    fn: Callable[..., object],
     *,
     device: str | torch.device,
     quick: bool = False,
     grad_to_none: list[torch.Tensor] | None = None,
+    setup: Callable[[], object] | None = None,
 ) -> float:
     """Median milliseconds of one ``fn()`` call after warm-up.
 
-    CUDA: ``triton.testing.do_bench``, which clears the L2 cache (writes a buffer larger than L2) before every
-    timed call, so each call reads its inputs from HBM as a fresh input would. CPU: :func:`measure`.
+    CUDA: the L2 cache is cleared (a buffer larger than L2 is written) before every timed call, so each call
+    reads its inputs from HBM as a fresh input would (``triton.testing.do_bench``, or the same method with
+    CUDA events when ``setup`` is given). CPU: wall-clock time, as many repetitions as fit a small budget.
     ``grad_to_none``: tensors whose ``.grad`` is reset before each call, so backward timings never include
-    gradient accumulation.
+    gradient accumulation. ``setup``: called before every call, outside the timed region, and ``fn`` gets
+    its result: ``time_ms(backward, setup=forward)`` times a backward alone, on a fresh graph each time.
     """
-    if torch.device(device).type == "cuda":
+    dev = torch.device(device)
+    if dev.type == "cuda" and setup is None:
         from triton.testing import do_bench
 
         return float(do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
                               grad_to_none=grad_to_none, return_mode="median"))
 
-    def call() -> None:
+    def prepare() -> tuple:
         for t in grad_to_none or ():
             t.grad = None
-        fn()
+        return () if setup is None else (setup(),)
+
+    if dev.type == "cuda":
+        l2_flush = torch.empty(256 * 2**20, dtype=torch.int8, device=dev)  # as do_bench: larger than any L2
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def once() -> float:
+        args = prepare()
+        if dev.type == "cuda":
+            l2_flush.zero_()
+            start.record()
+            fn(*args)
+            end.record()
+            torch.cuda.synchronize(dev)
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn(*args)
+        return (time.perf_counter() - t0) * 1e3
 
     # As many repetitions as fit a time budget (at least 3): cheap calls get enough samples for a stable
-    # median on a noisy CPU, expensive ones stay affordable.
-    t0 = time.perf_counter()
-    call()
-    once_s = time.perf_counter() - t0
-    budget_s = 0.3 if quick else 2.0
-    reps = max(3, min(50, int(budget_s / max(once_s, 1e-6))))
-    return measure(call, device=device, warmup=0, reps=reps)["median_ms"]  # the call above warmed up
+    # median on a noisy CPU, expensive ones stay affordable. The first calls warm up.
+    first = [once() for _ in range(3 if dev.type == "cuda" else 1)][-1]
+    budget_ms = (40 if quick else 100) if dev.type == "cuda" else (300 if quick else 2000)
+    reps = max(3, min(1000 if dev.type == "cuda" else 50, int(budget_ms / max(first, 1e-3))))
+    return statistics.median(once() for _ in range(reps))
 
 
 def memory_profile(fn: Callable[[], object], *, device: str | torch.device) -> dict:
@@ -180,21 +188,3 @@ def device_ceilings(device: str | torch.device, *, quick: bool = False) -> dict:
         "matmul_n": n,
         "matmul_dtype": str(dtype).replace("torch.", ""),
     }
-
-
-def random_qwen2(shape: dict, *, device: str | torch.device, layers: int | None = None, dtype: torch.dtype = torch.float32,
-                 max_positions: int = 32768, use_cache: bool = False):
-    """A random-initialised (seed 0) transformers ``Qwen2ForCausalLM`` of a ``QWEN25_SHAPES``-style dict
-    (``layers`` overrides its depth), with Qwen2.5's RMSNorm eps and rope theta, SDPA attention."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-        num_hidden_layers=shape["layers"] if layers is None else layers, num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"], head_dim=shape["head_dim"], vocab_size=shape["vocab"],
-        tie_word_embeddings=shape["tied"], rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=max_positions,
-        attn_implementation="sdpa", use_cache=use_cache,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device(device):
-        return Qwen2ForCausalLM(config).to(dtype)

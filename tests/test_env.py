@@ -1,0 +1,41 @@
+"""``s1fast env``: the report a bug needs, and the patch check that can say "fails"."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import transformers
+
+from s1fast import env
+from s1fast.cli import main
+
+patch_module = importlib.import_module("s1fast.model.patch")
+
+
+def test_env_reports_versions_paths_and_a_working_patch(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch               {torch.__version__}" in out
+    assert f"transformers        {transformers.__version__}" in out
+    assert "flash-attn" in out and "GPUs" in out
+    assert "kernels (RMSNorm" in out and "decoder attention of one-token steps: " in out
+    assert f"patch(): works with transformers {transformers.__version__}" in out
+
+
+def test_patch_check_catches_a_wrong_kernel(monkeypatch):
+    """A patch that computes something else (RMSNorm without its weight) is reported, naming the model."""
+    monkeypatch.setattr(patch_module, "rms_norm", lambda x, weight, eps: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    problem = env.check_patch(torch.device("cpu"))
+    assert problem is not None and problem.startswith("qwen2 (tied=True): "), problem
+    assert "patched loss differs from transformers" in problem, problem
+
+
+def test_patch_check_reports_an_exception(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("this transformers moved something")
+
+    monkeypatch.setattr(patch_module, "patch", broken)
+    assert main(["env"]) == 1
+    assert "patch(): FAILS with transformers" in capsys.readouterr().out
+    assert env.check_patch(torch.device("cpu")) == "qwen2: RuntimeError: this transformers moved something"
