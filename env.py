@@ -46,6 +46,10 @@ def check_patch(device: torch.device) -> str | None:
     ids = torch.randint(0, _TINY["vocab"], (2, 12), generator=generator).to(device)
     for arch, tied in (("qwen2", True), ("qwen2", False), ("qwen3", False)):
         ref = random_qwen2(dict(_TINY, tied=tied), device=device, arch=arch, max_positions=64).train()
+        with torch.no_grad():  # norm weights and biases off their defaults (ones, zeros), which hide kernels ignoring them
+            for name, p in ref.named_parameters():
+                if name.endswith("norm.weight") or name.endswith(".bias"):
+                    p.add_(torch.rand(p.shape, generator=generator).to(device) - 0.5)
         try:
             patched = patch(copy.deepcopy(ref))
             results = []
