@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 import traceback
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from s1fast.bench.common import default_device, device_ceilings, environment
+from s1fast.model.cli import check_device
 
 SUITES = ("kernels", "train", "decode", "sft", "inspect")
 PEERS = ("eager", "compile", "liger", "hf")
@@ -96,16 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cuda", "cpu"):
-        parser.error(f"--device must be cuda[:N] or cpu, got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
+        device = check_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    # the output directory before anything runs, not after a long benchmark
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out!r} is a file; give a directory (created if missing)")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {args.out!r}: cannot create the directory ({e.strerror})")
+    if not os.access(args.out, os.W_OK | os.X_OK):
+        parser.error(f"--out {args.out!r}: no permission to write in it")
     if device.type == "cuda":
-        if (device.index or 0) >= torch.cuda.device_count():
-            parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(device)  # Triton launches on the current device, not on its arguments' device
     peers = args.peers
     if peers is None:

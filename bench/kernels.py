@@ -2,9 +2,10 @@
 
 For each kernel at each shape, every implementation gets:
 - ``fwd_ms``, ``bwd_ms``, ``fwd_bwd_ms``: medians after warm-up (:func:`bench.common.time_ms`: on CUDA
-  ``triton.testing.do_bench``, which clears L2 before each call, so inputs come from HBM as fresh ones
-  would; on CPU repeated wall-clock timing); gradients reset to None before each call. ``bwd_ms`` is
-  ``fwd_bwd_ms - fwd_ms``: a fused backward may consume what its forward saved, so it cannot be re-run.
+  L2 is cleared before each call, so inputs come from HBM as fresh ones would; on CPU repeated wall-clock
+  timing); gradients reset to None before each call. ``bwd_ms`` times the backward alone: each timed
+  backward runs on a fresh graph whose forward ran untimed just before (a fused backward may consume what
+  its forward saved, so one graph cannot be re-run), never as a difference of two noisy medians.
 - ``*_gbps`` and ``fwd_bwd_pct_of_copy_bw``: bytes that must move (each input read once, each output
   written once; ``*_moved_mib``) over the time, against the measured device-copy bandwidth. For the
   compute-bound fused linear cross-entropy: ``fwd_bwd_tflops`` (6·N·H·V) and ``fwd_bwd_pct_of_matmul``.
@@ -203,19 +204,21 @@ def _measure(case: Case, name: str, fn: Callable, device: str, quick: bool, ceil
         with region(f"kernels/{case.kernel}/{name}/forward"):
             return fn(*args)
 
-    def fwd_bwd():
-        out = fwd()
+    def bwd(out):
         with region(f"kernels/{case.kernel}/{name}/backward"):
             _backward(out, case.dys)
+
+    def fwd_bwd():
+        bwd(fwd())
 
     for t in leaves:
         t.grad = None
     fwd_bwd()  # warm-up / compile outside every timing
     row = {"fwd_ms": time_ms(fwd, device=device, quick=quick)}
-    row["fwd_bwd_ms"] = time_ms(fwd_bwd, device=device, quick=quick, grad_to_none=leaves)
     # A fused backward may consume what its forward saved (e.g. scale the gradient in place), so backward
-    # cannot be re-run on one graph: it is timed as the difference of the two medians.
-    row["bwd_ms"] = row["fwd_bwd_ms"] - row["fwd_ms"]
+    # cannot be re-run on one graph: every timed backward gets a fresh forward, run outside the timed region.
+    row["bwd_ms"] = time_ms(bwd, device=device, quick=quick, grad_to_none=leaves, setup=fwd)
+    row["fwd_bwd_ms"] = time_ms(fwd_bwd, device=device, quick=quick, grad_to_none=leaves)
     for t in leaves:
         t.grad = None
     mem = memory_profile(fwd_bwd, device=device)  # empty on CPU under --profile

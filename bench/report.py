@@ -12,6 +12,8 @@ import json
 import math
 from pathlib import Path
 
+from s1fast.model.cli import atomic_output
+
 SIZE_KEYS = ("tokens", "seq_len", "context", "context_len", "batch_size", "batch")
 SERIES_KEYS = ("impl", "peer", "variant", "mode")
 GROUP_KEYS = ("kernel", "model")
@@ -117,8 +119,9 @@ def write(results: dict, out: str | Path) -> list[str]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json", out / "results.md"]
-    paths[0].write_text(json.dumps(results, indent=1, default=str) + "\n")
-    paths[1].write_text(markdown_report(results))
+    for path, text in zip(paths, (json.dumps(results, indent=1, default=str) + "\n", markdown_report(results))):
+        with atomic_output(str(path)) as f:  # a crash never leaves a half-written report over an older one
+            f.write(text)
     written = [str(p) for p in paths]
     for name, suite in results["suites"].items():
         written += plot_suite(name, suite.get("rows", []), out)

@@ -3,9 +3,12 @@
 For every point of a sweep (a maximum thinking budget and a number of forced "Wait"s), every problem of a
 JSONL / parquet / Hugging Face dataset is decoded with budget forcing in batches by one reused
 :class:`s1fast.model.Decoder`, the answer is extracted and graded (:mod:`s1fast.bench.grading`), and the point
-is written atomically to ``OUT/points/<point>.json``. A rerun with the same settings skips finished points, so
-a crashed or extended sweep only computes what is missing; different settings in the same ``OUT`` are refused
-(the model is known by its path: evaluate new weights saved over old ones in a new ``OUT``).
+is written atomically to ``OUT/points/<point>.json`` with the settings it was computed with. A rerun with the
+same settings skips finished points, so a crashed or extended sweep only computes what is missing; a point
+file computed with other settings is refused, naming it and what differs (the model is known by its path:
+evaluate new weights saved over old ones in a new ``OUT``), as is a corrupt one. One eval at a time holds
+``OUT`` (``OUT/.lock``); temporary files of an interrupted write are removed (at once on Ctrl-C / SIGTERM,
+on the next run after a SIGKILL).
 Then ``OUT/results.json``, ``OUT/results.md`` and ``OUT/scaling.png`` (accuracy against mean thinking tokens,
 log x axis) are rebuilt from every finished point.
 
@@ -22,18 +25,21 @@ thinking never ended (``--max-new-tokens`` hit first).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from s1fast.bench.grading import extract_answer, is_equiv
 from s1fast.model.chat import IM_END, load_tokenizer, think_prompt
+from s1fast.model.cli import check_device, check_model_dir, load_model, sigterm_as_interrupt
 from s1fast.train.data import read_records, write_atomic
 
 EXAMPLE_PROBLEMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "example_problems.jsonl")
@@ -88,12 +94,6 @@ def load_problems(source: str, *, question_field: str = "question", answer_field
     return problems
 
 
-def load_model(path: str, *, dtype: torch.dtype, device: str):
-    from s1fast.model.patch import load
-
-    return load(path, dtype=dtype, device=device).eval()
-
-
 def decode_batch(decoder, prompts: list[list[int]], forcing, *, max_new_tokens: int, stop_token_ids: list[int],
                  tokenizer, sampling: dict) -> list[dict]:
     """One budget-forced ``Decoder.generate`` call; per row: thinking tokens (the decoder's count: the model's
@@ -128,8 +128,40 @@ def decode_batch(decoder, prompts: list[list[int]], forcing, *, max_new_tokens: 
 
 
 
+_POINT_NUMBERS = ("num_waits", "accuracy", "correct", "problems", "mean_thinking_tokens", "mean_answer_tokens",
+                  "budget_cut_fraction", "time_s")
+
+
+def _read_point(path: str) -> dict:
+    """A finished point file, or a one-line ValueError naming the file (truncated, not JSON, fields missing)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            point = json.load(f)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problem = f"not JSON ({e})"
+    else:
+        if not isinstance(point, dict):
+            problem = f"a JSON {type(point).__name__}, not an object"
+        else:
+            bad = [k for k in _POINT_NUMBERS if isinstance(point.get(k), bool) or not isinstance(point.get(k), (int, float))]
+            bad += [] if isinstance(point.get("settings"), dict) else ["settings"]
+            b = point.get("max_thinking_tokens", "missing")
+            bad += [] if b is None or (isinstance(b, int) and not isinstance(b, bool)) else ["max_thinking_tokens"]
+            problem = f"missing or invalid fields {bad}" if bad else None
+        if problem is None:
+            return point
+    raise ValueError(f"point file {path} is corrupt: {problem}; delete it to recompute that point")
+
+
+def _points(out: str) -> list[tuple[str, dict]]:
+    """(path, point) of every finished point file in ``out``."""
+    points_dir = os.path.join(out, "points")
+    paths = sorted(os.path.join(points_dir, n) for n in os.listdir(points_dir) if n.endswith(".json") and not n.startswith("."))
+    return [(path, _read_point(path)) for path in paths]
+
+
 def _summary(point: dict) -> dict:
-    return {k: v for k, v in point.items() if k != "records"}
+    return {k: v for k, v in point.items() if k not in ("records", "settings")}
 
 
 def markdown_table(points: list[dict]) -> str:
@@ -187,12 +219,7 @@ def plot(points: list[dict], path: str, title: str) -> None:
 def write_reports(out: str, settings: dict, environment: dict) -> list[dict]:
     """Rebuild results.json / results.md / scaling.png from every finished point in ``out``; returns the
     point summaries, sorted by waits then budget."""
-    points_dir = os.path.join(out, "points")
-    summaries = []
-    for name in os.listdir(points_dir):
-        if name.endswith(".json") and not name.startswith("."):
-            with open(os.path.join(points_dir, name), encoding="utf-8") as f:
-                summaries.append(_summary(json.load(f)))
+    summaries = [_summary(point) for _, point in _points(out)]
     summaries.sort(key=lambda p: SweepPoint(p["max_thinking_tokens"], p["num_waits"]).sort_key())
     write_atomic(os.path.join(out, "results.json"),
                   json.dumps({"settings": settings, "environment": environment, "points": summaries}, indent=2))
@@ -230,26 +257,42 @@ class EvalConfig:
 
 
 def _check_settings(out: str, settings: dict) -> None:
-    """Bind ``out`` to ``settings`` (run.json); refuse to mix points computed with different settings."""
-    path = os.path.join(out, "run.json")
-    if os.path.exists(path) and any(n.endswith(".json") for n in os.listdir(os.path.join(out, "points"))):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+    """Refuse to mix points computed with different settings: every point file holds its own (so deleting
+    run.json changes nothing); then record ``settings`` in run.json."""
+    for path, point in _points(out):
+        old = point["settings"]
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             details = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
-            raise ValueError(f"out {out!r} holds points computed with other settings ({details}); "
+            raise ValueError(f"out {out!r} holds points computed with other settings ({details}; e.g. {path}); "
                              "use a new --out directory")
-    write_atomic(path, json.dumps(settings, indent=2))
+    write_atomic(os.path.join(out, "run.json"), json.dumps(settings, indent=2))
+
+
+@contextlib.contextmanager
+def _exclusive(out: str) -> Iterator[None]:
+    """Hold ``out`` for this run (an flock on OUT/.lock, released when the process ends however it ends),
+    then remove temporary files that a killed run (SIGKILL) left mid-write."""
+    import fcntl
+
+    fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"out {out!r} is in use by another s1fast eval (it holds {out}/.lock); "
+                             "wait for it to finish or use another --out") from None
+        for folder in (out, os.path.join(out, "points")):
+            for name in os.listdir(folder):
+                if name.startswith(".tmp-"):  # write_atomic's temporary files
+                    os.unlink(os.path.join(folder, name))
+        yield
+    finally:
+        os.close(fd)
 
 
 def evaluate(cfg: EvalConfig) -> list[dict]:
     """Run every missing point of the sweep and rebuild the reports; returns the point summaries."""
-    from tqdm.auto import tqdm
-
-    from s1fast.bench.common import environment
-    from s1fast.model import BudgetForcing, Decoder
-
     if importlib.util.find_spec("matplotlib") is None:  # before hours of decoding, not after
         raise ImportError("s1fast eval draws scaling.png with matplotlib: pip install matplotlib")
     if cfg.batch_size < 1:
@@ -259,12 +302,13 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
                          f"{cfg.max_new_tokens!r} and {cfg.max_answer_tokens!r}")
     if not os.path.isdir(cfg.model) and (cfg.model.count("/") != 1 or cfg.model.startswith((".", "/", "~"))):
         raise FileNotFoundError(f"model {cfg.model!r}: no such directory, and not a Hugging Face name (owner/name)")
+    if os.path.isdir(cfg.model):
+        check_model_dir(cfg.model)
     if cfg.temperature < 0 or (cfg.top_p is not None and not 0 < cfg.top_p <= 1):
         raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {cfg.temperature!r} and {cfg.top_p!r}")
     points = sweep(cfg.budgets, cfg.waits)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: no CUDA device is available")
+    check_device(device, "device")
     dtype_name = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if torch.device(device).type == "cuda" else "float32"
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype: expected 'auto' or one of {sorted(DTYPES)}, got {cfg.dtype!r}")
@@ -281,6 +325,18 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         "top_p": cfg.top_p, "seed": cfg.seed, "dtype": dtype_name,
     }
     os.makedirs(os.path.join(cfg.out, "points"), exist_ok=True)
+    with _exclusive(cfg.out):
+        return _run(cfg, settings, points, problems, device, dtype_name)
+
+
+def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: list[dict], device: str,
+         dtype_name: str) -> list[dict]:
+    """``evaluate`` once ``cfg.out`` is held: check the finished points, decode the missing ones, report."""
+    from tqdm.auto import tqdm
+
+    from s1fast.bench.common import environment
+    from s1fast.model import BudgetForcing, Decoder
+
     _check_settings(cfg.out, settings)
     pending = [p for p in points if not os.path.exists(os.path.join(cfg.out, "points", p.key + ".json"))]
     if len(pending) < len(points):
@@ -329,7 +385,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
                 "budget_cut_fraction": sum(r["budget_cut"] for r in records) / n,
                 "max_new_tokens": new_tokens(point), "time_s": elapsed,
                 "tokens_per_s": sum(r["thinking_tokens"] + r["answer_tokens"] for r in records) / max(elapsed, 1e-9),
-                "records": records,
+                "settings": settings, "records": records,
             }
             write_atomic(os.path.join(cfg.out, "points", point.key + ".json"), json.dumps(result, indent=1))
         bar.close()
@@ -401,10 +457,14 @@ def parse_args(argv: list[str]) -> EvalConfig:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
-        summaries = evaluate(cfg)
+        with sigterm_as_interrupt():  # SIGTERM as Ctrl-C: temporary files are removed on the way out
+            summaries = evaluate(cfg)
     except (ValueError, OSError, ImportError) as e:  # bad problems, model, tokenizer, settings or output directory
         print(f"s1fast eval: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"s1fast eval: interrupted; finished points are kept in {cfg.out}: rerun to resume", file=sys.stderr)
+        return 130
     print(markdown_table(summaries), end="")
     print(f"s1fast eval: results in {os.path.join(cfg.out, 'results.json')}, results.md, scaling.png")
     return 0

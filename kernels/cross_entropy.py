@@ -8,8 +8,15 @@ Math (per row ``i`` with label ``y``, smoothing ``eps``, z-loss weight ``z``, ``
 
 ``eps`` spreads ``eps / V`` over every class, exactly as ``torch.nn.functional.cross_entropy``'s
 ``label_smoothing`` does. Rows whose label is ``ignore_index`` have loss 0 and gradient 0. ``reduction``:
-"mean" = sum over rows / max(#non-ignored, 1) (all ignored -> 0, never NaN), "sum", "none" (per-row fp32).
-The loss is accumulated and returned in fp32 (float64 inputs: float64).
+"mean" = sum over rows / max(#non-ignored, 1), "sum", "none" (per-row fp32). The loss is accumulated and
+returned in fp32 (float64 inputs: float64).
+
+Where this differs from ``torch.nn.functional.cross_entropy`` (and so from transformers' loss): when every
+label is ``ignore_index``, "mean" gives 0.0 with zero gradients, where PyTorch gives NaN (0 / 0). On
+purpose: one fully masked micro-batch must not turn a whole gradient-accumulation step into NaN.
+``-inf`` logits (masked vocabulary entries) behave as in PyTorch: without smoothing the loss stays finite
+(the smoothing term, which would be ``0 * inf``, is left out when ``eps == 0``); with smoothing the loss is
+``+inf`` (``mean_j x_ij`` is ``-inf``) and the gradient is finite, as PyTorch's.
 
 Fused forward/backward: the forward already knows the reduction's scale (1 / count for "mean", computed on
 the device, no host sync), so the kernel writes ``scale * dloss/dx`` while it computes the loss; backward
@@ -73,14 +80,17 @@ def _cross_entropy_kernel(
             mask = cols < V
             x = tl.load(logits_ptr + cols, mask=mask, other=-float("inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, 0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)  # no -inf - -inf = NaN while all x are -inf
+            d = d * tl.exp(m - m_sub) + tl.sum(tl.exp(x - m_sub), 0)
             sum_x += tl.sum(tl.where(mask, x, 0.0), 0)
             m = m_new
         lse = m + tl.log(d)
         in_range = (label >= 0) & (label < V)
         x_label = tl.load(logits_ptr + label, mask=in_range, other=0.0).to(tl.float32)
         poison = tl.where(in_range, 0.0, float("nan"))  # out-of-range label: NaN loss and gradient row
-        loss = (1.0 - label_smoothing) * (lse - x_label) + label_smoothing * (lse - sum_x / V) + z_loss * lse * lse
+        # -inf logits make sum_x -inf: no smoothing term at all when eps == 0 (0 * inf would be NaN)
+        smooth_term = tl.where(label_smoothing != 0.0, label_smoothing * (lse - sum_x / V), 0.0)
+        loss = (1.0 - label_smoothing) * (lse - x_label) + smooth_term + z_loss * lse * lse
         tl.store(loss_ptr + row, loss + poison)
         if WRITE_GRAD:
             if PER_ROW_SCALE:
@@ -132,8 +142,9 @@ def _rows_torch(logits, labels, loss, grad, scale, ignore_index, label_smoothing
     safe = torch.where(valid & in_range, labels, 0).long().unsqueeze(1)
     lse = torch.logsumexp(x, 1)
     poison = torch.where(valid & ~in_range, float("nan"), 0.0).to(x.dtype)
-    rows = (1 - label_smoothing) * (lse - x.gather(1, safe).squeeze(1)) + label_smoothing * (lse - x.mean(1))
-    rows = rows + z_loss * lse * lse
+    rows = (1 - label_smoothing) * (lse - x.gather(1, safe).squeeze(1)) + z_loss * lse * lse
+    if label_smoothing:  # not 0 * (lse - mean), which is NaN when a logit is -inf
+        rows = rows + label_smoothing * (lse - x.mean(1))
     loss.copy_(torch.where(valid, rows, 0.0) + poison)
     if grad is not None:
         scale = torch.where(valid, scale.to(x.dtype), 0.0)
@@ -229,7 +240,8 @@ def cross_entropy(
 ) -> torch.Tensor:
     """Cross-entropy of ``logits`` [N, V] against integer ``labels`` [N]; see the module docstring.
 
-    Returns an fp32 scalar ("mean", "sum") or fp32 [N] ("none"); float64 logits give float64.
+    Returns an fp32 scalar ("mean", "sum") or fp32 [N] ("none"); float64 logits give float64. Unlike
+    ``torch.nn.functional.cross_entropy``, "mean" over labels that are all ``ignore_index`` is 0.0, not NaN.
     """
     fn = "cross_entropy"
     check_tensor(fn, "logits", logits, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))

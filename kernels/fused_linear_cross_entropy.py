@@ -176,7 +176,8 @@ def fused_linear_cross_entropy(
 
     ``hidden`` [N, H] or [B, T, H] with ``labels`` [N] or [B, T] (already shifted for a causal LM),
     ``weight`` [V, H] (may be a tied embedding), ``bias`` [V]. Returns an fp32 scalar, or fp32 losses shaped
-    like ``labels`` for ``reduction="none"`` (float64 inputs give float64).
+    like ``labels`` for ``reduction="none"`` (float64 inputs give float64). As ``cross_entropy``: "mean" over
+    labels that are all ``ignore_index`` is 0.0 with zero gradients, where PyTorch gives NaN.
     """
     fn = "fused_linear_cross_entropy"
     dtypes = FLOAT_DTYPES + (torch.float64,)

@@ -38,6 +38,7 @@ Row offsets are 64-bit (``rows x N`` can pass 2**31), there are no host syncs, a
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -185,16 +186,23 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
     return weight * y.to(x.dtype)
 
 
+def check_eps(fn: str, eps: object) -> None:
+    """``eps`` must be a finite real number >= 0 (a negative one can make ``mean(x^2) + eps`` negative: NaN)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{fn}: eps must be a finite number >= 0, got {eps!r}")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm of ``x`` over its last dim, times ``weight`` (shape ``[x.shape[-1]]``); Qwen2RMSNorm numerics.
 
     Triton kernels on CUDA (and under ``TRITON_INTERPRET=1``); float64 inputs and other CPU tensors take
-    ``rms_norm_reference``. Differentiable in ``x`` and ``weight``.
+    ``rms_norm_reference``. Differentiable in ``x`` and ``weight``. ``eps``: a finite number >= 0.
     """
     fn = "rms_norm"
     check_tensor(fn, "x", x, dtypes=FLOAT_DTYPES + (torch.float64,))
     check_tensor(fn, "weight", weight, ndim=1, dtypes=FLOAT_DTYPES + (torch.float64,))
     check_same_device(fn, x=x, weight=weight)
+    check_eps(fn, eps)
     if x.dim() == 0:
         raise ValueError(f"{fn}: x must have at least 1 dim (the normalised one), got a scalar")
     if weight.shape[0] != x.shape[-1]:
@@ -214,6 +222,7 @@ class RMSNorm(nn.Module):
     """Drop-in for ``Qwen2RMSNorm`` (same ``weight`` / ``variance_epsilon`` attributes) on the fused kernels."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        check_eps("RMSNorm", eps)
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps

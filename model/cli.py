@@ -12,15 +12,111 @@ then the timings and the memory the decoder holds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
+import uuid
+from collections.abc import Iterator
+from typing import TextIO
 
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+# ------------------------------------------------------------------ shared by the commands (generate, eval, bench)
+def check_device(value: str, name: str = "--device") -> torch.device:
+    """``value`` as a ``cpu`` / ``cuda[:N]`` device present on this machine, or a ValueError naming ``name``."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cuda", "cpu"):
+        raise ValueError(f"{name} must be cuda[:N] or cpu, got {value!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} {value}: no CUDA device is available here (use cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{name} {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_model_dir(path: str, name: str = "model") -> None:
+    """A local transformers model directory: exists and holds a config.json (its weights are checked by loading)."""
+    if not os.path.isdir(path):
+        raise ValueError(f"{name}: {path!r} is not a directory")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{name}: {path!r} holds no config.json, so it is not a transformers model directory")
+
+
+def load_model(path: str, *, dtype: torch.dtype, device: str | torch.device):
+    """``s1fast.model.load`` in eval mode; a directory that does not load (garbage or truncated config or
+    weights, another architecture) gives a one-line ValueError naming it instead of a traceback."""
+    from safetensors import SafetensorError
+
+    from s1fast.model.patch import load
+
+    try:
+        return load(path, dtype=dtype, device=device).eval()
+    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"model {path!r} does not load: {type(e).__name__}: {reason}") from e
+
+
+def check_output_file(path: str, name: str = "--output") -> None:
+    """Refuse, before any work, an output file that could not be (re)written: a directory, a missing parent
+    directory, a directory without write permission, or an existing read-only file (kept as it is)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{name} {path!r} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{name} {path!r}: the directory {parent!r} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {path!r}: no permission to create files in {parent!r}")
+    if os.path.exists(path) and (not os.access(path, os.W_OK) or not os.stat(path).st_mode & 0o222):
+        raise ValueError(f"{name} {path!r} is read-only; make it writable or choose another file")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[TextIO]:
+    """A text file that replaces ``path`` only when the block ends without an exception: written to a
+    temporary file in the same directory (created with the umask's permissions, as ``open`` would, not
+    ``mkstemp``'s 0600), fsynced and renamed over ``path``. On any exception (Ctrl-C too) the temporary file
+    is removed and ``path`` is left as it was."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{uuid.uuid4().hex[:12]}-{os.path.basename(path)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so that ``finally`` blocks and
+    :func:`atomic_output` clean up when a run is killed; the previous handler comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,15 +186,13 @@ def main(argv: list[str]) -> int:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.no_think and (args.max_thinking_tokens is not None or args.num_waits or args.min_thinking_tokens):
         parser.error("--no-think turns budget forcing off: drop --max-thinking-tokens / --num-waits / --min-thinking-tokens")
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        parser.error(f"--max-seq-len must be >= 2 (a prompt token and a new one), got {args.max_seq_len}")
     try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        parser.error(f"--device: {e}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA device is available")
-    if not os.path.isdir(args.model):
-        parser.error(f"model: {args.model!r} is not a directory (s1fast generate loads local models only)")
-    try:
+        device = check_device(args.device)
+        check_model_dir(args.model, "model (s1fast generate loads local models only)")
+        if args.output is not None:
+            check_output_file(args.output)
         questions = _questions(args)
     except ValueError as e:
         parser.error(str(e))
@@ -108,7 +202,6 @@ def main(argv: list[str]) -> int:
     from s1fast.model.budget import BudgetForcing
     from s1fast.model.chat import IM_END, THINK, load_tokenizer, prompt_text
     from s1fast.model.decoder import Decoder
-    from s1fast.model.patch import load
 
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
@@ -127,49 +220,57 @@ def main(argv: list[str]) -> int:
     texts = questions if args.raw else [prompt_text(q) + ("" if args.no_think else THINK) for q in questions]
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     stop = [tokenizer.convert_tokens_to_ids(IM_END)]
+    longest = max(map(len, prompts))
+    if args.max_seq_len is not None and longest + args.max_new_tokens > args.max_seq_len:
+        parser.error(f"--max-seq-len {args.max_seq_len}: the longest prompt ({longest} tokens) plus --max-new-tokens "
+                     f"{args.max_new_tokens} exceeds it (raise --max-seq-len or lower --max-new-tokens)")
 
-    model = load(args.model, dtype=dtype, device=device).eval()
-    decoder = Decoder(model, tokenizer=tokenizer, max_seq_len=args.max_seq_len, cuda_graphs=False if args.no_cuda_graphs else None)
-    out = open(args.output, "w", encoding="utf-8") if args.output else None
-    tokens_done = decode_tokens = prefill_s = decode_s = 0
-    bar = tqdm(total=len(prompts), unit="prompt", disable=len(prompts) == 1, file=sys.stderr)
-    try:
-        for start in range(0, len(prompts), args.batch_size):
-            batch = prompts[start : start + args.batch_size]
-            counted = [0]
-
-            def progress(row: int, ids: list[int]) -> None:
-                counted[0] += len(ids)
-                if counted[0] % 256 < len(ids):
-                    bar.set_postfix(tokens=tokens_done + counted[0], refresh=False)
-
-            t0 = time.perf_counter()
-            result = decoder.generate(
-                batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=None if args.seed is None else args.seed + start, stop_token_ids=stop,
-                budget=budget, stream=progress,
-            )  # fmt: skip
-            wall = time.perf_counter() - t0
-            tokens_done += sum(map(len, result.tokens))
-            decode_tokens += result.decode_tokens
-            prefill_s, decode_s = prefill_s + result.prefill_s, decode_s + result.decode_s
-            bar.update(len(batch))
-            for i, row in enumerate(result.rows, start):
-                record = {"index": i, "question": questions[i], **dataclasses.asdict(row)}
-                if out is not None:
-                    out.write(json.dumps(record) + "\n")
-                if not args.quiet:
-                    bar.clear()
-                    _print_row(i, row, budget is not None)
-            if not args.quiet and len(prompts) > 1:
-                print(f"[batch of {len(batch)}: {wall:.2f} s, {result.decode_tokens_per_s:.1f} decode tokens/s]")
-    except ValueError as e:  # a prompt too long for max_seq_len, ...
-        bar.close()
-        print(f"s1fast generate: {e}", file=sys.stderr)
+    def fail(message: str) -> int:
+        print(f"s1fast generate: error: {message}", file=sys.stderr)
         return 2
-    finally:
-        if out is not None:
-            out.close()
+
+    try:
+        model = load_model(args.model, dtype=dtype, device=device)
+        decoder = Decoder(model, tokenizer=tokenizer, max_seq_len=args.max_seq_len, cuda_graphs=False if args.no_cuda_graphs else None)
+    except (ValueError, TypeError, NotImplementedError) as e:  # does not load; a model the decoder cannot run
+        return fail(str(e))
+    tokens_done = decode_tokens = prefill_s = decode_s = 0
+    # token-level progress on stderr (tokens, tokens/s), fed by the decoder's stream callback
+    bar = tqdm(unit="tok", file=sys.stderr, dynamic_ncols=True, desc="generate")
+    progress = lambda row, ids: bar.update(len(ids))  # noqa: E731
+    try:
+        with sigterm_as_interrupt(), (atomic_output(args.output) if args.output else contextlib.nullcontext()) as out:
+            for start in range(0, len(prompts), args.batch_size):
+                batch = prompts[start : start + args.batch_size]
+                bar.set_postfix_str(f"prompts {start}/{len(prompts)}")
+                t0 = time.perf_counter()
+                result = decoder.generate(
+                    batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=None if args.seed is None else args.seed + start, stop_token_ids=stop,
+                    budget=budget, stream=progress,
+                )  # fmt: skip
+                wall = time.perf_counter() - t0
+                tokens_done += sum(map(len, result.tokens))
+                decode_tokens += result.decode_tokens
+                prefill_s, decode_s = prefill_s + result.prefill_s, decode_s + result.decode_s
+                bar.set_postfix_str(f"prompts {start + len(batch)}/{len(prompts)}")
+                for i, row in enumerate(result.rows, start):
+                    record = {"index": i, "question": questions[i], **dataclasses.asdict(row)}
+                    if out is not None:
+                        out.write(json.dumps(record) + "\n")
+                    if not args.quiet:
+                        bar.clear()
+                        _print_row(i, row, budget is not None)
+                if not args.quiet and len(prompts) > 1:
+                    bar.clear()
+                    print(f"[batch of {len(batch)}: {wall:.2f} s, {result.decode_tokens_per_s:.1f} decode tokens/s]")
+    except (ValueError, KeyboardInterrupt) as e:  # a prompt too long for the model's max_seq_len; Ctrl-C, SIGTERM
+        bar.close()
+        kept = "" if args.output is None else f"; {args.output} left as it was"
+        if isinstance(e, KeyboardInterrupt):
+            print(f"s1fast generate: interrupted{kept}", file=sys.stderr)
+            return 130
+        return fail(f"{e}{kept}")
     bar.close()
     mem = decoder.memory()
     print(

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
+import os
 import shutil
+import signal
 
 import pytest
 import torch
+import tqdm
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from s1fast.cli import main as s1fast_main
 from s1fast.kernels import force_backend
+
+decoder_module = importlib.import_module("s1fast.model.decoder")
+patch_module = importlib.import_module("s1fast.model.patch")  # the package attribute is the function
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +42,36 @@ def run(argv, capsys):
     return code, out.out, out.err
 
 
-def test_generate_one_prompt_budget_cut(model_dir, capsys, tmp_path):
+class RecordingBar(tqdm.tqdm):
+    """tqdm that records its count at every update, to see progress happen during the decode."""
+
+    counts: list[int] = []
+
+    def update(self, n=1):
+        out = super().update(n)
+        RecordingBar.counts.append(self.n)
+        return out
+
+
+def test_generate_one_prompt_budget_cut(model_dir, capsys, tmp_path, monkeypatch):
     out_file = tmp_path / "out.jsonl"
-    code, out, _ = run([model_dir, "--prompt", "What is 2+2?", "--device", "cpu", "--max-new-tokens", "14",
-                        "--max-thinking-tokens", "4", "--output", str(out_file)], capsys)  # fmt: skip
+    out_file.write_text("an older file, replaced at the end\n")
+    monkeypatch.setattr(tqdm, "tqdm", RecordingBar)
+    RecordingBar.counts = []
+    umask = os.umask(0o027)
+    try:
+        code, out, err = run([model_dir, "--prompt", "What is 2+2?", "--device", "cpu", "--max-new-tokens", "14",
+                              "--max-thinking-tokens", "4", "--output", str(out_file)], capsys)  # fmt: skip
+    finally:
+        os.umask(umask)
     assert code == 0
+    # token-level progress during the single-prompt decode: the bar counts tokens as the decoder streams them
+    # (the 4 thinking tokens one by one, the injected end of thinking at once, ...), with tokens/s on stderr
+    assert RecordingBar.counts[-1] == 14 and len(RecordingBar.counts) >= 8
+    assert RecordingBar.counts == sorted(RecordingBar.counts) and RecordingBar.counts[0] < 14
+    assert "14tok" in err and "tok/s" in err
+    # written atomically (no temporary left) with the umask's permissions, not mkstemp's 0600
+    assert (out_file.stat().st_mode & 0o777) == 0o640 and os.listdir(tmp_path) == ["out.jsonl"]
     assert "--- thinking: 4 tokens, 0 forced wait(s), cut by the budget ---" in out
     assert "1 prompt(s), 14 tokens" in out and "KV cache" in out
     (record,) = [json.loads(line) for line in out_file.read_text().splitlines()]
@@ -74,6 +106,10 @@ def test_generate_jsonl_batches(model_dir, capsys, tmp_path):
         (["--prompt", "x", "--top-k", "0"], "--top-k must be >= 1"),
         (["--prompt", "x", "--no-think", "--num-waits", "2"], "--no-think turns budget forcing off"),
         (["--prompt", "x", "--device", "cpu", "--tokenizer", "/nonexistent-tokenizer"], "tokenizer (/nonexistent-tokenizer)"),
+        (["--prompt", "x", "--max-seq-len", "1"], "--max-seq-len must be >= 2 (a prompt token and a new one), got 1"),
+        (["--prompt", "x", "--max-seq-len", "-5"], "--max-seq-len must be >= 2 (a prompt token and a new one), got -5"),
+        (["--prompt", "x", "--device", "bogus"], "--device must be cuda[:N] or cpu, got 'bogus'"),
+        (["--prompt", "x", "--device", "meta"], "--device must be cuda[:N] or cpu, got 'meta'"),
     ],
 )
 def test_generate_rejects_bad_arguments(model_dir, capsys, argv, match):
@@ -86,5 +122,107 @@ def test_generate_rejects_missing_model_and_long_prompt(model_dir, capsys, tmp_p
     with pytest.raises(SystemExit):
         run([str(tmp_path / "none"), "--prompt", "x"], capsys)
     assert "is not a directory" in capsys.readouterr().err
-    code, _, err = run([model_dir, "--prompt", "x", "--device", "cpu", "--max-seq-len", "20"], capsys)
-    assert code == 2 and "exceeds max_seq_len=20" in err
+    with pytest.raises(SystemExit) as e:  # known from the tokenized prompt, before the model loads
+        run([model_dir, "--prompt", "x", "--device", "cpu", "--max-seq-len", "20"], capsys)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--max-seq-len 20: the longest prompt (" in err and "--max-new-tokens 4096" in err
+    # the model's own limit (max_position_embeddings=512) is found once loaded: one line, exit 2
+    code, _, err = run([model_dir, "--prompt", "x", "--device", "cpu", "--max-new-tokens", "600"], capsys)
+    last = err.splitlines()[-1]  # after transformers' weight-loading bar and the emptied progress bar
+    assert code == 2 and last.startswith("s1fast generate: error: ") and "exceeds max_seq_len=512" in last
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading a model fails the test: argument errors must be found before."""
+    monkeypatch.setattr(patch_module, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+def _unwritable_parent(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    return str(locked / "out.jsonl")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("directory", "is a directory; give a file name"),
+    ("missing parent", "does not exist; create it first"),
+    ("read-only file", "is read-only; make it writable or choose another file"),
+    pytest.param("unwritable parent", "no permission to create files in", marks=pytest.mark.skipif(
+        os.geteuid() == 0, reason="root writes in any directory")),
+])
+def test_generate_refuses_bad_output_before_loading(model_dir, capsys, tmp_path, no_model_load, case, message):
+    path = {"directory": lambda: str(tmp_path), "missing parent": lambda: str(tmp_path / "no" / "out.jsonl"),
+            "read-only file": lambda: str(tmp_path / "ro.jsonl"), "unwritable parent": lambda: _unwritable_parent(tmp_path)}[case]()
+    if case == "read-only file":
+        with open(path, "w") as f:
+            f.write("keep me\n")
+        os.chmod(path, 0o444)
+    with pytest.raises(SystemExit) as e:
+        run([model_dir, "--prompt", "x", "--device", "cpu", "--output", path], capsys)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"s1fast generate: error: --output {path!r}" in err and message in err
+    if case == "read-only file":
+        assert open(path).read() == "keep me\n"
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupted_generate_leaves_the_old_output(model_dir, capsys, tmp_path, monkeypatch, how):
+    """Interrupted in the second batch, after the first batch's record was written: the old file is intact,
+    no temporary file is left, one line says so, and the SIGTERM handler is restored."""
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text('"a?"\n"b?"\n')
+    out_file = tmp_path / "out.jsonl"
+    out_file.write_text("old results\n")
+    generate, batches = decoder_module.Decoder.generate, []
+
+    def interrupted(self, batch, **kwargs):
+        batches.append(batch)
+        if len(batches) == 1:
+            return generate(self, batch, **kwargs)
+
+        def stream(row, ids):
+            kwargs["stream"](row, ids)
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                raise KeyboardInterrupt
+
+        return generate(self, batch, **{**kwargs, "stream": stream})
+
+    monkeypatch.setattr(decoder_module.Decoder, "generate", interrupted)
+    handler = signal.getsignal(signal.SIGTERM)
+    code, _, err = run([model_dir, "--prompts", str(prompts), "--device", "cpu", "--batch-size", "1",
+                        "--max-new-tokens", "6", "--output", str(out_file)], capsys)  # fmt: skip
+    assert code == 130 and len(batches) == 2
+    assert err.splitlines()[-1] == f"s1fast generate: interrupted; {out_file} left as it was"
+    assert out_file.read_text() == "old results\n" and sorted(os.listdir(tmp_path)) == ["out.jsonl", "q.jsonl"]
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
+@pytest.mark.parametrize("case", ["empty", "no weights", "truncated weights", "garbage weights", "garbage config"])
+def test_generate_on_a_broken_model_directory_is_one_line(model_dir, capsys, tmp_path, case):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    weights = os.path.join(model_dir, "model.safetensors")
+    if case != "empty":
+        shutil.copy(os.path.join(model_dir, "config.json"), broken)
+    if case == "truncated weights":
+        with open(weights, "rb") as f:
+            (broken / "model.safetensors").write_bytes(f.read(os.path.getsize(weights) // 2))
+    elif case == "garbage weights":
+        (broken / "model.safetensors").write_bytes(os.urandom(4096))
+    elif case == "garbage config":
+        shutil.copy(weights, broken)
+        (broken / "config.json").write_text("{not json")
+    argv = [str(broken), "--prompt", "x", "--device", "cpu", "--max-new-tokens", "4"]
+    if case == "empty":  # an argument error: before anything loads, with the usage line first
+        with pytest.raises(SystemExit) as e:
+            run(argv, capsys)
+        code, err = e.value.code, capsys.readouterr().err.splitlines()[-1]
+        assert "holds no config.json" in err
+    else:
+        code, _, err = run(argv, capsys)
+        assert err.count("\n") == 1 and f"model {str(broken)!r} does not load: " in err
+    assert code == 2 and err.startswith("s1fast generate: error: ")

