@@ -1,14 +1,22 @@
 """The s1fast trainer: packing, the exact global-batch loss, checkpoints and resume (with a real kill), 2-process
-FSDP2 equal to 1 process, the saved model, and the ``s1fast train`` command (demo and bad input)."""
+FSDP2 equal to 1 process, a run's safety (locked output directory, no mixed runs, resume with the same settings,
+divergence, full disk, signals, damaged checkpoints), the saved model, and the ``s1fast train`` command (demo and
+bad input)."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import glob
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -18,12 +26,16 @@ import torch.nn.functional as F
 from s1fast.kernels import force_backend
 from s1fast.train.data import IGNORE_INDEX, Dataset
 from s1fast.train.trainer import (
+    TrainConfig,
     Trainer,
+    claim_output_dir,
     collate,
     init_distributed,
     latest_checkpoint,
     num_items,
     plan_micro_batches,
+    read_checkpoint,
+    run_settings,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -143,8 +155,6 @@ def test_s1_schedule_and_step_count(tmp_path):
     """s1: 1,000 examples, global batch 16, 5 epochs = 63 steps per epoch (the last batch of an epoch holds 8),
     315 optimizer steps; AdamW 1e-5, betas (0.9, 0.95), weight decay 1e-4 on matrices only; linear warmup over
     ceil(5% of 315) = 16 steps (from 0, as transformers' Trainer), then cosine to 0."""
-    from s1fast.train.trainer import TrainConfig
-
     trainer = Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(1000),
                       TrainConfig(output_dir=str(tmp_path), param_dtype="float32", progress=False), device=CPU)
     assert (trainer.steps_per_epoch, trainer.total_steps) == (63, 315)
@@ -188,7 +198,7 @@ def test_resume_gives_the_same_losses_and_checkpoints_are_atomic(tmp_path):
     losses = resumed.fit()
     assert losses == [expected[s] for s in range(4, 13)]  # bit-identical: same weights, moments, schedule, data
 
-    with pytest.raises(ValueError, match="global batch"):
+    with pytest.raises(ValueError, match="settings differ from .*trainer_state.json: global_batch 4 -> 3"):
         Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(), train_worker.config(part, global_batch=3),
                 device=CPU).load_checkpoint(latest_checkpoint(part))
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
@@ -269,6 +279,317 @@ def test_two_processes_match_one(tmp_path):
     assert got[-1] < got[0]
 
 
+# --- a run's safety ----------------------------------------------------------------------------------------------
+
+
+def _strict_log(path: str) -> list[dict]:
+    """log.jsonl read as strict JSON (NaN and Infinity refused)."""
+    def refuse(name):
+        raise ValueError(f"log.jsonl holds {name}")
+
+    with open(os.path.join(path, "log.jsonl")) as f:
+        return [json.loads(line, parse_constant=refuse) for line in f]
+
+
+def _one_line_error(err: str, *parts: str) -> None:
+    assert err.startswith("s1fast train: error: ") and err.count("\n") == 1, err
+    for part in parts:
+        assert part in err, err
+
+
+def test_output_dir_is_locked_while_a_run_uses_it(tmp_path, capsys):
+    """A second run into a directory in use is refused, naming the holder's pid; the kernel releases the lock
+    when the holder dies, even by SIGKILL."""
+    from s1fast.train.cli import main
+
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    ready, told = os.pipe()
+    holder = os.fork()  # another process (a fork: no second start-up of torch) that holds the directory
+    if holder == 0:
+        try:
+            os.close(ready)
+            with claim_output_dir(out, resume=False):
+                os.write(told, b"held")
+                time.sleep(300)
+        finally:
+            os._exit(0)
+    os.close(told)
+    try:
+        assert os.read(ready, 4) == b"held"
+        assert main(["--output-dir", out, "--no-progress"]) == 2
+        _one_line_error(capsys.readouterr().err, f"--output-dir '{out}' is in use by another run (pid {holder})")
+        init_distributed("cpu")  # main ended the process group
+        trainer = Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(8),
+                          train_worker.config(out, global_batch=8, max_steps=1), device=CPU)
+        with pytest.raises(BlockingIOError, match=f"pid {holder}"):
+            trainer.fit()
+        assert sorted(os.listdir(out)) == [".lock"]  # nothing written by the refused runs
+    finally:
+        os.close(ready)
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+
+    def locked() -> bool:  # another open file description cannot take the lock while it is held
+        fd = os.open(os.path.join(out, ".lock"), os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    assert not locked()  # the killed holder's lock is gone
+    with claim_output_dir(out, resume=False):
+        assert locked()
+        with claim_output_dir(out, resume=False):  # reentrant in one process (the command, then fit)
+            pass
+        assert locked()
+    assert not locked()
+
+
+def test_a_new_run_into_a_used_output_dir_is_refused(tmp_path, capsys):
+    """A run's log, checkpoints and model are never mixed with another's: a new run into a used directory is
+    refused, saying what to do, and so is a resume where an interrupted first save left no complete checkpoint."""
+    from s1fast.train.cli import main
+
+    out = str(tmp_path / "used")
+    Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(), train_worker.config(out, max_steps=2),
+            device=CPU).fit()
+    def state() -> dict:  # every name and its modification time, but the lock file (rewritten with each holder's pid)
+        return {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out) if name != ".lock"}
+
+    before = state()
+    with pytest.raises(FileExistsError, match=r"already holds a run \(checkpoint-000002, log.jsonl\); continue it with --resume"):
+        Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(), train_worker.config(out), device=CPU).fit()
+    assert main(["--output-dir", out, "--no-progress"]) == 2
+    _one_line_error(capsys.readouterr().err, f"--output-dir '{out}' already holds a run", "continue it with --resume, "
+                    "or choose another --output-dir")
+    assert state() == before
+
+    # What a SIGKILL during the first checkpoint leaves: the log of steps 1-2 and a temporary checkpoint.
+    cut = tmp_path / "cut"
+    (cut / ".tmp-checkpoint-000002").mkdir(parents=True)
+    (cut / ".tmp-checkpoint-000002" / "__0_0.distcp").write_bytes(b"\0" * 100)
+    log = "".join(json.dumps({"step": s, "loss": 6.0}) + "\n" for s in (1, 2))
+    (cut / "log.jsonl").write_text(log)
+    assert main(["--output-dir", str(cut), "--no-progress"]) == 2
+    _one_line_error(capsys.readouterr().err, "it has no complete checkpoint to resume from: delete it")
+    assert main(["--output-dir", str(cut), "--resume", "--no-progress"]) == 2
+    _one_line_error(capsys.readouterr().err, f"--resume: no complete checkpoint in '{cut}' "
+                    "(.tmp-checkpoint-000002 is a save cut short)")
+    assert (cut / "log.jsonl").read_text() == log  # never 1, 2, 1, 2, 3
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    """Every setting that changes the numbers is compared with the checkpoint's: a difference is refused with
+    one line listing them, unless allowed; then the new hyperparameters apply from the checkpoint's step."""
+    out = str(tmp_path / "run")
+    Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(), train_worker.config(out, max_steps=3),
+            device=CPU).fit()
+    ckpt = latest_checkpoint(out)
+    data = train_worker.synthetic_dataset()
+    changes = dict(lr=1e-3, seed=1, warmup_ratio=0.2, max_grad_norm=0.5, epochs=3, global_batch=3, micro_batch_tokens=128,
+                   weight_decay=0.1, betas=(0.9, 0.99), pack=False, param_dtype="bfloat16", model_name="another model")
+    for name, value in changes.items():
+        settings = run_settings(train_worker.config(out, **{name: value}), data)
+        with pytest.raises(ValueError, match=rf"settings differ from {re.escape(ckpt)}/trainer_state.json: {name} .* -> "):
+            read_checkpoint(ckpt, settings, 10**6)
+    with pytest.raises(ValueError, match=r"trainer_state.json: data [0-9a-f\"]+ -> "):  # other tokens or labels
+        read_checkpoint(ckpt, run_settings(train_worker.config(out), train_worker.synthetic_dataset(seed=2)), 10**6)
+    # Not numbers: where and how often to save and log, how far to go, gradient checkpointing.
+    same = train_worker.config(out, save_every=5, log_every=2, keep_checkpoints=1, max_steps=7, gradient_checkpointing=True)
+    assert read_checkpoint(ckpt, run_settings(same, data), 12)["step"] == 3
+
+    trainer = Trainer(train_worker.tiny_model(), data, train_worker.config(out, lr=1e-3, seed=5), device=CPU)
+    with pytest.raises(ValueError) as refused:
+        trainer.load_checkpoint(ckpt)
+    assert "lr 0.003 -> 0.001; seed 0 -> 5. Resume with the checkpoint's settings, or pass --allow-changed-settings" in str(refused.value)
+    assert "\n" not in str(refused.value) and trainer.step == 0
+
+    trainer = Trainer(train_worker.tiny_model(), data, train_worker.config(out, lr=1e-3, weight_decay=0.5, betas=(0.8, 0.9)),
+                      device=CPU)
+    trainer.load_checkpoint(ckpt, allow_changed_settings=True)
+    decay, plain = trainer.optimizer.param_groups
+    factor = trainer.scheduler.lr_lambdas[0]
+    assert trainer.step == 3 and 0 < factor(3) < 1
+    assert decay["lr"] == plain["lr"] == 1e-3 * factor(3)  # the new peak on the schedule, not the old 3e-3
+    assert (decay["weight_decay"], plain["weight_decay"], decay["betas"]) == (0.5, 0.0, (0.8, 0.9))
+    assert all(int(s["step"]) == 3 for s in trainer.optimizer.state.values())  # the moments are the checkpoint's
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--lr", "inf"), ("--lr", "nan"), ("--lr", "0"), ("--lr", "-1"), ("--epochs", "0"), ("--epochs", "1.5"),
+    ("--micro-batch-tokens", "0"), ("--global-batch", "0"), ("--block-size", "0"), ("--warmup-ratio", "1"),
+    ("--max-grad-norm", "nan"), ("--weight-decay", "-1e-4"), ("--save-every", "-1"), ("--output-dir", ""),
+    ("--resume", ""), ("--data", " "),
+])  # fmt: skip
+def test_bad_settings_are_refused_at_parsing(flag, value, capsys):
+    from s1fast.train.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([flag, value])
+    assert e.value.code == 2
+    assert f"s1fast train: error: argument {flag}: expected " in capsys.readouterr().err
+
+
+def test_bad_settings_are_refused_by_the_config():
+    for name, value in [("lr", float("nan")), ("lr", float("inf")), ("lr", 0.0), ("max_grad_norm", float("nan")),
+                        ("weight_decay", float("inf")), ("warmup_ratio", float("nan")), ("epochs", 0), ("betas", (0.9, 1.0))]:
+        with pytest.raises(ValueError, match=name):
+            train_worker.config("unused", **{name: value}).check()
+
+
+def test_divergence_stops_training_before_anything_is_saved(tmp_path):
+    """lr 1e3 makes the gradient norm NaN within a few steps: fit stops at that step, naming it, and no checkpoint
+    of it or a later step exists (with log_every 4, a checkpoint still waits for its step's loss to be checked);
+    the log stays strict JSON."""
+    out = str(tmp_path / "run")
+    trainer = Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(),
+                      train_worker.config(out, lr=1e3, save_every=1, log_every=4), device=CPU)
+    with pytest.raises(FloatingPointError, match=r"^training diverged at step (\d+): loss \S+, gradient norm \S+;") as e:
+        trainer.fit()
+    bad = int(re.match(r"training diverged at step (\d+)", str(e.value))[1])
+    assert bad > 1 and "\n" not in str(e.value)
+    assert [r["step"] for r in _strict_log(out)] == list(range(1, bad))
+    assert latest_checkpoint(out).endswith(f"checkpoint-{bad - 1:06d}")
+    assert not glob.glob(os.path.join(out, ".tmp-*"))
+
+
+def test_a_full_disk_says_so_and_removes_the_partial_files(tmp_path, monkeypatch):
+    """ENOSPC while writing a checkpoint or the model: one line that says the disk is full, and no partial files.
+    torch.save reports a full disk as "unexpected pos" without the errno: the space left decides then."""
+    out = str(tmp_path / "run")
+    trainer = Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(8),
+                      train_worker.config(out, global_batch=8, max_steps=1), device=CPU)
+    fsync = os.fsync
+
+    def failing(error):
+        def fail(fd):
+            raise error
+        return fail
+
+    monkeypatch.setattr(os, "fsync", failing(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    with pytest.raises(OSError, match=rf"^no space left on the device of '{re.escape(out)}' while writing checkpoint-000001; "
+                                      rf"the partial .tmp-checkpoint-000001 was removed: free some space, then delete '{re.escape(out)}' "
+                                      "and start again$"):
+        trainer.fit()
+    assert sorted(os.listdir(out)) == [".lock", "log.jsonl"]
+
+    torch_full = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(os, "fsync", failing(torch_full))
+    with pytest.raises(OSError, match=r"writing .*checkpoint-000001 failed \(RuntimeError: \[enforce fail .* unexpected pos 704 vs 598\)"):
+        trainer.save_checkpoint()  # plenty of space left: not called a full disk
+    usage = shutil.disk_usage(out)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))
+    with pytest.raises(OSError, match="^no space left on the device"):
+        trainer.save_checkpoint()
+    assert sorted(os.listdir(out)) == [".lock", "log.jsonl"]
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    lm = trainer.model
+
+    def save_pretrained(path, **kwargs):  # a model file cut short by a full disk
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "model.safetensors"), "wb") as f:
+            f.write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(lm, "save_pretrained", save_pretrained, raising=False)
+    trainer.save_checkpoint()  # with room again
+    with pytest.raises(OSError, match=r"^no space left .* while writing model.safetensors; the partial .tmp-model was "
+                                      "removed: free some space, then run again with --resume$"):
+        trainer.save_model()
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint-000001", "log.jsonl"]
+
+
+def test_sigterm_and_sigint_end_with_one_line_and_a_resumable_state(tmp_path, capsys):
+    """`s1fast train` stopped by SIGTERM once it has a checkpoint, resumed, stopped by SIGINT (Ctrl-C): each time
+    one line (no traceback) and 128 + the signal; no partial checkpoint is left, and the run resumes from the last
+    one. The signals are real, sent to this process by a thread while main() trains in it."""
+    from s1fast.train import make_sample
+    from s1fast.train.cli import main
+
+    data, out = _jsonl(tmp_path / "d.jsonl", make_sample.make_rows(4)), str(tmp_path / "run")
+    args = ["--data", data, "--output-dir", out, "--global-batch", "1", "--epochs", "50", "--save-every", "1",
+            "--no-progress", "--no-decode"]
+
+    def step() -> int:
+        last = latest_checkpoint(out)
+        return int(last[-6:]) if last else 0
+
+    def stop(extra: list[str], sig: signal.Signals, after: int) -> int:
+        done = threading.Event()
+
+        def send():  # once a checkpoint past `after` exists; never after main() returned
+            while step() <= after and not done.is_set():
+                time.sleep(0.02)
+            if not done.is_set():
+                os.kill(os.getpid(), sig)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            rc = main([*args, *extra])
+        finally:
+            done.set()
+            sender.join()
+        err = capsys.readouterr().err
+        assert rc == 128 + sig, err
+        assert re.fullmatch(rf"s1fast train: interrupted \({sig.name}\); {re.escape(out)}/checkpoint-\d{{6}} is complete: "
+                            "continue with --resume\n", err), err
+        assert not glob.glob(os.path.join(out, ".tmp-*"))
+        return step()
+
+    first = stop([], signal.SIGTERM, 0)
+    last = stop(["--resume"], signal.SIGINT, first)
+    assert last > first
+    assert main([*args, "--resume", "--max-steps", str(last + 1)]) == 0
+    assert f"resumed from {out}/checkpoint-{last:06d} at step {last}" in capsys.readouterr().out
+    assert [r["step"] for r in _strict_log(out)] == list(range(1, last + 2))
+
+
+def test_damaged_checkpoints_are_named(tmp_path):
+    """Each damaged checkpoint file gives one line naming it."""
+    out = str(tmp_path / "run")
+    Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(), train_worker.config(out, max_steps=2),
+            device=CPU).fit()
+    good = latest_checkpoint(out)
+    trainer = Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(), train_worker.config(out), device=CPU)
+
+    def truncate(path):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+
+    def write(path, content):
+        with open(path, "w" + ("b" if isinstance(content, bytes) else "")) as f:
+            f.write(content)
+
+    def step_999(path):
+        with open(path) as f:
+            state = json.load(f)
+        write(path, json.dumps({**state, "step": 999}))
+
+    cases = [  # (file, damage, message)
+        ("__0_0.distcp", truncate, r" is truncated \([\d,]+ of [\d,]+ bytes\): the checkpoint is damaged"),
+        (".metadata", os.remove, r" is missing: the checkpoint is incomplete"),
+        (".metadata", lambda p: write(p, b"\x80garbage"), r" is unreadable \("),
+        ("trainer_state.json", lambda p: write(p, "{not json"), r": not a valid trainer state \(JSONDecodeError"),
+        ("trainer_state.json", step_999, r": step 999 is past the end of this run \(12 steps\)"),
+        ("rng-rank0.pt", lambda p: write(p, b"garbage"), r" is unreadable \("),  # last: the states before it load
+    ]
+    assert os.path.isfile(os.path.join(good, "__0_0.distcp"))
+    for i, (name, damage, message) in enumerate(cases):
+        path = shutil.copytree(good, str(tmp_path / f"damaged{i}"))
+        damage(os.path.join(path, name))
+        with pytest.raises(ValueError, match=re.escape(os.path.join(path, name)) + message) as e:
+            trainer.load_checkpoint(path)
+        assert "\n" not in str(e.value)
+    trainer.load_checkpoint(good)  # the undamaged one loads
+    assert trainer.step == 2
+
+
 # --- the saved model -------------------------------------------------------------------------------------------
 
 
@@ -299,8 +620,9 @@ def test_saved_model_loads_in_transformers_and_s1fast(tmp_path):
 # --- the command -----------------------------------------------------------------------------------------------
 
 
-def test_cli_demo_trains_saves_and_decodes(tmp_path, capsys):
+def test_cli_demo_trains_saves_and_decodes(tmp_path, capsys, monkeypatch):
     """`s1fast train` defaults (tiny random Qwen2, real Qwen vocabulary, bundled sample), cut to 2 steps."""
+    from s1fast.train import cli
     from s1fast.train.cli import main
 
     out = str(tmp_path / "demo")
@@ -320,6 +642,86 @@ def test_cli_demo_trains_saves_and_decodes(tmp_path, capsys):
     assert rc == 0 and "resumed from" in printed and "trained 1 steps" in printed
     assert [r["step"] for r in _log(out)] == [1, 2, 3]
 
+    # Resuming with another learning rate, or from a damaged checkpoint: one line, before the model loads.
+    monkeypatch.setattr(cli, "_build_model", _no_model)
+    assert main(["--output-dir", out, "--resume", "--global-batch", "2", "--lr", "0.5", "--no-progress"]) == 2
+    _one_line_error(capsys.readouterr().err, "settings differ from", "lr 0.01 -> 0.5")
+    distcp = os.path.join(latest_checkpoint(out), "__0_0.distcp")
+    with open(distcp, "r+b") as f:
+        f.truncate(1000)
+    assert main(["--output-dir", out, "--resume", "--global-batch", "2", "--no-progress"]) == 2
+    _one_line_error(capsys.readouterr().err, f"{distcp} is truncated")
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded")
+
+
+def _jsonl(path, rows: list) -> str:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return str(path)
+
+
+def test_cli_divergence_stops_with_one_line_and_saves_no_model(tmp_path, capsys):
+    from s1fast.train import make_sample
+    from s1fast.train.cli import main
+
+    data, out = _jsonl(tmp_path / "d.jsonl", make_sample.make_rows(4)), str(tmp_path / "run")
+    assert main(["--data", data, "--output-dir", out, "--lr", "1e4", "--global-batch", "1", "--epochs", "5",
+                 "--no-progress", "--no-decode"]) == 2
+    _one_line_error(capsys.readouterr().err, "training diverged at step")
+    assert not {"config.json", "model.safetensors"} & set(os.listdir(out))
+    assert _strict_log(out)
+
+
+def test_cli_bad_model_tokenizer_data_or_output_dir(tmp_path, capsys, monkeypatch):
+    """Each a one-line error with exit 2, before any model loads."""
+    from s1fast.train import cli, make_sample
+
+    monkeypatch.setattr(cli, "_build_model", _no_model)
+    model = tmp_path / "model"
+    train_worker.tiny_model(patched=False).save_pretrained(str(model))
+    capsys.readouterr()  # transformers' progress bar
+    assert cli._argument_problem(cli.build_parser().parse_args(["--model", str(model)])) is None  # a whole one passes
+    size = os.path.getsize(model / "model.safetensors")
+
+    def broken(name, damage) -> str:
+        path = shutil.copytree(model, tmp_path / name)
+        damage(path)
+        return str(path)
+
+    cases = [
+        (broken("half", lambda p: os.truncate(p / "model.safetensors", size // 2)), "model.safetensors': truncated or not a safetensors file"),
+        (broken("garbage", lambda p: (p / "model.safetensors").write_bytes(os.urandom(size))), "truncated or not a safetensors file"),
+        (broken("llama", lambda p: (p / "config.json").write_text('{"model_type": "llama"}')),
+         "model_type 'llama'; s1fast trains Qwen2, Qwen2.5 and Qwen3 (qwen2, qwen3)"),
+        (broken("bad-config", lambda p: (p / "config.json").write_text("{")), "config.json': not a model config"),
+        (broken("no-config", lambda p: (p / "config.json").unlink()), "no config.json"),
+        (broken("no-weights", lambda p: (p / "model.safetensors").unlink()), "no weights in it"),
+    ]
+    for path, message in cases:
+        assert cli.main(["--model", path, "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
+        _one_line_error(capsys.readouterr().err, "--model", message)
+
+    (tmp_path / "tok").mkdir()
+    assert cli.main(["--tokenizer", str(tmp_path / "tok"), "--output-dir", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys.readouterr().err, f"--tokenizer '{tmp_path / 'tok'}': no tokenizer files in it")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli.main(["--output-dir", str(blocker), "--no-progress"]) == 2
+    _one_line_error(capsys.readouterr().err, f"--output-dir '{blocker}' is a file, not a directory")
+
+    record = make_sample.make_rows(1)[0]
+    data = tmp_path / "d.jsonl"
+    for row, message in (([1, 2], "d.jsonl: line 2 is a JSON array, expected an object"),
+                         ({"question": "q", "attempt": "a"}, "row 1: missing column(s) ['thinking_trajectories']")):
+        assert cli.main(["--data", _jsonl(data, [record, row]), "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
+        _one_line_error(capsys.readouterr().err, message)
+    data.write_bytes(b'{"question": "caf\xe9"}\n')  # Latin-1
+    assert cli.main(["--data", str(data), "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
+    _one_line_error(capsys.readouterr().err, "d.jsonl: line 1 is not valid UTF-8")
+
 
 def test_cli_bad_input(tmp_path, capsys):
     from s1fast.train.cli import main
@@ -336,13 +738,14 @@ def test_cli_bad_input(tmp_path, capsys):
     assert "is empty" in capsys.readouterr().err
 
     assert main(["--output-dir", str(tmp_path / "o"), "--resume", "--no-progress", "--max-steps", "1"]) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    assert "no complete checkpoint" in capsys.readouterr().err
 
     assert main(["--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "o")]) == 2
     assert "--model" in capsys.readouterr().err
     assert main(["--device", "gpu", "--output-dir", str(tmp_path / "o")]) == 2
-    assert "--device 'gpu'" in capsys.readouterr().err
+    _one_line_error(capsys.readouterr().err, "--device must be cuda[:N] or cpu, got 'gpu'")
 
+    init_distributed("cpu")  # main ended the process group
     with pytest.raises(ValueError, match="global_batch must be >= 1"):
         Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(),
                 train_worker.config(str(tmp_path / "c"), global_batch=0), device=CPU)

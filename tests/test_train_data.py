@@ -3,8 +3,11 @@ generator, length handling, and clear errors for bad input."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import stat
 
 import pytest
 
@@ -16,6 +19,7 @@ from s1fast.train.data import (
     read_records,
     tokenize_example,
     tokenize_records,
+    write_atomic,
 )
 from s1fast.model.chat import qwen_tokenizer_path
 
@@ -146,8 +150,11 @@ def test_bad_input_errors_name_the_problem(tmp_path, tokenizer):
     def write(rows):
         make_sample.write_jsonl(rows, path)
 
-    write([{"question": "q", "attempt": "a"}])
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['thinking_trajectories'\]|deepseek_thinking_trajectory"):
+    write([{"question": "q", "attempt": "a"}])  # s1K without its trace: named as such, not as s1K-1.1's columns
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['thinking_trajectories'\]; expected"):
+        load_dataset(path, tokenizer)
+    write([{"question": "q", "deepseek_thinking_trajectory": "t"}])  # s1K-1.1 without its attempt
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['deepseek_attempt'\]; expected"):
         load_dataset(path, tokenizer)
     write([])
     with pytest.raises(ValueError, match="is empty"):
@@ -198,3 +205,52 @@ def test_dataset_name_needs_datasets_or_loads_it():
         read_records("simplescaling/s1K")
     with pytest.raises(FileNotFoundError, match="not a Hugging Face dataset name"):
         read_records("no/such/file.jsonl")
+
+
+def test_rows_that_are_not_records_or_not_utf8_name_the_file_and_line(tmp_path, tokenizer):
+    good = json.dumps(RECORD)
+    path = tmp_path / "d.jsonl"
+    for bad, kind in (("[1, 2]", "array"), ('"text"', "string"), ("7", "number"), ("null", "null")):
+        path.write_text(f"{good}\n\n{bad}\n")  # line 3: blank lines count
+        with pytest.raises(ValueError, match=rf"d.jsonl: line 3 is a JSON {kind}, expected an object"):
+            read_records(str(path))
+    path.write_bytes(good.encode() + b"\n" + '{"question": "caf\u00e9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match=r"d.jsonl: line 2 is not valid UTF-8 \(byte 17: invalid continuation byte\)"):
+        read_records(str(path))
+    whole = tmp_path / "d.json"
+    whole.write_text(json.dumps([RECORD, [1]]))
+    with pytest.raises(ValueError, match=r"d.json: item 2 is a JSON array, expected an object"):
+        read_records(str(whole))
+    whole.write_text(json.dumps(RECORD))
+    with pytest.raises(ValueError, match=r"d.json: expected a JSON array of records, got a JSON object"):
+        read_records(str(whole))
+    whole.write_bytes(b"[\xff]")
+    with pytest.raises(ValueError, match=r"d.json is not valid UTF-8"):
+        read_records(str(whole))
+    with pytest.raises(ValueError, match=r"row 0: expected a record \(columns by name\), got list"):
+        tokenize_records([[1, 2]], tokenizer)
+    pytest.importorskip("pyarrow")
+    (tmp_path / "d.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match=r"d.parquet: not a readable parquet file"):
+        read_records(str(tmp_path / "d.parquet"))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_write_atomic_gives_the_umask_permissions_and_leaves_no_temporaries(tmp_path, monkeypatch, umask):
+    """As a plain open() would (mkstemp's 0600 would not); a failed write (a full disk) keeps the old file."""
+    path = tmp_path / "out.json"
+    old = os.umask(umask)
+    try:
+        write_atomic(str(path), "one")
+        write_atomic(str(path), "two")  # replacing a file
+    finally:
+        os.umask(old)
+    assert path.read_text() == "two" and stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(str(path), "three")
+    assert path.read_text() == "two" and os.listdir(tmp_path) == ["out.json"]

@@ -15,9 +15,10 @@ ids after it.
 
 from __future__ import annotations
 
+import array
+import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,19 +38,12 @@ def completion_text(thinking: str, attempt: str) -> str:
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` so that a crash leaves the old file or the new one, never a partial one:
-    a temporary file in the same directory, fsynced, then renamed over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` to ``path`` so that a crash leaves the old file or the new one, never a partial one
+    (:func:`s1fast.model.cli.atomic_output`: a temporary file with the umask's permissions, fsynced, renamed)."""
+    from s1fast.model.cli import atomic_output
+
+    with atomic_output(path) as f:
+        f.write(text)
 
 
 def _schema(columns: Sequence[str], trajectory: str | None, where: str) -> tuple[str, str]:
@@ -57,7 +51,8 @@ def _schema(columns: Sequence[str], trajectory: str | None, where: str) -> tuple
     columns = set(columns)
     if trajectory is not None and trajectory not in TRAJECTORY_SOURCES:
         raise ValueError(f"trajectory must be one of {TRAJECTORY_SOURCES} (s1K-1.1) or None, got {trajectory!r}")
-    if trajectory is None and {"thinking_trajectories", "attempt"} <= columns:
+    s1k_1_1 = any(f"{s}_{kind}" in columns for s in TRAJECTORY_SOURCES for kind in ("thinking_trajectory", "attempt"))
+    if trajectory is None and ("thinking_trajectories" in columns or not s1k_1_1):  # s1K, unless only s1K-1.1 fits
         pair = ("thinking_trajectories", "attempt")
     else:
         source = trajectory or "deepseek"
@@ -75,6 +70,8 @@ def _schema(columns: Sequence[str], trajectory: str | None, where: str) -> tuple
 def example_text(record: dict, *, trajectory: str | None = None, index: int | None = None) -> tuple[str, str]:
     """(prompt, completion) of one s1K or s1K-1.1 record; ``trajectory`` picks s1K-1.1's deepseek/gemini trace."""
     row = "record" if index is None else f"row {index}"
+    if not isinstance(record, dict):
+        raise ValueError(f"{row}: expected a record (columns by name), got {type(record).__name__} {record!r:.60}")
     think_col, attempt_col = _schema(record.keys(), trajectory, row)
     question, thinking, attempt = record["question"], record[think_col], record[attempt_col]
     if isinstance(thinking, str):  # s1K-1.1: one string; s1K: a list of strings
@@ -120,23 +117,23 @@ def read_records(source: str | None = None, *, split: str = "train", what: str =
                 import pyarrow.parquet as pq
             except ImportError as e:
                 raise ImportError(f"reading {source} needs pyarrow: pip install pyarrow") from e
-            return pq.read_table(source).to_pylist()
-        if ext == ".jsonl":
-            with open(source, encoding="utf-8") as f:
-                rows = []
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise ValueError(f"{source}: line {n} is not valid JSON ({e})") from e
-                return rows
-        if ext == ".json":
-            with open(source, encoding="utf-8") as f:
-                rows = json.load(f)
-            if not isinstance(rows, list):
-                raise ValueError(f"{source}: expected a JSON list of records, got {type(rows).__name__}")
-            return rows
+            try:
+                return pq.read_table(source).to_pylist()
+            except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid / ArrowIOError: they name no file
+                raise ValueError(f"{source}: not a readable parquet file ({e})") from e
+        if ext in (".jsonl", ".json"):
+            with open(source, "rb") as f:
+                if ext == ".jsonl":
+                    items = [(f"{source}: line {n}", _json(line, f"{source}: line {n}")) for n, line in enumerate(f, 1) if line.strip()]
+                else:
+                    rows = _json(f.read(), source)
+                    if not isinstance(rows, list):
+                        raise ValueError(f"{source}: expected a JSON array of records, got a JSON {_json_type(rows)}")
+                    items = [(f"{source}: item {n}", row) for n, row in enumerate(rows, 1)]
+            for where, row in items:
+                if not isinstance(row, dict):
+                    raise ValueError(f"{where} is a JSON {_json_type(row)}, expected an object (a record with named columns)")
+            return [row for _, row in items]
         raise ValueError(f"{what} {source!r}: expected a .parquet, .jsonl or .json file")
     looks_like_file = os.path.splitext(source)[1].lower() in (".parquet", ".jsonl", ".json")
     if looks_like_file or source.count("/") != 1 or source.startswith((".", "/")):
@@ -146,6 +143,20 @@ def read_records(source: str | None = None, *, split: str = "train", what: str =
     except ImportError as e:
         raise ImportError(f"loading the dataset {source!r} by name needs `datasets`: pip install datasets") from e
     return datasets.load_dataset(source, split=split).to_list()
+
+
+def _json(raw: bytes, where: str):
+    """``raw`` parsed as UTF-8 JSON; errors name ``where`` (a file, or a file and line)."""
+    try:
+        return json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where} is not valid UTF-8 (byte {e.start}: {e.reason})") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is not valid JSON ({e})") from e
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
 
 
 @dataclass
@@ -158,6 +169,16 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def fingerprint(self) -> str:
+        """A hash of every example's tokens and labels: equal for the same data, tokenizer, trajectory and
+        block size (what a resumed run must keep)."""
+        h = hashlib.sha256()
+        for ex in self.examples:
+            for key in ("input_ids", "labels"):
+                h.update(len(ex[key]).to_bytes(8, "little"))
+                h.update(array.array("q", ex[key]).tobytes())
+        return h.hexdigest()[:16]
 
 
 def load_dataset(

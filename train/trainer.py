@@ -10,14 +10,17 @@ micro-batches by a fixed rule, so resuming from step ``k`` replays steps ``k+1, 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
+import fcntl
 import json
 import math
 import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -30,6 +33,11 @@ from s1fast.model.patch import causal_lm
 from s1fast.train.data import IGNORE_INDEX, Dataset, write_atomic
 
 CHECKPOINT_PREFIX = "checkpoint-"
+LOCK_FILE = ".lock"
+# The settings that decide a run's numbers: a resumed run must keep them (see read_checkpoint). Not among them:
+# where and how often to save or log, max_steps, gradient checkpointing (it recomputes the same values).
+NUMERIC_SETTINGS = ("model_name", "epochs", "global_batch", "micro_batch_tokens", "pack", "param_dtype", "lr", "betas",
+                    "weight_decay", "warmup_ratio", "max_grad_norm", "seed")  # fmt: skip
 
 
 @dataclass
@@ -55,17 +63,23 @@ class TrainConfig:
     log_every: int = 1
     max_steps: int | None = None  # stop after this many steps (the schedule still spans the whole run)
     progress: bool = True
+    model_name: str = ""  # what is trained (name or path, patch and attention): recorded, and compared on resume
 
     def check(self) -> None:
+        """Every setting in its range; each test is written so that NaN fails it."""
         for name in ("epochs", "global_batch", "micro_batch_tokens", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
+            if not getattr(self, name) >= 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "max_grad_norm", "save_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        for name in ("weight_decay", "max_grad_norm", "save_every"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.max_steps is not None and self.max_steps < 1:
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.max_steps is not None and not self.max_steps >= 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         if self.param_dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"param_dtype must be bfloat16, float16 or float32, got {self.param_dtype!r}")
@@ -185,6 +199,8 @@ def _set_rng_state(state: dict) -> None:
 
 def check_writable(path: str, what: str = "output_dir") -> None:
     """Create ``path`` if needed and prove a file can be written there; a clear error naming ``what`` if not."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{what} {path!r} is a file, not a directory")
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write-test-{os.getpid()}")
@@ -195,15 +211,122 @@ def check_writable(path: str, what: str = "output_dir") -> None:
         raise PermissionError(f"{what} {path!r} is not writable: {e.strerror or e}") from e
 
 
+def _checkpoint_steps(output_dir: str) -> list[int]:
+    """Steps of the complete checkpoints in ``output_dir``, ascending (a save cut short is a ``.tmp-`` directory)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(int(name[len(CHECKPOINT_PREFIX):]) for name in os.listdir(output_dir)
+                  if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit())
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
     """The complete checkpoint with the highest step in ``output_dir`` (temporaries are never complete)."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = [
-        int(name[len(CHECKPOINT_PREFIX):]) for name in os.listdir(output_dir)
-        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit()
-    ]  # fmt: skip
-    return os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{max(steps):06d}") if steps else None
+    steps = _checkpoint_steps(output_dir)
+    return os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{steps[-1]:06d}") if steps else None
+
+
+_CLAIMED: set[str] = set()  # output directories this process holds (claim_output_dir is reentrant)
+
+
+@contextlib.contextmanager
+def claim_output_dir(output_dir: str, *, resume: bool, enabled: bool = True, what: str = "output_dir") -> Iterator[None]:
+    """Hold ``output_dir`` (which must exist) for one run.
+
+    An exclusive ``fcntl.flock`` on ``OUTPUT_DIR/.lock`` (holding the holder's pid), so that no second run writes
+    there at the same time; released when the block ends, and by the kernel when the process dies (SIGKILL too). Unless
+    ``resume``, a directory that already holds a run's state (log, checkpoints, a save cut short, a final model)
+    is refused, so that two runs never mix. Reentrant in one process (the command claims the directory before
+    the model loads, ``Trainer.fit`` claims it too). ``enabled=False`` (ranks other than 0) does nothing.
+    """
+    key = os.path.realpath(output_dir)
+    if not enabled or key in _CLAIMED:
+        yield
+        return
+    fd = os.open(os.path.join(output_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise BlockingIOError(f"{what} {output_dir!r} is in use by another run (pid {holder}); wait for it to "
+                                  f"end or choose another {what}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        found = [] if resume else sorted(
+            name for name in os.listdir(output_dir) if name in ("log.jsonl", "config.json")
+            or name.endswith(".safetensors") or name.startswith((CHECKPOINT_PREFIX, f".tmp-{CHECKPOINT_PREFIX}"))
+        )  # fmt: skip
+        if found:
+            hint = ("continue it with --resume" if _checkpoint_steps(output_dir)
+                    else "it has no complete checkpoint to resume from: delete it")
+            raise FileExistsError(f"{what} {output_dir!r} already holds a run ({', '.join(found[:4])}"
+                                  f"{', ...' if len(found) > 4 else ''}); {hint}, or choose another {what}")
+        _CLAIMED.add(key)
+        try:
+            yield
+        finally:
+            _CLAIMED.discard(key)
+    finally:
+        os.close(fd)
+
+
+def schedule_steps(num_examples: int, config: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps) of ``num_examples`` examples under ``config``."""
+    per_epoch = math.ceil(num_examples / config.global_batch)
+    return per_epoch, per_epoch * config.epochs
+
+
+def run_settings(config: TrainConfig, dataset: Dataset) -> dict:
+    """What decides the numbers of a run (:data:`NUMERIC_SETTINGS` and a hash of the tokenised data), as stored in
+    ``trainer_state.json``."""
+    settings = {name: getattr(config, name) for name in NUMERIC_SETTINGS}
+    settings["data"] = dataset.fingerprint()
+    return json.loads(json.dumps(settings))  # JSON's shapes (tuples become lists), to compare with a saved copy
+
+
+def read_checkpoint(path: str, settings: dict, total_steps: int, *, allow_changed_settings: bool = False) -> dict:
+    """Check the checkpoint at ``path`` before anything is loaded from it, and return its trainer state.
+
+    The one place that compares settings: those of this run (:func:`run_settings`) against the checkpoint's;
+    any difference is refused, listed, unless ``allow_changed_settings`` (the new ones then apply from the
+    checkpoint's step on). Also refused, each naming the file: an unreadable ``trainer_state.json``, a step past
+    this run's ``total_steps``, a missing or unreadable ``.metadata``, a missing or truncated ``.distcp`` file.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    state_path = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state_path):
+        raise FileNotFoundError(f"resume: {path!r} is not a checkpoint (no trainer_state.json)")
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+        step, saved = state["step"], state.get("settings", state["config"])  # older checkpoints: the config only
+        if not (isinstance(step, int) and step >= 1 and isinstance(saved, dict)):
+            raise ValueError(f"step {step!r} or settings {saved!r:.60}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{state_path}: not a valid trainer state ({type(e).__name__}: {e})") from e
+    changed = [f"{k} {json.dumps(saved[k])} -> {json.dumps(v)}" for k, v in settings.items() if k in saved and saved[k] != v]
+    if changed and not allow_changed_settings:
+        raise ValueError(f"resume: settings differ from {state_path}: {'; '.join(changed)}. Resume with the "
+                         "checkpoint's settings, or pass --allow-changed-settings to go on with these")
+    if step > total_steps:
+        raise ValueError(f"{state_path}: step {step} is past the end of this run ({total_steps} steps)")
+    metadata = os.path.join(path, ".metadata")
+    try:
+        sizes: dict[str, int] = {}
+        for info in dcp.FileSystemReader(path).read_metadata().storage_data.values():
+            sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
+    except FileNotFoundError as e:
+        raise ValueError(f"{metadata} is missing: the checkpoint is incomplete") from e
+    except Exception as e:  # unpickling garbage fails in many ways
+        raise ValueError(f"{metadata} is unreadable ({type(e).__name__}: {e})") from e
+    for name, size in sorted(sizes.items()):
+        file = os.path.join(path, name)
+        have = os.path.getsize(file) if os.path.isfile(file) else None
+        if have is None or have < size:
+            raise ValueError(f"{file} is {'missing' if have is None else f'truncated ({have:,} of {size:,} bytes)'}: "
+                             "the checkpoint is damaged; resume from an earlier one (--resume PATH)")
+    return state
 
 
 class Trainer:
@@ -223,8 +346,8 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         check_writable(config.output_dir)
         self.lengths = [len(ex["input_ids"]) for ex in dataset.examples]
-        self.steps_per_epoch = math.ceil(len(dataset) / config.global_batch)
-        self.total_steps = self.steps_per_epoch * config.epochs
+        self.steps_per_epoch, self.total_steps = schedule_steps(len(dataset), config)
+        self.settings = run_settings(config, dataset)
         self.step = 0
 
         lm = causal_lm(model)
@@ -243,14 +366,20 @@ class Trainer:
         self.model.train()
         decay = [p for p in self.model.parameters() if p.ndim >= 2]  # no decay on biases and norm weights
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr, betas=config.betas,
-        )
+        self.optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay}])
+        self._set_schedule()
+
+    def _set_schedule(self) -> None:
+        """The config's hyperparameters in the optimizer, and the learning-rate schedule at ``self.step``: at the
+        start, and after a checkpoint restored the optimizer (with the checkpoint's values)."""
         from transformers import get_cosine_schedule_with_warmup
 
+        cfg = self.config
+        for group, decay in zip(self.optimizer.param_groups, (cfg.weight_decay, 0.0)):
+            group.update(lr=cfg.lr, initial_lr=cfg.lr, betas=cfg.betas, weight_decay=decay)
+        # last_epoch=step-1: the scheduler's first step() (in its constructor) brings it to step, lr = lr * f(step)
         self.scheduler = get_cosine_schedule_with_warmup(
-            self.optimizer, math.ceil(config.warmup_ratio * self.total_steps), self.total_steps
+            self.optimizer, math.ceil(cfg.warmup_ratio * self.total_steps), self.total_steps, last_epoch=self.step - 1
         )
 
     # -- one optimizer step --
@@ -286,7 +415,13 @@ class Trainer:
 
     def fit(self, on_step: Callable[[int, dict], None] | None = None) -> list[float]:
         """Train from ``self.step`` to the end (or ``max_steps``), logging and checkpointing; returns the
-        global-batch loss of each step run."""
+        global-batch loss of each step run. The output directory is claimed (:func:`claim_output_dir`) for the
+        run: a fresh start there is refused when it holds another run. A non-finite loss or gradient norm stops
+        training with a ``FloatingPointError`` naming the step, before anything of that step is saved."""
+        with claim_output_dir(self.config.output_dir, resume=self.step > 0, enabled=self.rank == 0):
+            return self._fit(on_step)
+
+    def _fit(self, on_step: Callable[[int, dict], None] | None) -> list[float]:
         cfg = self.config
         end = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
         logger = _Logger(cfg.output_dir, enabled=self.rank == 0)
@@ -306,7 +441,8 @@ class Trainer:
                 tokens = sum(len(ex["input_ids"]) for ex in examples)
                 window_tokens += tokens
                 pending.append((self.step, loss, grad_norm, tokens))
-                if self.step % cfg.log_every == 0 or self.step == end:
+                save = bool(cfg.save_every and self.step % cfg.save_every == 0) or self.step == end
+                if save or self.step % cfg.log_every == 0:  # a checkpoint is written only after its losses are checked
                     # The one host sync per log interval: all ranks sum their loss shares.
                     stacked = torch.stack([p[1] for p in pending])
                     dist.all_reduce(stacked)
@@ -314,6 +450,13 @@ class Trainer:
                     elapsed = time.perf_counter() - window_t0
                     tps = window_tokens / max(elapsed, 1e-9)
                     for (step, _, _, tok), value, norm in zip(pending, stacked.tolist(), norms):
+                        if not (math.isfinite(value) and math.isfinite(norm)):
+                            last = latest_checkpoint(cfg.output_dir)
+                            last = f"the last checkpoint is {os.path.basename(last)}" if last else "no checkpoint"
+                            raise FloatingPointError(
+                                f"training diverged at step {step}: loss {value}, gradient norm {norm}; stopped, nothing "
+                                f"of step {step} or later was saved ({last}); lower the learning rate or check the data"
+                            )
                         losses.append(value)
                         record = {"step": step, "epoch": (step - 1) // self.steps_per_epoch + 1, "loss": value,
                                   "grad_norm": norm, "lr": self.scheduler.get_last_lr()[0], "tokens": tok,
@@ -325,7 +468,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
                         bar.update(len(pending))
                     pending, window_tokens, window_t0 = [], 0, time.perf_counter()
-                if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == end:
+                if save:
                     self.save_checkpoint()
         finally:
             if bar is not None:
@@ -336,62 +479,66 @@ class Trainer:
     # -- checkpoints --
 
     def save_checkpoint(self) -> str:
-        """Write model, optimizer, scheduler, data position and RNG states of every rank into a temporary
-        directory, then rename it to ``checkpoint-STEP`` (a crash leaves either no checkpoint or a whole one)."""
+        """Write model and optimizer states, the step (which fixes the data position and the schedule), the
+        settings and the RNG states of every rank into a temporary directory, then rename it to ``checkpoint-STEP``
+        (a crash leaves either no checkpoint or a whole one; a failed write removes the temporary directory)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        final = os.path.join(self.config.output_dir, f"{CHECKPOINT_PREFIX}{self.step:06d}")
-        if os.path.isdir(final):
-            return final
-        tmp = os.path.join(self.config.output_dir, f".tmp-{CHECKPOINT_PREFIX}{self.step:06d}")
+        out = self.config.output_dir
+        final = os.path.join(out, f"{CHECKPOINT_PREFIX}{self.step:06d}")
+        tmp = os.path.join(out, f".tmp-{CHECKPOINT_PREFIX}{self.step:06d}")
         if self.rank == 0 and os.path.exists(tmp):
             shutil.rmtree(tmp)
         dist.barrier()
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
-        _write_synced(os.path.join(tmp, f"rng-rank{self.rank}.pt"), lambda f: torch.save(_rng_state(), f))
-        if self.rank == 0:
-            state = {"step": self.step, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                     "num_examples": len(self.dataset), "world_size": self.world,
-                     "scheduler": self.scheduler.state_dict(), "config": asdict(self.config)}
-            _write_synced(os.path.join(tmp, "trainer_state.json"), lambda f: f.write(json.dumps(state, indent=1).encode()))
-        dist.barrier()
+        with _writing(final, tmp, cleanup=self.rank == 0):
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
+            _write_synced(os.path.join(tmp, f"rng-rank{self.rank}.pt"), lambda f: torch.save(_rng_state(), f))
+            if self.rank == 0:
+                state = {"step": self.step, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                         "num_examples": len(self.dataset), "world_size": self.world, "settings": self.settings,
+                         "config": asdict(self.config)}
+                _write_synced(os.path.join(tmp, "trainer_state.json"), lambda f: f.write(json.dumps(state, indent=1).encode()))
+            dist.barrier()
         if self.rank == 0:  # every file is on disk (dcp.save fsyncs its own) before the rename makes it a checkpoint
-            _fsync_dir(tmp)
+            _fsync(tmp)
+            if os.path.isdir(final):  # resumed from an earlier checkpoint of this directory: this run's replaces it
+                _remove_checkpoint(final)
             os.replace(tmp, final)
-            _fsync_dir(self.config.output_dir)
-            steps = sorted(int(n[len(CHECKPOINT_PREFIX):]) for n in os.listdir(self.config.output_dir)
-                           if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit())
-            for old in steps[:-self.config.keep_checkpoints]:
-                shutil.rmtree(os.path.join(self.config.output_dir, f"{CHECKPOINT_PREFIX}{old:06d}"))
+            _fsync(out)
+            for old in _checkpoint_steps(out)[:-self.config.keep_checkpoints]:
+                _remove_checkpoint(os.path.join(out, f"{CHECKPOINT_PREFIX}{old:06d}"))
         dist.barrier()
         return final
 
-    def load_checkpoint(self, path: str) -> None:
-        """Restore everything ``save_checkpoint`` wrote; the run then continues exactly as if never stopped."""
+    def load_checkpoint(self, path: str, *, allow_changed_settings: bool = False) -> None:
+        """Restore everything ``save_checkpoint`` wrote; the run then continues exactly as if never stopped.
+        Checked first by :func:`read_checkpoint` (changed settings are refused unless ``allow_changed_settings``:
+        the config's hyperparameters and schedule then apply from the checkpoint's step)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        state_path = os.path.join(path, "trainer_state.json")
-        if not os.path.isfile(state_path):
-            raise FileNotFoundError(f"resume: {path!r} is not a checkpoint (no trainer_state.json)")
-        with open(state_path) as f:
-            state = json.load(f)
-        for key, mine in (("num_examples", len(self.dataset)), ("steps_per_epoch", self.steps_per_epoch),
-                          ("total_steps", self.total_steps)):
-            if state[key] != mine:
-                raise ValueError(f"resume: checkpoint {path!r} has {key}={state[key]} but this run has {mine}; "
-                                 "resume with the same data, global batch and epochs")
+        state = read_checkpoint(path, self.settings, self.total_steps, allow_changed_settings=allow_changed_settings)
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         sd = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(sd, checkpoint_id=path)
+        try:
+            dcp.load(sd, checkpoint_id=path)
+        except BaseException as e:  # dcp's CheckpointException is a BaseException
+            inner = _inner_error(e)
+            if isinstance(inner, KeyboardInterrupt):
+                raise inner from None
+            raise ValueError(f"{path}: cannot load the model and optimizer state ({type(inner).__name__}: "
+                             f"{_first_line(inner)})") from e
         set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         rng = os.path.join(path, f"rng-rank{self.rank}.pt")
-        if os.path.isfile(rng):
-            _set_rng_state(torch.load(rng, weights_only=False))
+        if os.path.isfile(rng) or self.rank < state.get("world_size", 1):
+            try:
+                _set_rng_state(torch.load(rng, weights_only=False))
+            except Exception as e:  # unpickling garbage fails in many ways
+                raise ValueError(f"{rng} is unreadable ({type(e).__name__}: {_first_line(e)})") from e
         self.step = state["step"]
+        self._set_schedule()
         if self.rank == 0:
             _truncate_log(self.config.output_dir, self.step)
 
@@ -403,14 +550,24 @@ class Trainer:
         path = path or self.config.output_dir
         dtype = dtype or getattr(torch, self.config.param_dtype)
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.rank == 0:
-            sd = {k: v.to(dtype) for k, v in sd.items()}
-            lm = causal_lm(self.model)
-            lm.config.use_cache = True
-            lm.save_pretrained(path, state_dict=sd)
-            lm.config.use_cache = False
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(path)
+        if self.rank == 0:  # written into a temporary directory, then each file is moved into place whole
+            tmp = os.path.join(path, ".tmp-model")
+            shutil.rmtree(tmp, ignore_errors=True)
+            with _writing(os.path.join(path, "model.safetensors"), tmp, cleanup=True):
+                sd = {k: v.to(dtype) for k, v in sd.items()}
+                lm = causal_lm(self.model)
+                lm.config.use_cache = True
+                try:
+                    lm.save_pretrained(tmp, state_dict=sd)
+                finally:
+                    lm.config.use_cache = False
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(tmp)
+                for name in sorted(os.listdir(tmp)):
+                    _fsync(os.path.join(tmp, name))
+                    os.replace(os.path.join(tmp, name), os.path.join(path, name))
+                os.rmdir(tmp)
+                _fsync(path)
         dist.barrier()
         return path
 
@@ -445,7 +602,57 @@ def _write_synced(path: str, write: Callable) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: str) -> None:
+@contextlib.contextmanager
+def _writing(target: str, tmp: str, *, cleanup: bool) -> Iterator[None]:
+    """Run a block that writes the temporary directory ``tmp`` (which becomes ``target`` or holds it). If it fails:
+    remove ``tmp`` (when ``cleanup``) and raise one line, which says when the disk is full: an ``ENOSPC`` /
+    ``EDQUOT`` error, or too little space left (torch.save reports a full disk as "unexpected pos", without the
+    errno). Interrupts pass through; exceptions other than OSError and RuntimeError too (a bug keeps its traceback)."""
+    try:
+        yield
+    except BaseException as e:
+        inner = _inner_error(e)
+        error = inner if isinstance(inner, KeyboardInterrupt) or not isinstance(inner, (OSError, RuntimeError)) else None
+        if error is None:
+            where, partial = os.path.dirname(os.path.abspath(target)), os.path.basename(tmp)
+            try:
+                full = getattr(inner, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(where).free < 2**24
+            except OSError:
+                full = False
+            then = "run again with --resume" if _checkpoint_steps(where) else f"delete {where!r} and start again"
+            error = OSError(
+                f"no space left on the device of {where!r} while writing {os.path.basename(target)}; the partial "
+                f"{partial} was removed: free some space, then {then}" if full else
+                f"writing {target} failed ({type(inner).__name__}: {_first_line(inner)}); the partial {partial} was removed"
+            )  # fmt: skip
+        if cleanup:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is e:
+            raise
+        raise error from e
+
+
+def _inner_error(e: BaseException) -> BaseException:
+    """The exception inside dcp's ``CheckpointException`` (the first failed rank's), else ``e``."""
+    failures = getattr(e, "failures", None)
+    return next(iter(failures.values()))[0] if isinstance(failures, dict) and failures else e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _remove_checkpoint(path: str) -> None:
+    """Rename, then delete: a removal cut short leaves a ``.old-`` directory, never a half checkpoint."""
+    trash = os.path.join(os.path.dirname(path), ".old-" + os.path.basename(path))
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+def _fsync(path: str) -> None:
+    """fsync a file or a directory (a directory: so that the names in it, renames included, are on disk)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -469,7 +676,7 @@ class _Logger:
 
     def log(self, record: dict) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON: fit stops before a NaN
             self.file.flush()
         if self.tb is not None:
             for key, value in record.items():
