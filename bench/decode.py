@@ -19,7 +19,8 @@ tokens/s if every step only read the weights plus the used KV cache
 Budget forcing (batch 1). One thinking run of ``thinking`` tokens with 4 forced waits, three ways:
 - ``plain``: the decoder without budget forcing, same token count (the baseline for the overhead);
 - ``in_loop``: the decoder with ``BudgetForcing(num_waits=4)``; the delimiter is the token the random model
-  loops on (found by a short greedy probe) so the waits really happen; ``overhead_pct`` against ``plain``;
+  loops on (found by a short greedy probe), and the tokens it emits end thinking too, so the waits really
+  happen; ``overhead_pct`` against ``plain``;
 - ``s1_reprefill``: s1's way on the same engine: 5 rounds of ``thinking / 5`` tokens, each a new ``generate``
   call on the whole history (one prefill per round), "Wait" appended between rounds.
 """
@@ -133,7 +134,15 @@ def budget_forcing(model, decoder, p: dict, device: str) -> list[dict]:
     n = p["bf_thinking"]
     probe = decoder.generate([prompt], max_new_tokens=min(n, 256)).tokens[0]
     t = collections.Counter(probe).most_common(1)[0][0]  # the token the random model loops on
-    forcing = BudgetForcing(end_think=[t], wait=[t, t], budget_end=[t, 0], num_waits=4)
+    # the first token after a wait may not end thinking (s1's min_tokens=1), so the model may wander off its
+    # loop: the tokens it emits end thinking too, a set grown until the 4 waits happen
+    enders = set(probe)
+    for _ in range(8):
+        forcing = BudgetForcing(end_think=[t], wait=[t, t], budget_end=[t, 0], num_waits=4, end_think_tokens=enders)
+        forced = decoder.generate([prompt], max_new_tokens=min(n, 256), budget=forcing)
+        if forced.forced_waits[0] == 4:
+            break
+        enders |= set(forced.tokens[0])
     runs = {
         "plain": lambda: decoder.generate([prompt], max_new_tokens=n),
         "in_loop": lambda: decoder.generate([prompt], max_new_tokens=n, budget=forcing),

@@ -1,31 +1,56 @@
 """s1 budget forcing, at token level, as a per-row state machine the decoder runs inside its decode loop.
 
 s1 (Muennighoff et al., 2025) controls how long a reasoning model thinks. The prompt ends with the think
-delimiter (``<|im_start|>think``); thinking starts with the first generated token. At every thinking step,
-with ``thinking`` = the model's thinking tokens plus injected wait tokens so far:
+delimiter (``<|im_start|>think``); thinking starts with the first generated token. ``thinking`` counts the
+model's thinking tokens plus the injected wait tokens. At every thinking step:
 
 1. if ``max_thinking_tokens`` is reached (``thinking >= max_thinking_tokens``): the model's token is dropped,
    ``budget_end`` is appended and thinking is over (``budget_cut``);
-2. else if the model's token equals ``end_think[0]``: if fewer than ``num_waits`` waits were injected, or
-   ``thinking < min_thinking_tokens``, the token is dropped and ``wait`` appended (one forced wait, its tokens
-   count as thinking); otherwise all of ``end_think`` is appended (its first token is the model's) and
-   thinking is over;
+2. else if the token ends thinking (``end_think[0]``, one of ``end_think_tokens``, or a stop token of the
+   request): it is dropped; if fewer than ``num_waits`` waits were injected, or ``thinking <
+   min_thinking_tokens``, ``wait`` is appended (one forced wait; its tokens count as thinking, and those past
+   the budget are cut as in 1, ``budget_end`` following the last one kept); otherwise ``end_think`` is appended
+   and thinking is over;
 3. else the token is a thinking token.
 
-After thinking the row decodes normally until a stop token or ``max_new_tokens``. s1 does each edit by
-stopping its engine, editing the text and calling the engine again on the whole history; the decoder applies
-the same edits in one decode loop, feeding the appended tokens to the KV cache in one multi-token step.
+Thinking thus runs in rounds: the first, and one after each forced wait. When waits can be forced
+(``num_waits`` or ``min_thinking_tokens`` > 0), the first token of a round is never one that ends thinking
+(``RowState.mask_enders``: the decoder masks those tokens before sampling), as s1 runs its rounds with vLLM's
+``min_tokens=1``. After thinking the row decodes normally until a stop token or ``max_new_tokens``, which
+bounds generated plus injected tokens: an injection that does not fit is cut, and the row ends.
+
+Which tokens end thinking: s1's thinking phase stops on ``<|im_start|>`` and on the task's stop strings, the
+tokenizer's end of sequence (``<|im_end|>``) among them; it then forces a wait or appends
+``<|im_start|>answer`` and decodes an answer. So a stop token inside thinking ends the thinking, not the row.
+``from_tokenizer`` puts the end-of-turn and end-of-sequence tokens in ``end_think_tokens`` so that this holds
+without stop tokens too (another format passes its own: ``end_think="</think>"`` and its end tokens).
 
 s1's newline rule ("a newline first if the text does not end with one") at token level: ``newline`` (the ids
-of "\\n") is put before ``budget_end`` unless the last token of the sequence so far (the prompt's last token
-when nothing was generated yet) is in ``newline_ending``, the ids whose text ends with a newline.
-``from_tokenizer`` fills both; with ``newline=()`` ``budget_end`` is appended as it is. One difference from
-s1 is inherent to editing tokens instead of text: s1 re-tokenizes the edited text, where a trailing "." and
-the new "\\n" may merge into one token; here the newline is its own token after the "." token.
+of "\\n") is put before ``budget_end`` unless the last token kept (the prompt's last token when nothing was
+generated yet) is in ``newline_ending``, the ids whose text ends with a newline. ``from_tokenizer`` fills both;
+with ``newline=()`` ``budget_end`` is appended as it is. One difference from s1 is inherent to editing tokens
+instead of text: s1 re-tokenizes the edited text, where a trailing "." and the new "\\n" may merge into one
+token; here the newline is its own token after the "." token.
 
-Stop tokens: in thinking, the ``end_think[0]`` rule comes first; any other stop token ends the row there
-(the token is kept, ``thinking_ended`` stays False). ``max_new_tokens`` bounds generated plus injected
-tokens: an injection that does not fit is cut, and the row ends.
+s1's own code (the thinking branch of ``_model_generate`` in its lm-evaluation-harness fork) runs every round
+as a new vLLM call allowed the whole budget, joins the rounds and cuts them to the budget afterwards. For
+greedy decoding the rules above give the tokens of that algorithm (the tests run it on transformers against
+the decoder), but for two quirks of that code:
+
+(a) when the budget is crossed in a round that then stops by itself (the model ends thinking with no waits
+    left), s1 cuts the tokens to the budget yet appends ``end_think`` (``<|im_start|>answer``): no newline, no
+    "Final Answer:";
+(b) when the last round stops at its length limit (the whole budget in that round, or the sequence filling
+    the model's length, ``max_seq_len`` here), s1's newline rule looks at that round's last token, which the
+    cut removed, instead of the last token kept.
+
+``s1_compat=True`` reproduces both, so that s1's own evaluations can be matched token for token: past the
+budget it decodes on as s1 does (each remaining round may run a whole budget), keeps none of it, and rewinds
+the row to the cut (``RowState.rewind``) once it knows how s1's last round ended. That costs the extra
+decoding and its KV cache (``compat_overshoot``), so it is off by default; the default rule is also the
+cleaner one: a budget cut always ends with ``budget_end``, and the newline rule looks at the text the model
+goes on from. Where a round ends thinking on its last allowed token, it counts as ended: vLLM's V0 engine
+checks stops before lengths (its V1 engine checks the length first for stop token ids, and differs there).
 """
 
 from __future__ import annotations
@@ -37,10 +62,12 @@ from dataclasses import dataclass, field
 S1_END_THINK = "<|im_start|>answer"
 S1_WAIT = "Wait"
 S1_BUDGET_END = "<|im_start|>answer\nFinal Answer:"
+# s1 also ends thinking on the end of the turn / of the text (plus the tokenizer's eos_token, see from_tokenizer)
+S1_END_THINK_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
-def _ids(name: str, value: object, *, allow_empty: bool = False) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+def _ids(name: str, value: object, *, allow_empty: bool = False, unordered: bool = False) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, set, frozenset) if unordered else Sequence):
         raise TypeError(f"BudgetForcing: {name} must be a list of token ids, got {type(value).__name__}")
     ids = tuple(value)
     if not allow_empty and not ids:
@@ -62,7 +89,11 @@ def _count(name: str, value: object, *, optional: bool = False) -> int | None:
 
 @dataclass(frozen=True)
 class BudgetForcing:
-    """s1 budget forcing settings (token ids). See the module docstring for the exact semantics."""
+    """s1 budget forcing settings (token ids). See the module docstring for the exact semantics.
+
+    ``end_think_tokens``: tokens that end thinking besides ``end_think[0]`` (which always does).
+    ``s1_compat``: reproduce the two quirks of s1's evaluation code (module docstring); off by default.
+    """
 
     end_think: Sequence[int]
     wait: Sequence[int]
@@ -72,6 +103,8 @@ class BudgetForcing:
     min_thinking_tokens: int = 0
     newline: Sequence[int] = ()
     newline_ending: frozenset[int] = field(default_factory=frozenset)
+    end_think_tokens: frozenset[int] = field(default_factory=frozenset)
+    s1_compat: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once here
@@ -79,7 +112,8 @@ class BudgetForcing:
         set_(self, "wait", _ids("wait", self.wait))
         set_(self, "budget_end", _ids("budget_end", self.budget_end))
         set_(self, "newline", _ids("newline", self.newline, allow_empty=True))
-        set_(self, "newline_ending", frozenset(_ids("newline_ending", tuple(self.newline_ending), allow_empty=True)))
+        for name in ("newline_ending", "end_think_tokens"):
+            set_(self, name, frozenset(_ids(name, getattr(self, name), allow_empty=True, unordered=True)))
         _count("max_thinking_tokens", self.max_thinking_tokens, optional=True)
         _count("num_waits", self.num_waits)
         _count("min_thinking_tokens", self.min_thinking_tokens)
@@ -88,6 +122,8 @@ class BudgetForcing:
                 f"BudgetForcing: min_thinking_tokens ({self.min_thinking_tokens}) must not exceed "
                 f"max_thinking_tokens ({self.max_thinking_tokens})"
             )
+        if not isinstance(self.s1_compat, bool):
+            raise TypeError(f"BudgetForcing: s1_compat must be a bool, got {self.s1_compat!r}")
 
     @classmethod
     def from_tokenizer(
@@ -100,14 +136,30 @@ class BudgetForcing:
         end_think: str = S1_END_THINK,
         wait: str = S1_WAIT,
         budget_end: str = S1_BUDGET_END,
+        end_think_tokens: Sequence[str] | None = None,
+        s1_compat: bool = False,
     ) -> BudgetForcing:
         """s1's defaults: end_think "<|im_start|>answer", wait "Wait", budget_end
         "<|im_start|>answer\\nFinal Answer:" with the newline rule (scans the vocabulary once, about a second
-        for Qwen's 151K tokens)."""
+        for Qwen's 151K tokens). ``end_think_tokens``: the texts of single tokens that also end thinking;
+        default: ``S1_END_THINK_TOKENS`` and the tokenizer's ``eos_token``, those the vocabulary has."""
 
         def encode(text: str) -> list[int]:
             return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+        if end_think_tokens is None:
+            texts = [t for t in (*S1_END_THINK_TOKENS, tokenizer.eos_token) if t]
+            enders = [ids[0] for ids in map(encode, texts) if len(ids) == 1]
+        elif isinstance(end_think_tokens, (str, bytes)) or not isinstance(end_think_tokens, Sequence):
+            raise TypeError(f"BudgetForcing: end_think_tokens must be a list of token texts, got {type(end_think_tokens).__name__}")
+        else:
+            enders = []
+            for text in end_think_tokens:
+                ids = encode(text) if isinstance(text, str) else ()
+                if len(ids) != 1:
+                    raise ValueError(f"BudgetForcing: end_think_tokens must be texts of single tokens, {text!r} is "
+                                     f"{len(ids) or 'not a text of'} tokens")  # fmt: skip
+                enders.append(ids[0])
         settings = cls(  # validated before the vocabulary scan
             end_think=encode(end_think),
             wait=encode(wait),
@@ -115,17 +167,36 @@ class BudgetForcing:
             max_thinking_tokens=max_thinking_tokens,
             num_waits=num_waits,
             min_thinking_tokens=min_thinking_tokens,
+            end_think_tokens=enders,
+            s1_compat=s1_compat,
         )
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
         ending = frozenset(i for i, t in enumerate(texts) if t.endswith("\n"))
         return dataclasses.replace(settings, newline=encode("\n"), newline_ending=ending)
 
+    @property
+    def thinking_enders(self) -> frozenset[int]:
+        """The tokens that end thinking (with a request's stop tokens)."""
+        return self.end_think_tokens | {self.end_think[0]}
+
+    @property
+    def forces_waits(self) -> bool:
+        return self.num_waits > 0 or self.min_thinking_tokens > 0
+
     def token_ids(self) -> set[int]:
-        """Every id these settings can inject (the decoder checks them against the vocabulary)."""
-        return {*self.end_think, *self.wait, *self.budget_end, *self.newline}
+        """Every id these settings use (the decoder checks them against the vocabulary)."""
+        return {*self.end_think, *self.wait, *self.budget_end, *self.newline, *self.end_think_tokens}
 
     def longest_injection(self) -> int:
-        return max(len(self.end_think), len(self.wait), len(self.newline) + len(self.budget_end))
+        """The most tokens one edit feeds: a wait cut by the budget comes with the budget's end."""
+        return max(len(self.end_think), len(self.wait), len(self.wait) - 1 + len(self.newline) + len(self.budget_end))
+
+    def compat_overshoot(self) -> int:
+        """The most tokens a row may decode past the budget and drop (``s1_compat``; 0 otherwise): the round in
+        progress and each remaining one may run a whole budget, as in s1."""
+        if not self.s1_compat or self.max_thinking_tokens is None or not self.forces_waits:
+            return 0
+        return (self.num_waits + 2) * (self.max_thinking_tokens + len(self.wait))
 
     def budget_end_after(self, last_token: int) -> tuple[int, ...]:
         """``budget_end`` with s1's newline rule applied after ``last_token``."""
@@ -139,52 +210,111 @@ class RowState:
 
     ``step(token)`` takes the model's next token and returns the tokens to feed the model next (``[token]``
     when nothing is edited, the injected tokens otherwise, None when the row is finished); the emitted tokens
-    are appended to ``tokens`` (cut at ``max_new_tokens``).
+    are appended to ``tokens`` (cut at ``max_new_tokens``). After each step, ``mask_enders`` says whether the
+    next token must not be one that ends thinking (the first of a round), and ``rewind`` how many fed tokens
+    the returned ones replace (``s1_compat`` dropping what it decoded past the budget; 0 otherwise).
+    ``room``: the tokens the sequence may hold after the prompt (``max_seq_len`` minus the prompt).
     """
 
     __slots__ = (
-        "budget", "max_new_tokens", "stop", "tokens", "last", "thinking", "waits", "budget_cut",
-        "thinking_ended", "think_end", "answer_start", "finish_reason",
+        "budget", "max_new_tokens", "room", "stop", "enders", "tokens", "last", "thinking", "waits", "round_len",
+        "budget_cut", "thinking_ended", "think_end", "answer_start", "finish_reason", "mask_enders", "rewind",
+        "past", "past_waits", "past_last",
     )  # fmt: skip
 
-    def __init__(self, last_prompt_token: int, budget: BudgetForcing | None, max_new_tokens: int, stop: frozenset):
+    def __init__(self, last_prompt_token: int, budget: BudgetForcing | None, max_new_tokens: int, stop: frozenset,
+                 room: int | None = None):  # fmt: skip
         self.budget = budget
         self.max_new_tokens = max_new_tokens
+        self.room = max_new_tokens if room is None else room
         self.stop = stop
+        self.enders = frozenset() if budget is None else budget.thinking_enders | stop
         self.tokens: list[int] = []
         self.last = last_prompt_token
-        self.thinking = 0  # the model's thinking tokens plus injected wait tokens
+        self.thinking = 0  # the model's thinking tokens plus injected wait tokens (kept ones)
         self.waits = 0
+        self.round_len = 0  # the model's tokens since thinking started or the last wait
         self.budget_cut = False
         self.thinking_ended = budget is None
         self.think_end = 0  # index in tokens where thinking stops (the delimiter starts)
         self.answer_start = 0  # index in tokens where the answer starts (after the delimiter)
         self.finish_reason: str | None = None
+        self.mask_enders = budget is not None and budget.forces_waits
+        self.rewind = 0
+        self.past: int | None = None  # s1_compat, past the budget: tokens fed beyond the kept ones
+        self.past_waits = 0
+        self.past_last = 0  # ... and the last of them
 
     def step(self, token: int) -> list[int] | None:
-        b = self.budget
+        self.mask_enders, self.rewind = False, 0
         if self.thinking_ended:
             return self._emit([token], stop=token in self.stop)
-        if b.max_thinking_tokens is not None and self.thinking >= b.max_thinking_tokens:
-            self.budget_cut = True
-            inject = b.budget_end_after(self.last)
-            keep = len(inject) - len(b.budget_end)
-            keep += len(b.end_think) if b.budget_end[: len(b.end_think)] == b.end_think else len(b.budget_end)
-            return self._end_thinking(inject, keep)
-        if token == b.end_think[0]:
+        b = self.budget
+        if self.past is not None or (b.max_thinking_tokens is not None and self.thinking >= b.max_thinking_tokens):
+            return self._past_budget(token) if b.s1_compat else self._cut(self.last)
+        if token in self.enders:
             if self.waits < b.num_waits or self.thinking < b.min_thinking_tokens:
-                self.waits += 1
-                self.thinking += len(b.wait)
-                return self._emit(list(b.wait))
+                return self._wait()
             return self._end_thinking(b.end_think, len(b.end_think))
         self.thinking += 1
-        return self._emit([token], stop=token in self.stop)
+        self.round_len += 1
+        return self._emit([token])
 
-    def _end_thinking(self, inject: Sequence[int], delimiter_len: int) -> list[int] | None:
+    def _wait(self) -> list[int] | None:
+        b = self.budget
+        self.waits += 1
+        self.round_len = 0
+        room = len(b.wait) if b.max_thinking_tokens is None else b.max_thinking_tokens - self.thinking
+        kept = list(b.wait[:room])
+        self.thinking += len(kept)
+        if len(kept) < len(b.wait) and not b.s1_compat:
+            return self._cut(kept[-1], kept)
+        if self._emit(kept) is None:
+            return None
+        if len(kept) < len(b.wait):  # s1_compat: the whole wait goes on to the model, the cut comes later
+            self.past, self.past_waits, self.past_last = len(b.wait) - len(kept), 0, b.wait[-1]
+        self.mask_enders = True
+        return list(b.wait)
+
+    def _past_budget(self, token: int) -> list[int] | None:
+        """``s1_compat`` past the budget: decode s1's remaining rounds without keeping them, until its last
+        round ends, then rewind to the budget and append what s1 appends."""
+        b = self.budget
+        if self.past is None:
+            self.past, self.past_waits, self.past_last = 0, 0, self.last
+        if self.round_len >= b.max_thinking_tokens or len(self.tokens) + self.past >= self.room:
+            return self._cut(self.past_last)  # the round stopped at its length: quirk (b)
+        if token in self.enders:
+            if self.waits + self.past_waits < b.num_waits:
+                self.past_waits += 1
+                self.round_len = 0
+                self.past += len(b.wait)
+                self.past_last = b.wait[-1]
+                self.mask_enders = True
+                return list(b.wait)
+            self.budget_cut = True
+            return self._end_thinking(b.end_think, len(b.end_think))  # it stopped by itself: quirk (a)
+        self.round_len += 1
+        self.past += 1
+        self.past_last = token
+        return [token]
+
+    def _cut(self, last: int, kept: Sequence[int] = ()) -> list[int] | None:
+        """The budget is spent: ``kept`` (the wait tokens that fit), then ``budget_end`` with the newline rule
+        after ``last``."""
+        b = self.budget
+        self.budget_cut = True
+        end = b.budget_end_after(last)
+        delimiter = len(end) - len(b.budget_end)
+        delimiter += len(b.end_think) if b.budget_end[: len(b.end_think)] == b.end_think else len(b.budget_end)
+        return self._end_thinking(end, delimiter, kept)
+
+    def _end_thinking(self, inject: Sequence[int], delimiter_len: int, kept: Sequence[int] = ()) -> list[int] | None:
+        self.rewind, self.past = self.past or 0, None
         self.thinking_ended = True
-        self.think_end = len(self.tokens)
+        self.think_end = min(len(self.tokens) + len(kept), self.max_new_tokens)
         self.answer_start = min(self.think_end + delimiter_len, self.max_new_tokens)
-        return self._emit(list(inject))
+        return self._emit([*kept, *inject])
 
     def _emit(self, tokens: list[int], *, stop: bool = False) -> list[int] | None:
         room = self.max_new_tokens - len(self.tokens)

@@ -132,6 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-thinking-tokens", type=int, help="thinking budget; then '<|im_start|>answer\\nFinal Answer:'")
     g.add_argument("--num-waits", type=int, default=0, help="replace the first N ends of thinking with 'Wait'")
     g.add_argument("--min-thinking-tokens", type=int, default=0, help="replace ends of thinking with 'Wait' before this")
+    g.add_argument("--s1-compat", action="store_true",
+                   help="also reproduce the two quirks of s1's evaluation code, token for token (see the README)")
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=4096, help="generated plus injected tokens per prompt")
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
@@ -144,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     g.add_argument("--max-seq-len", type=int, help="longest prompt + max-new-tokens allowed (default: the model's)")
     g.add_argument("--no-cuda-graphs", action="store_true")
+    g.add_argument("--threads", type=int, help="CPU threads (default on CPU: 1 for a model under 100M parameters)")
     g.add_argument("--output", help="write one JSON object per prompt to this JSONL file")
     g.add_argument("--quiet", action="store_true", help="no per-prompt printing (with --output)")
     return p
@@ -188,6 +191,8 @@ def main(argv: list[str]) -> int:
         parser.error("--no-think turns budget forcing off: drop --max-thinking-tokens / --num-waits / --min-thinking-tokens")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         parser.error(f"--max-seq-len must be >= 2 (a prompt token and a new one), got {args.max_seq_len}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     try:
         device = check_device(args.device)
         check_model_dir(args.model, "model (s1fast generate loads local models only)")
@@ -201,7 +206,7 @@ def main(argv: list[str]) -> int:
 
     from s1fast.model.budget import BudgetForcing
     from s1fast.model.chat import IM_END, THINK, load_tokenizer, prompt_text
-    from s1fast.model.decoder import Decoder
+    from s1fast.model.decoder import Decoder, set_cpu_threads
 
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
@@ -213,7 +218,7 @@ def main(argv: list[str]) -> int:
         try:  # validates the counts with BudgetForcing's messages
             budget = BudgetForcing.from_tokenizer(
                 tokenizer, max_thinking_tokens=args.max_thinking_tokens, num_waits=args.num_waits,
-                min_thinking_tokens=args.min_thinking_tokens,
+                min_thinking_tokens=args.min_thinking_tokens, s1_compat=args.s1_compat,
             )  # fmt: skip
         except ValueError as e:
             parser.error(str(e))
@@ -234,6 +239,9 @@ def main(argv: list[str]) -> int:
         decoder = Decoder(model, tokenizer=tokenizer, max_seq_len=args.max_seq_len, cuda_graphs=False if args.no_cuda_graphs else None)
     except (ValueError, TypeError, NotImplementedError) as e:  # does not load; a model the decoder cannot run
         return fail(str(e))
+    note = set_cpu_threads(model, args.threads)
+    if note:
+        print(f"s1fast generate: {note}", file=sys.stderr)
     tokens_done = decode_tokens = prefill_s = decode_s = 0
     # token-level progress on stderr (tokens, tokens/s), fed by the decoder's stream callback
     bar = tqdm(unit="tok", file=sys.stderr, dynamic_ncols=True, desc="generate")

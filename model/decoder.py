@@ -29,7 +29,11 @@ Design:
   lies past the row's length and is overwritten by the next step, which feeds the edited tokens of every row
   in one multi-token forward (rows padded to the longest edit).
 - Budget forcing (``s1fast.model.budget``) decides per row what is fed next; injected tokens enter the cache
-  in that one forward, never by re-running the prompt.
+  in that one forward, never by re-running the prompt. The first token of a thinking round is sampled with the
+  tokens that end thinking masked (s1's ``min_tokens=1``); such a token always comes from the prefill or from
+  an edit's forward, never from a graph step. With ``s1_compat`` a row may decode past its budget and then
+  rewind: the edit is fed from the cut position, and the keys past it are never read again (attention reads
+  each row only up to its own position).
 """
 
 from __future__ import annotations
@@ -55,6 +59,30 @@ except ImportError:  # pragma: no cover - flash-attn is not installed on CI
     flash_attn_with_kvcache = None
 
 DTYPES = (torch.float64, *FLOAT_DTYPES)
+SMALL_CPU_MODEL = 100_000_000  # parameters: below, CPU decoding runs on one thread unless told otherwise
+
+
+def set_cpu_threads(model, threads: int | None = None) -> str | None:
+    """Set torch's intra-op threads for decoding ``model``: ``threads`` when given; on CPU otherwise one for a
+    model under ``SMALL_CPU_MODEL`` parameters, whose per-token matrices are too small to split (on 2 shared
+    cores, decoding was measured 2-4x slower with torch's default thread count than with one), else torch's
+    default. Returns a one-line note for the user on CPU, None on GPU."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
+    params = list(model.parameters())  # shared (tied) weights once
+    if params[0].device.type != "cpu":
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return None
+    count = sum(p.numel() for p in params)
+    if threads is not None:
+        why = "as asked"
+    elif count < SMALL_CPU_MODEL:
+        threads, why = 1, f"a small model, {count / 1e6:.1f}M parameters; --threads N to change"
+    else:
+        threads, why = torch.get_num_threads(), "torch's default; --threads N to change"
+    torch.set_num_threads(threads)
+    return f"decoding on {threads} CPU thread{'s' if threads > 1 else ''} ({why})"
 
 
 def _bucket(length: int) -> int:
@@ -420,9 +448,9 @@ class Decoder:
     ) -> GenerationResult:
         """Generate for a batch of prompts (token-id lists, any lengths). ``max_new_tokens`` bounds generated
         plus injected tokens per row; ``temperature=0`` is greedy; ``seed`` makes sampling reproducible;
-        ``stop_token_ids`` end a row (the stop token is kept); ``budget`` applies s1 budget forcing (every
-        prompt must end with the think delimiter); ``stream(row, new_token_ids)`` is called as tokens are
-        decided. Returns a ``GenerationResult``."""
+        ``stop_token_ids`` end a row (the stop token is kept), or its thinking while it thinks, as in s1;
+        ``budget`` applies s1 budget forcing (every prompt must end with the think delimiter);
+        ``stream(row, new_token_ids)`` is called as tokens are decided. Returns a ``GenerationResult``."""
         if stream is not None and not callable(stream):
             raise TypeError(f"Decoder.generate: stream must be None or a callable (row, new_token_ids), got {type(stream).__name__}")
         run = self.stream(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -509,12 +537,22 @@ class Decoder:
 
     @torch.inference_mode()
     def _run(self, prompts, max_new_tokens, sample, stop, budget) -> Iterator[tuple[int, list[int]]]:
-        states = [RowState(p[-1], budget, max_new_tokens, stop) for p in prompts]
+        states = [RowState(p[-1], budget, max_new_tokens, stop, self.max_seq_len - len(p)) for p in prompts]
         slots = sorted(range(len(prompts)), key=lambda r: -len(prompts[r]))  # cache row -> request
-        longest_feed = budget.longest_injection() if budget is not None else 1
-        self._ensure_cache(len(prompts), _bucket(len(prompts[slots[0]]) + max_new_tokens + longest_feed))
+        longest = len(prompts[slots[0]])
+        longest_feed, overshoot = (budget.longest_injection(), budget.compat_overshoot()) if budget is not None else (1, 0)
+        positions = max(longest + max_new_tokens, min(self.max_seq_len, longest + overshoot))
+        self._ensure_cache(len(prompts), _bucket(positions + longest_feed))
         sync = lambda: torch.cuda.synchronize(self.device) if self.device.type == "cuda" else None  # noqa: E731
         emitted = steps = 0
+        enders = torch.tensor(sorted(states[0].enders), dtype=torch.long, device=self.device)
+
+        def first_of_round(logits: torch.Tensor) -> torch.Tensor:
+            """No token that ends thinking as the first of a thinking round (s1: vLLM's min_tokens=1)."""
+            rows = [s for s, r in enumerate(slots) if states[r].mask_enders]
+            if rows:
+                logits[torch.tensor(rows, device=self.device)[:, None], enders] = float("-inf")
+            return logits
 
         def decide(slot: int, token: int) -> list[int] | None:
             nonlocal emitted
@@ -522,6 +560,7 @@ class Decoder:
             before = len(state.tokens)
             feed = state.step(token)
             emitted += len(state.tokens) - before
+            pos[slot] -= state.rewind  # s1_compat: the feed replaces what was decoded past the budget
             return feed
 
         def news(before: list[int]) -> Iterator[tuple[int, list[int]]]:
@@ -530,7 +569,7 @@ class Decoder:
                     yield r, states[r].tokens[before[slot] :]
 
         t0 = time.perf_counter()
-        tokens = sample(self._prefill([prompts[r] for r in slots]))
+        tokens = sample(first_of_round(self._prefill([prompts[r] for r in slots])))
         n = len(slots)
         pos = [len(prompts[r]) for r in slots]  # per cache row: positions filled = where the next token goes
         pending = self._fetch(tokens)
@@ -554,7 +593,8 @@ class Decoder:
             feeds = [decide(s, t) for s, t in enumerate(toks)]
             if first:  # the prefill's tokens are not decode tokens
                 emitted, first = 0, False
-            kept = [f is not None and f == [t] for f, t in zip(feeds, toks)]
+            # kept: fed as the guess assumed (no rewind, and the guess was sampled without a mask)
+            kept = [f == [t] and not (states[r].rewind or states[r].mask_enders) for f, t, r in zip(feeds, toks, slots)]
             if all(kept):
                 yield from news(before)
                 pos = [p + 1 for p in pos]
@@ -580,7 +620,7 @@ class Decoder:
             ids = torch.tensor([f + f[-1:] * (width - len(f)) for f in feeds], device=self.device)
             last = torch.tensor([len(f) - 1 for f in feeds], device=self.device)
             start = torch.tensor(pos, device=self.device)
-            tokens = sample(self._forward(ids, start, max(pos) + width, last))
+            tokens = sample(first_of_round(self._forward(ids, start, max(pos) + width, last)))
             steps += 1
             pos = [p + len(f) for p, f in zip(pos, feeds)]
             pending = self._fetch(tokens)

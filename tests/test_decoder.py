@@ -2,23 +2,26 @@
 
 In float64 the decoder's forward and transformers' differ by rounding only (~1e-15 relative), far below the
 gaps between a random model's top logits, so greedy tokens must be identical. Budget forcing is compared with
-a reference written the way s1 does it: stop the engine, edit the sequence, call ``generate`` again on the
-whole history. The delimiter of the budget tests is the token the model itself emits most often in row 0
-(random tiny models fall into repetition loops), so forced waits and early ends really happen; each case
+s1's own algorithm (``s1_reference``, written from its evaluation code): thinking calls of transformers'
+``generate`` on the whole history, stopped on the end tokens, edited, called again. The delimiter of the
+budget tests is a token the model itself emits often, so forced waits and early ends really happen; each case
 also asserts that its path was taken.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import importlib.util
+import math
+import random
 
 import pytest
 import torch
 from tiny_qwen import VOCAB, tiny_model
 
 from s1fast.kernels import force_backend, interpreting
-from s1fast.model.budget import BudgetForcing
+from s1fast.model.budget import BudgetForcing, RowState
 from s1fast.model.decoder import Decoder, GenerationResult
 
 NEWLINE, NEWLINE_ENDING = 10, frozenset({10, 11})
@@ -48,54 +51,86 @@ def make_prompts(lengths, seed=1):
     return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
-def hf_generate(model, seq, max_new_tokens, eos=()):
-    """transformers greedy decoding of one unpadded sequence (explicit all-ones mask: token 0 is no pad)."""
+def hf_generate(model, seq, max_new_tokens, eos=(), min_new_tokens=0):
+    """transformers greedy decoding of one unpadded sequence (explicit all-ones mask: token 0 is no pad);
+    ``min_new_tokens`` keeps ``eos`` out of the first tokens (as vLLM's ``min_tokens``)."""
     if max_new_tokens <= 0:
         return []
     out = model.generate(
         torch.tensor([seq]), attention_mask=torch.ones(1, len(seq), dtype=torch.long), max_new_tokens=max_new_tokens,
-        do_sample=False, eos_token_id=list(eos) or None, pad_token_id=0,
+        min_new_tokens=min_new_tokens, do_sample=False, eos_token_id=list(eos) or None, pad_token_id=0,
     )  # fmt: skip
     return out[0, len(seq) :].tolist()
 
 
-def s1_reference(model, prompt, bf: BudgetForcing, max_new_tokens, stop=()):
-    """Budget forcing s1's way: generate until the delimiter / budget / stop, edit, generate again on the whole
-    sequence. Returns (tokens, thinking tokens, forced waits, budget cut)."""
-    seq, out = list(prompt), []
-    thinking = waits = 0
-    cut = False
+_GREEDY: dict = {}
 
-    def add(tokens):
-        tokens = tokens[: max_new_tokens - len(out)]
-        out.extend(tokens)
-        seq.extend(tokens)
 
-    while len(out) < max_new_tokens:  # thinking rounds
-        room = max_new_tokens - len(out)
-        left = None if bf.max_thinking_tokens is None else bf.max_thinking_tokens - thinking
-        if left is not None and left <= 0:
-            newline = [] if seq[-1] in bf.newline_ending else list(bf.newline)
-            add(newline + list(bf.budget_end))
-            cut = True
+def greedy(model, seq, n, eos=(), min_new_tokens=0):
+    """``hf_generate``, memoised: greedy decoding's first n tokens do not depend on how many more were asked
+    for, so one call serves every shorter one on the same sequence (the budgets of a sweep share their rounds)."""
+    key = (id(model), tuple(seq), tuple(eos), min_new_tokens)
+    done = _GREEDY.get(key)
+    if done is None or (len(done) < n and not (done and done[-1] in eos)):
+        done = _GREEDY[key] = hf_generate(model, seq, n, eos, min_new_tokens)
+    return done[:n]
+
+
+def s1_reference(model, prompt, bf: BudgetForcing, max_new_tokens, stop=(), max_seq_len=None, ends=None):
+    """Budget forcing as s1's evaluation code runs it (the thinking branch of ``_model_generate`` in the
+    lm-evaluation-harness fork of simplescaling/s1, ``vllm_causallms.py``), on transformers' greedy generate:
+
+    - a thinking call stops on ``until_thinking``: ``<|im_start|>`` (``end_think[0]``) and the task's stop
+      strings (``end_think_tokens`` and ``stop`` here), single tokens; it may run the whole budget, and no
+      further than the model's length (``max_seq_len``);
+    - without waits: one call. With ``num_waits`` (``thinking_n_ignore``) N: up to N + 1 calls, each with
+      ``min_tokens=1``; a call that stopped, but for the last, loses its stop token and gets "Wait", and the next
+      call runs on the whole history; a call at its length limit, or the last one, ends thinking; the joined
+      calls are cut to the budget, and a stop token left at the end is dropped;
+    - then ``end_think`` when the last call stopped (even after a cut: s1's quirk a), ``budget_end`` after the
+      newline rule when it hit its length, the rule looking at the uncut text (quirk b);
+    - the answer: a call stopping on ``stop``.
+
+    Without ``bf.s1_compat``, a cut thinking always gets ``budget_end`` after the newline rule on the last token
+    kept (s1fast's rule). ``max_new_tokens`` bounds the whole output, as in the decoder (s1's answer call has a
+    budget of its own). ``ends`` collects the tokens that stopped thinking calls. Returns (tokens, thinking
+    tokens, forced waits kept, whether thinking reached the budget)."""
+    budget, prompt = bf.max_thinking_tokens, list(prompt)
+    until = [bf.end_think[0], *sorted(bf.end_think_tokens), *stop]
+    rounds = bf.num_waits + 1
+
+    def call(seq):
+        room = max_new_tokens if budget is None else budget
+        if max_seq_len is not None:
+            room = min(room, max_seq_len - len(seq))
+        new = greedy(model, seq, room, until, 1 if bf.num_waits else 0)
+        stopped = bool(new) and new[-1] in until
+        if stopped and ends is not None:
+            ends.append(new[-1])
+        return new, stopped
+
+    thinking, waits_at = [], []
+    for i in range(rounds):
+        new, stopped = call(prompt + thinking)
+        if not stopped or i == rounds - 1:
+            thinking += new
             break
-        new = hf_generate(model, seq, room if left is None else min(room, left), eos=[bf.end_think[0], *stop])
-        if new and new[-1] == bf.end_think[0]:
-            thinking += len(new) - 1
-            add(new[:-1])
-            if waits < bf.num_waits or thinking < bf.min_thinking_tokens:
-                add(list(bf.wait))
-                waits += 1
-                thinking += len(bf.wait)
-                continue
-            add(list(bf.end_think))
-            break
-        thinking += len(new)
-        add(new)
-        if new and new[-1] in stop:
-            return out, thinking, waits, cut
-    add(hf_generate(model, seq, max_new_tokens - len(out), eos=stop))
-    return out, thinking, waits, cut
+        waits_at.append(len(thinking) + len(new) - 1)
+        thinking += new[:-1] + list(bf.wait)
+    last = (prompt + thinking)[-1]  # the last token of s1's uncut text
+    if budget is not None and len(thinking) > budget:
+        thinking = thinking[:budget]
+        if not bf.s1_compat:
+            stopped, last = False, (prompt + thinking)[-1]
+    if thinking and thinking[-1] in until:
+        thinking = thinking[:-1]
+    if stopped:
+        out = thinking + list(bf.end_think)
+    else:
+        out = thinking + ([] if last in bf.newline_ending else list(bf.newline)) + list(bf.budget_end)
+    out += greedy(model, prompt + out, max_new_tokens - len(out), stop)
+    waits = sum(at < len(thinking) for at in waits_at)
+    return out[:max_new_tokens], len(thinking), waits, budget is not None and len(thinking) == budget
 
 
 def most_common_token(model, prompt, n=40):
@@ -103,14 +138,25 @@ def most_common_token(model, prompt, n=40):
 
 
 def budget(model, prompts, **kw):
-    """Delimiter: row 0's loop token t. Wait is [t, t]: after it the model is back in its loop and emits t
-    again, so several forced waits happen."""
+    """Delimiter: row 0's most frequent token t (the untied model comes back to it every few tokens). Wait is
+    [t + 1, t + 2], tokens that do not end thinking (as "Wait" in s1); the model soon emits t again, so several
+    forced waits happen."""
     t = most_common_token(model, prompts[0])
     a, b = (t + 1) % VOCAB, (t + 2) % VOCAB
     return BudgetForcing(
-        end_think=[t, a, b], wait=[t, t], budget_end=[t, a, b, 50],
+        end_think=[t, a, b], wait=[a, b], budget_end=[t, a, b, 50],
         newline=[NEWLINE], newline_ending=NEWLINE_ENDING, **kw,
     )  # fmt: skip
+
+
+def assert_matches_s1(model, prompts, bf, max_new_tokens, stop=(), **kw):
+    res = Decoder(model, **kw).generate(prompts, max_new_tokens=max_new_tokens, budget=bf, stop_token_ids=stop)
+    for p, row in zip(prompts, res.rows):
+        tokens, thinking, waits, cut = s1_reference(model, p, bf, max_new_tokens, stop, kw.get("max_seq_len"))
+        assert row.tokens == tokens
+        if row.thinking_ended:  # else max_new_tokens cut the thinking, and the counts stop there
+            assert (row.thinking_tokens, row.forced_waits, row.budget_cut) == (thinking, waits, cut)
+    return res
 
 
 # --- greedy decoding against transformers ----------------------------------------------------------------
@@ -209,7 +255,7 @@ def test_decode_attention_path_choice(monkeypatch):
         Decoder(model, attention="triton")
 
 
-# --- budget forcing against s1's stop-edit-regenerate --------------------------------------------------
+# --- budget forcing against s1's evaluation code -------------------------------------------------------
 
 CASES = {
     "num_waits": (dict(num_waits=2), 40),
@@ -224,25 +270,29 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_budget_forcing_matches_s1_reference(case):
     kw, max_new = CASES[case]
-    model = model_for()
+    model = model_for(tied=False)
     prompts = make_prompts((6, 13, 3), seed=1)
     bf = budget(model, prompts, **kw)
-    res = Decoder(model).generate(prompts, max_new_tokens=max_new, budget=bf)
-    for p, row in zip(prompts, res.rows):
-        tokens, thinking, waits, cut = s1_reference(model, p, bf, max_new)
-        assert (row.tokens, row.thinking_tokens, row.forced_waits, row.budget_cut) == (tokens, thinking, waits, cut)
-    row0 = res.rows[0]
+    if case == "min_thinking":  # s1fast's own: waits while thinking < 24, as s1 with that many waits
+        res = Decoder(model).generate(prompts, max_new_tokens=max_new, budget=bf)
+        for p, row in zip(prompts, res.rows):
+            same = dataclasses.replace(bf, min_thinking_tokens=0, num_waits=row.forced_waits)
+            assert row.tokens == s1_reference(model, p, same, max_new)[0]
+    else:
+        res = assert_matches_s1(model, prompts, bf, max_new)
+    row0, row1 = res.rows[:2]
     if case == "num_waits":
         assert row0.forced_waits == 2 and row0.thinking_ended and not row0.budget_cut
         assert row0.tokens[row0.think_end : row0.answer_start] == list(bf.end_think)  # multi-token delimiter
     elif case == "min_thinking":
-        assert row0.forced_waits >= 1 and row0.thinking_tokens >= 24
+        assert row0.forced_waits >= 2 and row0.thinking_tokens >= 24
     elif case == "max_budget":
-        assert all(r.budget_cut and r.thinking_tokens == 8 for r in res.rows)
+        assert row0.thinking_ended and not row0.budget_cut and row0.thinking_tokens < 8  # it ended by itself
+        assert all(r.budget_cut and r.thinking_tokens == 8 for r in res.rows[1:])
         # newline rule: the 8th thinking token is not newline-ending, so "\n" comes first
-        assert row0.tokens[8:13] == [NEWLINE, *bf.budget_end]
+        assert row1.tokens[7] not in NEWLINE_ENDING and row1.tokens[8:13] == [NEWLINE, *bf.budget_end]
     elif case == "max_and_waits":
-        assert row0.forced_waits >= 1
+        assert row0.forced_waits >= 2 and all(r.budget_cut for r in res.rows)
     elif case == "budget_zero":
         assert all(r.tokens[:5] == [NEWLINE, *bf.budget_end] and r.thinking_tokens == 0 for r in res.rows)
         # the answer starts after "\n" + the end_think part of budget_end (as "<|im_start|>answer" in s1's)
@@ -251,21 +301,86 @@ def test_budget_forcing_matches_s1_reference(case):
         assert all(len(r.tokens) == 11 and r.finish_reason == "length" for r in res.rows)
 
 
-def test_budget_forcing_qwen3_and_untied():
-    for arch, tied in (("qwen3", True), ("qwen2", False)):
+IM_END = VOCAB - 1  # plays <|im_end|>: the unbiased models never emit it
+
+
+def im_end_model():
+    """The untied tiny model, its lm_head biased to emit IM_END: IM_END's row is 1.5 times that of the token
+    row 1 emits most, so it takes that token's place wherever its logit is positive (within thinking too)."""
+    if "im_end" not in _MODELS:
+        model = tiny_model("qwen2", tied=False, dtype=torch.float64).eval()
+        prompts = make_prompts((6, 13, 3), seed=1)
+        assert IM_END not in {t for p in prompts for t in hf_generate(model, p, 40)}
+        with torch.no_grad():
+            model.lm_head.weight[IM_END] = 1.5 * model.lm_head.weight[most_common_token(model, prompts[1])]
+        _MODELS["im_end"] = model
+    return _MODELS["im_end"]
+
+
+def sweep_world(world: str):
+    """(model, prompts, settings without budget and waits, stop tokens) of a sweep. Both use the untied model
+    (it comes back to its frequent tokens, where the tied one falls into loops), row 0's most frequent token t
+    as the delimiter. "stop": the token row 1 emits most is a stop token, which ends thinking where it comes
+    in thinking (as s1's stop strings). "im_end": the model emits IM_END in thinking (``im_end_model``), an
+    ``end_think_tokens`` member and the stop token of the answer."""
+    prompts = make_prompts((6, 13, 3), seed=1)
+    model = model_for(tied=False) if world == "stop" else im_end_model()
+    probes = Decoder(model).generate(prompts, max_new_tokens=40).tokens  # greedy, as transformers' (tested above)
+    frequent = [[x for x, _ in collections.Counter(probe).most_common(3)] for probe in probes]
+    t, other = frequent[0][0], frequent[1][0]
+    extra, stop = (set(), [other]) if world == "stop" else ({IM_END}, [IM_END])
+    a, b, final = [x for x in range(t + 1, VOCAB) if x not in {other, IM_END}][:3]
+    # frequent tokens count as ending with a newline, so that the newline rule takes both ways
+    newline_ending = {NEWLINE, *(x for f in frequent for x in f[1:])} - {t, other}
+    bf = BudgetForcing([t, a, b], [a], [t, a, b, final], newline=[NEWLINE], newline_ending=newline_ending,
+                       end_think_tokens=extra)  # fmt: skip
+    return model, prompts, bf, stop
+
+
+SWEEP_SEED = 1  # a draw under which every path of the sweep occurs in both worlds
+
+
+@pytest.mark.parametrize("world", ["stop", "im_end"])
+def test_budget_forcing_matches_s1_sweep(world):
+    """Budgets drawn from 1..256 (one per range 1-4, 5-16, 17-64, 65-256) and waits from 0..3, each with
+    s1_compat off and on: every row equals s1's code run on transformers (``s1_reference``), and the paths
+    that matter all occur: forced waits, budget cuts, thinking ended by the model (by IM_END in "im_end"),
+    outputs that s1's quirks change."""
+    model, prompts, base, stop = sweep_world(world)
+    rng = random.Random(SWEEP_SEED)
+    seen = collections.Counter()
+    dec = Decoder(model, max_seq_len=1024)
+    for low, high in ((1, 4), (5, 16), (17, 64), (65, 256)):
+        budget_ = rng.randint(low, high)
+        wait = rng.choice([base.wait, (*base.wait, base.end_think[2])])
+        bf = dataclasses.replace(base, max_thinking_tokens=budget_, num_waits=rng.randint(0, 3), wait=wait)
+        outputs = {}
+        for compat in (False, True):
+            bf = dataclasses.replace(bf, s1_compat=compat)
+            res = dec.generate(prompts, max_new_tokens=budget_ + 8, budget=bf, stop_token_ids=stop)
+            outputs[compat] = res.tokens
+            for p, row in zip(prompts, res.rows):
+                ends = []
+                tokens, thinking, waits, cut = s1_reference(model, p, bf, budget_ + 8, stop, 1024, ends)
+                assert (row.tokens, row.thinking_tokens, row.forced_waits, row.budget_cut) == (tokens, thinking, waits, cut)
+                seen.update(waits=waits > 0, cut=cut, ended=row.thinking_ended and not cut, im_end=IM_END in ends)
+        seen["quirks"] += outputs[False] != outputs[True]
+    assert seen["waits"] and seen["cut"] and seen["ended"] and seen["quirks"], seen
+    assert seen["im_end"] or world == "stop"
+
+
+def test_budget_forcing_qwen3_and_tied():
+    for arch, tied in (("qwen3", True), ("qwen2", True)):
         model = model_for(arch, tied)
         prompts = make_prompts((8, 4), seed=2)
         bf = budget(model, prompts, num_waits=1, max_thinking_tokens=30)
-        res = Decoder(model).generate(prompts, max_new_tokens=36, budget=bf)
-        for p, row in zip(prompts, res.rows):
-            tokens, thinking, waits, cut = s1_reference(model, p, bf, 36)
-            assert (row.tokens, row.thinking_tokens, row.forced_waits, row.budget_cut) == (tokens, thinking, waits, cut)
-        assert res.rows[0].forced_waits == 1
+        res = assert_matches_s1(model, prompts, bf, 36)
+        assert any(r.forced_waits for r in res.rows) and any(r.budget_cut for r in res.rows)
 
 
 def test_injections_never_rerun_the_prompt():
     """After the prefill every forward feeds at most the longest injection per row."""
-    model = model_for()
+    model = model_for(tied=False)
     prompts = make_prompts((6, 13, 3), seed=1)
     bf = budget(model, prompts, num_waits=2, max_thinking_tokens=30)
     dec = Decoder(model)
@@ -275,9 +390,95 @@ def test_injections_never_rerun_the_prompt():
     dec._prefill = lambda p: (prefills.append(len(p)), prefill(p))[1]
     res = dec.generate(prompts, max_new_tokens=40, budget=bf)
     n_prefill = 1  # 13 tokens < prefill_chunk: one chunk
-    assert prefills == [3] and max(widths[n_prefill:]) == bf.longest_injection() and widths[0] == 13
-    assert res.rows[0].forced_waits == 2
+    # the widest edit: "\n" + budget_end (a wait cut by the budget would add one token of the wait)
+    assert prefills == [3] and max(widths[n_prefill:]) == 1 + len(bf.budget_end) < bf.longest_injection()
+    assert widths[0] == 13 and res.rows[0].forced_waits == 2
     assert res.steps == len(widths) - n_prefill < max(map(len, res.tokens)) + 8
+
+
+def test_first_token_of_a_round_never_ends_it():
+    """s1 runs every thinking round with vLLM's min_tokens=1: after a forced wait the model's favourite, the
+    delimiter, is masked and its second choice is taken (the decoder samples that step from an edit's forward,
+    never from the speculative guess). Also the first thinking token when waits can be forced."""
+    model = model_for(tied=False)
+    prompts = make_prompts((6,), seed=1)
+    bf = budget(model, prompts, num_waits=1)
+    t = bf.end_think[0]
+    content = greedy(model, prompts[0], 40, [t])[:-1]  # thinking up to the first delimiter
+    with torch.no_grad():  # the model's next token after each possible one-token wait
+        after = model(torch.tensor([prompts[0] + content + [w] for w in range(VOCAB)])).logits[:, -1].argmax(-1)
+    w = next(w for w in range(VOCAB) if after[w] == t and w != t)  # a wait after which the model says t
+    assert greedy(model, prompts[0] + content + [w], 1) == [t]
+    for bf in (dataclasses.replace(bf, wait=[w]), dataclasses.replace(bf, wait=[w], max_thinking_tokens=len(content) + 3)):
+        row = assert_matches_s1(model, prompts, bf, 30).rows[0]
+        assert row.forced_waits == 1 and row.tokens[: len(content) + 1] == content + [w]
+        assert row.tokens[len(content) + 1] != t
+    first = dataclasses.replace(bf, end_think=[hf_generate(model, prompts[0], 1)[0], *bf.end_think[1:]])
+    assert assert_matches_s1(model, prompts, first, 10).tokens[0][0] != first.end_think[0]  # masked
+
+
+def test_stop_token_inside_thinking_ends_the_thinking():
+    """As in s1, whose thinking stops on the task's stop strings too: a stop token while thinking ends the
+    thinking (a wait while waits remain, else the delimiter and the answer); in the answer it ends the row."""
+    model = model_for(tied=False)
+    prompts = make_prompts((6, 13), seed=1)
+    thinking = greedy(model, prompts[1], 4)
+    stop = thinking[3:]  # row 1 emits it while thinking
+    for waits in (0, 1):
+        bf = budget(model, prompts, num_waits=waits)
+        assert stop[0] not in bf.thinking_enders
+        row0, row1 = assert_matches_s1(model, prompts, bf, 60, stop).rows
+        edit = list(bf.wait if waits else bf.end_think)
+        assert row1.tokens[:5] == thinking[:3] + edit[:2] and row1.forced_waits == waits
+        ended = row1 if waits == 0 else row0  # an answer that ended on it
+        assert ended.finish_reason == "stop" and ended.tokens[-1] == stop[0] and ended.tokens.count(stop[0]) == 1
+
+
+def _scripted(bf, tokens, room=100):
+    """Run ``RowState`` on scripted model tokens: [(fed tokens, rewind)] per step, and the state."""
+    state = RowState(0, bf, 50, frozenset(), room)
+    return [(state.step(t), state.rewind) for t in tokens], state
+
+
+def test_s1_compat_quirks_scripted():
+    """s1's two quirks on scripted tokens. Budget 4, one wait; thinking: 7 8, delimiter 1 (a wait: 3), 9 (the
+    budget is spent). s1 then runs the round on: ended by the delimiter, it gets the delimiter [1, 2] (quirk a);
+    run to the round's length (4 tokens), it gets "Final Answer:" after the newline rule on the round's last
+    token 6, which the cut drops (quirk b). s1fast cuts at the budget: newline (9 does not end with one) and
+    budget_end. s1_compat feeds the tokens past the budget, then rewinds over them."""
+    bf = BudgetForcing([1, 2], [3], [1, 2, 4], max_thinking_tokens=4, num_waits=1, newline=[5], newline_ending={6},
+                       s1_compat=True)  # fmt: skip
+    default = dataclasses.replace(bf, s1_compat=False)
+    steps, state = _scripted(bf, [7, 8, 1, 9, 6, 1])
+    assert steps == [([7], 0), ([8], 0), ([3], 0), ([9], 0), ([6], 0), ([1, 2], 1)]
+    assert (state.tokens, state.thinking, state.waits, state.budget_cut) == ([7, 8, 3, 9, 1, 2], 4, 1, True)
+    assert (state.think_end, state.answer_start) == (4, 6)
+    steps, state = _scripted(bf, [7, 8, 1, 9, 6, 11, 6, 12])
+    assert steps[4:] == [([6], 0), ([11], 0), ([6], 0), ([1, 2, 4], 3)] and state.tokens == [7, 8, 3, 9, 1, 2, 4]
+    steps, state = _scripted(default, [7, 8, 1, 9, 6, 1])
+    assert steps[4:] == [([5, 1, 2, 4], 0), ([1], 0)] and state.tokens == [7, 8, 3, 9, 5, 1, 2, 4, 1] and state.budget_cut
+    # the model's length ends a round too: with room for 5 tokens after the prompt, 7 8 3 9 6 fill it
+    steps, state = _scripted(bf, [7, 8, 1, 9, 6, 11], room=5)
+    assert steps[-1] == ([1, 2, 4], 1) and state.tokens == [7, 8, 3, 9, 1, 2, 4]
+    # a wait past the budget: s1 feeds it whole, keeps what fits; s1fast ends there
+    wide = dataclasses.replace(bf, wait=[3, 13], max_thinking_tokens=3)
+    steps, state = _scripted(wide, [7, 8, 1, 1])
+    assert steps[2:] == [([3, 13], 0), ([1, 2], 1)] and state.tokens == [7, 8, 3, 1, 2] and state.mask_enders is False
+    steps, state = _scripted(dataclasses.replace(wide, s1_compat=False), [7, 8, 1])
+    assert steps[2] == ([3, 5, 1, 2, 4], 0) and (state.thinking, state.waits, state.budget_cut) == (3, 1, True)
+
+
+def test_s1_compat_rewinds_the_cache():
+    """On a model: s1_compat decodes past the budget and rewinds, in a batch where other rows go on; the answer
+    must still equal s1's, whose answer call never saw those tokens. With max_seq_len 45, row 1 (13 prompt
+    tokens) runs out of room in a round past the budget, which then ends at its length as in vLLM."""
+    model, prompts, base, stop = sweep_world("stop")
+    bf = dataclasses.replace(base, max_thinking_tokens=24, num_waits=2, s1_compat=True)
+    long, short = (assert_matches_s1(model, prompts, bf, 32, stop, max_seq_len=n).tokens for n in (1024, 45))
+    assert long[1] != short[1] and long[0] == short[0]
+    default = Decoder(model).generate(prompts, max_new_tokens=32, budget=dataclasses.replace(bf, s1_compat=False),
+                                      stop_token_ids=stop)  # fmt: skip
+    assert default.tokens != long and all(r.budget_cut for r in default.rows)
 
 
 def test_delimiter_never_emitted():
@@ -308,21 +509,6 @@ def test_budget_beyond_max_new_tokens():
     row = res.rows[0]
     assert row.tokens == hf_generate(model, prompts[0], 10)
     assert (row.budget_cut, row.thinking_ended, row.finish_reason, row.thinking_tokens) == (False, False, "length", 10)
-
-
-def test_stop_token_inside_thinking_ends_the_row():
-    model = model_for()
-    prompts = make_prompts((6, 13, 3), seed=1)
-    bf = budget(model, prompts, num_waits=5)
-    greedy = hf_generate(model, prompts[1], 20)
-    stop = [greedy[3]]  # row 1 emits it while thinking (the delimiter is row 0's loop token)
-    assert stop[0] != bf.end_think[0]
-    res = Decoder(model).generate(prompts, max_new_tokens=30, budget=bf, stop_token_ids=stop)
-    for p, row in zip(prompts, res.rows):
-        tokens, thinking, waits, cut = s1_reference(model, p, bf, 30, stop=stop)
-        assert (row.tokens, row.thinking_tokens, row.forced_waits) == (tokens, thinking, waits)
-    row1 = res.rows[1]
-    assert row1.finish_reason == "stop" and not row1.thinking_ended and row1.tokens[-1] == stop[0]
 
 
 # --- sampling, streaming, memory -----------------------------------------------------------------------
@@ -391,6 +577,14 @@ def test_tokenizer_text_and_split():
     assert bf.budget_end == tuple(tok("<|im_start|>answer\nFinal Answer:", add_special_tokens=False)["input_ids"])
     assert bf.budget_end_after(198) == bf.budget_end and bf.budget_end_after(tok.convert_tokens_to_ids(".")) == (198, *bf.budget_end)
     assert tok.convert_tokens_to_ids(".Ċ") in bf.newline_ending  # ".\n" ends with a newline
+    # thinking also ends on <|im_end|> (the tokenizer's eos_token) and <|endoftext|>, as s1's stop strings
+    assert bf.thinking_enders == {151644, 151645, 151643} and not bf.s1_compat
+    r1 = BudgetForcing.from_tokenizer(tok, end_think="</think>", end_think_tokens=["<|im_end|>"], s1_compat=True)
+    assert r1.end_think == (151668,) and r1.thinking_enders == {151668, 151645} and r1.s1_compat
+    with pytest.raises(ValueError, match="end_think_tokens must be texts of single tokens, 'Final Answer' is 2"):
+        BudgetForcing.from_tokenizer(tok, end_think_tokens=["<|im_end|>", "Final Answer"])
+    with pytest.raises(TypeError, match="end_think_tokens must be a list of token texts, got str"):
+        BudgetForcing.from_tokenizer(tok, end_think_tokens="<|im_end|>")
     # the tiny model's ids (< 300) are Qwen byte-level tokens too: decode them with the real tokenizer
     model = model_for()
     small = BudgetForcing([5, 6], [7], [5, 6, 8], max_thinking_tokens=3, newline=[9])
@@ -431,6 +625,7 @@ def test_prompt_longer_than_cache_and_empty_prompt():
         (dict(stop_token_ids=[-1]), ValueError, "stop_token_ids must be ints"),
         (dict(budget={"max": 3}), TypeError, "budget must be None or a BudgetForcing"),
         (dict(budget=BudgetForcing([VOCAB], [1], [2])), ValueError, "budget token ids must be ints"),
+        (dict(budget=BudgetForcing([1], [1], [2], end_think_tokens={VOCAB + 5})), ValueError, "budget token ids must be ints"),
         (dict(stream=3), TypeError, "stream must be None or a callable"),
     ],
 )
@@ -450,6 +645,10 @@ def test_generate_rejects_bad_arguments(kwargs, error, match):
         (dict(max_thinking_tokens=-1), ValueError, "max_thinking_tokens must be None or an int >= 0"),
         (dict(num_waits=1.0), ValueError, "num_waits must be an int >= 0"),
         (dict(min_thinking_tokens=9, max_thinking_tokens=8), ValueError, r"min_thinking_tokens \(9\) must not exceed"),
+        (dict(end_think_tokens=7), TypeError, "end_think_tokens must be a list of token ids"),
+        (dict(end_think_tokens={3, -1}), ValueError, "end_think_tokens must hold non-negative int token ids"),
+        (dict(wait={2, 3}), TypeError, "wait must be a list of token ids, got set"),
+        (dict(s1_compat=1), TypeError, "s1_compat must be a bool"),
     ],
 )
 def test_budget_forcing_rejects_bad_arguments(kwargs, error, match):

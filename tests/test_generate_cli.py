@@ -35,6 +35,14 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def _threads_restored():
+    """generate sets torch's thread count for the process: put it back for the tests that follow."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def run(argv, capsys):
     with force_backend("torch"):  # the kernels' CPU path (the interpreter is covered in test_decoder.py)
         code = s1fast_main(["generate", *argv])
@@ -110,6 +118,7 @@ def test_generate_jsonl_batches(model_dir, capsys, tmp_path):
         (["--prompt", "x", "--max-seq-len", "-5"], "--max-seq-len must be >= 2 (a prompt token and a new one), got -5"),
         (["--prompt", "x", "--device", "bogus"], "--device must be cuda[:N] or cpu, got 'bogus'"),
         (["--prompt", "x", "--device", "meta"], "--device must be cuda[:N] or cpu, got 'meta'"),
+        (["--prompt", "x", "--threads", "0"], "--threads must be >= 1, got 0"),
     ],
 )
 def test_generate_rejects_bad_arguments(model_dir, capsys, argv, match):
@@ -226,3 +235,16 @@ def test_generate_on_a_broken_model_directory_is_one_line(model_dir, capsys, tmp
         code, _, err = run(argv, capsys)
         assert err.count("\n") == 1 and f"model {str(broken)!r} does not load: " in err
     assert code == 2 and err.startswith("s1fast generate: error: ")
+
+
+def test_generate_cpu_threads_and_s1_compat(model_dir, capsys):
+    """On CPU a small model decodes on one thread unless --threads says otherwise, and one stderr line says
+    which; --s1-compat reaches the budget forcing (4.9M parameters here: the full Qwen vocabulary)."""
+    torch.set_num_threads(2)
+    argv = [model_dir, "--prompt", "x", "--device", "cpu", "--max-new-tokens", "8", "--max-thinking-tokens", "2"]
+    code, _, err = run(argv, capsys)
+    assert code == 0 and "s1fast generate: decoding on 1 CPU thread (a small model, 4.9M parameters; --threads N" in err
+    assert torch.get_num_threads() == 1
+    code, out, err = run([*argv, "--threads", "2", "--num-waits", "1", "--s1-compat"], capsys)
+    assert code == 0 and "s1fast generate: decoding on 2 CPU threads (as asked)" in err and torch.get_num_threads() == 2
+    assert "--- thinking: 2 tokens" in out and "cut by the budget" in out
