@@ -38,7 +38,6 @@ Design:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -51,6 +50,8 @@ from s1fast.kernels import apply_rope, decode_attention, rms_norm, swiglu
 from s1fast.kernels._common import FLOAT_DTYPES, interpreting, use_triton
 from s1fast.kernels.decode_attention import supports_head_dim
 from s1fast.model.budget import BudgetForcing, RowState
+from s1fast.model.engine import Request, check_sampling, make_generator
+from s1fast.model.engine import run as engine_run
 from s1fast.model.patch import causal_lm
 
 try:  # optional: per-row cache lengths inside the kernel, appends new tokens itself
@@ -329,8 +330,9 @@ class Decoder:
 
     # --- the forward -----------------------------------------------------------------------------------
 
-    def _forward(self, ids: torch.Tensor, start: int | torch.Tensor, kv_len: int, last: torch.Tensor | None) -> torch.Tensor:
-        """Run ``ids`` [n, T] of cache rows 0..n-1 from position ``start`` (an int: the same for every row, a
+    def _forward(self, ids: torch.Tensor, start: int | torch.Tensor, kv_len: int, last: torch.Tensor | None,
+                 row0: int = 0) -> torch.Tensor:  # fmt: skip
+        """Run ``ids`` [n, T] of cache rows row0..row0+n-1 from position ``start`` (an int: the same for every row, a
         prefill chunk; a tensor [n]: per row), writing their keys/values; attend over cache positions
         ``< kv_len``. Returns logits [n, vocab] at token index ``last`` [n] of each row (None: the last)."""
         n, T = ids.shape
@@ -359,26 +361,26 @@ class Decoder:
             if w.q_norm is not None:
                 q, k = rms_norm(q, w.q_norm, self.eps), rms_norm(k, w.k_norm, self.eps)
             q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [n, heads, T, D]
-            kc, vc = self._k[i], self._v[i]
+            kc, vc = self._k[i, row0 : row0 + n], self._v[i, row0 : row0 + n]
             if self.flash:
                 out = flash_attn_with_kvcache(
-                    q.transpose(1, 2), kc[:n], vc[:n], k=k.transpose(1, 2), v=v, cache_seqlens=seqlens, causal=True
+                    q.transpose(1, 2), kc, vc, k=k.transpose(1, 2), v=v, cache_seqlens=seqlens, causal=True
                 )  # [n, T, H, D]
             elif uniform:
-                kc[:n, :, start : start + T] = k
-                vc[:n, :, start : start + T] = v.transpose(1, 2)
+                kc[:, :, start : start + T] = k
+                vc[:, :, start : start + T] = v.transpose(1, 2)
                 out = F.scaled_dot_product_attention(
-                    q, kc[:n, :, :kv_len], vc[:n, :, :kv_len],
+                    q, kc[:, :, :kv_len], vc[:, :, :kv_len],
                     attn_mask=None if start == 0 else causal_lower_right(T, kv_len), is_causal=start == 0, enable_gqa=True,
                 ).transpose(1, 2)  # fmt: skip
             else:
                 kc[rows, :, qpos] = k.transpose(1, 2)
                 vc[rows, :, qpos] = v
                 if kernel:  # [n, H, D] -> [n, 1, H, D]
-                    out = decode_attention(q[:, :, 0], kc[:n, :, :kv_len], vc[:n, :, :kv_len], lengths)[:, None]
+                    out = decode_attention(q[:, :, 0], kc[:, :, :kv_len], vc[:, :, :kv_len], lengths)[:, None]
                 else:
                     qf = q.view(n, Hkv, G, T, D).transpose(2, 3).reshape(n, Hkv, T * G, D)
-                    out = F.scaled_dot_product_attention(qf, kc[:n, :, :kv_len], vc[:n, :, :kv_len], attn_mask=mask)
+                    out = F.scaled_dot_product_attention(qf, kc[:, :, :kv_len], vc[:, :, :kv_len], attn_mask=mask)
                     out = out.view(n, Hkv, T, G, D).permute(0, 2, 1, 3, 4)
             x = x + F.linear(out.reshape(n, T, H * D), w.o, w.o_b)
             h = rms_norm(x, w.ln2, self.eps)
@@ -474,40 +476,26 @@ class Decoder:
     ) -> GenerationStream:
         """``generate`` as an iterator of ``(row, new_token_ids)``; the result is ``.result`` at the end.
         Arguments are checked here, before anything runs."""
+        prompts, stop, sampling = self.check_requests("Decoder.generate", prompts, max_new_tokens=max_new_tokens,
+                                                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                                      stop_token_ids=stop_token_ids, budget=budget)  # fmt: skip
+        sampling = (*sampling, make_generator(self.device, sampling[0], seed))  # one random stream for the batch
+        requests = [Request(p, max_new_tokens, stop, budget, sampling) for p in prompts]
+        return GenerationStream(engine_run(self, requests, len(requests)))  # every prompt admitted at once
+
+    def check_requests(self, fn: str, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, **settings):
+        """Checked ``(prompts, stop_token_ids, sampling)`` for prompts that share ``generate``'s other arguments
+        (``settings``); errors name ``fn``."""
         prompts = self._check_prompts(prompts)
-        fn = "Decoder.generate"
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"{fn}: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        stop, sampling = check_sampling(fn, self, max_new_tokens=max_new_tokens, **settings)
         longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
         if len(prompts[longest]) + max_new_tokens > self.max_seq_len:
+            which = f"prompts[{longest}]" if len(prompts) > 1 else "the prompt"
             raise ValueError(
-                f"{fn}: prompts[{longest}] has {len(prompts[longest])} tokens; with max_new_tokens={max_new_tokens} that "
+                f"{fn}: {which} has {len(prompts[longest])} tokens; with max_new_tokens={max_new_tokens} that "
                 f"exceeds max_seq_len={self.max_seq_len} (shorten the prompt or max_new_tokens, or raise max_seq_len)"
             )
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-            raise ValueError(f"{fn}: temperature must be a number >= 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"{fn}: top_k must be None or an int >= 1, got {top_k!r}")
-        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-            raise ValueError(f"{fn}: top_p must be None or a number in (0, 1], got {top_p!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"{fn}: seed must be None or an int, got {seed!r}")
-        if isinstance(stop_token_ids, (str, bytes, int)) or not isinstance(stop_token_ids, (Sequence, set, frozenset)):
-            raise TypeError(f"{fn}: stop_token_ids must be a list of token ids, got {type(stop_token_ids).__name__}")
-        stop = frozenset(self._check_ids("stop_token_ids", stop_token_ids))
-        if budget is not None:
-            if not isinstance(budget, BudgetForcing):
-                raise TypeError(f"{fn}: budget must be None or a BudgetForcing, got {type(budget).__name__}")
-            self._check_ids("budget token ids", sorted(budget.token_ids()))
-        generator = None
-        if temperature > 0:
-            generator = torch.Generator(self.device)
-            if seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(seed)
-        sample = lambda logits: _sample(logits, float(temperature), top_k, top_p, generator)  # noqa: E731
-        return GenerationStream(self._run(prompts, max_new_tokens, sample, stop, budget))
+        return prompts, stop, sampling
 
     def _check_ids(self, name: str, ids: Sequence[int]) -> list[int]:
         out = []
@@ -535,103 +523,8 @@ class Decoder:
             out.append(self._check_ids(f"prompts[{i}]", p))
         return out
 
-    @torch.inference_mode()
-    def _run(self, prompts, max_new_tokens, sample, stop, budget) -> Iterator[tuple[int, list[int]]]:
-        states = [RowState(p[-1], budget, max_new_tokens, stop, self.max_seq_len - len(p)) for p in prompts]
-        slots = sorted(range(len(prompts)), key=lambda r: -len(prompts[r]))  # cache row -> request
-        longest = len(prompts[slots[0]])
-        longest_feed, overshoot = (budget.longest_injection(), budget.compat_overshoot()) if budget is not None else (1, 0)
-        positions = max(longest + max_new_tokens, min(self.max_seq_len, longest + overshoot))
-        self._ensure_cache(len(prompts), _bucket(positions + longest_feed))
-        sync = lambda: torch.cuda.synchronize(self.device) if self.device.type == "cuda" else None  # noqa: E731
-        emitted = steps = 0
-        enders = torch.tensor(sorted(states[0].enders), dtype=torch.long, device=self.device)
-
-        def first_of_round(logits: torch.Tensor) -> torch.Tensor:
-            """No token that ends thinking as the first of a thinking round (s1: vLLM's min_tokens=1)."""
-            rows = [s for s, r in enumerate(slots) if states[r].mask_enders]
-            if rows:
-                logits[torch.tensor(rows, device=self.device)[:, None], enders] = float("-inf")
-            return logits
-
-        def decide(slot: int, token: int) -> list[int] | None:
-            nonlocal emitted
-            state = states[slots[slot]]
-            before = len(state.tokens)
-            feed = state.step(token)
-            emitted += len(state.tokens) - before
-            pos[slot] -= state.rewind  # s1_compat: the feed replaces what was decoded past the budget
-            return feed
-
-        def news(before: list[int]) -> Iterator[tuple[int, list[int]]]:
-            for slot, r in enumerate(slots):
-                if len(states[r].tokens) > before[slot]:
-                    yield r, states[r].tokens[before[slot] :]
-
-        t0 = time.perf_counter()
-        tokens = sample(first_of_round(self._prefill([prompts[r] for r in slots])))
-        n = len(slots)
-        pos = [len(prompts[r]) for r in slots]  # per cache row: positions filled = where the next token goes
-        pending = self._fetch(tokens)
-        self._ids[:n, 0] = tokens
-        self._pos[:n] = torch.tensor(pos)
-        sync()
-        t1 = time.perf_counter()
-        first = True
-        while slots:
-            n = len(slots)
-            # Launch the next step on the guess that the pending tokens are fed as they are ...
-            self._decode(n, max(pos) + 1)
-            guess = sample(self._logits[:n])
-            self._ids[:n, 0] = guess
-            self._pos[:n] += 1
-            speculative = self._fetch(guess)
-            steps += 1
-            # ... and meanwhile decide on the pending tokens.
-            before = [len(states[r].tokens) for r in slots]
-            toks = pending()
-            feeds = [decide(s, t) for s, t in enumerate(toks)]
-            if first:  # the prefill's tokens are not decode tokens
-                emitted, first = 0, False
-            # kept: fed as the guess assumed (no rewind, and the guess was sampled without a mask)
-            kept = [f == [t] and not (states[r].rewind or states[r].mask_enders) for f, t, r in zip(feeds, toks, slots)]
-            if all(kept):
-                yield from news(before)
-                pos = [p + 1 for p in pos]
-                pending = speculative
-                continue
-            # An edit or a finished row: the guess stands only for rows that kept their token.
-            guessed = speculative()
-            for s in range(n):
-                if kept[s]:
-                    pos[s] += 1
-                    feeds[s] = decide(s, guessed[s])
-            yield from news(before)
-            alive = [s for s in range(n) if feeds[s] is not None]
-            holes = [s for s in range(len(alive)) if feeds[s] is None]
-            for hole, s in zip(holes, [s for s in alive if s >= len(alive)]):
-                self._move_row(s, hole, pos[s])
-                slots[hole], pos[hole], feeds[hole] = slots[s], pos[s], feeds[s]
-            del slots[len(alive) :], pos[len(alive) :], feeds[len(alive) :]
-            if not slots:
-                break
-            # One forward feeds every row its tokens (edits several at once), padded to the longest.
-            n, width = len(slots), max(map(len, feeds))
-            ids = torch.tensor([f + f[-1:] * (width - len(f)) for f in feeds], device=self.device)
-            last = torch.tensor([len(f) - 1 for f in feeds], device=self.device)
-            start = torch.tensor(pos, device=self.device)
-            tokens = sample(first_of_round(self._forward(ids, start, max(pos) + width, last)))
-            steps += 1
-            pos = [p + len(f) for p, f in zip(pos, feeds)]
-            pending = self._fetch(tokens)
-            self._ids[:n, 0] = tokens
-            self._pos[:n] = torch.tensor(pos)
-        sync()
-        t2 = time.perf_counter()
-        return self._result(states, t1 - t0, t2 - t1, emitted, steps)
-
-    def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Fill cache rows 0..n-1 with ``prompts`` (longest first); logits [n, vocab] after each prompt."""
+    def _prefill(self, prompts: list[list[int]], row0: int = 0) -> torch.Tensor:
+        """Fill cache rows row0..row0+n-1 with ``prompts`` (longest first); logits [n, vocab] after each prompt."""
         lengths = [len(p) for p in prompts]
         logits = torch.empty(len(prompts), self.vocab, dtype=self._logits.dtype, device=self.device)
         for c in range(0, lengths[0], self.prefill_chunk):
@@ -639,7 +532,7 @@ class Decoder:
             T = min(self.prefill_chunk, lengths[0] - c)
             ids = torch.tensor([p[c : c + T] + [0] * (T - len(p[c : c + T])) for p in prompts[:m]], device=self.device)
             last = torch.tensor([min(length - 1 - c, T - 1) for length in lengths[:m]], device=self.device)
-            out = self._forward(ids, c, c + T, last)
+            out = self._forward(ids, c, c + T, last, row0)
             ends = [r for r in range(m) if lengths[r] <= c + T]
             logits[ends] = out[ends].to(logits.dtype)
         return logits

@@ -387,7 +387,7 @@ def test_injections_never_rerun_the_prompt():
     widths, prefills = [], []
     forward, prefill = dec._forward, dec._prefill
     dec._forward = lambda ids, *a: (widths.append(ids.shape[1]), forward(ids, *a))[1]
-    dec._prefill = lambda p: (prefills.append(len(p)), prefill(p))[1]
+    dec._prefill = lambda p, *a: (prefills.append(len(p)), prefill(p, *a))[1]
     res = dec.generate(prompts, max_new_tokens=40, budget=bf)
     n_prefill = 1  # 13 tokens < prefill_chunk: one chunk
     # the widest edit: "\n" + budget_end (a wait cut by the budget would add one token of the wait)

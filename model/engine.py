@@ -1,0 +1,277 @@
+"""Continuous batching: a queue of requests decoded on a fixed number of cache rows, each row refilled as soon as
+its request finishes.
+
+Every request has its own prompt, ``max_new_tokens``, sampling settings (temperature, top-k, top-p, seed), stop
+tokens and ``BudgetForcing`` (its own thinking budget and waits). The engine runs the decoder's loop (one token
+per row per step, the host deciding one step late, edits fed in one multi-token forward; see
+``s1fast.model.decoder``) on at most ``max_rows`` rows. When rows finish, the finished rows leave (the last
+rows' caches move into the holes) and the next requests of the queue, in submission order, are prefilled into
+the free rows right there, between two decode steps; their first tokens join the next step. So the batch stays
+full until the queue runs dry, instead of shrinking to the longest trace as a static batch does. Results come
+back per request in submission order (``GenerationResult.rows``), streamed as ``(request, new_token_ids)``.
+
+Each request's tokens do not depend on the other requests: greedy decoding gives what it gives alone, and
+sampling too when each request has its own ``seed`` (requests without one share the engine's draws, so their
+tokens then depend on the admission order). ``Decoder.generate`` / ``stream`` are this engine with every
+prompt admitted at once.
+
+Cache: the decoder's dense row cache, ``max_rows`` rows of the longest position any request may reach.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from s1fast.model.budget import BudgetForcing, RowState
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt and how to decode it (checked by ``check_request``)."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    stop: frozenset[int]
+    budget: BudgetForcing | None
+    sampling: tuple  # (temperature, top_k, top_p, generator); greedy: (0.0, None, None, None)
+
+    def positions(self, max_seq_len: int) -> int:
+        """Cache positions the request may touch: prompt, new tokens (with s1_compat's overshoot), one edit."""
+        feed, over = (self.budget.longest_injection(), self.budget.compat_overshoot()) if self.budget else (1, 0)
+        p = len(self.prompt)
+        return max(p + self.max_new_tokens, min(max_seq_len, p + over)) + feed
+
+
+def check_sampling(fn: str, decoder, *, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, budget):
+    """The settings of a request, checked (one line naming the argument); returns (stop set, sampling tuple
+    without the generator)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"{fn}: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"{fn}: temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"{fn}: top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"{fn}: top_p must be None or a number in (0, 1], got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"{fn}: seed must be None or an int, got {seed!r}")
+    if isinstance(stop_token_ids, (str, bytes, int)) or not isinstance(stop_token_ids, (Sequence, set, frozenset)):
+        raise TypeError(f"{fn}: stop_token_ids must be a list of token ids, got {type(stop_token_ids).__name__}")
+    stop = frozenset(decoder._check_ids("stop_token_ids", stop_token_ids))
+    if budget is not None:
+        if not isinstance(budget, BudgetForcing):
+            raise TypeError(f"{fn}: budget must be None or a BudgetForcing, got {type(budget).__name__}")
+        decoder._check_ids("budget token ids", sorted(budget.token_ids()))
+    return stop, ((0.0, None, None) if temperature == 0 else (float(temperature), top_k, top_p))
+
+
+def make_generator(device, temperature: float, seed: int | None) -> torch.Generator | None:
+    if temperature == 0:
+        return None
+    generator = torch.Generator(device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+class Engine:
+    """Continuous batching over a ``Decoder``: ``submit`` requests, then ``run()`` (a ``GenerationResult``,
+    rows in submission order) or ``stream()`` (``(request, new_token_ids)`` pairs, ``.result`` at the end).
+
+    Args:
+        decoder: a ``s1fast.model.decoder.Decoder``.
+        max_rows: cache rows, the most requests decoded at once.
+    """
+
+    def __init__(self, decoder, max_rows: int = 16):
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise ValueError(f"Engine: max_rows must be an int >= 1, got {max_rows!r}")
+        self.decoder = decoder
+        self.max_rows = max_rows
+        self.queue: list[Request] = []
+
+    def submit(
+        self,
+        prompt: Sequence[int],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+        budget: BudgetForcing | None = None,
+    ) -> int:
+        """Queue one request (arguments as ``Decoder.generate``'s, for one prompt; ``seed`` gives the request
+        its own random stream). Returns its index in the results."""
+        dec = self.decoder
+        (prompt,), stop, sampling = dec.check_requests("Engine.submit", [prompt], max_new_tokens=max_new_tokens,
+                                                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                                       stop_token_ids=stop_token_ids, budget=budget)  # fmt: skip
+        generator = make_generator(dec.device, sampling[0], seed)
+        self.queue.append(Request(prompt, max_new_tokens, stop, budget, (*sampling, generator)))
+        return len(self.queue) - 1
+
+    def stream(self):
+        """Decode every queued request (the queue is emptied); ``(request, new_token_ids)`` as tokens are
+        decided, the ``GenerationResult`` as ``.result`` once exhausted."""
+        from s1fast.model.decoder import GenerationStream
+
+        if not self.queue:
+            raise ValueError("Engine.stream: no request submitted")
+        requests, self.queue = self.queue, []
+        return GenerationStream(run(self.decoder, requests, self.max_rows))
+
+    def run(self, callback=None):
+        """``stream()`` to the end; ``callback(request, new_token_ids)`` for each step's news."""
+        it = self.stream()
+        for request, new in it:
+            if callback is not None:
+                callback(request, new)
+        return it.result
+
+
+def _group_sample(logits: torch.Tensor, sampling: list[tuple]) -> torch.Tensor:
+    """Next token of each logits row with its request's sampling settings; rows that share settings (and a
+    generator) are drawn together."""
+    from s1fast.model.decoder import _sample
+
+    groups: dict[tuple, list[int]] = {}
+    for s, key in enumerate(sampling):
+        groups.setdefault(key, []).append(s)
+    if len(groups) == 1:
+        return _sample(logits, *sampling[0])
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for key, rows in groups.items():
+        index = torch.tensor(rows, device=logits.device)
+        out[index] = _sample(logits[index], *key)
+    return out
+
+
+@torch.inference_mode()
+def run(dec, reqs: list[Request], max_rows: int) -> Iterator[tuple[int, list[int]]]:
+    """The decode loop over ``reqs`` on at most ``max_rows`` cache rows of ``dec`` (a generator of
+    ``(request, new_token_ids)`` returning the ``GenerationResult``)."""
+    from s1fast.model.decoder import _bucket
+
+    states = [RowState(r.prompt[-1], r.budget, r.max_new_tokens, r.stop, dec.max_seq_len - len(r.prompt)) for r in reqs]
+    cap = min(max_rows, len(reqs))
+    dec._ensure_cache(cap, _bucket(max(r.positions(dec.max_seq_len) for r in reqs)))
+    device = dec.device
+    sync = lambda: torch.cuda.synchronize(device) if device.type == "cuda" else None  # noqa: E731
+    waiting = deque(range(len(reqs)))
+    slots: list[int] = []  # cache row -> request
+    pos: list[int] = []  # per cache row: positions filled = where the next token goes
+    fresh: set[int] = set()  # requests whose next decided token is their prefill's (not a decode token)
+    emitted = steps = 0
+    admit_s = 0.0
+
+    def sample(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Tokens for ``rows`` (requests); the first token of a thinking round is never one that ends thinking
+        (s1: vLLM's min_tokens=1)."""
+        masked = [(s, t) for s, r in enumerate(rows) if states[r].mask_enders for t in sorted(states[r].enders)]
+        if masked:
+            at = torch.tensor(masked, device=device)
+            logits[at[:, 0], at[:, 1]] = float("-inf")
+        return _group_sample(logits, [reqs[r].sampling for r in rows])
+
+    def admit() -> torch.Tensor | None:
+        """Prefill the next waiting requests into the free rows; their first tokens."""
+        new = [waiting.popleft() for _ in range(min(cap - len(slots), len(waiting)))]
+        if not new:
+            return None
+        new.sort(key=lambda r: -len(reqs[r].prompt))  # the prefill runs longest first
+        row0 = len(slots)
+        slots.extend(new)
+        pos.extend(len(reqs[r].prompt) for r in new)
+        fresh.update(new)
+        return sample(dec._prefill([reqs[r].prompt for r in new], row0), new)
+
+    def decide(slot: int, token: int) -> list[int] | None:
+        nonlocal emitted
+        r = slots[slot]
+        state = states[r]
+        before = len(state.tokens)
+        feed = state.step(token)
+        if r in fresh:
+            fresh.discard(r)
+        else:
+            emitted += len(state.tokens) - before
+        pos[slot] -= state.rewind  # s1_compat: the feed replaces what was decoded past the budget
+        return feed
+
+    def news(before: list[int]) -> Iterator[tuple[int, list[int]]]:
+        for slot, r in enumerate(slots):
+            if len(states[r].tokens) > before[slot]:
+                yield r, states[r].tokens[before[slot] :]
+
+    def load(tokens: torch.Tensor):
+        n = len(slots)
+        dec._ids[:n, 0] = tokens
+        dec._pos[:n] = torch.tensor(pos)
+        return dec._fetch(tokens)
+
+    t0 = time.perf_counter()
+    pending = load(admit())
+    sync()
+    t1 = time.perf_counter()
+    while slots:
+        n = len(slots)
+        # Launch the next step on the guess that the pending tokens are fed as they are ...
+        dec._decode(n, max(pos) + 1)
+        guess = _group_sample(dec._logits[:n], [reqs[r].sampling for r in slots])
+        dec._ids[:n, 0] = guess
+        dec._pos[:n] += 1
+        speculative = dec._fetch(guess)
+        steps += 1
+        # ... and meanwhile decide on the pending tokens.
+        before = [len(states[r].tokens) for r in slots]
+        toks = pending()
+        feeds = [decide(s, t) for s, t in enumerate(toks)]
+        # kept: fed as the guess assumed (no rewind, and the guess was sampled without a mask)
+        kept = [f == [t] and not (states[r].rewind or states[r].mask_enders) for f, t, r in zip(feeds, toks, slots)]
+        if all(kept):
+            yield from news(before)
+            pos = [p + 1 for p in pos]
+            pending = speculative
+            continue
+        # An edit or a finished row: the guess stands only for rows that kept their token.
+        guessed = speculative()
+        for s in range(n):
+            if kept[s]:
+                pos[s] += 1
+                feeds[s] = decide(s, guessed[s])
+        yield from news(before)
+        alive = [s for s in range(n) if feeds[s] is not None]
+        holes = [s for s in range(len(alive)) if feeds[s] is None]
+        for hole, s in zip(holes, [s for s in alive if s >= len(alive)]):
+            dec._move_row(s, hole, pos[s])
+            slots[hole], pos[hole], feeds[hole] = slots[s], pos[s], feeds[s]
+        del slots[len(alive) :], pos[len(alive) :], feeds[len(alive) :]
+        parts = []
+        if slots:  # one forward feeds every row its tokens (edits several at once), padded to the longest
+            n, width = len(slots), max(map(len, feeds))
+            ids = torch.tensor([f + f[-1:] * (width - len(f)) for f in feeds], device=device)
+            last = torch.tensor([len(f) - 1 for f in feeds], device=device)
+            start = torch.tensor(pos, device=device)
+            parts.append(sample(dec._forward(ids, start, max(pos) + width, last), slots))
+            steps += 1
+            pos = [p + len(f) for p, f in zip(pos, feeds)]
+        ta = time.perf_counter()
+        first = admit()  # rows freed: the next requests take them
+        admit_s += time.perf_counter() - ta
+        if first is not None:
+            parts.append(first)
+        if not parts:
+            break
+        pending = load(parts[0] if len(parts) == 1 else torch.cat(parts))
+    sync()
+    t2 = time.perf_counter()
+    return dec._result(states, t1 - t0 + admit_s, t2 - t1 - admit_s, emitted, steps)

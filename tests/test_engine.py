@@ -1,0 +1,135 @@
+"""Continuous batching (``s1fast.model.engine``) against transformers' greedy generate (fp64), the static decoder
+and s1's budget-forcing algorithm (``s1_reference`` of test_decoder), whatever the row cap and admission order."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+from test_decoder import budget, hf_generate, make_prompts, model_for, one_thread, s1_reference  # noqa: F401 (fixture)
+
+from s1fast.model.decoder import Decoder
+from s1fast.model.engine import Engine
+
+
+def submit_all(engine, prompts, settings, order):
+    """Submit ``prompts[i]`` with ``settings[i]`` in ``order``; returns request index -> prompt index."""
+    return {engine.submit(prompts[i], **settings[i]): i for i in order}
+
+
+@pytest.mark.parametrize("max_rows,seed", [(1, 0), (2, 1), (3, 2), (8, 3)])
+def test_greedy_matches_transformers_and_static(max_rows, seed):
+    """Per-request lengths and stop tokens; any row cap and submission order gives every request the tokens
+    transformers gives it alone, and the static decoder's."""
+    model = model_for(tied=False)
+    rng = random.Random(seed)
+    prompts = make_prompts((5, 17, 1, 9, 3, 12), seed=7)
+    refs = [hf_generate(model, p, 12) for p in prompts]
+    settings = [dict(max_new_tokens=rng.randint(3, 12)) for _ in prompts]
+    for i in (1, 4):  # a stop token each request reaches early (its own 3rd token)
+        settings[i] = dict(max_new_tokens=12, stop_token_ids=[refs[i][2]])
+    expected = []
+    for ref, s in zip(refs, settings):
+        out = ref[: s["max_new_tokens"]]
+        stops = [k for k, t in enumerate(out) if t in s.get("stop_token_ids", ())]
+        expected.append(out[: stops[0] + 1] if stops else out)
+    order = list(range(len(prompts)))
+    rng.shuffle(order)
+    dec = Decoder(model, prefill_chunk=4)
+    engine = Engine(dec, max_rows=max_rows)
+    which = submit_all(engine, prompts, settings, order)
+    res = engine.run()
+    assert len(res.rows) == len(prompts)
+    for r, row in enumerate(res.rows):
+        i = which[r]
+        assert row.tokens == expected[i], (r, i)
+        assert row.finish_reason == ("stop" if i in (1, 4) else "length")
+        static = dec.generate([prompts[i]], **settings[i]).tokens[0]
+        assert static == expected[i]
+
+
+def test_batch_stays_full_and_streams_in_order():
+    """With a cap of 2 rows and 5 requests every decode step runs 2 rows until the queue is empty; the stream
+    gives each request's tokens, indexed by submission."""
+    model = model_for()
+    prompts = make_prompts((4, 6, 3, 8, 5), seed=3)
+    lengths = [9, 2, 5, 1, 7]
+    dec = Decoder(model)
+    rows_per_step = []
+    decode = dec._decode
+    dec._decode = lambda n, kv: (rows_per_step.append(n), decode(n, kv))[1]
+    engine = Engine(dec, max_rows=2)
+    for p, k in zip(prompts, lengths):
+        engine.submit(p, max_new_tokens=k)
+    it = engine.stream()
+    got = {i: [] for i in range(5)}
+    for r, ids in it:
+        got[r] += ids
+    assert [got[i] for i in range(5)] == it.result.tokens
+    assert [len(t) for t in it.result.tokens] == lengths
+    assert [hf_generate(model, p, k) for p, k in zip(prompts, lengths)] == it.result.tokens
+    # the queue drains after the last admission: only then may a step run on fewer than 2 rows
+    assert rows_per_step[0] == 2 and 1 in rows_per_step
+    first_single = rows_per_step.index(1)
+    assert all(n == 1 for n in rows_per_step[first_single:])
+    # static batching of pairs would need max(9, 2) + max(5, 1) + 7 = 21 steps; the engine about sum / 2
+    assert len(rows_per_step) < 21
+
+
+@pytest.mark.parametrize("max_rows", [1, 3])
+def test_mixed_budgets_match_s1_reference(max_rows):
+    """Different budgets and waits per request in one batch: each request is s1's algorithm token for token."""
+    model = model_for(tied=False)
+    prompts = make_prompts((6, 13, 3, 9, 6), seed=1)
+    base = budget(model, prompts)
+    cases = [dict(max_thinking_tokens=30, num_waits=2), dict(max_thinking_tokens=None, num_waits=2),
+             dict(max_thinking_tokens=4, num_waits=0), dict(max_thinking_tokens=12, num_waits=1),
+             dict(max_thinking_tokens=1, num_waits=3)]  # fmt: skip
+    forcings = [dataclasses.replace(base, **c) for c in cases]
+    engine = Engine(Decoder(model), max_rows=max_rows)
+    order = [4, 0, 3, 1, 2]
+    which = {engine.submit(prompts[i], max_new_tokens=40, budget=forcings[i]): i for i in order}
+    res = engine.run()
+    waits = cuts = 0
+    for r, row in enumerate(res.rows):
+        i = which[r]
+        tokens, thinking, w, cut = s1_reference(model, prompts[i], forcings[i], 40)
+        assert row.tokens == tokens, (r, i)
+        if row.thinking_ended:
+            assert (row.thinking_tokens, row.forced_waits, row.budget_cut) == (thinking, w, cut)
+        waits, cuts = waits + row.forced_waits, cuts + row.budget_cut
+    assert waits > 0 and cuts > 0  # both paths taken
+
+
+def test_sampling_per_request_seed_independent_of_admission():
+    model = model_for()
+    prompts = make_prompts((5, 8, 3), seed=2)
+    kw = [dict(max_new_tokens=10, temperature=1.0, seed=11), dict(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=12),
+          dict(max_new_tokens=8)]  # fmt: skip
+    results = []
+    for max_rows, order in ((3, [0, 1, 2]), (1, [2, 1, 0]), (2, [1, 2, 0])):
+        engine = Engine(Decoder(model), max_rows=max_rows)
+        which = submit_all(engine, prompts, kw, order)
+        res = engine.run()
+        results.append({which[r]: row.tokens for r, row in enumerate(res.rows)})
+    assert results[0] == results[1] == results[2]
+    assert results[0][2] == hf_generate(model, prompts[2], 8)
+    assert results[0][0] != hf_generate(model, prompts[0], 10)  # it really samples
+
+
+def test_engine_rejects_bad_arguments():
+    dec = Decoder(model_for(), max_seq_len=32)
+    with pytest.raises(ValueError, match="max_rows must be an int >= 1"):
+        Engine(dec, max_rows=0)
+    engine = Engine(dec)
+    with pytest.raises(ValueError, match="no request submitted"):
+        engine.stream()
+    with pytest.raises(ValueError, match="Engine.submit: max_new_tokens must be an int >= 1"):
+        engine.submit([1, 2], max_new_tokens=0)
+    with pytest.raises(ValueError, match="exceeds max_seq_len=32"):
+        engine.submit([1] * 30, max_new_tokens=3)
+    with pytest.raises(ValueError, match="prompts\\[0\\] is empty"):
+        engine.submit([], max_new_tokens=3)
+    assert engine.queue == []
