@@ -1,8 +1,9 @@
 """``s1fast eval``: test-time scaling, s1's curve of accuracy against thinking tokens under budget forcing.
 
 For every point of a sweep (a maximum thinking budget and a number of forced "Wait"s), every problem of a
-JSONL / parquet / Hugging Face dataset is decoded with budget forcing in batches by one reused
-:class:`s1fast.model.Decoder`, the answer is extracted and graded (:mod:`s1fast.bench.grading`), and the point
+JSONL / parquet / Hugging Face dataset (MATH-500, AIME, GPQA Diamond: :mod:`s1fast.bench.problems`) is decoded
+``--samples`` times with budget forcing in batches by one reused :class:`s1fast.model.Decoder`, each answer is
+extracted and graded with math-verify (:mod:`s1fast.bench.grading`), and the point
 is written atomically to ``OUT/points/<point>.json`` with the settings it was computed with. A rerun with the
 same settings skips finished points, so a crashed or extended sweep only computes what is missing; a point
 file computed with other settings is refused, naming it and what differs (the model is known by its path:
@@ -12,7 +13,15 @@ on the next run after a SIGKILL).
 Then ``OUT/results.json``, ``OUT/results.md`` and ``OUT/scaling.png`` (accuracy against mean thinking tokens,
 log x axis) are rebuilt from every finished point.
 
-Prompts are s1's: ``s1fast.model.chat.think_prompt``: the ChatML turns followed by ``<|im_start|>think``.
+Parallel scaling: with ``--samples N`` (seeded; temperature 0.6 and top-p 0.95 unless given, as DeepSeek
+reports pass@1 over samples) a point's accuracy is pass@1, the mean over the N samples; it also holds pass@k
+(Chen et al.'s unbiased estimator) and cons@k (majority vote over the first k samples; answers vote together when
+math-verify finds them equal) for k = 1, 2, 4, ... N. The figure then adds s1's parallel curve: cons@k against k
+times the mean thinking tokens of one sample.
+
+Prompts are those of the reasoning format (``--format``, ``s1fast.model.chat``): s1's by default, the ChatML
+turns followed by ``<|im_start|>think``; ``r1`` / ``qwen3`` (the chat template, the \\boxed{} instruction,
+``<think>\\n``) or ``auto`` (read from the tokenizer); budget cuts append the format's end of thinking.
 The sweep is the product of ``--budgets`` (``none`` = no cap) and ``--waits``. Thinking tokens are the decoder's
 count (the model's thinking plus injected "Wait"s); answer tokens are what the model wrote after the
 end-of-thinking text. The answer is extracted from the text after thinking, or from the whole output when
@@ -27,22 +36,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from s1fast.bench.grading import extract_answer, is_equiv
-from s1fast.model.chat import IM_END, load_tokenizer, think_prompt
+from s1fast.bench.grading import answer_classes, is_correct, parse_answer
+from s1fast.bench.problems import EXAMPLE_PROBLEMS, load_problems
+from s1fast.model.chat import FORMAT_CHOICES, load_tokenizer, resolve_format
 from s1fast.model.cli import check_device, check_model_dir, load_model, sigterm_as_interrupt
-from s1fast.train.data import read_records, write_atomic
+from s1fast.train.data import write_atomic
 
-EXAMPLE_PROBLEMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "example_problems.jsonl")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -72,48 +84,81 @@ def sweep(budgets: list[int | None], waits: list[int]) -> list[SweepPoint]:
     return list(dict.fromkeys(SweepPoint(b, w) for b in budgets or [None] for w in waits or [0]))
 
 
-def load_problems(source: str, *, question_field: str = "question", answer_field: str = "answer",
-                  limit: int | None = None, split: str = "test") -> list[dict]:
-    """``[{"question": str, "answer": str}, ...]`` from a .jsonl / .json / .parquet file or a dataset name
-    (its ``split``)."""
-    rows = read_records(source, split=split, what="problems")
-    problems = []
-    for i, row in enumerate(rows[:limit]):
-        if not isinstance(row, dict):
-            raise ValueError(f"problems {source}: row {i} is a {type(row).__name__}, expected an object")
-        question, answer = row.get(question_field), row.get(answer_field)
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"problems {source}: row {i} has no non-empty string field {question_field!r} "
-                             f"(fields: {sorted(row)}); pick the field with --question-field")
-        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
-            raise ValueError(f"problems {source}: row {i} has no answer in field {answer_field!r} (a string or "
-                             f"number; fields: {sorted(row)}); pick the field with --answer-field")
-        problems.append({"question": question, "answer": str(answer).strip()})
-    if not problems:
-        raise ValueError(f"problems {source}: no problems")
-    return problems
+# ------------------------------------------------------------------------------------- parallel scaling
+
+SAMPLED = {"temperature": 0.6, "top_p": 0.95}  # with --samples > 1, unless given: DeepSeek-R1's recommended sampling
+
+
+def sample_ks(n: int) -> list[int]:
+    """The k of pass@k and cons@k for n samples: 1, 2, 4, 8, ... up to n, and n."""
+    return sorted({2**i for i in range(n.bit_length())} | {n})
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Chen et al. (2021)'s unbiased estimate of pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k),
+    the chance that k samples drawn from the n without replacement hold a correct one."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k: expected 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_correct(votes: list[int | None], correct: list[bool]) -> bool:
+    """Whether the majority vote of one problem's samples is right: the answer class (``grading.answer_classes``;
+    None, no answer, does not vote) given by most samples, a tie going to the class that appeared first, is
+    right when its first sample is."""
+    counts = Counter(v for v in votes if v is not None)
+    if not counts:
+        return False
+    top = max(counts.values())
+    winner = next(v for v in votes if v is not None and counts[v] == top)
+    return correct[votes.index(winner)]
+
+
+def parallel_metrics(records: list[dict], samples: int) -> dict:
+    """pass@k (the unbiased estimator) and cons@k (majority vote over the first k samples) for k in
+    ``sample_ks(samples)``, averaged over the problems of one point's records."""
+    by_problem: dict[int, list[dict]] = {}
+    for r in records:
+        by_problem.setdefault(r["index"], []).append(r)
+    groups = [sorted(rows, key=lambda r: r["sample"]) for rows in by_problem.values()]
+    ks = sample_ks(samples)
+    return {
+        "pass_at_k": {str(k): sum(pass_at_k(len(g), sum(r["correct"] for r in g), k) for g in groups) / len(groups)
+                      for k in ks},
+        "cons_at_k": {str(k): sum(majority_correct([r["vote"] for r in g[:k]], [r["correct"] for r in g[:k]])
+                                  for g in groups) / len(groups) for k in ks},
+    }
 
 
 def decode_batch(decoder, prompts: list[list[int]], forcing, *, max_new_tokens: int, stop_token_ids: list[int],
-                 tokenizer, sampling: dict) -> list[dict]:
+                 tokenizer, sampling: dict, max_rows: int | None = None) -> list[dict]:
     """One budget-forced ``Decoder.generate`` call; per row: thinking tokens (the decoder's count: the model's
     plus injected waits), answer tokens (what the model wrote after the end-of-thinking text, stop token
     excluded), forced waits, whether the budget cut thinking / thinking ended at all, the full output text,
     and the answer text (None when thinking never ended)."""
-    result = decoder.generate(prompts, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
-                              budget=forcing, **sampling)
+    # continuous batching on max_rows rows (all at once by default); prompt i samples with seed + i
+    from s1fast.model.engine import Engine
+
+    engine = Engine(decoder, max_rows=max_rows or len(prompts))
+    seed = sampling.get("seed")
+    for i, p in enumerate(prompts):
+        engine.submit(p, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids, budget=forcing,
+                      **{**sampling, "seed": None if seed is None else seed + i})  # fmt: skip
+    result = engine.run()
     # the decoder's answer starts after `<|im_start|>answer`; when the budget cut thinking, the rest of the
-    # injected budget_end ("\nFinal Answer:") comes first and is not the model's
-    forced_prefix = len(forcing.budget_end) - len(forcing.end_think)
-    if tuple(forcing.budget_end[: len(forcing.end_think)]) != tuple(forcing.end_think):
-        forced_prefix = 0  # the decoder then starts the answer after the whole budget_end
+    # injected budget_end ("\nFinal Answer:") comes first and is not the model's (s1_compat can end a cut with
+    # the bare delimiter instead, as s1 does); when budget_end does not start with the delimiter, the decoder
+    # starts the answer after the whole budget_end
+    starts = tuple(forcing.budget_end[: len(forcing.end_think)]) == tuple(forcing.end_think)
+    forced_tail = list(forcing.budget_end[len(forcing.end_think) :]) if starts else []
     rows = []
     for r in result.rows:
         answer = r.tokens[r.answer_start :] if r.thinking_ended else []
         own = answer[:-1] if answer and answer[-1] in stop_token_ids else answer
+        forced_prefix = len(forced_tail) if r.budget_cut and answer[: len(forced_tail)] == forced_tail else 0
         rows.append({
             "thinking_tokens": r.thinking_tokens,
-            "answer_tokens": max(0, len(own) - (forced_prefix if r.budget_cut else 0)),
+            "answer_tokens": max(0, len(own) - forced_prefix),
             "forced_waits": r.forced_waits,
             "budget_cut": r.budget_cut,
             "thinking_ended": r.thinking_ended,
@@ -165,19 +210,29 @@ def _summary(point: dict) -> dict:
 
 
 def markdown_table(points: list[dict]) -> str:
+    """One row per point; accuracy is pass@1 (the mean over samples); with --samples N > 1 also cons@N and pass@N."""
+    parallel = any(p.get("samples", 1) > 1 for p in points)
     lines = ["| max thinking tokens | forced waits | accuracy (%) | correct | mean thinking tokens | "
-             "mean answer tokens | budget cut (%) | time (s) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "mean answer tokens | budget cut (%) | time (s) |" + (" samples | cons@N (%) | pass@N (%) |" if parallel else ""),
+             "|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|---:|" * parallel]
     for p in points:
         budget = "none" if p["max_thinking_tokens"] is None else p["max_thinking_tokens"]
-        lines.append(f"| {budget} | {p['num_waits']} | {100 * p['accuracy']:.1f} | {p['correct']}/{p['problems']} | "
+        n = p.get("samples", 1)
+        extra = ""
+        if parallel:
+            extra = (f" {n} | {100 * p['cons_at_k'][str(n)]:.1f} | {100 * p['pass_at_k'][str(n)]:.1f} |"
+                     if "cons_at_k" in p else f" {n} | | |")
+        lines.append(f"| {budget} | {p['num_waits']} | {100 * p['accuracy']:.1f} | {p['correct']}/{p['problems'] * n} | "
                      f"{p['mean_thinking_tokens']:.1f} | {p['mean_answer_tokens']:.1f} | "
-                     f"{100 * p['budget_cut_fraction']:.0f} | {p['time_s']:.1f} |")
+                     f"{100 * p['budget_cut_fraction']:.0f} | {p['time_s']:.1f} |" + extra)
     return "\n".join(lines) + "\n"
 
 
 def plot(points: list[dict], path: str, title: str) -> None:
-    """Accuracy against mean thinking tokens (log x), one line per number of waits over the budgets (or one
-    line over the waits when the budget does not vary), each point labelled with its budget / waits."""
+    """s1's figure of sequential against parallel scaling: accuracy (pass@1) against mean thinking tokens per
+    problem (log x), one solid line per number of waits over the budgets (or one line over the waits when the
+    budget does not vary), each point labelled with its budget / waits; with --samples N > 1 also, per point, a
+    dashed line of majority voting: cons@k against k times the point's mean thinking tokens, k = 1, 2, 4, ... N."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,7 +242,7 @@ def plot(points: list[dict], path: str, title: str) -> None:
     one_budget = len({p["max_thinking_tokens"] for p in points}) == 1
     groups: dict[str, list[dict]] = {}
     for p in points:
-        name = "forced waits" if one_budget else f"{p['num_waits']} forced waits"
+        name = "budget forcing" if one_budget else f"budget forcing, {p['num_waits']} forced waits"
         groups.setdefault(name, []).append(p)
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=150)
     for name, group in groups.items():
@@ -199,14 +254,25 @@ def plot(points: list[dict], path: str, title: str) -> None:
             label = f"W{p['num_waits']}" if one_budget else (
                 "no cap" if p["max_thinking_tokens"] is None else str(p["max_thinking_tokens"]))
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    accuracies = [100 * p["accuracy"] for p in points]
+    for p in points:
+        if "cons_at_k" not in p or p.get("samples", 1) < 2:
+            continue
+        ks = sorted(map(int, p["cons_at_k"]))
+        xs = [max(k * p["mean_thinking_tokens"], 1.0) for k in ks]
+        ys = [100 * p["cons_at_k"][str(k)] for k in ks]
+        accuracies += ys
+        budget = "no cap" if p["max_thinking_tokens"] is None else p["max_thinking_tokens"]
+        ax.plot(xs, ys, marker=".", linestyle="--", label=f"majority vote (budget {budget}, {p['num_waits']} waits)")
+        for k, x, y in zip(ks, xs, ys):
+            ax.annotate(f"@{k}", (x, y), textcoords="offset points", xytext=(4, -9), fontsize=6)
     ax.set_xscale("log", base=2)  # ticks at powers of two, like s1's figure (512, 1K, 2K, ...)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}" if v < 1024 else f"{v / 1024:g}K"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.margins(x=0.1)
-    accuracies = [100 * p["accuracy"] for p in points]
     low, high = max(0.0, min(accuracies) - 5), min(100.0, max(accuracies) + 5)
     ax.set_ylim(max(0.0, min(low, high - 10)), min(100.0, max(high, low + 10)))
-    ax.set_xlabel("average thinking tokens")
+    ax.set_xlabel("average thinking tokens per problem")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
@@ -240,20 +306,25 @@ class EvalConfig:
     budgets: list  # ints, None = no cap
     waits: list
     tokenizer: str | None = None
-    question_field: str = "question"
-    answer_field: str = "answer"
+    question_field: str | None = None  # None: found by name (s1fast.bench.problems)
+    answer_field: str | None = None
     limit: int | None = None
     split: str = "test"
     batch_size: int = 16
     max_new_tokens: int = 32768
     max_answer_tokens: int = 2048
-    temperature: float = 0.0
+    temperature: float | None = None  # None: 0 (greedy) for one sample, SAMPLED's for several
     top_k: int | None = None
-    top_p: float | None = None
+    top_p: float | None = None  # None: no cut for one sample, SAMPLED's for several
     seed: int | None = 0
+    samples: int = 1  # per problem and point: pass@1 is their mean; cons@k and pass@k over them
+    choice_seed: int = 0  # shuffles GPQA's options
     dtype: str = "auto"
     device: str = "auto"
     progress: bool = True
+    s1_compat: bool = False  # BudgetForcing.s1_compat: s1's evaluation code, quirks included
+    format: str = "s1"  # reasoning format (s1fast.model.chat.FORMAT_CHOICES)
+    threads: int | None = None  # CPU threads (None: set_cpu_threads' default)
 
 
 def _check_settings(out: str, settings: dict) -> None:
@@ -295,8 +366,20 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     """Run every missing point of the sweep and rebuild the reports; returns the point summaries."""
     if importlib.util.find_spec("matplotlib") is None:  # before hours of decoding, not after
         raise ImportError("s1fast eval draws scaling.png with matplotlib: pip install matplotlib")
+    if importlib.util.find_spec("math_verify") is None:
+        raise ImportError("s1fast eval grades answers with math-verify: pip install math-verify")
+    if isinstance(cfg.samples, bool) or not isinstance(cfg.samples, int) or cfg.samples < 1:
+        raise ValueError(f"samples: expected a positive integer, got {cfg.samples!r}")
+    sampled = cfg.samples > 1
+    temperature = cfg.temperature if cfg.temperature is not None else SAMPLED["temperature"] if sampled else 0.0
+    top_p = cfg.top_p if cfg.top_p is not None else SAMPLED["top_p"] if sampled else None
+    if sampled and temperature == 0:
+        raise ValueError(f"samples: {cfg.samples} greedy samples (temperature 0) would all be the same; "
+                         "give --temperature > 0 or leave it to the default")
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {cfg.batch_size!r}")
+    if cfg.threads is not None and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 1):
+        raise ValueError(f"threads: expected None or a positive integer, got {cfg.threads!r}")
     if cfg.max_new_tokens < 1 or cfg.max_answer_tokens < 1:
         raise ValueError(f"max_new_tokens and max_answer_tokens: expected positive integers, got "
                          f"{cfg.max_new_tokens!r} and {cfg.max_answer_tokens!r}")
@@ -304,8 +387,8 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         raise FileNotFoundError(f"model {cfg.model!r}: no such directory, and not a Hugging Face name (owner/name)")
     if os.path.isdir(cfg.model):
         check_model_dir(cfg.model)
-    if cfg.temperature < 0 or (cfg.top_p is not None and not 0 < cfg.top_p <= 1):
-        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {cfg.temperature!r} and {cfg.top_p!r}")
+    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature!r} and {top_p!r}")
     points = sweep(cfg.budgets, cfg.waits)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     check_device(device, "device")
@@ -313,7 +396,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype: expected 'auto' or one of {sorted(DTYPES)}, got {cfg.dtype!r}")
     problems = load_problems(cfg.problems, question_field=cfg.question_field, answer_field=cfg.answer_field,
-                             limit=cfg.limit, split=cfg.split)
+                             limit=cfg.limit, split=cfg.split, choice_seed=cfg.choice_seed)
     def where(name: str | None) -> str | None:  # local paths absolute, so a rerun from elsewhere matches
         return os.path.abspath(name) if name is not None and os.path.exists(name) else name
 
@@ -321,8 +404,12 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         "model": where(cfg.model), "tokenizer": where(cfg.tokenizer), "problems": where(cfg.problems),
         "problems_sha256": hashlib.sha256(json.dumps(problems, sort_keys=True).encode()).hexdigest(),
         "num_problems": len(problems), "max_new_tokens": cfg.max_new_tokens,
-        "max_answer_tokens": cfg.max_answer_tokens, "temperature": cfg.temperature, "top_k": cfg.top_k,
-        "top_p": cfg.top_p, "seed": cfg.seed, "dtype": dtype_name,
+        "max_answer_tokens": cfg.max_answer_tokens, "temperature": temperature, "top_k": cfg.top_k,
+        "top_p": top_p, "seed": cfg.seed, "dtype": dtype_name,
+        "grader": f"math-verify {importlib.metadata.version('math-verify')}",
+        **({"samples": cfg.samples} if sampled else {}),
+        **({"s1_compat": True} if cfg.s1_compat else {}),  # absent when off: runs from before it still resume
+        **({"format": cfg.format} if cfg.format != "s1" else {}),  # likewise
     }
     os.makedirs(os.path.join(cfg.out, "points"), exist_ok=True)
     with _exclusive(cfg.out):
@@ -336,6 +423,7 @@ def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: li
 
     from s1fast.bench.common import environment
     from s1fast.model import BudgetForcing, Decoder
+    from s1fast.model.decoder import set_cpu_threads
 
     _check_settings(cfg.out, settings)
     pending = [p for p in points if not os.path.exists(os.path.join(cfg.out, "points", p.key + ".json"))]
@@ -343,11 +431,16 @@ def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: li
         print(f"s1fast eval: {len(points) - len(pending)} of {len(points)} points already in {cfg.out}, skipped")
 
     if pending:
-        tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
+        tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, cfg.format)
+        fmt = resolve_format(cfg.format, tokenizer)
         model = load_model(cfg.model, dtype=DTYPES[dtype_name], device=device)
-        prompts = [tokenizer(think_prompt(p["question"]), add_special_tokens=False)["input_ids"] for p in problems]
-        stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in (IM_END, "<|endoftext|>")]
-        base = BudgetForcing.from_tokenizer(tokenizer)
+        note = set_cpu_threads(model, cfg.threads)
+        if note:
+            print(f"s1fast eval: {note}", file=sys.stderr)
+        prompts = [tokenizer(fmt.think_prompt(p["question"], tokenizer), add_special_tokens=False)["input_ids"]
+                   for p in problems]  # fmt: skip
+        stop_ids = fmt.stop_ids(tokenizer)
+        base = BudgetForcing.from_tokenizer(tokenizer, s1_compat=cfg.s1_compat, format=fmt)
         room = base.longest_injection()  # the injected end of thinking (with s1's newline) on top of the budget
 
         def new_tokens(point: SweepPoint) -> int:
@@ -355,30 +448,42 @@ def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: li
                 return cfg.max_new_tokens
             return min(cfg.max_new_tokens, point.max_thinking_tokens + room + cfg.max_answer_tokens)
 
-        decoder = Decoder(model, max_seq_len=max(map(len, prompts)) + max(map(new_tokens, pending)))
-        sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
-        bar = tqdm(total=len(pending) * len(problems), unit="problem", disable=not cfg.progress)
+        needed = max(map(len, prompts)) + max(map(new_tokens, pending))
+        # s1_compat decodes past the budget as s1 does, up to the model's length (vLLM's max_model_len)
+        decoder = Decoder(model, max_seq_len=max(needed, model.config.max_position_embeddings) if cfg.s1_compat else needed)
+        sampling = {k: settings[k] for k in ("temperature", "top_k", "top_p")}
+        samples = settings.get("samples", 1)
+        rows_of = [(i, s) for i in range(len(problems)) for s in range(samples)]  # each problem's samples together
+        bar = tqdm(total=len(pending) * len(rows_of), unit="sample" if samples > 1 else "problem",
+                   disable=not cfg.progress)
         for point in pending:
             bar.set_description(point.key)
             forcing = replace(base, max_thinking_tokens=point.max_thinking_tokens, num_waits=point.num_waits)
-            records, elapsed = [], 0.0
-            for n, start in enumerate(range(0, len(problems), cfg.batch_size)):
+            records, answers, elapsed = [], [], 0.0
+            # one engine run per point: cfg.batch_size rows, each refilled as soon as its row finishes
+            for batch in (rows_of,):
                 t0 = time.perf_counter()
-                rows = decode_batch(decoder, prompts[start : start + cfg.batch_size], forcing,
+                rows = decode_batch(decoder, [prompts[i] for i, _ in batch], forcing,
                                     max_new_tokens=new_tokens(point), stop_token_ids=stop_ids, tokenizer=tokenizer,
-                                    sampling={**sampling, "seed": None if cfg.seed is None else cfg.seed + n})
+                                    sampling={**sampling, "seed": cfg.seed}, max_rows=cfg.batch_size)
                 elapsed += time.perf_counter() - t0
-                for i, row in enumerate(rows, start):
+                for (i, s), row in zip(batch, rows):
                     text = row.pop("answer_text")
-                    extracted = extract_answer(row["output"] if text is None else text)
-                    records.append({"index": i, "reference": problems[i]["answer"], "extracted": extracted,
-                                    "correct": is_equiv(extracted, problems[i]["answer"]), **row})
+                    choices = problems[i].get("choices")
+                    answer = parse_answer(row["output"] if text is None else text, choices=choices)
+                    answers.append(answer)
+                    records.append({"index": i, "sample": s, "reference": problems[i]["answer"], "extracted": answer.text,
+                                    "correct": is_correct(answer, problems[i]["answer"], choices=choices), **row})
                 bar.update(len(rows))
                 bar.set_postfix(acc=f"{sum(r['correct'] for r in records) / len(records):.3f}")
+            for i in range(len(problems)):  # majority-vote classes of each problem's answers
+                for s, vote in enumerate(answer_classes(answers[i * samples : (i + 1) * samples])):
+                    records[i * samples + s]["vote"] = vote
             n = len(records)
             result = {
                 **asdict(point), "accuracy": sum(r["correct"] for r in records) / n,
-                "correct": sum(r["correct"] for r in records), "problems": n,
+                "correct": sum(r["correct"] for r in records), "problems": len(problems), "samples": samples,
+                **parallel_metrics(records, samples),
                 "mean_thinking_tokens": sum(r["thinking_tokens"] for r in records) / n,
                 "mean_answer_tokens": sum(r["answer_tokens"] for r in records) / n,
                 "mean_forced_waits": sum(r["forced_waits"] for r in records) / n,
@@ -427,16 +532,19 @@ def parse_args(argv: list[str]) -> EvalConfig:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory or Hugging Face name")
     p.add_argument("--problems", required=True,
-                   help=f"problems: .jsonl/.json/.parquet with question and answer fields, or a dataset name "
-                        f"(example: {EXAMPLE_PROBLEMS})")
+                   help=f"problems: .jsonl/.json/.parquet, or a dataset name; MATH-500, AIME and GPQA Diamond "
+                        f"fields are recognised (samples of each: {os.path.dirname(EXAMPLE_PROBLEMS)})")
     p.add_argument("--out", required=True, help="output directory (reruns resume in it)")
     p.add_argument("--budgets", nargs="+", type=_budget, default=[],
                    help="maximum thinking tokens per point ('none' = no cap); default: no cap")
     p.add_argument("--waits", nargs="+", type=_non_negative, default=[],
                    help="numbers of forced 'Wait's when the model ends thinking early; default: 0")
     p.add_argument("--tokenizer", help="tokenizer path or name (default: the model's, else Qwen's)")
-    p.add_argument("--question-field", default="question")
-    p.add_argument("--answer-field", default="answer")
+    p.add_argument("--format", choices=FORMAT_CHOICES, default="s1",
+                   help="reasoning format: prompt and thinking delimiters (default: s1; auto: read from the tokenizer)")
+    p.add_argument("--question-field", help="field of the question (default: question or problem, in any case)")
+    p.add_argument("--answer-field", help="field of the answer (default: answer, in any case; GPQA's own fields)")
+    p.add_argument("--choice-seed", type=int, default=0, help="seed of the shuffle of GPQA's options")
     p.add_argument("--limit", type=_positive, help="use only the first N problems")
     p.add_argument("--split", default="test", help="split of a dataset given by name")
     p.add_argument("--batch-size", type=_positive, default=16)
@@ -444,13 +552,20 @@ def parse_args(argv: list[str]) -> EvalConfig:
                    help="cap on generated tokens (thinking, injected and answer) for every point")
     p.add_argument("--max-answer-tokens", type=_positive, default=2048,
                    help="answer tokens allowed after a capped thinking budget")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, as s1 evaluates")
+    p.add_argument("--samples", type=_positive, default=1,
+                   help="samples per problem and point: accuracy is pass@1 (their mean), with cons@k (majority vote) "
+                        "and pass@k for k = 1, 2, 4, ... N")
+    p.add_argument("--temperature", type=float,
+                   help=f"0 = greedy; default: 0 (as s1 evaluates) for one sample, {SAMPLED['temperature']} for several")
     p.add_argument("--top-k", type=_positive)
-    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-p", type=float, help=f"default: none for one sample, {SAMPLED['top_p']} for several")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--s1-compat", action="store_true",
+                   help="budget forcing exactly as s1's evaluation code, its two quirks included (see the README)")
+    p.add_argument("--threads", type=_positive, help="CPU threads (default on CPU: 1 for a model under 100M parameters)")
     return EvalConfig(**vars(p.parse_args(argv)))
 
 

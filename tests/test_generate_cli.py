@@ -17,7 +17,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from s1fast.cli import main as s1fast_main
 from s1fast.kernels import force_backend
 
-decoder_module = importlib.import_module("s1fast.model.decoder")
+engine_module = importlib.import_module("s1fast.model.engine")
 patch_module = importlib.import_module("s1fast.model.patch")  # the package attribute is the function
 
 
@@ -95,7 +95,7 @@ def test_generate_jsonl_batches(model_dir, capsys, tmp_path):
     out_file = tmp_path / "out.jsonl"
     code, out, _ = run([model_dir, "--prompts", str(prompts), "--device", "cpu", "--batch-size", "2", "--max-new-tokens",
                         "6", "--num-waits", "1", "--temperature", "0.8", "--seed", "3", "--output", str(out_file)], capsys)  # fmt: skip
-    assert code == 0 and out.count("[batch of") == 2
+    assert code == 0 and out.count("[3 prompts on 2 rows:") == 1
     records = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [r["question"] for r in records] == ["a?", "b?", "c?"] and all(len(r["tokens"]) == 6 for r in records)
 
@@ -178,33 +178,31 @@ def test_generate_refuses_bad_output_before_loading(model_dir, capsys, tmp_path,
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_interrupted_generate_leaves_the_old_output(model_dir, capsys, tmp_path, monkeypatch, how):
-    """Interrupted in the second batch, after the first batch's record was written: the old file is intact,
-    no temporary file is left, one line says so, and the SIGTERM handler is restored."""
+    """Interrupted while decoding, after tokens were streamed: the old file is intact, no temporary file is
+    left, one line says so, and the SIGTERM handler is restored."""
     prompts = tmp_path / "q.jsonl"
     prompts.write_text('"a?"\n"b?"\n')
     out_file = tmp_path / "out.jsonl"
     out_file.write_text("old results\n")
-    generate, batches = decoder_module.Decoder.generate, []
+    run_engine, batches = engine_module.Engine.run, []
 
-    def interrupted(self, batch, **kwargs):
-        batches.append(batch)
-        if len(batches) == 1:
-            return generate(self, batch, **kwargs)
-
+    def interrupted(self, callback=None):
         def stream(row, ids):
-            kwargs["stream"](row, ids)
-            if how == "sigterm":
-                os.kill(os.getpid(), signal.SIGTERM)
-            else:
-                raise KeyboardInterrupt
+            callback(row, ids)
+            batches.append(row)
+            if len(batches) == 3:
+                if how == "sigterm":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                else:
+                    raise KeyboardInterrupt
 
-        return generate(self, batch, **{**kwargs, "stream": stream})
+        return run_engine(self, stream)
 
-    monkeypatch.setattr(decoder_module.Decoder, "generate", interrupted)
+    monkeypatch.setattr(engine_module.Engine, "run", interrupted)
     handler = signal.getsignal(signal.SIGTERM)
     code, _, err = run([model_dir, "--prompts", str(prompts), "--device", "cpu", "--batch-size", "1",
                         "--max-new-tokens", "6", "--output", str(out_file)], capsys)  # fmt: skip
-    assert code == 130 and len(batches) == 2
+    assert code == 130 and len(batches) == 3
     assert err.splitlines()[-1] == f"s1fast generate: interrupted; {out_file} left as it was"
     assert out_file.read_text() == "old results\n" and sorted(os.listdir(tmp_path)) == ["out.jsonl", "q.jsonl"]
     assert signal.getsignal(signal.SIGTERM) is handler

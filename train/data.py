@@ -11,6 +11,12 @@ between Qwen versions)::
 
 Labels are unshifted (the model shifts them): -100 up to and including ``<|im_start|>assistant\\n``, the token
 ids after it.
+
+``format="r1"`` (``s1fast train --format r1``, to fine-tune an R1-distill model on its own format) writes the
+R1 chat instead: the tokenizer's chat template renders the user turn (no system prompt, the question as it is),
+then ``<think>\\n{thinking}\\n</think>\\n\\n{answer}<｜end▁of▁sentence｜>`` with the attempt as the answer; the loss
+covers what follows ``<｜Assistant｜>``. ``format="qwen3"`` likewise, in Qwen3's template
+(``s1fast.model.chat.FORMATS``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from s1fast.model.chat import IM_END, IM_START, check_tokenizer, prompt_text
+from s1fast.model.chat import ReasoningFormat, check_tokenizer, resolve_format
 
 IGNORE_INDEX = -100
 DEFAULT_BLOCK_SIZE = 32768
@@ -30,11 +36,9 @@ TRAJECTORY_SOURCES = ("deepseek", "gemini")
 SAMPLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "s1k_sample.jsonl")
 
 
-def completion_text(thinking: str, attempt: str) -> str:
-    """The trained part: thinking, then the answer (prefixed with "Answer: " unless it already says so)."""
-    attempt = attempt.strip()
-    answer = attempt if "Answer:" in attempt else "Answer: " + attempt
-    return f"{IM_START}think\n{thinking.strip()}\n{IM_START}answer\n{answer}{IM_END}\n"
+def completion_text(thinking: str, attempt: str, format: str | ReasoningFormat = "s1") -> str:
+    """The trained part: thinking, then the answer (s1: prefixed with "Answer: " unless it already says so)."""
+    return resolve_format(format).completion_text(thinking, attempt)
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -67,8 +71,10 @@ def _schema(columns: Sequence[str], trajectory: str | None, where: str) -> tuple
     return pair
 
 
-def example_text(record: dict, *, trajectory: str | None = None, index: int | None = None) -> tuple[str, str]:
-    """(prompt, completion) of one s1K or s1K-1.1 record; ``trajectory`` picks s1K-1.1's deepseek/gemini trace."""
+def example_text(record: dict, *, trajectory: str | None = None, index: int | None = None,
+                 format: str | ReasoningFormat = "s1", tokenizer=None) -> tuple[str, str]:  # fmt: skip
+    """(prompt, completion) of one s1K or s1K-1.1 record; ``trajectory`` picks s1K-1.1's deepseek/gemini trace;
+    ``format``'s text (r1 and qwen3 render the prompt with ``tokenizer``'s chat template)."""
     row = "record" if index is None else f"row {index}"
     if not isinstance(record, dict):
         raise ValueError(f"{row}: expected a record (columns by name), got {type(record).__name__} {record!r:.60}")
@@ -81,19 +87,23 @@ def example_text(record: dict, *, trajectory: str | None = None, index: int | No
     for name, value in (("question", question), (attempt_col, attempt)):
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{row}: column {name!r} is empty or not a string (got {value!r:.80})")
-    return prompt_text(question), completion_text("\n".join(thinking), attempt)
+    fmt = resolve_format(format)
+    return fmt.prompt_text(question, tokenizer, instruction=False), fmt.completion_text("\n".join(thinking), attempt)
 
 
-def tokenize_example(record: dict, tokenizer, *, trajectory: str | None = None, index: int | None = None) -> dict:
-    """s1's text of ``record`` as ``{"input_ids": [...], "labels": [...]}`` (no special tokens added; labels
-    unshifted, -100 up to and including ``<|im_start|>assistant\\n``)."""
-    return tokenize_records([record], tokenizer, trajectory=trajectory, first_index=index or 0)[0]
+def tokenize_example(record: dict, tokenizer, *, trajectory: str | None = None, index: int | None = None,
+                     format: str | ReasoningFormat = "s1") -> dict:  # fmt: skip
+    """``format``'s text of ``record`` (default s1's) as ``{"input_ids": [...], "labels": [...]}`` (no special
+    tokens added; labels unshifted, -100 up to and including the assistant header, s1's ``<|im_start|>assistant\\n``)."""
+    return tokenize_records([record], tokenizer, trajectory=trajectory, first_index=index or 0, format=format)[0]
 
 
-def tokenize_records(records: Sequence[dict], tokenizer, *, trajectory: str | None = None, first_index: int = 0) -> list[dict]:
+def tokenize_records(records: Sequence[dict], tokenizer, *, trajectory: str | None = None, first_index: int = 0,
+                     format: str | ReasoningFormat = "s1") -> list[dict]:  # fmt: skip
     """:func:`tokenize_example` for many records in one batched tokenizer call."""
-    check_tokenizer(tokenizer)
-    pairs = [example_text(r, trajectory=trajectory, index=first_index + i) for i, r in enumerate(records)]
+    check_tokenizer(tokenizer, format)
+    pairs = [example_text(r, trajectory=trajectory, index=first_index + i, format=format, tokenizer=tokenizer)
+             for i, r in enumerate(records)]  # fmt: skip
     enc = tokenizer([p + c for p, c in pairs], add_special_tokens=False, return_offsets_mapping=True)
     out = []
     for i, ((prompt, _), ids, offsets) in enumerate(zip(pairs, enc["input_ids"], enc["offset_mapping"])):
@@ -183,7 +193,7 @@ class Dataset:
 
 def load_dataset(
     source: str | None, tokenizer, *, trajectory: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
-    drop_long: bool = True, split: str = "train",
+    drop_long: bool = True, split: str = "train", format: str | ReasoningFormat = "s1",
 ) -> Dataset:
     """Read, check and tokenise a dataset. Examples longer than ``block_size`` are never cut: they are dropped
     (``drop_long``) or raise; either way each is reported by row index and length."""
@@ -195,7 +205,7 @@ def load_dataset(
         raise ValueError(f"data {where!r} is empty: no rows to train on")
     columns = set().union(*(r.keys() for r in records))
     _schema(columns, trajectory, f"data {where!r}")
-    tokenized = tokenize_records(records, tokenizer, trajectory=trajectory)
+    tokenized = tokenize_records(records, tokenizer, trajectory=trajectory, format=format)
     long = [(i, len(t["input_ids"])) for i, t in enumerate(tokenized) if len(t["input_ids"]) > block_size]
     if long and not drop_long:
         raise ValueError(
