@@ -265,7 +265,7 @@ def plot(points: list[dict], path: str, title: str) -> None:
         budget = "no cap" if p["max_thinking_tokens"] is None else p["max_thinking_tokens"]
         ax.plot(xs, ys, marker=".", linestyle="--", label=f"majority vote (budget {budget}, {p['num_waits']} waits)")
         for k, x, y in zip(ks, xs, ys):
-            ax.annotate(f"@{k}", (x, y), textcoords="offset points", xytext=(4, -9), fontsize=6)
+            ax.annotate(f"@{k}", (x, y), textcoords="offset points", xytext=(-14, 4), fontsize=6)
     ax.set_xscale("log", base=2)  # ticks at powers of two, like s1's figure (512, 1K, 2K, ...)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}" if v < 1024 else f"{v / 1024:g}K"))
     ax.xaxis.set_minor_formatter(NullFormatter())
