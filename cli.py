@@ -14,6 +14,7 @@ COMMANDS = {
     "generate": ("s1fast.model.cli", "budget-forced decoding with the KV-cache decoder"),
     "eval": ("s1fast.bench.scaling", "test-time scaling evaluation: accuracy against thinking budget"),
     "bench": ("s1fast.bench.cli", "benchmarks and kernel inspection (kernels | train | decode | inspect | all)"),
+    "serve": ("s1fast.model.serve", "an OpenAI-compatible server with budget forcing per request (extra: serve)"),
     "env": ("s1fast.env", "versions, GPU, kernel paths and whether patch() supports the installed transformers"),
 }
 

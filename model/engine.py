@@ -16,10 +16,16 @@ tokens then depend on the admission order). ``Decoder.generate`` / ``stream`` ar
 prompt admitted at once.
 
 Cache: the decoder's dense row cache, ``max_rows`` rows of the longest position any request may reach.
+
+Serving (``s1fast.model.serve``): ``loop()`` runs in a thread of its own; other threads ``post`` requests
+(with callbacks for their tokens and their end) and ``cancel`` them. The loop takes the posted requests
+between two decode steps, into free rows; a cancelled request leaves at the next step. A posted request
+that needs more cache positions than the running batch's cache holds waits until that batch drains.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -96,6 +102,10 @@ class Engine:
         self.decoder = decoder
         self.max_rows = max_rows
         self.queue: list[Request] = []
+        self._inbox: deque[Request] = deque()  # posted, not yet taken by the loop
+        self._inbox_lock = threading.Condition()
+        self._listeners: dict[int, tuple] = {}  # id(request) -> (request, on_tokens, on_done) until done
+        self._cancelled: set[int] = set()
 
     def submit(
         self,
@@ -137,6 +147,89 @@ class Engine:
                 callback(request, new)
         return it.result
 
+    # --- serving: requests posted from other threads while ``loop()`` runs -------------------------------
+
+    def post(self, prompt: Sequence[int], *, on_tokens, on_done, **settings) -> Request:
+        """Thread-safe: hand a request (``submit``'s arguments, checked here) to the running ``loop()``, which
+        admits it between two decode steps. ``on_tokens(new_ids, row_state)`` is called for each step's news and
+        ``on_done(row)`` once (a ``RowResult``, ``finish_reason`` "cancelled" after ``cancel``; None when the
+        engine failed), both on the loop's thread. Returns the request, the handle for ``cancel``."""
+        dec = self.decoder
+        (prompt,), stop, sampling = dec.check_requests("Engine.post", [prompt], **settings)
+        request = Request(prompt, settings["max_new_tokens"], stop, settings.get("budget"),
+                          (*sampling, make_generator(dec.device, sampling[0], settings.get("seed"))))  # fmt: skip
+        with self._inbox_lock:
+            self._listeners[id(request)] = (request, on_tokens, on_done)
+            self._inbox.append(request)
+            self._inbox_lock.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Thread-safe: stop ``request`` (a client gone); its row is freed at the next step."""
+        with self._inbox_lock:
+            if id(request) in self._listeners:
+                self._cancelled.add(id(request))
+
+    def cancel_all(self) -> None:
+        """Thread-safe: ``cancel`` every request posted and not yet done."""
+        with self._inbox_lock:
+            self._cancelled.update(self._listeners)
+
+    def in_flight(self) -> int:
+        """Requests posted and not yet done."""
+        with self._inbox_lock:
+            return len(self._listeners)
+
+    def loop(self, stop: threading.Event) -> None:
+        """Serve posted requests until ``stop`` is set (then every request left is cancelled): wait for
+        requests, decode them with continuous batching, admitting the newly posted ones between steps."""
+        while True:
+            with self._inbox_lock:
+                while not self._inbox and not stop.is_set():
+                    self._inbox_lock.wait(0.1)
+                if stop.is_set():
+                    self._cancelled.update(self._listeners)
+                    if not self._inbox and not self._listeners:
+                        return
+                if not self._inbox:
+                    continue
+            reqs: list[Request] = []
+            try:
+                for _ in run(self.decoder, reqs, self.max_rows, inbox=self):
+                    pass  # the news go to the listeners (_news)
+            except Exception:  # noqa: BLE001 (a failed step fails the requests in flight, the loop goes on)
+                for _, _, on_done in self._drop(list(self._listeners)):
+                    on_done(None)
+
+    def _drop(self, keys: list[int]) -> list[tuple]:
+        with self._inbox_lock:
+            self._inbox = deque(r for r in self._inbox if id(r) not in keys)
+            self._cancelled.difference_update(keys)
+            return [self._listeners.pop(k) for k in keys if k in self._listeners]
+
+    # the ``inbox`` protocol of ``run``
+    def _take(self, positions: int | None) -> list[Request]:
+        """The posted requests in order, up to the first that needs more than ``positions`` cache positions."""
+        out = []
+        with self._inbox_lock:
+            while self._inbox and (positions is None or self._inbox[0].positions(self.decoder.max_seq_len) <= positions):
+                out.append(self._inbox.popleft())
+        return out
+
+    def _interrupt(self, free: bool) -> bool:
+        """Whether the run must stop its fast path: a cancellation, or posted requests and free rows."""
+        return bool(self._cancelled) or (free and bool(self._inbox))
+
+    def _is_cancelled(self, request: Request) -> bool:
+        return id(request) in self._cancelled
+
+    def _news(self, request: Request, state: RowState, new: list[int]) -> None:
+        self._listeners[id(request)][1](new, state)
+
+    def _finished(self, request: Request, state: RowState) -> None:
+        for _, _, on_done in self._drop([id(request)]):
+            on_done(self.decoder._result([state], 0.0, 0.0, 0, 0).rows[0])
+
 
 def _group_sample(logits: torch.Tensor, sampling: list[tuple]) -> torch.Tensor:
     """Next token of each logits row with its request's sampling settings; rows that share settings (and a
@@ -156,13 +249,21 @@ def _group_sample(logits: torch.Tensor, sampling: list[tuple]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def run(dec, reqs: list[Request], max_rows: int) -> Iterator[tuple[int, list[int]]]:
+def run(dec, reqs: list[Request], max_rows: int, inbox: Engine | None = None) -> Iterator[tuple[int, list[int]]]:
     """The decode loop over ``reqs`` on at most ``max_rows`` cache rows of ``dec`` (a generator of
-    ``(request, new_token_ids)`` returning the ``GenerationResult``)."""
+    ``(request, new_token_ids)`` returning the ``GenerationResult``). With ``inbox`` (an ``Engine`` serving
+    posted requests), ``reqs`` grows with the requests posted meanwhile: taken before each admission (those
+    that fit the cache; a longer one waits for the next run, which sizes the cache for it), cancelled ones
+    leave at the next step, and ``inbox._finished(request, state)`` is called as each request leaves."""
     from s1fast.model.decoder import _bucket
 
-    states = [RowState(r.prompt[-1], r.budget, r.max_new_tokens, r.stop, dec.max_seq_len - len(r.prompt)) for r in reqs]
-    cap = min(max_rows, len(reqs))
+    def new_state(r: Request) -> RowState:
+        return RowState(r.prompt[-1], r.budget, r.max_new_tokens, r.stop, dec.max_seq_len - len(r.prompt))
+
+    if inbox is not None:
+        reqs.extend(inbox._take(None))
+    states = [new_state(r) for r in reqs]
+    cap = max_rows if inbox is not None else min(max_rows, len(reqs))
     dec._ensure_cache(cap, _bucket(max(r.positions(dec.max_seq_len) for r in reqs)))
     device = dec.device
     sync = lambda: torch.cuda.synchronize(device) if device.type == "cuda" else None  # noqa: E731
@@ -184,6 +285,15 @@ def run(dec, reqs: list[Request], max_rows: int) -> Iterator[tuple[int, list[int
 
     def admit() -> torch.Tensor | None:
         """Prefill the next waiting requests into the free rows; their first tokens."""
+        if inbox is not None:
+            taken = inbox._take(dec._k.shape[dec._seq_axis])
+            waiting.extend(range(len(reqs), len(reqs) + len(taken)))
+            reqs.extend(taken)
+            states.extend(map(new_state, taken))
+            for r in [r for r in waiting if inbox._is_cancelled(reqs[r])]:
+                waiting.remove(r)
+                states[r].finish_reason = "cancelled"
+                inbox._finished(reqs[r], states[r])
         new = [waiting.popleft() for _ in range(min(cap - len(slots), len(waiting)))]
         if not new:
             return None
@@ -210,6 +320,8 @@ def run(dec, reqs: list[Request], max_rows: int) -> Iterator[tuple[int, list[int
     def news(before: list[int]) -> Iterator[tuple[int, list[int]]]:
         for slot, r in enumerate(slots):
             if len(states[r].tokens) > before[slot]:
+                if inbox is not None:
+                    inbox._news(reqs[r], states[r], states[r].tokens[before[slot] :])
                 yield r, states[r].tokens[before[slot] :]
 
     def load(tokens: torch.Tensor):
@@ -237,7 +349,7 @@ def run(dec, reqs: list[Request], max_rows: int) -> Iterator[tuple[int, list[int
         feeds = [decide(s, t) for s, t in enumerate(toks)]
         # kept: fed as the guess assumed (no rewind, and the guess was sampled without a mask)
         kept = [f == [t] and not (states[r].rewind or states[r].mask_enders) for f, t, r in zip(feeds, toks, slots)]
-        if all(kept):
+        if all(kept) and not (inbox is not None and inbox._interrupt(len(slots) < cap)):
             yield from news(before)
             pos = [p + 1 for p in pos]
             pending = speculative
@@ -249,6 +361,12 @@ def run(dec, reqs: list[Request], max_rows: int) -> Iterator[tuple[int, list[int
                 pos[s] += 1
                 feeds[s] = decide(s, guessed[s])
         yield from news(before)
+        if inbox is not None:
+            for s, r in enumerate(slots):
+                if feeds[s] is not None and inbox._is_cancelled(reqs[r]):
+                    feeds[s], states[r].finish_reason = None, "cancelled"
+                if feeds[s] is None:
+                    inbox._finished(reqs[r], states[r])
         alive = [s for s in range(n) if feeds[s] is not None]
         holes = [s for s in range(len(alive)) if feeds[s] is None]
         for hole, s in zip(holes, [s for s in alive if s >= len(alive)]):

