@@ -1,7 +1,8 @@
 """``s1fast bench``: one command for every benchmark.
 
     s1fast bench kernels|train|decode|sft|all [--device D] [--quick] [--out DIR] [--peers LIST] [--profile]
-    s1fast bench inspect [--json] [--models 0.5B,...] [--arch sm_90,sm_80]
+    s1fast bench inspect [--json] [--models 0.5B,...] [--arch sm_90,sm_80] [--no-model]
+    s1fast bench kit [--dry-run] [--out DIR] [--budget-s S]     (the GPU kit, see bench/kit.py)
 
 Every run first records the environment (device, versions, git commit) and measures the device's ceilings
 (copy bandwidth, matmul TFLOP/s), then runs the suites, each a module ``s1fast.bench.<suite>`` exposing
@@ -42,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="s1fast bench",
         description="Benchmarks against peers and the device's measured limits. "
-        "`s1fast bench inspect --help` for the ahead-of-time kernel inspection.",
+        "`s1fast bench inspect --help` for the ahead-of-time kernel inspection and the static performance model, "
+        "`s1fast bench kit --help` for the GPU kit.",
     )
     p.add_argument("suite", choices=(*SUITES, "all"), help="what to run; `all` runs every suite")
     p.add_argument("--device", default=default_device(), help="cuda, cuda:N or cpu (default: %(default)s)")
@@ -95,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         from s1fast.bench.inspect import main as inspect_main
 
         return inspect_main(argv[1:])
+    if argv[:1] == ["kit"]:
+        from s1fast.bench.kit import main as kit_main
+
+        return kit_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:

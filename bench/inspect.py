@@ -119,6 +119,8 @@ def compile_spec(spec, arch: str) -> dict:
     dynamic_shared = meta["shared"] if isinstance(meta, dict) else meta.shared
     return {
         "kernel": spec.name,
+        "function": getattr(spec.fn, "fn", spec.fn).__name__,
+        "constexprs": {k: repr(v) for k, v in spec.constexprs.items()},
         "arch": arch,
         "config": spec.config or f"warps={spec.num_warps} stages={spec.num_stages}",
         "registers": int(regs),
@@ -195,14 +197,29 @@ def inspect_kernels(
 
 def _inspect_in_child(models: list[str], archs: list[str], modules: list[str] | None) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "s1fast.bench.inspect", "--json", "--models", ",".join(models),
+    cmd = [sys.executable, "-m", "s1fast.bench.inspect", "--json", "--no-model", "--models", ",".join(models),
            "--arch", ",".join(archs)]
     for m in modules or ():
         cmd += ["--module", m]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"inspect: child process failed ({out.returncode}):\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout)
+    return json.loads(out.stdout)["builds"]
+
+
+def performance_model(models: list[str], builds: list[dict] | None = None, tokens=None, *, decode: bool = True) -> dict:
+    """``bench.perf_model`` for ``models`` (those of ``perf_model.MODELS`` among them): ``{"model": rows,
+    "decode": launches per decode step}``. ``builds``: sm_90 records to reuse (compiled here if missing)."""
+    from s1fast.bench import perf_model
+
+    models = [m for m in models if m in perf_model.MODELS]
+    if not models:
+        return {"model": [], "decode": None}
+    if builds is None or not all(any(b["arch"] == "sm_90" and m in b["models"] for b in builds) for m in models):
+        builds = inspect_kernels(models, ["sm_90"])
+    counts = perf_model.run_counts(models, tokens or perf_model.MODEL_TOKENS, decode=decode)
+    sm90 = [b for b in builds if b["arch"] == "sm_90"]
+    return {"model": perf_model.model_rows(sm90, counts["counts"]), "decode": counts["decode"]}
 
 
 def available() -> str | None:
@@ -223,7 +240,19 @@ def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
     if reason:
         return [{"suite": "inspect", "skipped": reason}]
     models, archs = (["1.5B"], ["sm_90"]) if quick else (list(QWEN25_SHAPES), list(ARCHS))
-    return [dict(suite="inspect", **r) for r in inspect_kernels(models, archs, progress=True)]
+    builds = inspect_kernels(models, archs, progress=True)
+    rows = [dict(suite="inspect", **r) for r in builds]
+    try:
+        model = performance_model(models, builds, tokens=[4096] if quick else None)
+    except RuntimeError as e:  # e.g. a Triton interpreter that this numpy breaks (triton 3.6 with numpy >= 2.3)
+        return rows + [{"suite": "inspect", "kernel": "performance model", "skipped": str(e)[-300:]}]
+    for r in model["model"]:
+        rows.append({"suite": "inspect", "kernel": f"model: {r['family']}", "model": r["model"], "tokens": r["tokens"],
+                     **{k: r[k] for k in ("bytes_ratio", "bytes_bound", "predicted_pct_of_copy_bw", "predicted_us")},
+                     "launches": len(r["launches"])})
+    if model["decode"]:
+        rows.append({"suite": "inspect", "kernel": "decode step launches", **model["decode"]})
+    return rows
 
 
 COLUMNS = ("kernel", "arch", "registers", "spill_bytes", "shared_bytes", "widest_global_load_bits",
@@ -255,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=_csv, default=list(ARCHS), help="comma-separated: sm_90,sm_80")
     parser.add_argument("--module", action="append",
                         help="inspect this module (dotted name or .py path) instead of s1fast.kernels; repeatable")
+    parser.add_argument("--no-model", action="store_true",
+                        help="skip the static performance model (bytes counted under Triton's interpreter, "
+                        "occupancy, predicted %% of copy bandwidth, launches per decode step; ~3 min on 2 cores)")
     args = parser.parse_args(argv)
     reason = available()
     if reason:
@@ -264,8 +296,28 @@ def main(argv: list[str] | None = None) -> int:
         records = inspect_kernels(args.models, args.arch, modules=args.module, progress=not args.json)
     except ValueError as e:
         parser.error(str(e))
-    print(json.dumps(records, indent=1) if args.json else format_table(records))
-    return 0
+    result = {"builds": records}
+    if not args.no_model and not args.module:
+        result.update(performance_model(args.models, records))
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(format_table(records))
+    if result.get("model"):
+        from s1fast.bench import perf_model
+
+        print(f"\nStatic performance model on a {perf_model.GPU['name']} (formula: s1fast/bench/perf_model.py), "
+              "forward + backward in bf16:\n")
+        print(perf_model.format_model(result["model"]))
+        over = [r for r in result["model"] if r["bytes_ratio"] > r["bytes_bound"]]
+        for r in over:
+            print(f"ABOVE BOUND: {r['family']} {r['model']} {r['tokens']}: bytes/min {r['bytes_ratio']} > {r['bytes_bound']}")
+    if result.get("decode"):
+        d = result["decode"]
+        print(f"\nDecode step (s1fast Decoder, tiny Qwen2 on CPU): {d['triton_launches_per_layer']} Triton launches and "
+              f"{d['torch_ops_per_layer']} PyTorch operators per layer, {d['triton_launches_constant']:+d} and "
+              f"{d['torch_ops_constant']:+d} per step (one CUDA graph replays them all on a GPU).")
+    return 1 if result.get("model") and over else 0
 
 
 if __name__ == "__main__":

@@ -11,12 +11,15 @@ paths in one process).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 _state = threading.local()
 _BACKENDS = ("auto", "torch", "triton")
@@ -52,6 +55,37 @@ def use_triton(x: torch.Tensor) -> bool:
             "force_backend('triton') on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
         )
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@contextlib.contextmanager
+def modelled_gpu(sms: int) -> Iterator[None]:
+    """Inside the block, launchers size their grids for a GPU with ``sms`` SMs even on CPU / meta tensors
+    (``s1fast bench inspect`` replays launches as an H100 would run them; tests use it too)."""
+    previous = getattr(_state, "sms", None)
+    _state.sms = int(sms)
+    try:
+        yield
+    finally:
+        _state.sms = previous
+
+
+def sm_count(device: torch.device) -> int | None:
+    """SMs of ``device`` if it is a GPU (or inside ``modelled_gpu``), else None."""
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return getattr(_state, "sms", None)
+
+
+def persistent_programs(n_tiles: int, device: torch.device, per_sm: int, cpu_programs: int) -> int:
+    """Grid of a grid-stride (persistent) kernel: ``per_sm`` programs per SM, at most one per tile; on CPU
+    (the interpreter) ``cpu_programs``, few, so that each program's loop runs several tiles in the tests."""
+    sms = sm_count(device)
+    return max(1, min(n_tiles, per_sm * sms if sms is not None else cpu_programs))
 
 
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -147,3 +181,52 @@ class KernelSpec:
     num_warps: int
     num_stages: int = 1
     config: str = ""  # human-readable, e.g. "BLOCK=1024 warps=4"
+
+
+# ------------------------------------------------------------------------------ scaling by grad_output
+_SCALE_BLOCK = 4096  # elements per program and loop step: 16 per thread at 8 warps (128-bit accesses in bf16/fp32)
+_SCALE_PROGRAMS_PER_SM = 4
+
+
+@triton.jit
+def _scale_kernel(X, OUT, GO, n, BLOCK: tl.constexpr, IN_PLACE: tl.constexpr):
+    """OUT = X * GO[0] (cast to OUT's dtype), grid-stride. In place, programs return at once when the scale
+    is exactly 1 (``loss.backward()``): no byte of X is read or written, and no host sync decides it."""
+    go = tl.load(GO).to(tl.float32)
+    if (go != 1.0) or (not IN_PLACE):
+        offs = tl.arange(0, BLOCK)
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, step):
+            mask = start + offs < n
+            x = tl.load(X + start + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(OUT + start + offs, (x * go).to(OUT.dtype.element_ty), mask=mask)
+
+
+def scaled(x: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x * grad_output`` (a 0-d device tensor) as ``dtype`` (default ``x``'s): in place when the dtype is
+    ``x``'s, and then free when grad_output is 1 on the Triton path (see ``_scale_kernel``); else one pass that
+    reads ``x`` once and writes the result (the scaling folded into the cast). Never syncs with the host."""
+    dtype = dtype or x.dtype
+    if not (x.is_contiguous() and x.dtype in FLOAT_DTYPES and dtype in FLOAT_DTYPES and use_triton(x)):
+        return x.mul_(grad_output) if dtype == x.dtype else (x * grad_output).to(dtype)
+    out = x if dtype == x.dtype else torch.empty(x.shape, dtype=dtype, device=x.device)
+    n = x.numel()
+    if n:
+        programs = persistent_programs(triton.cdiv(n, _SCALE_BLOCK), x.device, _SCALE_PROGRAMS_PER_SM, 4)
+        with on_device(x):
+            _scale_kernel[(programs,)](x, out, grad_output.to(torch.float32).reshape(1), n,
+                                       BLOCK=_SCALE_BLOCK, IN_PLACE=out is x, num_warps=8)
+    if out is x:
+        torch.autograd.graph.increment_version(x)  # as mul_ would: autograd sees x was modified in place
+    return out
+
+
+def scale_kernel_specs(dtype: torch.dtype) -> list[KernelSpec]:
+    """The scaling kernel as ``scaled`` launches it for an fp32 accumulator: in place, and cast to ``dtype``."""
+    t = TRITON_DTYPES[dtype]
+    config = f"BLOCK={_SCALE_BLOCK} warps=8"
+    sig = lambda out: {"X": "*fp32", "OUT": f"*{out}", "GO": "*fp32", "n": "i32"}  # noqa: E731
+    return [KernelSpec("scale_inplace", _scale_kernel, sig("fp32"), {"BLOCK": _SCALE_BLOCK, "IN_PLACE": True}, 8,
+                       config=config),
+            KernelSpec(f"scale_cast_{t}", _scale_kernel, sig(t), {"BLOCK": _SCALE_BLOCK, "IN_PLACE": False}, 8,
+                       config=config)]

@@ -18,17 +18,29 @@ purpose: one fully masked micro-batch must not turn a whole gradient-accumulatio
 (the smoothing term, which would be ``0 * inf``, is left out when ``eps == 0``); with smoothing the loss is
 ``+inf`` (``mean_j x_ij`` is ``-inf``) and the gradient is finite, as PyTorch's.
 
-Fused forward/backward: the forward already knows the reduction's scale (1 / count for "mean", computed on
-the device, no host sync), so the kernel writes ``scale * dloss/dx`` while it computes the loss; backward
-only multiplies the stored gradient by ``grad_output`` in place (per row for "none").
+Forward and backward (``cross_entropy``): the forward reads each row once (online max / sum-exp / sum of x)
+and stores the loss and the row's fp32 log-sum-exp; the backward reads the row once more and writes
+``scale * dloss/dx`` in the same sweep, where ``scale`` = grad_output (times 1 / count for "mean", computed on
+the device) is read by the kernel from device memory: no pass over ``[N, V]`` only to scale, no host sync,
+and nothing ``[N, V]``-sized is held between forward and backward (only the logits autograd keeps anyway).
 
-Bytes moved by the Triton kernel per non-ignored row (``s`` = element size): sweep 1 reads the row
-(online max / sum-exp / sum), sweep 2 reads it again and writes the gradient: ``3 V s`` at worst, and the
-second read usually hits L2 (a 151,936-wide bf16 row is 297 KiB, read back right after sweep 1), so DRAM
-sees close to the minimum ``2 V s`` (one read, one write). The second read cannot be avoided: a whole row
-does not fit in registers/shared memory of one SM. Ignored rows only write zeros (``V s``). Backward's
-scaling reads and writes the gradient once more (``2 V s``). The kernel is used with ``grad is logits`` by
-the fused linear cross-entropy (gradient written in place over a logits chunk it owns).
+Bytes per non-ignored row (``s`` = element size; the minimum is one read and one write, ``2 V s``): forward
+``V s``, backward ``2 V s``: ``3 V s`` = 1.5x the minimum, plus per-row scalars (label twice, lse written and
+read: < 0.01% at V = 151,936). Ignored rows: the backward writes zeros (``V s``), nothing is read.
+``s1fast bench inspect`` counts these bytes under the interpreter and CI bounds them.
+
+The fused variant (``cross_entropy_rows`` with ``grad``; what the fused linear cross-entropy runs in place over a
+logits chunk it owns, with the scale known in the forward) writes the gradient in the forward: sweep 1 reads
+the row, sweep 2 reads it again and writes the gradient (``3 V s``).
+
+Toward one read (``2 V s``, 1.0x): the second read exists because a 297 KiB bf16 row (V = 151,936) does not
+fit one SM's registers / 228 KiB of shared memory. Splitting each row over a thread-block cluster (sm_90:
+up to 16 CTAs whose shared memory is addressable across the cluster) keeps the row on chip between the
+reduction (max / sum-exp exchanged over distributed shared memory) and the gradient write, as QuACK does;
+the gradient must then be written in the forward, so grad_output has to be folded into its consumer (the
+GEMMs of the fused linear cross-entropy take it for free; a plain ``cross_entropy`` would scale in a
+kernel that returns at once when grad_output is 1, see ``kernels._common.scale_``). Needs Triton cluster
+support (or CuTe DSL) and is not done yet.
 
 Labels outside ``[0, V)`` that are not ``ignore_index``: on CPU tensors a ``ValueError`` names the first
 bad position and value (checking is free there). On CUDA there is no host sync: that row's loss and
@@ -53,12 +65,47 @@ _INT_DTYPES = (torch.int64, torch.int32)
 
 # ----------------------------------------------------------------------------------------------- kernel
 @triton.jit
+def _zero_row(grad_ptr, V, BLOCK_V: tl.constexpr):
+    """Write a row of zeros (an ignored row's gradient): V stores, no loads."""
+    offs = tl.arange(0, BLOCK_V)
+    zeros = tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty)
+    for start in range(0, V, BLOCK_V):
+        tl.store(grad_ptr + start + offs, zeros, mask=start + offs < V)
+
+
+@triton.jit
+def _grad_row(logits_ptr, grad_ptr, label, lse, scale, V, label_smoothing, z_loss, BLOCK_V: tl.constexpr):
+    """One sweep over a row: read x, write scale * dloss/dx from the row's lse (see the module docstring).
+    An out-of-range label gives a NaN row."""
+    offs = tl.arange(0, BLOCK_V)
+    poison = tl.where((label >= 0) & (label < V), 0.0, float("nan"))
+    p_coef = (1.0 + 2.0 * z_loss * lse) * scale
+    smooth = label_smoothing / V * scale - poison
+    hit = (1.0 - label_smoothing) * scale
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        mask = cols < V
+        x = tl.load(logits_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.exp(x - lse) * p_coef - smooth
+        g = tl.where(cols == label, g - hit, g)
+        tl.store(grad_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_scale(scale_ptr, row, PER_ROW_SCALE: tl.constexpr):
+    if PER_ROW_SCALE:
+        return tl.load(scale_ptr + row).to(tl.float32)
+    return tl.load(scale_ptr).to(tl.float32)
+
+
+@triton.jit
 def _cross_entropy_kernel(
-    logits_ptr, grad_ptr, labels_ptr, loss_ptr, scale_ptr,
+    logits_ptr, grad_ptr, labels_ptr, loss_ptr, lse_ptr, scale_ptr,
     stride_logits, stride_grad, V, ignore_index, label_smoothing, z_loss,
-    BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
+    BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr, PER_ROW_SCALE: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
-    """One program per row: loss_ptr[row] = loss, grad row = scale * dloss/dlogits (see module docstring)."""
+    """One program per row: loss_ptr[row] = loss (lse_ptr[row] = lse if STORE_LSE) and, if WRITE_GRAD, a second
+    sweep writing the grad row = scale * dloss/dlogits (the fused linear cross-entropy's in-place chunk)."""
     row = tl.program_id(0).to(tl.int64)  # 64-bit: rows x V passes 2^31 at 32K tokens x 151,936
     logits_ptr += row * stride_logits
     grad_ptr += row * stride_grad
@@ -66,10 +113,10 @@ def _cross_entropy_kernel(
     offs = tl.arange(0, BLOCK_V)
     if label == ignore_index:
         tl.store(loss_ptr + row, 0.0)
+        if STORE_LSE:
+            tl.store(lse_ptr + row, 0.0)
         if WRITE_GRAD:
-            zeros = tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty)
-            for start in range(0, V, BLOCK_V):
-                tl.store(grad_ptr + start + offs, zeros, mask=start + offs < V)
+            _zero_row(grad_ptr, V, BLOCK_V)
     else:
         # Sweep 1: running max m, sum of exp(x - m), sum of x (for label smoothing), all fp32 scalars.
         m = -float("inf")
@@ -92,22 +139,31 @@ def _cross_entropy_kernel(
         smooth_term = tl.where(label_smoothing != 0.0, label_smoothing * (lse - sum_x / V), 0.0)
         loss = (1.0 - label_smoothing) * (lse - x_label) + smooth_term + z_loss * lse * lse
         tl.store(loss_ptr + row, loss + poison)
+        if STORE_LSE:
+            tl.store(lse_ptr + row, lse)
         if WRITE_GRAD:
-            if PER_ROW_SCALE:
-                scale = tl.load(scale_ptr + row).to(tl.float32)
-            else:
-                scale = tl.load(scale_ptr).to(tl.float32)
-            p_coef = (1.0 + 2.0 * z_loss * lse) * scale
-            smooth = label_smoothing / V * scale - poison
-            hit = (1.0 - label_smoothing) * scale
-            # Sweep 2: re-read the row (mostly from L2) and write the scaled gradient once.
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                mask = cols < V
-                x = tl.load(logits_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                g = tl.exp(x - lse) * p_coef - smooth
-                g = tl.where(cols == label, g - hit, g)
-                tl.store(grad_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+            # Sweep 2: re-read the row and write the scaled gradient once.
+            scale = _row_scale(scale_ptr, row, PER_ROW_SCALE)
+            _grad_row(logits_ptr, grad_ptr, label, lse, scale, V, label_smoothing, z_loss, BLOCK_V)
+
+
+@triton.jit
+def _cross_entropy_bwd_kernel(
+    logits_ptr, grad_ptr, labels_ptr, lse_ptr, scale_ptr,
+    stride_logits, stride_grad, V, ignore_index, label_smoothing, z_loss,
+    BLOCK_V: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
+):
+    """One program per row, one sweep: grad row = scale * dloss/dlogits from the forward's saved lse, where
+    ``scale`` (device memory) already holds grad_output: no separate scaling pass, no host sync."""
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    if label == ignore_index:
+        _zero_row(grad_ptr + row * stride_grad, V, BLOCK_V)
+    else:
+        lse = tl.load(lse_ptr + row)
+        scale = _row_scale(scale_ptr, row, PER_ROW_SCALE)
+        _grad_row(logits_ptr + row * stride_logits, grad_ptr + row * stride_grad, label, lse, scale, V,
+                  label_smoothing, z_loss, BLOCK_V)
 
 
 def _config(V: int) -> tuple[int, int]:
@@ -120,54 +176,96 @@ def _config(V: int) -> tuple[int, int]:
     return block, max(1, min(16, block // 512))
 
 
-def _launch(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss):
+def _launch(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse=None):
     N, V = logits.shape
     if N == 0:
         return
     block, warps = _config(V)
-    grad_arg = grad if grad is not None else logits  # unused pointer when WRITE_GRAD is False
+    grad_arg = grad if grad is not None else logits  # unused pointers when WRITE_GRAD / STORE_LSE are False
     _cross_entropy_kernel[(N,)](
-        logits, grad_arg, labels, loss, scale,
+        logits, grad_arg, labels, loss, lse if lse is not None else loss, scale if scale is not None else loss,
         logits.stride(0), grad_arg.stride(0), V, ignore_index, float(label_smoothing), float(z_loss),
-        BLOCK_V=block, WRITE_GRAD=grad is not None, PER_ROW_SCALE=scale.dim() == 1, num_warps=warps,
+        BLOCK_V=block, WRITE_GRAD=grad is not None, PER_ROW_SCALE=scale is not None and scale.dim() == 1,
+        STORE_LSE=lse is not None,
+        num_warps=warps,
     )
 
 
-def _rows_torch(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss):
+def _launch_bwd(logits, labels, lse, grad, scale, ignore_index, label_smoothing, z_loss):
+    N, V = logits.shape
+    if N == 0:
+        return
+    block, warps = _config(V)
+    _cross_entropy_bwd_kernel[(N,)](
+        logits, grad, labels, lse, scale,
+        logits.stride(0), grad.stride(0), V, ignore_index, float(label_smoothing), float(z_loss),
+        BLOCK_V=block, PER_ROW_SCALE=scale.dim() == 1, num_warps=warps,
+    )
+
+
+def _upcast(logits):
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _rows_torch(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse=None):
     """The kernel's contract in plain PyTorch (fp32 math, float64 for float64 input); ``grad`` may be ``logits``."""
     V = logits.shape[1]
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    x = _upcast(logits)
     valid = labels != ignore_index
     in_range = (labels >= 0) & (labels < V)
     safe = torch.where(valid & in_range, labels, 0).long().unsqueeze(1)
-    lse = torch.logsumexp(x, 1)
+    row_lse = torch.logsumexp(x, 1)
     poison = torch.where(valid & ~in_range, float("nan"), 0.0).to(x.dtype)
-    rows = (1 - label_smoothing) * (lse - x.gather(1, safe).squeeze(1)) + z_loss * lse * lse
+    rows = (1 - label_smoothing) * (row_lse - x.gather(1, safe).squeeze(1)) + z_loss * row_lse * row_lse
     if label_smoothing:  # not 0 * (lse - mean), which is NaN when a logit is -inf
-        rows = rows + label_smoothing * (lse - x.mean(1))
+        rows = rows + label_smoothing * (row_lse - x.mean(1))
     loss.copy_(torch.where(valid, rows, 0.0) + poison)
+    if lse is not None:
+        lse.copy_(torch.where(valid, row_lse, 0.0))
     if grad is not None:
-        scale = torch.where(valid, scale.to(x.dtype), 0.0)
-        # softmax written straight into grad when the dtypes allow (x is no longer read after this point)
-        g = grad if grad.dtype == x.dtype else torch.empty_like(x)
-        torch.sub(x, lse.unsqueeze(1), out=g).exp_()
-        g.mul_(((1 + 2 * z_loss * lse) * scale).unsqueeze(1)).sub_((label_smoothing / V * scale - poison).unsqueeze(1))
-        g.scatter_add_(1, safe, (-(1 - label_smoothing) * scale).unsqueeze(1))
-        if g is not grad:
-            grad.copy_(g)
+        _grad_torch(x, labels, row_lse, grad, scale, ignore_index, label_smoothing, z_loss)
 
 
-def cross_entropy_rows(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss):
+def _grad_torch(x, labels, lse, grad, scale, ignore_index, label_smoothing, z_loss):
+    """``grad = scale * dloss/dx`` from the rows' ``lse`` (x already upcast; ``grad`` may share x's memory)."""
+    V = x.shape[1]
+    valid = labels != ignore_index
+    in_range = (labels >= 0) & (labels < V)
+    safe = torch.where(valid & in_range, labels, 0).long().unsqueeze(1)
+    poison = torch.where(valid & ~in_range, float("nan"), 0.0).to(x.dtype)
+    scale = torch.where(valid, scale.to(x.dtype), 0.0)
+    lse = torch.where(valid, lse.to(x.dtype), 0.0)
+    # softmax written straight into grad when the dtypes allow (x is no longer read after this point)
+    g = grad if grad.dtype == x.dtype else torch.empty_like(x)
+    torch.sub(x, lse.unsqueeze(1), out=g).exp_()
+    g.mul_(((1 + 2 * z_loss * lse) * scale).unsqueeze(1)).sub_((label_smoothing / V * scale - poison).unsqueeze(1))
+    g.scatter_add_(1, safe, (-(1 - label_smoothing) * scale).unsqueeze(1))
+    g.masked_fill_(~valid.unsqueeze(1), 0.0)  # ignored rows: exactly 0 whatever their logits (+-inf included)
+    if g is not grad:
+        grad.copy_(g)
+
+
+def cross_entropy_rows(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse=None):
     """Per-row loss into ``loss`` (fp32 [N]) and, if ``grad`` is given, ``scale * dloss/dlogits`` into it.
 
-    ``scale`` is a 0-d or [N] fp32 tensor on the logits' device. ``grad`` may be ``logits`` itself (in-place,
-    each element is read before it is overwritten by the same program). Triton or PyTorch per ``use_triton``;
-    float64 always runs PyTorch. Inputs are assumed validated (see ``check_labels``).
+    ``scale`` is a 0-d or [N] fp32 tensor on the logits' device (None when ``grad`` is None). ``grad`` may be ``logits`` itself (in-place,
+    each element is read before it is overwritten by the same program). ``lse`` (fp32 [N], optional) receives
+    each row's log-sum-exp (0 for ignored rows) for ``cross_entropy_grad_rows``. Triton or PyTorch per
+    ``use_triton``; float64 always runs PyTorch. Inputs are assumed validated (see ``check_labels``).
     """
     if logits.dtype in FLOAT_DTYPES and use_triton(logits):
-        _launch(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss)
+        _launch(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse)
     else:
-        _rows_torch(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss)
+        _rows_torch(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse)
+
+
+def cross_entropy_grad_rows(logits, labels, lse, grad, scale, ignore_index, label_smoothing, z_loss):
+    """``grad = scale * dloss/dlogits`` in one read of ``logits`` given the rows' ``lse`` from
+    ``cross_entropy_rows``; ``scale`` (0-d or [N] fp32, on the device) carries grad_output."""
+    if logits.dtype in FLOAT_DTYPES and use_triton(logits):
+        _launch_bwd(logits, labels, lse, grad, scale, ignore_index, label_smoothing, z_loss)
+    else:
+        _grad_torch(_upcast(logits), labels, lse, grad, scale, ignore_index, label_smoothing, z_loss)
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -205,29 +303,37 @@ def mean_scale(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- autograd
 class _CrossEntropy(torch.autograd.Function):
+    """Forward: loss and per-row lse in one read of the logits. Backward: one more read and one write (the
+    gradient, with grad_output read from device memory inside the kernel). 3 V s bytes per row in all, 1.5x
+    the minimum (read once, write once); see the module docstring."""
+
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, reduction, label_smoothing, z_loss, grad_enabled):
         N = logits.shape[0]
         acc = torch.promote_types(logits.dtype, torch.float32)
         loss = torch.empty(N, dtype=acc, device=logits.device)
-        scale = mean_scale(labels, ignore_index) if reduction == "mean" else torch.ones((), device=logits.device)
-        # needs_input_grad stays True under torch.no_grad(): the caller's grad mode decides (no wasted gradient)
-        want = ctx.needs_input_grad[0] and grad_enabled
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if want else None
-        cross_entropy_rows(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss)
-        ctx.reduction = reduction
-        if grad is not None:
-            ctx.save_for_backward(grad)  # a second backward then fails loudly: backward scales it in place
+        scale = mean_scale(labels, ignore_index).to(acc) if reduction == "mean" else None
+        # needs_input_grad stays True under torch.no_grad(): the caller's grad mode decides (no wasted lse)
+        lse = torch.empty(N, dtype=acc, device=logits.device) if ctx.needs_input_grad[0] and grad_enabled else None
+        cross_entropy_rows(logits, labels, loss, None, None, ignore_index, label_smoothing, z_loss, lse)
+        ctx.options = (reduction, ignore_index, label_smoothing, z_loss)
+        if lse is not None:
+            ctx.save_for_backward(logits, labels, lse, scale)
         if reduction == "none":
             return loss
         total = loss.sum()
-        return total * scale.to(acc) if reduction == "mean" else total
+        return total * scale if reduction == "mean" else total
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        go = grad_output.unsqueeze(1) if ctx.reduction == "none" else grad_output
-        return grad.mul_(go), None, None, None, None, None, None
+        logits, labels, lse, scale = ctx.saved_tensors
+        reduction, ignore_index, label_smoothing, z_loss = ctx.options
+        go = grad_output.to(lse.dtype)
+        # a 0-d product (one tiny launch) or the [N] grad_output itself: the kernel reads it, no pass over [N, V]
+        scale = go * scale if reduction == "mean" else go.contiguous()
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        cross_entropy_grad_rows(logits, labels, lse, grad, scale, ignore_index, label_smoothing, z_loss)
+        return grad, None, None, None, None, None, None
 
 
 def cross_entropy(
@@ -275,19 +381,32 @@ def cross_entropy_reference(logits, labels, ignore_index=-100, reduction="mean",
 
 
 # ----------------------------------------------------------------------------------------- inspection
-def kernel_specs(shape: dict) -> list[KernelSpec]:
-    """The cross-entropy kernel as launched for ``shape`` (keys ``vocab``, ``dtype``; one program per token
-    row) in training: gradient written with the scalar mean/sum scale ("none" backward: ``PER_ROW_SCALE``)."""
-    V = shape["vocab"]
+_SIGNATURE = {"stride_logits": "i32", "stride_grad": "i32", "V": "i32", "ignore_index": "i32",
+              "label_smoothing": "fp32", "z_loss": "fp32"}
+
+
+def _spec(shape: dict, name: str, backward: bool, write_grad: bool = False) -> KernelSpec:
     t = TRITON_DTYPES[spec_dtype(shape)]
-    block, warps = _config(V)
-    signature = {
-        "logits_ptr": f"*{t}", "grad_ptr": f"*{t}", "labels_ptr": "*i64", "loss_ptr": "*fp32", "scale_ptr": "*fp32",
-        "stride_logits": "i32", "stride_grad": "i32", "V": "i32", "ignore_index": "i32",
-        "label_smoothing": "fp32", "z_loss": "fp32",
-    }
-    return [KernelSpec(
-        name="cross_entropy", fn=_cross_entropy_kernel, signature=signature,
-        constexprs={"BLOCK_V": block, "WRITE_GRAD": True, "PER_ROW_SCALE": False}, num_warps=warps,
-        config=f"BLOCK_V={block} warps={warps}",
-    )]
+    block, warps = _config(shape["vocab"])
+    pointers = {"logits_ptr": f"*{t}", "grad_ptr": f"*{t}", "labels_ptr": "*i64"}
+    if backward:
+        fn, constexprs = _cross_entropy_bwd_kernel, {"BLOCK_V": block, "PER_ROW_SCALE": False}
+        pointers.update(lse_ptr="*fp32", scale_ptr="*fp32")
+    else:
+        fn = _cross_entropy_kernel
+        constexprs = {"BLOCK_V": block, "WRITE_GRAD": write_grad, "PER_ROW_SCALE": False, "STORE_LSE": not write_grad}
+        pointers.update(loss_ptr="*fp32", lse_ptr="*fp32", scale_ptr="*fp32")
+    return KernelSpec(name=name, fn=fn, signature={**pointers, **_SIGNATURE}, constexprs=constexprs,
+                      num_warps=warps, config=f"BLOCK_V={block} warps={warps}")
+
+
+def kernel_specs(shape: dict) -> list[KernelSpec]:
+    """``cross_entropy``'s two kernels as launched for ``shape`` (keys ``vocab``, ``dtype``; one program per
+    token row) in training: the forward storing loss and lse, the backward writing the scaled gradient."""
+    return [_spec(shape, "cross_entropy_fwd", False), _spec(shape, "cross_entropy_bwd", True)]
+
+
+def fused_kernel_spec(shape: dict) -> KernelSpec:
+    """The forward kernel with the gradient sweep (``cross_entropy_rows`` with ``grad``), as the fused linear
+    cross-entropy launches it on each chunk with its scalar mean/sum scale."""
+    return _spec(shape, "cross_entropy_fused", False, write_grad=True)

@@ -14,10 +14,16 @@ forward and backward only multiplies them by ``grad_output``. For ``reduction="n
 own ``grad_output``, which does not factor out of ``g^T h``: the forward computes only the losses, and
 backward recomputes the chunks with ``grad_output`` as the per-row scale. Nothing syncs with the host.
 
-Extra memory beyond the inputs and their gradients: one chunk of logits (plus the fp32 weight-gradient
-accumulator when the weight is not fp32). On CUDA the bf16/fp16 weight-gradient GEMM writes into the fp32
-accumulator directly (``torch.addmm(..., out_dtype=torch.float32)``); a torch whose addmm refuses that
-falls back to a per-chunk [V, H] product in the input dtype added to the accumulator. ``num_items_in_batch`` (int or 0-d tensor) gives
+Extra memory beyond the inputs and their gradients: one chunk of logits, plus the fp32 weight-gradient
+accumulator when the weight is not fp32 (an fp32 weight's accumulator is its gradient). No memset: the first
+chunk's GEMM writes the accumulators with beta = 0. On CUDA the bf16/fp16 weight-gradient GEMM writes into the
+fp32 accumulator directly (``torch.addmm(..., out_dtype=torch.float32)``); a torch whose addmm refuses that
+falls back to a per-chunk [V, H] product in the input dtype added to the accumulator. Backward scales by
+grad_output without a host sync (``kernels._common.scaled``): in place, where a grad_output of 1 (a plain
+``loss.backward()``) moves no byte; for a bf16/fp16 weight, folded into the one cast pass that writes its
+gradient from the accumulator. Under ``torch.autocast`` with fp32 weights (transformers' Trainer with bf16=True)
+the GEMMs use a bf16 copy of the weight made for the call, as ``F.linear`` would, and the fp32 weight gets its
+gradient straight from the fp32 accumulator (no bf16 rounding, no cast passes). ``num_items_in_batch`` (int or 0-d tensor) gives
 ``sum over tokens / num_items_in_batch``, transformers' gradient-accumulation convention.
 """
 
@@ -28,13 +34,14 @@ import dataclasses
 import torch
 
 from s1fast.kernels._common import FLOAT_DTYPES, check_same_device, check_tensor, on_device, spec_dtype, use_triton
+from s1fast.kernels._common import scale_kernel_specs, scaled
 from s1fast.kernels.cross_entropy import (
     _INT_DTYPES,
     check_labels,
     check_options,
     cross_entropy_reference,
     cross_entropy_rows,
-    kernel_specs as _cross_entropy_specs,
+    fused_kernel_spec,
     mean_scale,
 )
 
@@ -53,24 +60,35 @@ def chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, triton_path: bool, b
     return max(1, -(-n_rows // n_chunks))
 
 
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` in fp32 (or float64) and ``a``, ``b`` possibly bf16/fp16, no [V, H] temp."""
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``acc = a @ b`` (``first``: beta = 0, so ``acc`` needs no zero fill and its garbage, NaN included, is never
+    read) or ``acc += a @ b``, with ``acc`` in fp32 (or float64) and ``a``, ``b`` possibly bf16/fp16, no [V, H] temp."""
+    beta = 0 if first else 1
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, beta=beta)
     elif acc.is_cuda and _fp32_out_gemm[0]:
-        try:  # cuBLAS with bf16 operands, fp32 accumulator and fp32 C (beta = 1)
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        try:  # cuBLAS with bf16 operands, fp32 accumulator and fp32 C
+            _fp32_out_addmm(acc, a, b, beta)
         except torch.OutOfMemoryError:
             raise  # not a missing feature: keep the fast path for later calls
         except (RuntimeError, TypeError):  # torch without addmm(out_dtype=) (TypeError) or one whose CUDA addmm
             # wants C in the operands' dtype (RuntimeError): its argument checks fail before any work, so acc
             # is untouched; fall back for good
             _fp32_out_gemm[0] = False
-            acc.add_(a @ b)
+            _add_product(acc, a @ b, first)
     elif acc.is_cuda:
-        acc.add_(a @ b)  # one [V, H] temporary in the input dtype per chunk
+        _add_product(acc, a @ b, first)  # one [V, H] temporary in the input dtype per chunk
     else:  # CPU: fp32 GEMM on chunk-sized upcasts
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), beta=beta)
+
+
+def _fp32_out_addmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: int) -> None:
+    """``acc = beta * acc + a @ b`` in place with bf16/fp16 ``a``, ``b`` and an fp32 ``acc`` (CUDA's out_dtype GEMM)."""
+    torch.addmm(acc, a, b, out_dtype=acc.dtype, beta=beta, out=acc)
+
+
+def _add_product(acc: torch.Tensor, product: torch.Tensor, first: bool) -> None:
+    acc.copy_(product) if first else acc.add_(product)
 
 
 def _chunk_loop(hidden, weight, bias, labels, scale, loss, grads, ignore_index, label_smoothing, z_loss, rows):
@@ -97,9 +115,12 @@ def _chunk_loop(hidden, weight, bias, labels, scale, loss, grads, ignore_index, 
         if grad_h is not None:
             torch.mm(logits, weight, out=grad_h[start:end])
         if grad_w is not None:
-            _accumulate_mm(grad_w, logits.t(), h)
+            _accumulate_mm(grad_w, logits.t(), h, first=start == 0)
         if grad_b is not None:
-            grad_b += logits.sum(0, dtype=grad_b.dtype)
+            if start == 0:
+                torch.sum(logits, 0, dtype=grad_b.dtype, out=grad_b)
+            else:
+                grad_b += logits.sum(0, dtype=grad_b.dtype)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -110,7 +131,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         need = tuple(n and grad_enabled for n in ctx.needs_input_grad[:3])  # True under no_grad otherwise
         loss = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         ctx.options = (ignore_index, reduction, label_smoothing, z_loss, rows)
-        ctx.dtype = hidden.dtype
+        ctx.dtype, ctx.param_dtype = hidden.dtype, weight.dtype
+        # under autocast fp32 parameters meet bf16 activations: the GEMMs take a cast copy (as F.linear's would),
+        # and the gradients go back in the parameters' fp32 straight from the fp32 accumulators (no cast pass)
+        weight = weight.to(hidden.dtype)
+        bias = bias.to(hidden.dtype) if bias is not None else None
         if reduction == "none" or not any(need):
             _chunk_loop(hidden, weight, bias, labels, scale, loss, None, ignore_index, label_smoothing, z_loss, rows)
             ctx.save_for_backward(hidden, weight, bias, labels)
@@ -133,30 +158,43 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             _chunk_loop(hidden, weight, bias, labels, grad_output.to(acc).contiguous(), scratch, grads,
                         ignore_index, label_smoothing, z_loss, rows)
             grad_h, grad_w, grad_b = grads
-        else:
-            grad_h, grad_w, grad_b = (g.mul_(grad_output) if g is not None else None for g in ctx.saved_tensors)
-        dtype = ctx.dtype
-        return (grad_h, grad_w.to(dtype) if grad_w is not None else None,
-                grad_b.to(dtype) if grad_b is not None else None) + (None,) * 8
+            return grad_h, _cast(grad_w, ctx.param_dtype), _cast(grad_b, ctx.param_dtype), *(None,) * 8
+        # scaled by grad_output with no host sync: nothing moves when it is 1 (the gradients stay in their fp32
+        # accumulators for fp32 parameters), and for bf16/fp16 parameters the scaling rides on the one cast pass
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        return (_scaled(grad_h, grad_output, ctx.dtype), _scaled(grad_w, grad_output, ctx.param_dtype),
+                _scaled(grad_b, grad_output, ctx.param_dtype)) + (None,) * 8
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if t is not None else None
+
+
+def _scaled(t, grad_output, dtype):
+    return scaled(t, grad_output, dtype) if t is not None else None
 
 
 def _new_grads(hidden, weight, bias, need, acc):
-    grad_h = torch.empty_like(hidden) if need[0] else None
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need[1] else None
-    grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None and need[2] else None
+    """Uninitialised gradient buffers (no memset: the first chunk writes them with beta = 0). An empty batch
+    has no first chunk: its gradients are zeros."""
+    new = torch.empty if hidden.shape[0] else torch.zeros
+    grad_h = new(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need[0] else None
+    grad_w = new(weight.shape, dtype=acc, device=weight.device) if need[1] else None
+    grad_b = new(bias.shape, dtype=acc, device=bias.device) if bias is not None and need[2] else None
     return grad_h, grad_w, grad_b
 
 
-def _autocast_inputs(hidden, weight, bias):
+def _autocast_hidden(hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Under ``torch.autocast`` the GEMMs run in the autocast dtype, as ``F.linear`` would (fp32 weights with
-    bf16 autocast: bf16 logits, fp32 loss); the cast copies are differentiable, so gradients reach the fp32
-    leaves. Without this, the chunk GEMMs would autocast while the ``out=`` products did not, and crash."""
+    bf16 autocast: bf16 logits, fp32 loss): ``hidden`` gets a differentiable cast copy, and the weight and bias
+    are cast inside the autograd function, whose gradients for them come back in their own (fp32) dtype.
+    Without this, the chunk GEMMs would autocast while the ``out=`` products did not, and crash. Returns
+    the hidden states to use and whether autocast is on."""
     device_type = hidden.device.type
     if not torch.is_autocast_enabled(device_type):
-        return hidden, weight, bias
+        return hidden, False
     dtype = torch.get_autocast_dtype(device_type)
-    cast = lambda t: t.to(dtype) if t is not None and t.dtype in FLOAT_DTYPES else t  # noqa: E731 (float64 stays)
-    return cast(hidden), cast(weight), cast(bias)
+    return (hidden.to(dtype) if hidden.dtype in FLOAT_DTYPES else hidden), True  # float64 stays
 
 
 def fused_linear_cross_entropy(
@@ -187,7 +225,7 @@ def fused_linear_cross_entropy(
     if bias is not None:
         check_tensor(fn, "bias", bias, ndim=1, dtypes=dtypes)
     check_same_device(fn, hidden=hidden, weight=weight, labels=labels, bias=bias)
-    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
+    hidden, autocast = _autocast_hidden(hidden)
     V, H = weight.shape
     if hidden.shape[-1] != H:
         raise ValueError(f"{fn}: hidden width {hidden.shape[-1]} does not match weight [V, H] = {tuple(weight.shape)}")
@@ -196,8 +234,8 @@ def fused_linear_cross_entropy(
                          f"{tuple(hidden.shape)}, got {tuple(labels.shape)}")
     if bias is not None and bias.shape != (V,):
         raise ValueError(f"{fn}: bias must have shape ({V},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != hidden.dtype:
+    for name, t in (("weight", weight), ("bias", bias)):  # under autocast the function casts them itself
+        if t is not None and t.dtype != hidden.dtype and not (autocast and t.dtype in FLOAT_DTYPES):
             raise TypeError(f"{fn}: {name} dtype {t.dtype} must match hidden dtype {hidden.dtype}")
     check_options(fn, reduction, label_smoothing, z_loss)
     if num_items_in_batch is not None and reduction == "none":
@@ -246,5 +284,7 @@ def fused_linear_cross_entropy_reference(
 def kernel_specs(shape: dict) -> list:
     """The cross-entropy kernel as this module launches it on each chunk (the GEMMs are cuBLAS)."""
     rows = chunk_rows(shape["tokens"], shape["vocab"], spec_dtype(shape), True, DEFAULT_CHUNK_BUDGET_BYTES["cuda"])
-    return [dataclasses.replace(s, name="fused_linear_cross_entropy." + s.name, config=f"{s.config} chunk={rows} rows")
-            for s in _cross_entropy_specs(shape)]
+    spec = fused_kernel_spec(shape)
+    return [dataclasses.replace(spec, name="fused_linear_cross_entropy." + spec.name,
+                                config=f"{spec.config} chunk={rows} rows")] + [
+        dataclasses.replace(s, name="fused_linear_cross_entropy." + s.name) for s in scale_kernel_specs(spec_dtype(shape))]

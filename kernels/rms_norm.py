@@ -25,9 +25,17 @@ and on store):
 - forward: one program per tile of ``ROWS`` rows x ``BLOCK`` (>= N, power of two) columns, so each row is
   one contiguous vectorised (128-bit) access and narrow rows (q/k norm over head_dim 64/128) still give
   every program a full tile. Writes ``out`` and the fp32 ``rstd`` per row.
-- backward: a fixed number of programs (two per SM) walks the row tiles grid-stride, recomputes ``y`` from
-  ``x`` and ``rstd``, writes ``dx`` and keeps its share of ``dw`` in fp32 registers; the per-program partial
-  sums are then added up by one ``sum(0)``: deterministic, no atomics.
+- backward: a fixed number of programs (two per SM: at 8 warps the sm_90 builds use 100-128 registers, so
+  two is what the register file holds) walks the row tiles grid-stride, recomputes ``y`` from ``x`` and
+  ``rstd``, writes ``dx`` and keeps its share of ``dw`` in fp32 registers. The loads of the next tile are
+  issued before the current tile is computed (register double buffering), so each program always has a
+  tile of ``x`` and ``dout`` in flight: 2 x 16 KiB per SM for bf16, where loads at the top of each
+  iteration left the SM idle on memory while it reduced. The per-program ``dw`` partials (fp32
+  ``[programs, N]``) are summed and cast to the weight's dtype by one small kernel (was ``sum(0)`` plus a
+  cast: two launches): deterministic, no atomics, spread over ``N / 64`` programs. A single-launch variant
+  (the last program to finish, found with an atomic ticket, sums the partials) would save the launch but
+  leave one SM reading all ``programs x N x 4`` bytes (1.6 MB at N = 1536) at the end, longer than the
+  launch it saves; atomically added partials would be non-deterministic.
 
 A row is one register tile, so widths run up to ``MAX_WIDTH``; up to 8192 (every Qwen hidden size and
 head_dim) the sm_90 builds use no local memory, wider rows spill in the backward (correct, slower).
@@ -37,7 +45,6 @@ Row offsets are 64-bit (``rows x N`` can pass 2**31), there are no host syncs, a
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -46,7 +53,7 @@ import triton.language as tl
 from torch import nn
 
 from s1fast.kernels._common import FLOAT_DTYPES, TRITON_DTYPES, KernelSpec, as_rows
-from s1fast.kernels._common import check_same_device, check_tensor, on_device, spec_dtype, use_triton
+from s1fast.kernels._common import check_same_device, check_tensor, on_device, persistent_programs, spec_dtype, use_triton
 
 MAX_WIDTH = 65536
 """Widest row the Triton kernels take (a row is one register tile)."""
@@ -55,6 +62,7 @@ _TILE = 4096  # elements per program tile: ~16 per thread at the chosen warps, i
 _MAX_ROWS = 32  # rows per tile for narrow rows (a 64 x 64 fp32 tile makes sm_90 ptxas spill in the backward)
 _BWD_PROGRAMS_PER_SM = 2  # resident backward programs per SM; each adds one fp32 dw row to reduce
 _CPU_BWD_PROGRAMS = 4  # interpreter (tests): few programs, so the grid-stride loop runs several tiles
+_REDUCE_PARTIALS, _REDUCE_COLS = 64, 64  # dW reduction tile: 64 partial rows x 64 columns (256 B per row segment)
 
 def _config(width: int) -> tuple[int, int, int]:
     """(BLOCK, ROWS, num_warps) for rows of ``width`` elements: one row = one power-of-two BLOCK."""
@@ -62,20 +70,6 @@ def _config(width: int) -> tuple[int, int, int]:
     rows = min(_MAX_ROWS, max(1, _TILE // block))
     num_warps = min(16, max(1, rows * block // 512))
     return block, rows, num_warps
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _bwd_programs(n_tiles: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        cap = _BWD_PROGRAMS_PER_SM * _sm_count(index)
-    else:
-        cap = _CPU_BWD_PROGRAMS
-    return max(1, min(n_tiles, cap))
 
 
 @triton.jit
@@ -102,32 +96,62 @@ def _rms_norm_fwd_kernel(
 
 
 @triton.jit
+def _load_tile(DOUT, X, RSTD, tile, stride_dout, stride_x, n_rows, cols, col_mask, ROWS: tl.constexpr):
+    """One tile's rows (as loaded: input dtype), gradient rows and rstd; tiles past the end load nothing."""
+    rows = tile * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    g = tl.load(DOUT + rows64[:, None] * stride_dout + cols[None, :], mask=mask, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+    return x, g, rstd
+
+
+@triton.jit
 def _rms_norm_bwd_kernel(
     DOUT, X, W, RSTD, DX, DW_PARTIAL,
     stride_dout, stride_x, stride_dx, n_rows, n_cols,
     BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
+    """Grid-stride over row tiles with the next tile's loads issued before the current tile is computed
+    (register double buffering: two tiles' loads in flight per program, no barrier between them)."""
     pid = tl.program_id(0)
+    step = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
     col_mask = cols < n_cols
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK], dtype=tl.float32)
-    for tile in range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+    x, g, rstd = _load_tile(DOUT, X, RSTD, pid, stride_dout, stride_x, n_rows, cols, col_mask, ROWS)
+    for tile in range(pid, tl.cdiv(n_rows, ROWS), step):
+        x_next, g_next, rstd_next = _load_tile(DOUT, X, RSTD, tile + step, stride_dout, stride_x, n_rows, cols,
+                                               col_mask, ROWS)
         rows = tile * ROWS + tl.arange(0, ROWS)
-        row_mask = rows < n_rows
-        mask = row_mask[:, None] & col_mask[None, :]
-        rows64 = rows.to(tl.int64)
-
-        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(DOUT + rows64[:, None] * stride_dout + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-        y = x * rstd[:, None]
-        dw += tl.sum(g * y.to(X.dtype.element_ty).to(tl.float32), axis=0)
-        dy = g * w[None, :]
+        mask = (rows < n_rows)[:, None] & col_mask[None, :]
+        xf = x.to(tl.float32)
+        gf = g.to(tl.float32)
+        y = xf * rstd[:, None]
+        dw += tl.sum(gf * y.to(X.dtype.element_ty).to(tl.float32), axis=0)
+        dy = gf * w[None, :]
         dot = tl.sum(dy * y, axis=1) / n_cols
         dx = rstd[:, None] * (dy - y * dot[:, None])
-        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows.to(tl.int64)[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        x, g, rstd = x_next, g_next, rstd_next
     tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw, mask=col_mask)
+
+
+@triton.jit
+def _dw_reduce_kernel(PARTIAL, DW, n_partials, n_cols, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """DW[c] = sum_p PARTIAL[p, c], cast to DW's dtype: the partial sum and the cast in one launch, in a
+    fixed order (deterministic, no atomics). One program per BLOCK_C columns."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < n_cols
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, n_partials, BLOCK_P):
+        parts = start + tl.arange(0, BLOCK_P)
+        mask = (parts < n_partials)[:, None] & col_mask[None, :]
+        acc += tl.sum(tl.load(PARTIAL + parts.to(tl.int64)[:, None] * n_cols + cols[None, :], mask=mask, other=0.0), 0)
+    tl.store(DW + cols, acc.to(DW.dtype.element_ty), mask=col_mask)
 
 
 def _forward(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,14 +176,18 @@ def _backward(
     if not n_rows:
         return dx, torch.zeros_like(weight)
     block, rows, num_warps = _config(n_cols)
-    programs = _bwd_programs(triton.cdiv(n_rows, rows), x2.device)
+    programs = persistent_programs(triton.cdiv(n_rows, rows), x2.device, _BWD_PROGRAMS_PER_SM, _CPU_BWD_PROGRAMS)
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
     _rms_norm_bwd_kernel[(programs,)](
         dout2, x2, weight, rstd, dx, dw_partial,
         dout2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols,
         BLOCK=block, ROWS=rows, num_warps=num_warps,
     )
-    return dx, dw_partial.sum(0).to(weight.dtype)
+    dw = torch.empty_like(weight)
+    _dw_reduce_kernel[(triton.cdiv(n_cols, _REDUCE_COLS),)](
+        dw_partial, dw, programs, n_cols, BLOCK_P=_REDUCE_PARTIALS, BLOCK_C=_REDUCE_COLS, num_warps=4,
+    )
+    return dx, dw
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -245,7 +273,10 @@ def kernel_specs(shape: dict) -> list[KernelSpec]:
            "stride_x": "i32", "stride_out": "i32", "n_rows": "i32", "n_cols": "i32", "eps": "fp32"}
     bwd = {"DOUT": f"*{t}", "X": f"*{t}", "W": f"*{t}", "RSTD": "*fp32", "DX": f"*{t}", "DW_PARTIAL": "*fp32",
            "stride_dout": "i32", "stride_x": "i32", "stride_dx": "i32", "n_rows": "i32", "n_cols": "i32"}
+    reduce = {"PARTIAL": "*fp32", "DW": f"*{t}", "n_partials": "i32", "n_cols": "i32"}
     return [
         KernelSpec("rms_norm_fwd", _rms_norm_fwd_kernel, fwd, dict(constexprs), num_warps, config=config),
         KernelSpec("rms_norm_bwd", _rms_norm_bwd_kernel, bwd, dict(constexprs), num_warps, config=config),
+        KernelSpec("rms_norm_bwd_dw", _dw_reduce_kernel, reduce, {"BLOCK_P": _REDUCE_PARTIALS, "BLOCK_C": _REDUCE_COLS},
+                   4, config=f"BLOCK_P={_REDUCE_PARTIALS} BLOCK_C={_REDUCE_COLS} warps=4"),
     ]

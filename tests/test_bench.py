@@ -250,3 +250,87 @@ def test_microbenchmark_cpu_fwd_bwd(kernel, impl, benchmark, request):
         # fp32 on both sides; the kernels' CPU paths reorder reductions: ~1e-5 relative
         torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-5)
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+
+
+# ------------------------------------------------------------------------------------------------ GPU kit
+def test_kit_steps_run_under_their_caps_and_the_budget(tmp_path, monkeypatch):
+    from s1fast.bench import kit
+
+    monkeypatch.setattr(kit, "RESERVE_S", 0)
+    steps = (("ok", ["platform"], 30), ("slow", ["timeit", "-n", "1", "import time; time.sleep(60)"], 2),
+             ("fails", ["json.tool", str(tmp_path / "missing.json")], 30))
+    records = kit.run_steps(tmp_path / "out", 200, steps)
+    assert [r["status"] for r in records][:2] == ["passed", "stopped at its 2 s cap"]
+    assert records[2]["status"] in ("exit 1", "exit 2")  # json.tool's error for a missing file
+    assert records[1]["seconds"] < 30 and (tmp_path / "out" / "fails.log").read_text()  # each step's output kept
+    # a budget already spent runs nothing (the target table still comes out)
+    assert {r["status"] for r in kit.run_steps(tmp_path / "out2", 5, steps)} == {"not run: budget spent"}
+
+
+def _suite(rows: list[dict]) -> str:
+    return json.dumps({"suites": {"x": {"rows": rows}}})
+
+
+def test_kit_targets_met_and_not_met(tmp_path):
+    """Synthetic results in the kit's layout: each target's verdict and figure come from the right rows."""
+    from s1fast.bench import kit
+
+    k = lambda kernel, model, tokens, impl="s1fast", **kw: dict(kernel=kernel, model=model, tokens=tokens, impl=impl, **kw)  # noqa: E731
+    suites = {
+        "kernels": [k("rms_norm", "1.5B", 4096, fwd_bwd_pct_of_copy_bw=91.0, fwd_bwd_ms=1.0),
+                    k("rope", "7B", 32768, fwd_bwd_pct_of_copy_bw=84.0, fwd_bwd_ms=1.0),
+                    k("rms_norm", "1.5B", 4096, "liger", fwd_bwd_ms=1.5), k("rope", "7B", 32768, "liger", fwd_bwd_ms=1.2),
+                    k("cross_entropy", "1.5B", 4096, fwd_bwd_pct_of_copy_bw=66.0),
+                    k("fused_linear_cross_entropy", "1.5B", 4096, extra_mem_mib=1200.0, fwd_bwd_speedup_vs_eager=1.4),
+                    k("swiglu", "1.5B", 4096, skipped="out of memory")],
+        "train": [dict(impl="s1fast", model="1.5B", tokens=32768, peak_mem_vs_unpatched=0.4, speedup_vs_unpatched=1.2,
+                       tokens_per_s=100.0), dict(impl="liger", model="1.5B", tokens=32768, tokens_per_s=90.0)],
+        "decode": [dict(case="decode", impl="s1fast", context=8192, batch=1, pct_of_bw_limit=75.0, speedup_vs_hf=5.0),
+                   dict(case="budget_forcing", impl="in_loop", overhead_pct=3.5)],
+    }
+    for suite, rows in suites.items():
+        (tmp_path / suite).mkdir()
+        (tmp_path / suite / "results.json").write_text(_suite(rows).replace('"x"', f'"{suite}"'))
+    got = {t["target"]: (t["status"], t["figure"]) for t in kit.evaluate(tmp_path)}
+    status = {name: v[0] for name, v in got.items()}
+    assert got["RMSNorm, RoPE, SwiGLU fwd+bwd >= 85% of copy bandwidth (1.5B/7B, 4K-32K, bf16)"] == (
+        "not met", "lowest 84.0% (rope 7B 32768)")  # the skipped swiglu row is not a measurement
+    assert got["RMSNorm, RoPE, SwiGLU faster than Liger"] == ("met", "slowest 1.20x Liger's speed (rope 7B 32768)")
+    assert status["cross-entropy fwd+bwd >= 80% of copy bandwidth (counted on the minimum bytes)"] == "not met"
+    # 4096 tokens make two chunks of 2048 rows of 151,936 bf16 logits (594 MiB) + the fp32 [151,936 x 1,536]
+    # accumulator (890 MiB): 1,485 MiB
+    assert got["fused linear CE: extra memory <= one chunk + the fp32 weight-gradient accumulator"] == (
+        "met", "largest 0.81x that bound")
+    assert status["fused linear CE wall time no slower than eager linear + CE"] == "met"
+    assert status["training step at 32K tokens: peak memory <= 1/2 unpatched"] == "met"
+    assert status["training step at 32K tokens: tokens/s >= 1.3x unpatched"] == "not met"
+    assert status["training step ahead of Liger (0.5B/1.5B)"] == "met"
+    assert status["decode 1.5B bf16 batch 1 at 8K: >= 70% of the bandwidth limit"] == "met"
+    assert got["budget forcing overhead <= 2%"] == ("not met", "+3.5%")
+    assert status["5 epochs of s1K on Qwen2.5-1.5B on one GPU in < 26 min"] == "not measured"  # no sft rows
+
+
+def test_kit_cli_dry_run_and_bad_arguments(tmp_path, capsys):
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "results.json").write_text(json.dumps({"suites": {"kernels": {"rows": []}}}))
+    assert cli.main(["kit", "--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "pytest -q -m gpu" in out and "bench kernels" in out and "| target | status | measured |" in out
+    assert not (tmp_path / "targets.md").exists()  # a dry run writes nothing
+    for args, message in ((["--budget-s", "10"], "--budget-s must be at least 60"),
+                          (["--dry-run", "--out", str(tmp_path / "none")], "is not one")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["kit", *args])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_gpu_kit_script_parses_and_names_the_kit():
+    """bench/gpu_kit.sh cannot run here (it installs into a GPU image); bash must at least parse it, and it must
+    run the kit and pack the results for the device tool."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_kit.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "s1fast.cli bench kit" in text and '"$OUT/bench-results.tgz"' in text and "--fetch-wheels" in text

@@ -202,14 +202,33 @@ def test_out_of_range_label_raises_on_cpu(backend):
         cross_entropy(logits, labels)
 
 
-def test_second_backward_fails_loudly():
-    """Backward scales the stored gradient in place: a second backward must raise, not return garbage."""
-    logits, labels = make_case(3, 1000, torch.float32, ignore="none")
-    x = logits.requires_grad_()
-    loss = cross_entropy(x, labels)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_backward_gives_the_same_gradient(backend):
+    """Backward recomputes the gradient from the saved logits and lse (nothing is consumed in place): a
+    retained graph's second backward adds the same gradient again, with a different grad_output."""
+    logits, labels = make_case(3, 1000, torch.float32)
+    x = logits.clone().requires_grad_()
+    with force_backend(backend):
+        loss = cross_entropy(x, labels)
+        loss.backward(retain_graph=True)
+        first = x.grad.clone()
+        loss.backward(torch.tensor(-0.5))
+    ref_loss, ref_grad = expected(logits, labels)
+    assert_close(first, ref_grad, 1e-5)
+    assert_close(x.grad, 0.5 * ref_grad, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_modified_logits_fail_loudly(backend):
+    """The backward reads the logits again: changing them in place after the forward must raise."""
+    logits, labels = make_case(3, 1000, torch.float32)
+    x = logits.clone().requires_grad_()
+    with force_backend(backend):
+        y = x * 1.0
+        loss = cross_entropy(y, labels)
+        y.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
 
 
 def test_float64_runs_in_float64():
@@ -253,13 +272,19 @@ def test_bad_inputs(call, error, message):
 @pytest.mark.parametrize("model", ["1.5B", "7B"])
 def test_kernel_specs_match_kernel_and_launcher(model):
     shape = dict(QWEN25_SHAPES[model], tokens=32768, dtype=torch.bfloat16)
-    (spec,) = ce_module.kernel_specs(shape)
-    assert isinstance(spec, KernelSpec)
-    _, constexprs = assert_spec_matches_kernel(spec)
-    assert sorted(constexprs) == ["BLOCK_V", "PER_ROW_SCALE", "WRITE_GRAD"]
-    assert spec.signature["logits_ptr"] == "*bf16" and spec.signature["grad_ptr"] == "*bf16"
+    fwd, bwd = ce_module.kernel_specs(shape)
+    fused = ce_module.fused_kernel_spec(shape)
     block, warps = ce_module._config(shape["vocab"])  # the launcher's own config function
-    assert spec.constexprs["BLOCK_V"] == block and spec.num_warps == warps
+    for spec, expected_constexprs in ((fwd, ["BLOCK_V", "PER_ROW_SCALE", "STORE_LSE", "WRITE_GRAD"]),
+                                      (bwd, ["BLOCK_V", "PER_ROW_SCALE"]),
+                                      (fused, ["BLOCK_V", "PER_ROW_SCALE", "STORE_LSE", "WRITE_GRAD"])):
+        assert isinstance(spec, KernelSpec)
+        _, constexprs = assert_spec_matches_kernel(spec)
+        assert sorted(constexprs) == expected_constexprs
+        assert spec.signature["logits_ptr"] == "*bf16" and spec.signature["grad_ptr"] == "*bf16"
+        assert spec.constexprs["BLOCK_V"] == block and spec.num_warps == warps
+    assert fwd.constexprs["STORE_LSE"] and not fwd.constexprs["WRITE_GRAD"]
+    assert fused.constexprs["WRITE_GRAD"] and not fused.constexprs["STORE_LSE"]
     assert 4096 <= block <= 16384
 
 
@@ -289,7 +314,7 @@ def test_no_gradient_work_under_no_grad(backend, monkeypatch):
     original = ce_module.cross_entropy_rows
 
     def spy(logits, labels, loss, grad, *rest):
-        calls.append(grad)
+        calls.append((grad, rest[-1]))  # the gradient and the lse buffer (only needed for a backward)
         return original(logits, labels, loss, grad, *rest)
 
     monkeypatch.setattr(ce_module, "cross_entropy_rows", spy)
@@ -297,5 +322,17 @@ def test_no_gradient_work_under_no_grad(backend, monkeypatch):
     x = logits.requires_grad_()
     with force_backend(backend), torch.no_grad():
         loss = cross_entropy(x, labels)
-    assert calls == [None] and not loss.requires_grad
+    assert calls == [(None, None)] and not loss.requires_grad
     assert_close(loss, reference(logits, labels), 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cuda_grad_output_read_by_the_backward_kernel(reduction):
+    """On a GPU: the backward kernel reads grad_output (times 1 / count for "mean") from device memory."""
+    logits, labels = make_case(32, 151936, torch.bfloat16)
+    go = torch.tensor(-0.37)
+    loss, grad = run("auto", logits.cuda(), labels.cuda(), go.cuda(), reduction=reduction, label_smoothing=0.1)
+    ref_loss, ref_grad = expected(logits, labels, go, reduction=reduction, label_smoothing=0.1)
+    assert_close(loss.cpu(), ref_loss, 1e-5)
+    assert_close(grad.cpu(), ref_grad, GRAD_TOL[torch.bfloat16])

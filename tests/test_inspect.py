@@ -11,8 +11,13 @@ import sys
 import textwrap
 
 import pytest
+import torch
+import triton
+import triton.language as tl
 
+from s1fast.bench import perf_model as pm
 from s1fast.bench.inspect import access_bits, format_table, main, sass_widths
+from s1fast.kernels._common import interpreting
 
 # A copy kernel compiled twice: 1024 bf16 elements over 4 warps give each thread 8 contiguous elements
 # (128 bits), while 32 elements over 1 warp give each thread one (16 bits). If inspection lost the
@@ -44,7 +49,7 @@ KEYS = {"kernel", "arch", "config", "registers", "spill_bytes", "shared_bytes", 
 def _inspect(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run([sys.executable, "-m", "s1fast.cli", "bench", "inspect", *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=900)
 
 
 def test_access_widths_from_sass_modifiers():
@@ -70,7 +75,9 @@ def test_copy_kernel_builds_dedup_and_widths(tmp_path):
     module.write_text(COPY_MODULE)
     out = _inspect("--json", "--module", str(module), "--models", "0.5B,1.5B", "--arch", "sm_90,sm_80")
     assert out.returncode == 0, out.stderr
-    records = json.loads(out.stdout)
+    result = json.loads(out.stdout)
+    assert set(result) == {"builds"}  # no performance model for a module of one's own
+    records = result["builds"]
     # two specs x two archs; identical across the two models, so each build lists both models once
     assert sorted((r["kernel"], r["arch"]) for r in records) == [
         ("copy_narrow", "sm_80"), ("copy_narrow", "sm_90"), ("copy_wide", "sm_80"), ("copy_wide", "sm_90")]
@@ -86,10 +93,17 @@ def test_copy_kernel_builds_dedup_and_widths(tmp_path):
     assert any("copy_wide" in line and "sm_90" in line and " 128 " in line for line in table)
 
 
-def test_memory_bound_kernels_on_sm90_do_not_spill_and_load_128_bits():
+@pytest.fixture(scope="module")
+def inspected_15b() -> dict:
+    """``s1fast bench inspect --json`` at the Qwen2.5-1.5B shapes on sm_90, the performance model included
+    (one run shared by the tests below: it compiles every kernel and counts bytes under the interpreter)."""
     out = _inspect("--json", "--models", "1.5B", "--arch", "sm_90")
-    assert out.returncode == 0, out.stderr
-    records = json.loads(out.stdout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_memory_bound_kernels_on_sm90_do_not_spill_and_load_128_bits(inspected_15b):
+    records = inspected_15b["builds"]
     assert all(KEYS <= set(r) and r["arch"] == "sm_90" for r in records)
     for family in MEMORY_BOUND:
         builds = [r for r in records if r["kernel"] == family or r["kernel"].startswith(family + "_")]
@@ -109,3 +123,95 @@ def test_bad_arguments_are_named(args, message, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and args[1] in err
+
+
+# ------------------------------------------------------------------------------------ performance model
+@pytest.mark.parametrize("family", pm.FAMILIES)
+def test_model_bytes_ratios_within_stated_bounds(inspected_15b, family):
+    """The CI guard on bytes: forward + backward of every kernel family at 4K-32K tokens moves at most its
+    stated multiple of the minimum (a third sweep over the logits, a scaling pass, a per-program re-read of a
+    large tensor would push it over). Lower bounds too: the counter must see what the kernels really do."""
+    rows = [r for r in inspected_15b["model"] if r["family"] == family]
+    assert [r["tokens"] for r in rows] == list(pm.MODEL_TOKENS)
+    for r in rows:
+        assert r["bytes_ratio"] <= pm.BYTES_BOUND[family], r
+        assert 0 < r["predicted_pct_of_copy_bw"] <= 100 and r["predicted_us"] > 0
+        for x in r["launches"]:
+            assert x["grid"] > 0 and x["programs_per_sm"] >= 1
+            assert set(x["occupancy_limiter"].split("/")) <= {"registers", "shared memory", "threads", "blocks"}
+    kernels = [x["kernel"] for x in rows[0]["launches"]]
+    if family == "cross_entropy":  # forward reads once; backward reads once and writes once: 1.5x, not less
+        assert kernels == ["_cross_entropy_kernel", "_cross_entropy_bwd_kernel"]
+        assert all(r["bytes_ratio"] >= 1.49 for r in rows)
+    if family == "rms_norm":  # forward, backward, dW partial sum + cast: one launch for the partials, not two
+        assert kernels == ["_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_dw_reduce_kernel"]
+        assert rows[0]["launches"][1]["grid"] == 2 * pm.GPU["sms"]  # persistent grid: two programs per SM
+    if family == "fused_linear_cross_entropy":
+        # grad_output is 1: the in-place scaling of the hidden gradient reads only the scale, moves no data
+        in_place = rows[0]["launches"][1]
+        assert in_place["kernel"] == "_scale_kernel" and in_place["store_bytes"] == 0
+        assert in_place["load_bytes"] <= 4 * in_place["grid"]
+
+
+def test_model_decode_launches(inspected_15b):
+    d = inspected_15b["decode"]
+    # per layer at least: two norms, rope, attention, the MLP activation (Triton) and the four projections
+    assert 4 <= d["triton_launches_per_layer"] <= 20 and 4 <= d["torch_ops_per_layer"] <= 100, d
+
+
+@triton.jit
+def _copy_kernel(src, dst, small, n, n_small, BLOCK: tl.constexpr, TWICE: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(src + offs, mask=mask, other=0.0)
+    if TWICE:  # a second read of the same (large) tensor: counted again
+        x += tl.load(src + offs, mask=mask, other=0.0)
+    s = tl.load(small + tl.arange(0, 16), mask=tl.arange(0, 16) < n_small, other=0.0)  # every program: small
+    tl.store(dst + offs, x + tl.sum(s, 0), mask=mask)
+
+
+@pytest.mark.skipif(not interpreting(), reason="counting runs under Triton's interpreter (CPU CI)")
+@pytest.mark.parametrize("n, twice", [(1000, False), (300_000, True)])
+def test_counting_masked_bytes_re_reads_and_small_operands(n, twice):
+    src, dst, small = torch.randn(n), torch.empty(n), torch.randn(10)
+    with pm.counting() as launches:
+        _copy_kernel[(triton.cdiv(n, 1024),)](src, dst, small, n, 10, BLOCK=1024, TWICE=twice)
+    (launch,) = launches
+    torch.testing.assert_close(dst, (2 * src if twice else src) + small.sum())  # the kernel really ran
+    # masked elements are not counted; the 40-byte operand every program reads is counted once (L2-resident);
+    # the 1.2 MB source read twice counts twice (an upper bound: its second read could hit L2 at best)
+    assert launch["load_bytes"] == 4 * n * (2 if twice else 1) + 40
+    assert launch["store_bytes"] == 4 * n
+    assert launch["grid"] == triton.cdiv(n, 1024) and launch["constexprs"] == {"BLOCK": 1024, "TWICE": twice}
+
+
+@pytest.mark.skipif(not interpreting(), reason="counting runs under Triton's interpreter (CPU CI)")
+def test_scale_kernel_bytes_from_launch_arguments():
+    """The elementwise scaling is computed from its arguments (not interpreted): nothing moves in place with
+    grad_output 1, one read and one write otherwise, and a cast reads fp32 and writes bf16."""
+    from s1fast.kernels._common import modelled_gpu, scaled
+
+    x = torch.randn(10_000)
+    cases = [(x.clone(), torch.tensor(1.0), None, 0), (x.clone(), torch.tensor(0.5), None, 8 * 10_000),
+             (x.clone(), torch.tensor(1.0), torch.bfloat16, 6 * 10_000)]
+    for t, go, dtype, expected in cases:
+        with modelled_gpu(132), pm.counting() as launches:
+            scaled(t, go, dtype)
+        (launch,) = launches
+        assert launch["kernel"] == "_scale_kernel" and launch["grid"] == 3  # ceil(10,000 / 4096) tiles
+        assert launch["load_bytes"] + launch["store_bytes"] - 4 * launch["grid"] == expected
+
+
+def test_occupancy_limits_and_prediction_formula():
+    assert pm.occupancy(128, 9216, 8) == (2, "registers")  # 65,536 / (256 threads x 128)
+    assert pm.occupancy(32, 100 * 1024, 4) == (2, "shared memory")  # 228 KiB / (100 KiB + 1 KiB)
+    assert pm.occupancy(16, 0, 32) == (2, "threads")  # 2,048 / 1,024
+    assert pm.occupancy(32, 0, 16) == (4, "registers/threads")  # 65,536 / (512 x 32) = 2,048 / 512
+    assert pm.occupancy(8, 0, 1)[0] == 32  # at most 32 blocks
+    gpu = dict(pm.GPU, copy_gbps=1000.0, launch_gap_us=2.0, sms=10)
+    one = {"grid": 20, "programs_per_sm": 2, "load_bytes": 10**6, "store_bytes": 10**6}  # one full wave, 2 us
+    assert pm.predict(10**6, [dict(one)], gpu)["predicted_pct_of_copy_bw"] == 50.0  # moves twice the minimum
+    tail = dict(one, grid=30)  # 1.5 waves: the second wave half empty, 2 / (1.5 / 2) us
+    assert pm.predict(2 * 10**6, [tail], gpu)["predicted_us"] == pytest.approx(2.667, abs=0.01)
+    two = pm.predict(2 * 10**6, [dict(one), dict(one)], gpu)  # 2 + 2 us + one 2 us gap
+    assert two["predicted_us"] == 6.0 and two["bytes_ratio"] == 2.0

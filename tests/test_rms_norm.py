@@ -215,14 +215,39 @@ def test_kernel_specs_describe_the_launched_kernels():
     kernels = {rms_module._rms_norm_fwd_kernel, rms_module._rms_norm_bwd_kernel}
     for model, dims in QWEN25_SHAPES.items():
         specs = rms_module.kernel_specs(dict(dims, tokens=4096, dtype=torch.bfloat16))
-        assert [s.name for s in specs] == ["rms_norm_fwd", "rms_norm_bwd"]
+        assert [s.name for s in specs] == ["rms_norm_fwd", "rms_norm_bwd", "rms_norm_bwd_dw"]
         for spec in specs:
-            assert spec.fn in kernels  # a JITFunction (an InterpretedFunction under TRITON_INTERPRET=1)
             assert_spec_matches_kernel(spec)
             assert set(spec.signature.values()) <= {"*bf16", "*fp32", "i32", "fp32"}
+        for spec in specs[:2]:
+            assert spec.fn in kernels  # a JITFunction (an InterpretedFunction under TRITON_INTERPRET=1)
             block, rows, warps = rms_module._config(dims["hidden"])
             assert spec.constexprs == {"BLOCK": block, "ROWS": rows} and spec.num_warps == warps
             assert block >= dims["hidden"] and block & (block - 1) == 0
+        reduce = specs[2]
+        assert reduce.fn is rms_module._dw_reduce_kernel and reduce.signature["DW"] == "*bf16"
+        assert reduce.constexprs == {"BLOCK_P": rms_module._REDUCE_PARTIALS, "BLOCK_C": rms_module._REDUCE_COLS}
+
+
+@pytest.mark.parametrize("rows, programs", [(1, 4), (37, 4), (37, 128)])
+def test_backward_launches_two_kernels_for_any_program_count(rows, programs, monkeypatch):
+    """The dw partials of 1 to 128 programs (several BLOCK_P tiles of the reduction, masked tails) sum to the
+    float64 reference, and backward launches exactly the main kernel and the reduction (no torch sum/cast)."""
+    monkeypatch.setattr(rms_module, "_CPU_BWD_PROGRAMS", programs)
+    x, weight, grad = make_case((rows, 200), torch.bfloat16)
+    launched = []
+    for kernel in (rms_module._rms_norm_bwd_kernel, rms_module._dw_reduce_kernel):
+        monkeypatch.setattr(kernel, "run", _recording(kernel.run, kernel, launched), raising=False)
+    out, dx, dw = run("triton", x, weight, grad)
+    assert_close(dw, run_float64(x, weight, grad)[2], TOL[torch.bfloat16])
+    assert launched == [rms_module._rms_norm_bwd_kernel, rms_module._dw_reduce_kernel]
+
+
+def _recording(original, kernel, launched):
+    def call(*args, **kwargs):
+        launched.append(kernel)
+        return original(*args, **kwargs)
+    return call
 
 
 @pytest.mark.gpu
@@ -240,3 +265,14 @@ def test_rows_past_int32_offsets(device):
     ref_out, ref_dx, _ = run_float64(x[tail].cpu(), weight.cpu(), grad[tail].cpu())
     assert_close(out[tail].cpu(), ref_out, TOL[torch.bfloat16])
     assert_close(dx[tail].cpu(), ref_dx, TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [1536, 3584])
+def test_cuda_backward_at_model_shapes(width, device):
+    """On a GPU at Qwen2.5-1.5B / 7B widths and 4,099 rows: the persistent backward with its prefetched tiles
+    (every program runs several, the last partly masked) and the dW reduction kernel against float64."""
+    x, weight, grad = make_case((4099, width), torch.bfloat16)
+    results = run("auto", x.to(device), weight.to(device), grad.to(device))
+    for actual, expected in zip(results, run_float64(x, weight, grad)):
+        assert_close(actual.cpu(), expected, TOL[torch.bfloat16])
