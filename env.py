@@ -15,6 +15,7 @@ import copy
 import importlib.metadata
 import os
 import platform
+import subprocess
 
 import torch
 
@@ -33,6 +34,28 @@ def versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
     return {**found, "python": platform.python_version(), "cuda": torch.version.cuda}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: str | torch.device) -> dict:
+    """Device name and software versions, recorded with every benchmark run."""
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    found = versions()
+    return {
+        "device": name,
+        "device_type": dev.type,
+        "cpu_count": os.cpu_count(),
+        **{key: found[key] for key in ("torch", "triton", "transformers", "flash-attn", "cuda", "python")},
+        "git_commit": git_commit(),
+    }
 
 
 def check_patch(device: torch.device) -> str | None:
@@ -78,7 +101,7 @@ def kernel_path(device: torch.device) -> str:
 
 
 def decode_path(device: torch.device) -> str:
-    from s1fast.model.decoder import Decoder
+    from s1fast.decode.decoder import Decoder
     from s1fast.model.shapes import random_qwen2
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

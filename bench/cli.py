@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from s1fast.bench.common import default_device, device_ceilings, environment
-from s1fast.model.cli import check_device
+from s1fast.bench.common import default_device, device_ceilings
+from s1fast.env import environment
+from s1fast.commands import check_device
 
 SUITES = ("kernels", "train", "decode", "sft", "inspect")
 PEERS = ("eager", "compile", "liger", "hf")

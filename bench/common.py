@@ -8,16 +8,12 @@ in the key names (``median_ms``, ``tokens_per_s``, ``peak_mem_mib``, ``gbps``, `
 from __future__ import annotations
 
 import functools
-import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 
 import torch
 
-from s1fast.model.shapes import QWEN25_SHAPES, random_qwen2  # noqa: F401  (the benchmarks' shapes)
 
 def synchronize(device: str | torch.device) -> None:
     if torch.device(device).type == "cuda":
@@ -41,31 +37,6 @@ def measure(fn: Callable[[], object], *, device: str | torch.device, warmup: int
         synchronize(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
-
-
-def git_commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def environment(device: str | torch.device) -> dict:
-    """Device name and software versions, recorded with every benchmark run."""
-    from s1fast.env import versions
-
-    dev = torch.device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
-    found = versions()
-    return {
-        "device": name,
-        "device_type": dev.type,
-        "cpu_count": os.cpu_count(),
-        **{key: found[key] for key in ("torch", "triton", "transformers", "flash-attn", "cuda", "python")},
-        "git_commit": git_commit(),
-    }
 
 
 def default_device() -> str:

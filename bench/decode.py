@@ -34,7 +34,9 @@ import sys
 
 import torch
 
-from s1fast.bench.common import QWEN25_SHAPES, device_ceilings, environment, measure, random_qwen2
+from s1fast.bench.common import device_ceilings, measure
+from s1fast.env import environment
+from s1fast.model.shapes import QWEN25_SHAPES, random_qwen2
 
 SUMMARY_COLUMNS = ("case", "impl", "attention", "context", "batch", "new_tokens", "tokens_per_s", "speedup_vs_hf",
                    "pct_of_bw_limit", "overhead_pct", "seconds")  # fmt: skip
@@ -74,7 +76,7 @@ def _decode_rate(generate, batch: int, new_tokens: int, device: str, reps: int) 
 
 
 def throughput(model, decoder, p: dict, device: str, peers: list[str], copy_gbps: float) -> list[dict]:
-    from s1fast.model.decoder import Decoder
+    from s1fast.decode.decoder import Decoder
 
     rows = []
     sdpa = None
@@ -127,7 +129,7 @@ def throughput(model, decoder, p: dict, device: str, peers: list[str], copy_gbps
 
 
 def budget_forcing(model, decoder, p: dict, device: str) -> list[dict]:
-    from s1fast.model.budget import BudgetForcing
+    from s1fast.decode.budget import BudgetForcing
 
     g = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, model.config.vocab_size, (p["bf_prompt"],), generator=g).tolist()
@@ -175,7 +177,7 @@ def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
     unknown = [x for x in peers if x not in PEERS + ("eager", "liger")]
     if unknown:
         raise ValueError(f"bench decode: unknown peers {unknown}; expected some of {PEERS}")
-    from s1fast.model.decoder import Decoder
+    from s1fast.decode.decoder import Decoder
 
     p = plan(device, quick)
     shape = QWEN25_SHAPES[p["shape"]] if p["shape"] in QWEN25_SHAPES else SMALL

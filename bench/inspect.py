@@ -28,7 +28,6 @@ import json
 import os
 import pkgutil
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from s1fast.bench.common import QWEN25_SHAPES
+from s1fast.model.shapes import QWEN25_SHAPES
 
 ARCHS = {"sm_90": 90, "sm_80": 80}
 INSPECT_TOKENS = 4096

@@ -29,7 +29,8 @@ from types import SimpleNamespace
 import torch
 
 from s1fast import kernels as K
-from s1fast.bench.common import QWEN25_SHAPES, device_ceilings, memory_profile, time_ms
+from s1fast.bench.common import device_ceilings, memory_profile, time_ms
+from s1fast.model.shapes import QWEN25_SHAPES
 from s1fast.bench.profiling import region
 from s1fast.kernels._common import interpreting, use_triton
 

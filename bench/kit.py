@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from s1fast.model.cli import atomic_output
+from s1fast.files import atomic_output
 
 BUDGET_S = 480
 RESERVE_S = 15  # kept for the target table at the end
@@ -90,7 +90,7 @@ def _verdict(values: list[float], ok, fmt: str) -> tuple[str, str]:
 
 def _flce_bound_mib(r: dict) -> float:
     """One chunk of bf16 logits plus the fp32 weight-gradient accumulator at the row's shape (the target)."""
-    from s1fast.bench.common import QWEN25_SHAPES
+    from s1fast.model.shapes import QWEN25_SHAPES
     from s1fast.kernels.fused_linear_cross_entropy import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows
 
     import torch

@@ -68,7 +68,7 @@ def count_tokens(family: str, model: str) -> int:
     backward grid on 2 x ``COUNT_SMS`` SMs (its per-program dW partials stop growing there)."""
     if family != "rms_norm":
         return COUNT_TOKENS[family]
-    from s1fast.bench.common import QWEN25_SHAPES
+    from s1fast.model.shapes import QWEN25_SHAPES
 
     rms = importlib.import_module("s1fast.kernels.rms_norm")  # the package attribute is the function
     return rms._config(QWEN25_SHAPES[model]["hidden"])[1] * rms._BWD_PROGRAMS_PER_SM * 2 * COUNT_SMS
@@ -209,7 +209,7 @@ def _fp32_cpu_mm() -> Iterator[None]:
 def count_family(family: str, model: str, tokens: int, sms: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Forward + backward of ``family``'s public function at ``(model, tokens)`` under the interpreter on a
     GPU of ``sms`` SMs: ``{"min_bytes", "launches"}``."""
-    from s1fast.bench.common import QWEN25_SHAPES
+    from s1fast.model.shapes import QWEN25_SHAPES
     from s1fast.bench.kernels import _backward, _build
     from s1fast.kernels._common import modelled_gpu
 
@@ -356,7 +356,7 @@ def decode_launches(dtype: torch.dtype = torch.float32) -> dict:
     shared at a layer boundary."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from s1fast.model import Decoder
+    from s1fast.decode import Decoder
     from s1fast.model.shapes import random_qwen2
 
     class Ops(TorchDispatchMode):

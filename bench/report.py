@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from s1fast.model.cli import atomic_output
+from s1fast.files import atomic_output
 
 SIZE_KEYS = ("tokens", "seq_len", "context", "context_len", "batch_size", "batch")
 SERIES_KEYS = ("impl", "peer", "variant", "mode")

@@ -27,7 +27,9 @@ import time
 import numpy as np
 import torch
 
-from s1fast.bench.common import QWEN25_SHAPES, default_device, environment, random_qwen2, synchronize
+from s1fast.bench.common import default_device, synchronize
+from s1fast.env import environment
+from s1fast.model.shapes import QWEN25_SHAPES, random_qwen2
 from s1fast.model.patch import patch
 from s1fast.train.data import IGNORE_INDEX, Dataset
 from s1fast.train.trainer import TrainConfig, Trainer, init_distributed

@@ -31,17 +31,11 @@ import time
 import torch
 from transformers import Qwen2ForCausalLM
 
-from s1fast.bench.common import (
-    QWEN25_SHAPES,
-    default_device,
-    device_ceilings,
-    environment,
-    memory_profile,
-    random_qwen2,
-    synchronize,
-)
+from s1fast.bench.common import default_device, device_ceilings, memory_profile, synchronize
+from s1fast.env import environment
 from s1fast.bench.profiling import region
 from s1fast.model.patch import patch
+from s1fast.model.shapes import QWEN25_SHAPES, random_qwen2
 
 IMPLS = ("unpatched", "s1fast", "liger")
 

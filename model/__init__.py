@@ -1,7 +1,6 @@
-"""Qwen model wrapper (patching with the fused kernels) and the KV-cache decoder with budget forcing."""
+"""The patched training model: ``patch`` / ``unpatch`` / ``load`` (fused kernels in transformers' Qwen2/2.5/3),
+FSDP2 wrapping, the reasoning chat formats and the model shapes (``s1fast.model.shapes``)."""
 
-from s1fast.model.budget import BudgetForcing
-from s1fast.model.decoder import Decoder, GenerationResult
 from s1fast.model.patch import load, patch, unpatch
 
-__all__ = ["BudgetForcing", "Decoder", "GenerationResult", "load", "patch", "unpatch"]
+__all__ = ["load", "patch", "unpatch"]

@@ -11,7 +11,8 @@ import torch
 from s1fast import kernels as K
 from s1fast.bench import cli
 from s1fast.bench import kernels as kbench
-from s1fast.bench.common import QWEN25_SHAPES, memory_profile, time_ms
+from s1fast.bench.common import memory_profile, time_ms
+from s1fast.model.shapes import QWEN25_SHAPES
 from s1fast.kernels import force_backend
 
 # A tiny Qwen-like shape so the Triton kernels run through the interpreter in seconds.

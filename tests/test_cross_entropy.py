@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from s1fast.kernels import cross_entropy, cross_entropy_reference, force_backend
 from s1fast.kernels._common import KernelSpec
-from s1fast.bench.common import QWEN25_SHAPES
+from s1fast.model.shapes import QWEN25_SHAPES
 from spec_checks import assert_spec_matches_kernel
 
 ce_module = importlib.import_module("s1fast.kernels.cross_entropy")  # the package attribute is the function

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from s1fast.bench.common import QWEN25_SHAPES
+from s1fast.model.shapes import QWEN25_SHAPES
 from s1fast.kernels import decode_attention, decode_attention_reference, force_backend, interpreting
 from spec_checks import assert_spec_matches_kernel
 

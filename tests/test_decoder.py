@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import importlib.util
-import math
 import random
 
 import pytest
@@ -21,8 +20,8 @@ import torch
 from tiny_qwen import VOCAB, tiny_model
 
 from s1fast.kernels import force_backend, interpreting
-from s1fast.model.budget import BudgetForcing, RowState
-from s1fast.model.decoder import Decoder, GenerationResult
+from s1fast.decode.budget import BudgetForcing, RowState
+from s1fast.decode.decoder import Decoder, GenerationResult
 
 NEWLINE, NEWLINE_ENDING = 10, frozenset({10, 11})
 
@@ -219,7 +218,7 @@ def test_decode_attention_kernel_path(monkeypatch):
     chunks and rows of different lengths; tokens equal transformers' (fp32) and the SDPA path's."""
     if not (torch.cuda.is_available() or interpreting()):
         pytest.skip("needs a GPU or TRITON_INTERPRET=1 set before triton is imported")
-    import s1fast.model.decoder as decoder_module
+    import s1fast.decode.decoder as decoder_module
 
     calls = []
 

@@ -1,4 +1,4 @@
-"""Continuous batching (``s1fast.model.engine``) against transformers' greedy generate (fp64), the static decoder
+"""Continuous batching (``s1fast.decode.engine``) against transformers' greedy generate (fp64), the static decoder
 and s1's budget-forcing algorithm (``s1_reference`` of test_decoder), whatever the row cap and admission order."""
 
 from __future__ import annotations
@@ -7,11 +7,10 @@ import dataclasses
 import random
 
 import pytest
-import torch
 from test_decoder import budget, hf_generate, make_prompts, model_for, one_thread, s1_reference  # noqa: F401 (fixture)
 
-from s1fast.model.decoder import Decoder
-from s1fast.model.engine import Engine
+from s1fast.decode.decoder import Decoder
+from s1fast.decode.engine import Engine
 
 
 def submit_all(engine, prompts, settings, order):

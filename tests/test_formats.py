@@ -18,9 +18,9 @@ import torch
 from test_decoder import s1_reference
 from tiny_qwen import tiny_model
 
-from s1fast.model.budget import BudgetForcing
+from s1fast.decode.budget import BudgetForcing
 from s1fast.model.chat import FORMATS, detect_format, qwen_tokenizer_path, resolve_format
-from s1fast.model.decoder import Decoder
+from s1fast.decode.decoder import Decoder
 from s1fast.train.data import tokenize_example
 
 QUESTION = "What is 1+1?"
@@ -265,7 +265,7 @@ def test_eval_format(r1_model_dir, tmp_path):
     import glob
     import os
 
-    from s1fast.bench import scaling
+    from s1fast.eval import scaling
     from s1fast.kernels import force_backend
 
     problems = os.path.join(os.path.dirname(scaling.EXAMPLE_PROBLEMS), "math500_sample.jsonl")

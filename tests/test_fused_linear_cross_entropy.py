@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from s1fast.bench.common import QWEN25_SHAPES
+from s1fast.model.shapes import QWEN25_SHAPES
 from s1fast.kernels import force_backend, fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 
 flce_module = importlib.import_module("s1fast.kernels.fused_linear_cross_entropy")

@@ -17,7 +17,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from s1fast.cli import main as s1fast_main
 from s1fast.kernels import force_backend
 
-engine_module = importlib.import_module("s1fast.model.engine")
+engine_module = importlib.import_module("s1fast.decode.engine")
 patch_module = importlib.import_module("s1fast.model.patch")  # the package attribute is the function
 
 

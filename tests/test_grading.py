@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("math_verify")
 
-from s1fast.bench.grading import (  # noqa: E402 - after the skip
+from s1fast.eval.grading import (  # noqa: E402 - after the skip
     answer_classes,
     extract_answer,
     grade,

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-from s1fast.bench.common import QWEN25_SHAPES
+from s1fast.model.shapes import QWEN25_SHAPES
 from s1fast.kernels import RMSNorm, force_backend, rms_norm, rms_norm_reference
 from spec_checks import assert_spec_matches_kernel
 

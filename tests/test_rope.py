@@ -21,7 +21,7 @@ import torch
 import transformers
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 
-from s1fast.bench.common import QWEN25_SHAPES
+from s1fast.model.shapes import QWEN25_SHAPES
 from s1fast.kernels import apply_rope, apply_rope_reference, force_backend, interpreting
 from s1fast.kernels import rope as rope_module
 from spec_checks import assert_spec_matches_kernel

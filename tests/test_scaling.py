@@ -14,8 +14,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from s1fast.bench import scaling
-from s1fast.bench.problems import SAMPLES
+from s1fast.eval import scaling
+from s1fast.eval.problems import SAMPLES
 from s1fast.cli import main as cli_main
 from s1fast.kernels._common import force_backend
 from s1fast.model.chat import think_prompt
@@ -360,7 +360,7 @@ def _rows(path):
 @pytest.mark.parametrize("name,question,answer", [("math500", "problem", "answer"), ("aime2024", "Problem", "Answer"),
                                                   ("aime2025", "problem", "answer")])
 def test_math_sets_load_by_their_field_names(name, question, answer, tmp_path):
-    from s1fast.bench.grading import grade
+    from s1fast.eval.grading import grade
 
     path = SAMPLES[name]
     rows = _rows(path)
@@ -432,7 +432,7 @@ def test_pass_at_k_is_the_subset_average():
 def test_majority_vote_and_pass_at_k_on_scripted_rows():
     """4 problems x 4 samples whose answers are known; votes from math-verify classes (0.5 = 1/2); a tie goes to
     the answer given first; no answer does not vote."""
-    from s1fast.bench.grading import answer_classes, is_correct, parse_answer
+    from s1fast.eval.grading import answer_classes, is_correct, parse_answer
 
     scripted = {
         "1/2": [r"\boxed{0.5}", r"\boxed{3}", r"\boxed{\frac{1}{2}}", "Final Answer: 3"],  # 2 right; ties: 0.5 first

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from s1fast.kernels import force_backend
-from s1fast.model.budget import BudgetForcing
-from s1fast.model.decoder import Decoder
+from s1fast.decode.budget import BudgetForcing
+from s1fast.decode.decoder import Decoder
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
-serve = pytest.importorskip("s1fast.model.serve")
+serve = pytest.importorskip("s1fast.decode.serve")
 
 CHAT = [{"role": "user", "content": "How many r's are in raspberry?"}]
 TIMEOUT = 60.0  # seconds for any one request (the tiny model answers in well under one)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
-from s1fast.bench.common import QWEN25_SHAPES
+from s1fast.model.shapes import QWEN25_SHAPES
 from s1fast.kernels import force_backend, swiglu, swiglu_reference
 from spec_checks import assert_spec_matches_kernel
 

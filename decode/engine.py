@@ -4,7 +4,7 @@ its request finishes.
 Every request has its own prompt, ``max_new_tokens``, sampling settings (temperature, top-k, top-p, seed), stop
 tokens and ``BudgetForcing`` (its own thinking budget and waits). The engine runs the decoder's loop (one token
 per row per step, the host deciding one step late, edits fed in one multi-token forward; see
-``s1fast.model.decoder``) on at most ``max_rows`` rows. When rows finish, the finished rows leave (the last
+``s1fast.decode.decoder``) on at most ``max_rows`` rows. When rows finish, the finished rows leave (the last
 rows' caches move into the holes) and the next requests of the queue, in submission order, are prefilled into
 the free rows right there, between two decode steps; their first tokens join the next step. So the batch stays
 full until the queue runs dry, instead of shrinking to the longest trace as a static batch does. Results come
@@ -17,7 +17,7 @@ prompt admitted at once.
 
 Cache: the decoder's dense row cache, ``max_rows`` rows of the longest position any request may reach.
 
-Serving (``s1fast.model.serve``): ``loop()`` runs in a thread of its own; other threads ``post`` requests
+Serving (``s1fast.decode.serve``): ``loop()`` runs in a thread of its own; other threads ``post`` requests
 (with callbacks for their tokens and their end) and ``cancel`` them. The loop takes the posted requests
 between two decode steps, into free rows; a cancelled request leaves at the next step. A posted request
 that needs more cache positions than the running batch's cache holds waits until that batch drains.
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from s1fast.model.budget import BudgetForcing, RowState
+from s1fast.decode.budget import BudgetForcing, RowState
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class Engine:
     rows in submission order) or ``stream()`` (``(request, new_token_ids)`` pairs, ``.result`` at the end).
 
     Args:
-        decoder: a ``s1fast.model.decoder.Decoder``.
+        decoder: a ``s1fast.decode.decoder.Decoder``.
         max_rows: cache rows, the most requests decoded at once.
     """
 
@@ -132,7 +132,7 @@ class Engine:
     def stream(self):
         """Decode every queued request (the queue is emptied); ``(request, new_token_ids)`` as tokens are
         decided, the ``GenerationResult`` as ``.result`` once exhausted."""
-        from s1fast.model.decoder import GenerationStream
+        from s1fast.decode.decoder import GenerationStream
 
         if not self.queue:
             raise ValueError("Engine.stream: no request submitted")
@@ -234,7 +234,7 @@ class Engine:
 def _group_sample(logits: torch.Tensor, sampling: list[tuple]) -> torch.Tensor:
     """Next token of each logits row with its request's sampling settings; rows that share settings (and a
     generator) are drawn together."""
-    from s1fast.model.decoder import _sample
+    from s1fast.decode.decoder import _sample
 
     groups: dict[tuple, list[int]] = {}
     for s, key in enumerate(sampling):
@@ -255,7 +255,7 @@ def run(dec, reqs: list[Request], max_rows: int, inbox: Engine | None = None) ->
     posted requests), ``reqs`` grows with the requests posted meanwhile: taken before each admission (those
     that fit the cache; a longer one waits for the next run, which sizes the cache for it), cancelled ones
     leave at the next step, and ``inbox._finished(request, state)`` is called as each request leaves."""
-    from s1fast.model.decoder import _bucket
+    from s1fast.decode.decoder import _bucket
 
     def new_state(r: Request) -> RowState:
         return RowState(r.prompt[-1], r.budget, r.max_new_tokens, r.stop, dec.max_seq_len - len(r.prompt))

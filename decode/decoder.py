@@ -28,7 +28,7 @@ Design:
   (budget forcing, a stop, the length limit), step k+1's guess is discarded for that row: its cache write
   lies past the row's length and is overwritten by the next step, which feeds the edited tokens of every row
   in one multi-token forward (rows padded to the longest edit).
-- Budget forcing (``s1fast.model.budget``) decides per row what is fed next; injected tokens enter the cache
+- Budget forcing (``s1fast.decode.budget``) decides per row what is fed next; injected tokens enter the cache
   in that one forward, never by re-running the prompt. The first token of a thinking round is sampled with the
   tokens that end thinking masked (s1's ``min_tokens=1``); such a token always comes from the prefill or from
   an edit's forward, never from a graph step. With ``s1_compat`` a row may decode past its budget and then
@@ -49,9 +49,9 @@ from torch.nn.attention.bias import causal_lower_right
 from s1fast.kernels import apply_rope, decode_attention, rms_norm, swiglu
 from s1fast.kernels._common import FLOAT_DTYPES, interpreting, use_triton
 from s1fast.kernels.decode_attention import supports_head_dim
-from s1fast.model.budget import BudgetForcing, RowState
-from s1fast.model.engine import Request, check_sampling, make_generator
-from s1fast.model.engine import run as engine_run
+from s1fast.decode.budget import BudgetForcing, RowState
+from s1fast.decode.engine import Request, check_sampling, make_generator
+from s1fast.decode.engine import run as engine_run
 from s1fast.model.patch import causal_lm
 
 try:  # optional: per-row cache lengths inside the kernel, appends new tokens itself

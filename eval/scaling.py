@@ -1,9 +1,9 @@
 """``s1fast eval``: test-time scaling, s1's curve of accuracy against thinking tokens under budget forcing.
 
 For every point of a sweep (a maximum thinking budget and a number of forced "Wait"s), every problem of a
-JSONL / parquet / Hugging Face dataset (MATH-500, AIME, GPQA Diamond: :mod:`s1fast.bench.problems`) is decoded
+JSONL / parquet / Hugging Face dataset (MATH-500, AIME, GPQA Diamond: :mod:`s1fast.eval.problems`) is decoded
 ``--samples`` times with budget forcing in batches by one reused :class:`s1fast.model.Decoder`, each answer is
-extracted and graded with math-verify (:mod:`s1fast.bench.grading`), and the point
+extracted and graded with math-verify (:mod:`s1fast.eval.grading`), and the point
 is written atomically to ``OUT/points/<point>.json`` with the settings it was computed with. A rerun with the
 same settings skips finished points, so a crashed or extended sweep only computes what is missing; a point
 file computed with other settings is refused, naming it and what differs (the model is known by its path:
@@ -27,7 +27,7 @@ count (the model's thinking plus injected "Wait"s); answer tokens are what the m
 end-of-thinking text. The answer is extracted from the text after thinking, or from the whole output when
 thinking never ended (``--max-new-tokens`` hit first).
 
-    s1fast eval --model ckpt/ --problems bench/data/example_problems.jsonl --out runs/scaling \\
+    s1fast eval --model ckpt/ --problems eval/data/example_problems.jsonl --out runs/scaling \\
         --budgets 512 1024 2048 4096 --waits 0
 """
 
@@ -49,11 +49,11 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from s1fast.bench.grading import answer_classes, is_correct, parse_answer
-from s1fast.bench.problems import EXAMPLE_PROBLEMS, load_problems
+from s1fast.eval.grading import answer_classes, is_correct, parse_answer
+from s1fast.eval.problems import EXAMPLE_PROBLEMS, load_problems
 from s1fast.model.chat import FORMAT_CHOICES, load_tokenizer, resolve_format
-from s1fast.model.cli import check_device, check_model_dir, load_model, sigterm_as_interrupt
-from s1fast.train.data import write_atomic
+from s1fast.commands import check_device, check_model_dir, load_model, sigterm_as_interrupt
+from s1fast.files import write_atomic
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
@@ -137,7 +137,7 @@ def decode_batch(decoder, prompts: list[list[int]], forcing, *, max_new_tokens: 
     excluded), forced waits, whether the budget cut thinking / thinking ended at all, the full output text,
     and the answer text (None when thinking never ended)."""
     # continuous batching on max_rows rows (all at once by default); prompt i samples with seed + i
-    from s1fast.model.engine import Engine
+    from s1fast.decode.engine import Engine
 
     engine = Engine(decoder, max_rows=max_rows or len(prompts))
     seed = sampling.get("seed")
@@ -306,7 +306,7 @@ class EvalConfig:
     budgets: list  # ints, None = no cap
     waits: list
     tokenizer: str | None = None
-    question_field: str | None = None  # None: found by name (s1fast.bench.problems)
+    question_field: str | None = None  # None: found by name (s1fast.eval.problems)
     answer_field: str | None = None
     limit: int | None = None
     split: str = "test"
@@ -421,9 +421,9 @@ def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: li
     """``evaluate`` once ``cfg.out`` is held: check the finished points, decode the missing ones, report."""
     from tqdm.auto import tqdm
 
-    from s1fast.bench.common import environment
-    from s1fast.model import BudgetForcing, Decoder
-    from s1fast.model.decoder import set_cpu_threads
+    from s1fast.env import environment
+    from s1fast.decode import BudgetForcing, Decoder
+    from s1fast.decode.decoder import set_cpu_threads
 
     _check_settings(cfg.out, settings)
     pending = [p for p in points if not os.path.exists(os.path.join(cfg.out, "points", p.key + ".json"))]

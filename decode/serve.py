@@ -7,13 +7,13 @@
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true``: server-sent events in
 OpenAI's chunk format, then ``data: [DONE]``), ``GET /v1/models``, ``GET /health``. One engine loop
-(``s1fast.model.engine``, continuous batching) runs in a background thread; each choice of each request is
+(``s1fast.decode.engine``, continuous batching) runs in a background thread; each choice of each request is
 one engine request, admitted between two decode steps; a client that goes away (a stream closed) frees its
 row at the next step.
 
 Body fields besides OpenAI's (``model``, ``prompt`` / ``messages``, ``max_tokens``, ``temperature`` (default
 1), ``top_p``, ``top_k`` (-1: off), ``seed``, ``n``, ``stream``): ``max_thinking_tokens``, ``num_waits``,
-``min_thinking_tokens`` (budget forcing, ``s1fast.model.budget``) and ``return_token_ids``. ``stop`` holds
+``min_thinking_tokens`` (budget forcing, ``s1fast.decode.budget``) and ``return_token_ids``. ``stop`` holds
 token ids or texts that are single tokens (the engine stops on tokens; a longer text is refused), added to
 the format's stop tokens. Chat renders the messages in the reasoning format (``--format``) and always
 thinks: ``reasoning_content`` carries the thinking, ``content`` the answer. A completion prompt is decoded
@@ -36,7 +36,7 @@ import uuid
 import torch
 
 from s1fast.model.chat import FORMAT_CHOICES, IM_END, IM_START
-from s1fast.model.cli import DTYPES, check_device, check_model_dir, load_model
+from s1fast.commands import DTYPES, check_device, check_model_dir, load_model
 
 ROLES = ("system", "user", "assistant")
 
@@ -369,10 +369,10 @@ def _parser() -> argparse.ArgumentParser:
 def build(model: str, *, tokenizer=None, format="s1", device="cpu", dtype=None, max_rows=16, max_seq_len=None,
           served_model_name=None, api_key=None, max_queue=64) -> Server:  # fmt: skip
     """Load the model and tokenizer; the ``Server`` (ValueError with one line when something does not load)."""
-    from s1fast.model.budget import BudgetForcing
+    from s1fast.decode.budget import BudgetForcing
     from s1fast.model.chat import load_tokenizer, resolve_format
-    from s1fast.model.decoder import Decoder
-    from s1fast.model.engine import Engine
+    from s1fast.decode.decoder import Decoder
+    from s1fast.decode.engine import Engine
 
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

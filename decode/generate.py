@@ -18,110 +18,14 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import sys
-import threading
 import time
-import uuid
-from collections.abc import Iterator
-from typing import TextIO
 
 import torch
 
+from s1fast.commands import DTYPES, check_device, check_model_dir, load_model, sigterm_as_interrupt
+from s1fast.files import atomic_output, check_output_file
 from s1fast.model.chat import FORMAT_CHOICES
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
-
-
-# ------------------------------------------------------------------ shared by the commands (generate, eval, bench)
-def check_device(value: str, name: str = "--device") -> torch.device:
-    """``value`` as a ``cpu`` / ``cuda[:N]`` device present on this machine, or a ValueError naming ``name``."""
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cuda", "cpu"):
-        raise ValueError(f"{name} must be cuda[:N] or cpu, got {value!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{name} {value}: no CUDA device is available here (use cpu)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"{name} {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def check_model_dir(path: str, name: str = "model") -> None:
-    """A local transformers model directory: exists and holds a config.json (its weights are checked by loading)."""
-    if not os.path.isdir(path):
-        raise ValueError(f"{name}: {path!r} is not a directory")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{name}: {path!r} holds no config.json, so it is not a transformers model directory")
-
-
-def load_model(path: str, *, dtype: torch.dtype, device: str | torch.device):
-    """``s1fast.model.load`` in eval mode; a directory that does not load (garbage or truncated config or
-    weights, another architecture) gives a one-line ValueError naming it instead of a traceback."""
-    from safetensors import SafetensorError
-
-    from s1fast.model.patch import load
-
-    try:
-        return load(path, dtype=dtype, device=device).eval()
-    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as e:
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"model {path!r} does not load: {type(e).__name__}: {reason}") from e
-
-
-def check_output_file(path: str, name: str = "--output") -> None:
-    """Refuse, before any work, an output file that could not be (re)written: a directory, a missing parent
-    directory, a directory without write permission, or an existing read-only file (kept as it is)."""
-    if os.path.isdir(path):
-        raise ValueError(f"{name} {path!r} is a directory; give a file name")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ValueError(f"{name} {path!r}: the directory {parent!r} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{name} {path!r}: no permission to create files in {parent!r}")
-    if os.path.exists(path) and (not os.access(path, os.W_OK) or not os.stat(path).st_mode & 0o222):
-        raise ValueError(f"{name} {path!r} is read-only; make it writable or choose another file")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str) -> Iterator[TextIO]:
-    """A text file that replaces ``path`` only when the block ends without an exception: written to a
-    temporary file in the same directory (created with the umask's permissions, as ``open`` would, not
-    ``mkstemp``'s 0600), fsynced and renamed over ``path``. On any exception (Ctrl-C too) the temporary file
-    is removed and ``path`` is left as it was."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{uuid.uuid4().hex[:12]}-{os.path.basename(path)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Inside the block SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so that ``finally`` blocks and
-    :func:`atomic_output` clean up when a run is killed; the previous handler comes back afterwards."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="s1fast generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,10 +116,10 @@ def main(argv: list[str]) -> int:
 
     from tqdm import tqdm
 
-    from s1fast.model.budget import BudgetForcing
+    from s1fast.decode.budget import BudgetForcing
     from s1fast.model.chat import load_tokenizer, resolve_format
-    from s1fast.model.decoder import Decoder, set_cpu_threads
-    from s1fast.model.engine import Engine
+    from s1fast.decode.decoder import Decoder, set_cpu_threads
+    from s1fast.decode.engine import Engine
 
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:

@@ -11,7 +11,7 @@ mapped to ``{"question", "answer"}`` (plus ``"choices"``, the number of options,
   ``choices`` list keeps its order; its ``answer`` is a letter, a 0-based index or the text of one choice.
 
 ``--question-field`` / ``--answer-field`` name the fields explicitly instead. Bundled samples of each shape
-(written for s1fast, not copied from the sets) lie in ``bench/data/``.
+(written for s1fast, not copied from the sets) lie in ``eval/data/``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import random
 
-from s1fast.train.data import read_records
+from s1fast.files import read_records
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 EXAMPLE_PROBLEMS = os.path.join(DATA, "example_problems.jsonl")
