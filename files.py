@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 
-def check_output_file(path: str, name: str = "--output") -> None:
+def check_output_file(path: str, name: str = "--out") -> None:
     """Refuse, before any work, an output file that could not be (re)written: a directory, a missing parent
     directory, a directory without write permission, or an existing read-only file (kept as it is)."""
     if os.path.isdir(path):

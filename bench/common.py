@@ -39,11 +39,6 @@ def measure(fn: Callable[[], object], *, device: str | torch.device, warmup: int
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
 
 
-def default_device() -> str:
-    """``cuda`` when a GPU is visible, else ``cpu``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def time_ms(
     fn: Callable[..., object],
     *,

@@ -23,6 +23,24 @@ Budget forcing (batch 1). One thinking run of ``thinking`` tokens with 4 forced 
   happen; ``overhead_pct`` against ``plain``;
 - ``s1_reprefill``: s1's way on the same engine: 5 rounds of ``thinking / 5`` tokens, each a new ``generate``
   call on the whole history (one prefill per round), "Wait" appended between rounds.
+
+Mixed workload (``mixed_workload``; issue 12's eval-scale case). 64 requests on 16 rows (8 on 4 with
+``--quick``), prompts of 16..64 tokens, thinking budgets spread over 16..1024 (16..32 quick), 0..2 waits each,
+an answer of up to 16 tokens, on a TINY model (2 layers, hidden 64) so that a step's cost is its per-step overhead, as on a GPU
+where a decode step of a small batch sits on the launch-latency floor; same row cap for every way:
+- ``engine``: ``Engine`` (continuous batching) on the paged cache with a KV budget of half the dense layout;
+- ``static``: today's static batching, the same requests in fixed batches of row-cap requests, each batch
+  run to its longest request (``Engine`` runs of one batch each, which is what ``Decoder.generate`` does);
+- ``hf_static`` (peer ``hf``): transformers ``generate`` on the same batches (left-padded), each batch
+  for as many tokens as its longest request produced (no budget forcing: the cost of a static batch).
+Tokens/s count the tokens each request produced; ``kv_peak_mib`` is the KV memory the engine's rows held at
+the peak (pages in use), ``kv_dense_mib`` the dense layout's ``rows x (longest prompt + max_new_tokens)``.
+
+Launches (``launches``): device launches per decode step, counted on any machine through the public API:
+``Decoder.generate`` on 2- and 4-layer models of one shape under a ``TorchDispatchMode`` that counts the aten
+ops that launch a kernel (not views or allocations) and Triton launches (inside a Triton launch nothing else
+is counted), in ``Decoder._decode`` only; per layer = the difference / 2. On CPU the kernels run their torch
+paths (and SDPA attention), unless TRITON_INTERPRET=1 selects the Triton ones.
 """
 
 from __future__ import annotations
@@ -35,13 +53,16 @@ import sys
 import torch
 
 from s1fast.bench.common import device_ceilings, measure
+from s1fast.commands import default_device
 from s1fast.env import environment
-from s1fast.model.shapes import QWEN25_SHAPES, random_qwen2
+from s1fast.model.shapes import QWEN25_SHAPES, random_qwen
 
 SUMMARY_COLUMNS = ("case", "impl", "attention", "context", "batch", "new_tokens", "tokens_per_s", "speedup_vs_hf",
-                   "pct_of_bw_limit", "overhead_pct", "seconds")  # fmt: skip
+                   "pct_of_bw_limit", "overhead_pct", "seconds", "speedup_vs_static", "kv_peak_mib", "kv_dense_mib",
+                   "kv_peak_vs_dense", "preemptions", "launches_per_step", "launches_per_layer")  # fmt: skip
 PEERS = ("hf", "compile")
 SMALL = dict(layers=4, hidden=256, heads=4, kv_heads=2, head_dim=64, intermediate=768, vocab=8192, tied=True)
+TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=512, tied=True)
 
 
 def plan(device: str, quick: bool) -> dict:
@@ -55,7 +76,7 @@ def plan(device: str, quick: bool) -> dict:
 
 
 def build_model(shape: dict, dtype: torch.dtype, device: str, max_positions: int):
-    model = random_qwen2(shape, device=device, dtype=dtype, max_positions=max_positions, use_cache=True).eval()
+    model = random_qwen(shape, device=device, dtype=dtype, max_positions=max_positions, use_cache=True).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
@@ -172,6 +193,149 @@ def budget_forcing(model, decoder, p: dict, device: str) -> list[dict]:
     return list(rows.values())
 
 
+def _workload(n: int, most: int, vocab: int, seed: int = 3) -> list[dict]:
+    """``n`` requests: prompts of 16..64 tokens, thinking budgets spread over 16..``most``, 0..2 waits."""
+    from s1fast.decode.budget import BudgetForcing
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        prompt = torch.randint(5, vocab, (int(torch.randint(16, 65, (1,), generator=g)),), generator=g).tolist()
+        think = int(16 * (most / 16) ** (i / max(1, n - 1)))  # geometric: 16 .. most
+        bf = BudgetForcing(end_think=[1], wait=[2, 3], budget_end=[1, 4], max_thinking_tokens=think, num_waits=i % 3,
+                           end_think_tokens={5, 6, 7})  # fmt: skip
+        out.append(dict(prompt=prompt, max_new_tokens=think + 16 + 2 * 3, budget=bf))
+    order = torch.randperm(n, generator=g).tolist()  # long and short traces mixed in submission order
+    return [out[i] for i in order]
+
+
+def mixed_workload(device: str, quick: bool, peers: list[str]) -> list[dict]:
+    """Engine vs static batching vs transformers on the mixed workload (module docstring)."""
+    import time
+
+    from s1fast.decode.decoder import Decoder
+    from s1fast.decode.engine import Engine
+
+    n, most, rows = (8, 32, 4) if quick else (64, 1024, 16)
+    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    longest = 64 + most + 22 + 8
+    model = build_model(TINY, dtype, device, longest + 64)
+    reqs = _workload(n, most, TINY["vocab"])
+    probe = Decoder(model)
+    dense = rows * max(len(r["prompt"]) + r["max_new_tokens"] for r in reqs) * probe.kv_bytes_per_token()
+    base = dict(case="mixed", model="tiny", dtype=str(dtype).replace("torch.", ""), batch=rows, requests=n,
+                budgets=f"16..{most}", kv_dense_mib=dense / 2**20)  # fmt: skip
+
+    def engine_run(dec, batch):
+        engine = Engine(dec, max_rows=rows)
+        for r in batch:
+            engine.submit(r["prompt"], max_new_tokens=r["max_new_tokens"], budget=r["budget"])
+        return engine.run()
+
+    def timed(fn):
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        out = fn()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        return out, time.perf_counter() - t
+
+    batches = [reqs[i : i + rows] for i in range(0, n, rows)]
+    engine_dec = Decoder(model, kv_cache_bytes=dense // 2)
+    engine_run(engine_dec, reqs[:rows])  # warm-up (allocations, lazy inits)
+    res, engine_s = timed(lambda: engine_run(engine_dec, reqs))
+    tokens = sum(map(len, res.tokens))
+    static_dec = Decoder(model)
+    static, static_s = timed(lambda: [engine_run(static_dec, b) for b in batches])
+    assert [t for s in static for t in s.tokens] == res.tokens, "the engine and static batching must agree"
+    mem = res.memory
+    out = [
+        dict(base, impl="engine", seconds=engine_s, tokens_per_s=tokens / engine_s, tokens=tokens,
+             kv_peak_mib=mem["kv_bytes_peak"] / 2**20, kv_budget_mib=mem["kv_cache_bytes"] / 2**20,
+             kv_peak_vs_dense=mem["kv_bytes_peak"] / dense, preemptions=res.preemptions,
+             speedup_vs_static=static_s / engine_s),
+        dict(base, impl="static", seconds=static_s, tokens_per_s=tokens / static_s, tokens=tokens,
+             kv_peak_mib=max(s.memory["kv_bytes_peak"] for s in static) / 2**20),
+    ]  # fmt: skip
+    if "hf" in peers:
+        made = iter(res.tokens)
+
+        def hf_batches():
+            for b in batches:
+                new = max(len(next(made)) for _ in b)
+                width = max(len(r["prompt"]) for r in b)
+                ids = torch.tensor([[0] * (width - len(r["prompt"])) + r["prompt"] for r in b], device=device)
+                mask = (ids != 0).long()  # prompts hold no token 0 (_workload draws from 5 up)
+                with torch.inference_mode():
+                    model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+
+        _, hf_s = timed(hf_batches)
+        out.append(dict(base, impl="hf_static", seconds=hf_s, tokens_per_s=tokens / hf_s, tokens=tokens))
+        out[0]["speedup_vs_hf"] = hf_s / engine_s
+    return out
+
+
+def launches(device: str) -> list[dict]:
+    """Device launches per decode step and per layer (module docstring)."""
+    import triton.runtime.interpreter as interpreter
+    import triton.runtime.jit as jit
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from s1fast.decode.decoder import Decoder
+
+    skip = {"empty", "empty_strided", "empty_like", "_local_scalar_dense", "lift_fresh", "detach", "alias"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.aten = self.triton = 0
+            self.inside = False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not self.inside and not func.is_view and func.overloadpacket.__name__ not in skip:
+                self.aten += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    for layers in (2, 4):
+        model = build_model(dict(SMALL, layers=layers, vocab=512), torch.float32, device, 256)
+        dec = Decoder(model, cuda_graphs=False)
+        mode, steps = Count(), [0]
+        decode = dec._decode
+
+        def step(n, kv, decode=decode, mode=mode):
+            steps[0] += 1
+            with mode:
+                decode(n, kv)
+
+        def launch(run, mode=mode):
+            def counted(*a, **k):
+                mode.triton += 1
+                mode.inside, inside = True, mode.inside
+                try:
+                    return run(*a, **k)
+                finally:
+                    mode.inside = inside
+
+            return counted
+
+        dec._decode = step
+        runs = [(cls, cls.run) for cls in (jit.JITFunction, interpreter.InterpretedFunction)]
+        try:
+            for cls, run in runs:
+                cls.run = launch(run)
+            steps[0] = 0
+            dec.generate([[1, 2, 3, 4, 5, 6, 7, 8]], max_new_tokens=9)
+        finally:
+            for cls, run in runs:
+                cls.run = run
+        counts[layers] = ((mode.aten + mode.triton) / steps[0], mode.triton / steps[0], dec.decode_attention_path)
+    per_layer = (counts[4][0] - counts[2][0]) / 2
+    return [dict(case="launches", model="small", batch=1, attention=counts[4][2], launches_per_step=counts[4][0],
+                 triton_per_step=counts[4][1], launches_per_layer=per_layer, layers=4)]  # fmt: skip
+
+
 def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
     """Bench-suite entry point (see the module docstring)."""
     unknown = [x for x in peers if x not in PEERS + ("eager", "liger")]
@@ -188,13 +352,15 @@ def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
     rows = [dict(case="environment", **environment(device), **ceilings, torch_threads=torch.get_num_threads())]
     rows += throughput(model, decoder, p, device, peers, ceilings["copy_gbps"])
     rows += budget_forcing(model, decoder, p, device)
+    rows += mixed_workload(device, quick, peers)
+    rows += launches(device)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m s1fast.bench.decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--peers", default="hf,compile", help=f"comma-separated subset of {','.join(PEERS)}")
     parser.add_argument("--json", help="write the rows to this file")

@@ -106,7 +106,7 @@ def _scale_kernel_bytes(args: dict) -> tuple[int, int]:
     """``_common._scale_kernel`` from its launch arguments (it is elementwise; interpreting it over a [V, H]
     weight gradient takes minutes): every program reads the scale; then nothing in place when it is 1, else
     each element read and written once."""
-    x, out, go, n = args["X"], args["OUT"], args["GO"], args["n"]
+    x, out, go, n = args["x_ptr"], args["out_ptr"], args["go_ptr"], args["n"]
     if out.data_ptr() == x.data_ptr() and float(go.reshape(-1)[0]) == 1.0:
         return 0, 0
     return n * x.element_size(), n * out.element_size()
@@ -357,7 +357,7 @@ def decode_launches(dtype: torch.dtype = torch.float32) -> dict:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from s1fast.decode import Decoder
-    from s1fast.model.shapes import random_qwen2
+    from s1fast.model.shapes import random_qwen
 
     class Ops(TorchDispatchMode):
         def __init__(self):
@@ -373,7 +373,7 @@ def decode_launches(dtype: torch.dtype = torch.float32) -> dict:
     shape = dict(layers=1, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=256, tied=True)
     counts = {}
     for layers in (2, 3):
-        decoder = Decoder(random_qwen2(shape, device="cpu", layers=layers, dtype=dtype, max_positions=64),
+        decoder = Decoder(random_qwen(shape, device="cpu", layers=layers, dtype=dtype, max_positions=64),
                           cuda_graphs=False)
         for new in (3, 4):
             with counting() as launches, Ops() as ops:

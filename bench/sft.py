@@ -27,9 +27,10 @@ import time
 import numpy as np
 import torch
 
-from s1fast.bench.common import default_device, synchronize
+from s1fast.bench.common import synchronize
+from s1fast.commands import default_device
 from s1fast.env import environment
-from s1fast.model.shapes import QWEN25_SHAPES, random_qwen2
+from s1fast.model.shapes import QWEN25_SHAPES, random_qwen
 from s1fast.model.patch import patch
 from s1fast.train.data import IGNORE_INDEX, Dataset
 from s1fast.train.trainer import TrainConfig, Trainer, init_distributed
@@ -63,7 +64,7 @@ def measure(shape: dict, layers: int, dataset_name: str, patched: bool, device: 
     cuda = device.type == "cuda"
     lengths = synthetic_lengths(global_batch * (steps + 1), mean, longest)
     dataset = synthetic_dataset(lengths, shape["vocab"])
-    lm = random_qwen2(shape, device=device, layers=layers)
+    lm = random_qwen(shape, device=device, layers=layers)
     if patched:
         patch(lm)
     with tempfile.TemporaryDirectory() as out:

@@ -31,11 +31,12 @@ import time
 import torch
 from transformers import Qwen2ForCausalLM
 
-from s1fast.bench.common import default_device, device_ceilings, memory_profile, synchronize
+from s1fast.bench.common import device_ceilings, memory_profile, synchronize
+from s1fast.commands import default_device
 from s1fast.env import environment
 from s1fast.bench.profiling import region
 from s1fast.model.patch import patch
-from s1fast.model.shapes import QWEN25_SHAPES, random_qwen2
+from s1fast.model.shapes import QWEN25_SHAPES, random_qwen
 
 IMPLS = ("unpatched", "s1fast", "liger")
 
@@ -51,7 +52,7 @@ def grid(device: str, quick: bool) -> list[dict]:
 
 
 def build(model: str, layers: int, device: str, dtype: torch.dtype, grad_ckpt: bool) -> Qwen2ForCausalLM:
-    lm = random_qwen2(QWEN25_SHAPES[model], device=device, layers=layers, dtype=dtype).train()
+    lm = random_qwen(QWEN25_SHAPES[model], device=device, layers=layers, dtype=dtype).train()
     if grad_ckpt:
         lm.gradient_checkpointing_enable()
     return lm

@@ -7,9 +7,11 @@ o_proj, RMSNorm, SwiGLU MLP; final norm; lm_head (tied or not). RMSNorm, rotary 
 ``s1fast.kernels`` (Triton on CUDA; their PyTorch paths on CPU and for fp64).
 
 Design:
-- KV cache: one preallocated tensor for keys and one for values, ``[layers, rows, kv_heads, seq, head_dim]``
-  (``[layers, rows, seq, kv_heads, head_dim]`` for flash-attn), one row per sequence, tokens left-aligned
-  at their positions. It is sized for the request and kept for the next one when it fits.
+- KV cache: ``s1fast.decode.kv_cache.KVCache``, paged: keys and values live in fixed-size pages, and a page
+  table per cache row (``[rows, width]`` int32 on the device) says where each position is. Rows take pages
+  as their tokens arrive and give them back when their request ends; a memory budget (``kv_cache_bytes``)
+  fixes how many pages exist, and the engine (``s1fast.decode.engine``) admits and preempts requests so that
+  they fit. Without a budget a run gets as many pages as its rows could fill.
 - Prefill: the prompts, longest first, in chunks of ``prefill_chunk`` positions; a chunk covers the same
   positions in every row, so attention is causal with a lower-right offset (no materialised mask, flash
   kernels on CUDA). Only each row's last position goes through the lm_head.
@@ -19,14 +21,21 @@ Design:
   the sequence so that batch 1 with 2 kv heads still fills the GPU, per-row lengths read on the device, each
   row's keys read only up to its own length, L (the bucket) fixing the grid. Otherwise, and for multi-token
   steps, SDPA with a per-row mask, grouped-query heads folded into the query axis (``[rows, kv_heads,
-  group * tokens, head_dim]``) so keys are never repeated. Rows that finish leave the batch: the last active row's cache is
-  moved into the hole, and later steps run on fewer rows.
+  group * tokens, head_dim]``) so keys are never repeated; the kernel reads the pages through the page table,
+  SDPA gets each row's pages gathered. The attention path, and what its layers share (page slots, masks,
+  lengths), is chosen once per forward (``_attention``). Rows that finish leave the batch: their pages are
+  freed and the last active row's page-table row moves into the hole (no key moves); later steps run on
+  fewer rows.
 - On CUDA each (rows, L-bucket) decode step is captured once in a CUDA graph (``flash_attn_with_kvcache``,
-  when flash-attn is installed, reads per-row lengths itself, so one graph per row count). Sampling runs after
+  when flash-attn is installed, reads per-row lengths and its block table itself, so one graph per row
+  count). The page table is a static tensor that the graph reads: new pages are written into it in place
+  (one index_put from pinned memory, stream-ordered before the replay), so capture and replay need nothing
+  else; only a new allocation of the cache (a larger run) drops the graphs. Sampling runs after
   the graph. The host reads each step's tokens one step late: step k+1 is launched with step k's tokens (on
   the device) before the host looks at them, so the GPU never waits for Python. When the host finds an edit
   (budget forcing, a stop, the length limit), step k+1's guess is discarded for that row: its cache write
-  lies past the row's length and is overwritten by the next step, which feeds the edited tokens of every row
+  lies past the row's length (in its own pages, or the trash page) and is overwritten by the next step,
+  which feeds the edited tokens of every row
   in one multi-token forward (rows padded to the longest edit).
 - Budget forcing (``s1fast.decode.budget``) decides per row what is fed next; injected tokens enter the cache
   in that one forward, never by re-running the prompt. The first token of a thinking round is sampled with the
@@ -38,8 +47,7 @@ Design:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
 import torch
@@ -50,8 +58,11 @@ from s1fast.kernels import apply_rope, decode_attention, rms_norm, swiglu
 from s1fast.kernels._common import FLOAT_DTYPES, interpreting, use_triton
 from s1fast.kernels.decode_attention import supports_head_dim
 from s1fast.decode.budget import BudgetForcing, RowState
-from s1fast.decode.engine import Request, check_sampling, make_generator
+from s1fast.decode.engine import Request, check_sampling
 from s1fast.decode.engine import run as engine_run
+from s1fast.decode.kv_cache import KVCache
+from s1fast.decode.results import GenerationResult, GenerationStream, RowResult
+from s1fast.decode.sampling import make_generator
 from s1fast.model.patch import causal_lm
 
 try:  # optional: per-row cache lengths inside the kernel, appends new tokens itself
@@ -59,7 +70,9 @@ try:  # optional: per-row cache lengths inside the kernel, appends new tokens it
 except ImportError:  # pragma: no cover - flash-attn is not installed on CI
     flash_attn_with_kvcache = None
 
-DTYPES = (torch.float64, *FLOAT_DTYPES)
+SUPPORTED_DTYPES = (torch.float64, *FLOAT_DTYPES)  # model dtypes the decoder runs
+PAGE_SIZE = 16  # KV positions per page (a power of two): a bf16 Qwen2.5-1.5B page is 448 KiB, waste < 1 page per row
+FLASH_PAGE = 256  # flash-attn's paged KV needs pages of a multiple of 256 positions
 SMALL_CPU_MODEL = 100_000_000  # parameters: below, CPU decoding runs on one thread unless told otherwise
 
 
@@ -93,92 +106,6 @@ def _bucket(length: int) -> int:
     return -(-length // step) * step
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator) -> torch.Tensor:
-    """Next token per row: argmax when ``temperature == 0``; else softmax(logits / temperature) restricted to
-    the ``top_k`` largest and to the smallest set with probability >= ``top_p`` (transformers' rules), drawn
-    with the exponential race (argmax of p / Exp(1) noise), which needs no host sync."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1)
-        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1.0 - top_p
-        drop[:, -1] = False
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / noise).argmax(-1)
-
-
-@dataclass
-class RowResult:
-    """One prompt's output. ``tokens[:think_end]`` is the thinking, ``tokens[answer_start:]`` the answer (the
-    delimiter lies between; both are 0 without budget forcing, ``len(tokens)`` if thinking never ended)."""
-
-    tokens: list[int]
-    thinking_tokens: int
-    forced_waits: int
-    budget_cut: bool
-    thinking_ended: bool
-    finish_reason: str  # "stop" or "length"
-    think_end: int
-    answer_start: int
-    text: str | None = None
-    thinking: str | None = None
-    answer: str | None = None
-
-
-class _PerRow:
-    """``result.<name>``: the list of ``rows[i].<name>`` over the prompts."""
-
-    def __set_name__(self, owner, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj, owner=None):
-        return self if obj is None else [getattr(row, self.name) for row in obj.rows]
-
-
-@dataclass
-class GenerationResult:
-    rows: list[RowResult]
-    prefill_s: float
-    decode_s: float
-    decode_tokens: int  # tokens emitted by the decode loop (all but each row's first)
-    steps: int  # forward passes after the prefill
-    memory: dict = field(default_factory=dict)
-
-    # per-prompt lists, one entry per row: result.tokens[i] is rows[i].tokens
-    tokens = _PerRow()
-    thinking_tokens = _PerRow()
-    forced_waits = _PerRow()
-    budget_cut = _PerRow()
-    thinking_ended = _PerRow()
-    think_end = _PerRow()
-    answer_start = _PerRow()
-    finish_reason = _PerRow()
-    text = _PerRow()
-    thinking = _PerRow()
-    answer = _PerRow()
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
-
-
-class GenerationStream:
-    """Iterator of ``(row, new_token_ids)`` as tokens are decided; ``.result`` once it is exhausted."""
-
-    def __init__(self, gen: Iterator[tuple[int, list[int]]]):
-        self._gen = gen
-        self.result: GenerationResult | None = None
-
-    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
-        self.result = yield from self._gen
-
-
 class Decoder:
     """Batched, budget-forced generation over a transformers Qwen2/2.5/3 causal LM's weights.
 
@@ -194,6 +121,13 @@ class Decoder:
             else s1fast's Triton ``decode_attention`` for one-token steps where the kernels run Triton, see
             ``decode_attention_path``; SDPA for the rest), "flash", "triton" (the Triton decode kernel even
             when flash-attn is installed) or "sdpa" (SDPA only).
+        page_size: KV positions per cache page (default ``PAGE_SIZE``, 16; ``FLASH_PAGE``, 256, with flash-attn,
+            which needs a multiple of it). See ``s1fast.decode.kv_cache``.
+        kv_cache_bytes: the KV cache's memory budget in bytes: it holds ``kv_cache_bytes // page bytes - 1``
+            pages, and the engine admits requests (and preempts the newest) so that they fit. Default: no
+            budget; each run gets as many pages as its rows could ever fill (a dense cache's worth).
+        kv_cache_fraction: on CUDA, the budget as a share of the GPU memory free when the decoder is built
+            (vLLM's ``gpu_memory_utilization``, counted on what is free). Not with ``kv_cache_bytes``.
     """
 
     def __init__(
@@ -205,6 +139,9 @@ class Decoder:
         prefill_chunk: int = 2048,
         cuda_graphs: bool | None = None,
         attention: str = "auto",
+        page_size: int | None = None,
+        kv_cache_bytes: int | None = None,
+        kv_cache_fraction: float | None = None,
     ):
         lm = causal_lm(model)
         cfg = lm.config
@@ -218,8 +155,8 @@ class Decoder:
         self.tokenizer = tokenizer
         self.embed = core.embed_tokens.weight
         self.dtype, self.device = self.embed.dtype, self.embed.device
-        if self.dtype not in DTYPES:
-            raise TypeError(f"Decoder: model dtype must be one of {DTYPES}, got {self.dtype}")
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"Decoder: model dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype}")
         self.vocab = self.embed.shape[0]
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
@@ -266,13 +203,51 @@ class Decoder:
             raise ValueError("Decoder: attention='triton' needs a CUDA model (or TRITON_INTERPRET=1), bf16/fp16/fp32 "
                              f"weights and a power-of-two head_dim in [16, 256]; got {self.device.type}, {self.dtype}, "
                              f"head_dim={self.head_dim}")  # fmt: skip
-        self._seq_axis = 2 if self.flash else 3  # of the [layers, rows, ...] cache
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("Decoder: cuda_graphs=True needs the model on a CUDA device")
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
-        self._k = self._v = None
+        self.cache = KVCache(layers=len(self.layers), kv_heads=self.kv_heads, head_dim=self.head_dim, dtype=self.dtype,
+                             device=self.device, flash=self.flash,
+                             page_size=self._check_page_size(page_size))  # fmt: skip
+        self.cache.budget_pages = self._budget_pages(kv_cache_bytes, kv_cache_fraction)
+        self._cos = None
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None
+
+    def _check_page_size(self, page_size) -> int:
+        if page_size is None:
+            return FLASH_PAGE if self.flash else PAGE_SIZE
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"Decoder: page_size must be None or an int >= 1, got {page_size!r}")
+        if self.flash and page_size % FLASH_PAGE:
+            raise ValueError(f"Decoder: with flash-attn, page_size must be a multiple of {FLASH_PAGE}, got {page_size}")
+        return page_size
+
+    def _budget_pages(self, kv_cache_bytes, kv_cache_fraction) -> int | None:
+        """Pages of the memory budget (page 0, the trash page, inside it); None without a budget."""
+        if kv_cache_bytes is not None and kv_cache_fraction is not None:
+            raise ValueError("Decoder: give kv_cache_bytes or kv_cache_fraction, not both")
+        if kv_cache_bytes is not None:
+            if isinstance(kv_cache_bytes, bool) or not isinstance(kv_cache_bytes, int) or kv_cache_bytes < 1:
+                raise ValueError(f"Decoder: kv_cache_bytes must be None or an int >= 1, got {kv_cache_bytes!r}")
+            budget, what = kv_cache_bytes, f"kv_cache_bytes={kv_cache_bytes}"
+        elif kv_cache_fraction is not None:
+            if isinstance(kv_cache_fraction, bool) or not isinstance(kv_cache_fraction, (int, float)) \
+                    or not 0 < kv_cache_fraction <= 1:
+                raise ValueError(f"Decoder: kv_cache_fraction must be None or a number in (0, 1], "
+                                 f"got {kv_cache_fraction!r}")
+            if self.device.type != "cuda":
+                raise ValueError("Decoder: kv_cache_fraction needs a CUDA model (a share of the GPU's free memory); "
+                                 "use kv_cache_bytes on other devices")  # fmt: skip
+            budget = int(torch.cuda.mem_get_info(self.device)[0] * kv_cache_fraction)
+            what = f"kv_cache_fraction={kv_cache_fraction} ({budget} bytes free now)"
+        else:
+            return None
+        pages = budget // self.cache.page_bytes - 1
+        if pages < 1:
+            raise ValueError(f"Decoder: {what} holds fewer than 2 KV pages of {self.cache.page_bytes} bytes "
+                             f"({self.cache.page_size} tokens); raise it or lower page_size")  # fmt: skip
+        return pages
 
     @property
     def decode_attention_path(self) -> str:
@@ -289,44 +264,62 @@ class Decoder:
         return [self.embed, self.norm, self.lm_head, *layers]
 
     def kv_bytes_per_token(self) -> int:
-        return 2 * len(self.layers) * self.kv_heads * self.head_dim * self.embed.element_size()
+        return self.cache.bytes_per_token
 
     def memory(self) -> dict:
-        """Bytes held: the model's weights the decoder reads (shared tensors once), the KV cache, the buffers
-        (rotary table, step inputs, logits). CUDA graphs' private pools come on top on CUDA."""
+        """Bytes held: the model's weights the decoder reads (shared tensors once), the KV cache's pages (all of
+        them, ``kv_cache_bytes``; those rows hold now and at the run's peak, ``kv_bytes_in_use`` /
+        ``kv_bytes_peak``; page counts), the buffers (rotary table, step inputs, logits, page table). CUDA
+        graphs' private pools come on top on CUDA."""
         unique = {t.data_ptr(): t for t in self._weights()}.values()  # a tied lm_head once
         weights = sum(t.numel() * t.element_size() for t in unique)
-        kv = 0 if self._k is None else 2 * self._k.numel() * self._k.element_size()
-        buffers = 0 if self._k is None else sum(
-            t.numel() * t.element_size() for t in (self._cos, self._sin, self._ids, self._pos, self._arange, self._logits)
-        )
-        return {
-            "weights_bytes": weights, "kv_cache_bytes": kv, "buffers_bytes": buffers, "total_bytes": weights + kv + buffers,
-            "kv_bytes_per_token": self.kv_bytes_per_token(),
-            "cache_rows": 0 if self._k is None else self._k.shape[1],
-            "cache_positions": 0 if self._k is None else self._k.shape[self._seq_axis],
-        }  # fmt: skip
+        cache = self.cache.memory()
+        buffers = 0 if self._cos is None else sum(
+            t.numel() * t.element_size()
+            for t in (self._cos, self._sin, self._ids, self._pos, self._arange, self._logits, self.cache.table)
+        )  # fmt: skip
+        total = weights + cache["kv_cache_bytes"] + buffers
+        return {"weights_bytes": weights, **cache, "buffers_bytes": buffers, "total_bytes": total,
+                "kv_bytes_per_token": self.kv_bytes_per_token()}  # fmt: skip
 
     def release(self) -> None:
         """Free the KV cache, buffers and CUDA graphs (the next request allocates them again)."""
-        self._k = self._v = None
+        self.cache.release()
+        self._cos = None
         self._graphs.clear()
 
     def _ensure_cache(self, rows: int, positions: int) -> None:
-        if self._k is not None and self._k.shape[1] >= rows and self._k.shape[self._seq_axis] >= positions:
+        """A cache (emptied) and buffers for a run of up to ``rows`` rows of ``positions`` positions."""
+        if self.cache.ensure(rows, positions):
+            self._graphs.clear()
+        positions, rows = self.cache.positions, self.cache.table.shape[0]
+        if self._cos is not None and self._cos.shape[0] >= positions and self._ids.shape[0] >= rows:
             return
-        self.release()
-        dev, L, H, D = self.device, len(self.layers), self.kv_heads, self.head_dim
-        shape = (L, rows, positions, H, D) if self.flash else (L, rows, H, positions, D)
-        self._k = torch.zeros(shape, dtype=self.dtype, device=dev)
-        self._v = torch.zeros(shape, dtype=self.dtype, device=dev)
-        cos, sin = self._rotary(self._k, torch.arange(positions, device=dev)[None])
+        dev = self.device
+        cos, sin = self._rotary(self.embed, torch.arange(positions, device=dev)[None])
         self._cos, self._sin = cos[0], sin[0]
         self._ids = torch.zeros(rows, 1, dtype=torch.long, device=dev)
         self._pos = torch.zeros(rows, dtype=torch.long, device=dev)
         self._arange = torch.arange(max(rows, positions), device=dev)
         logit_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         self._logits = torch.zeros(rows, self.vocab, dtype=logit_dtype, device=dev)
+        self._graphs.clear()
+
+    def check_fits(self, fn: str, requests: list[Request]) -> None:
+        """With a KV budget: every request fits in it alone (else it could never run), or a ValueError naming it."""
+        budget = self.cache.budget_pages
+        if budget is None:
+            return
+        for i, r in enumerate(requests):
+            positions = r.positions(self.max_seq_len)
+            if self.cache.pages_for(positions) > budget:
+                which = f"prompts[{i}]" if len(requests) > 1 else "the request"
+                raise ValueError(
+                    f"{fn}: {which} may need {positions} KV positions (prompt {len(r.prompt)}, max_new_tokens "
+                    f"{r.max_new_tokens} and budget forcing's room) = {self.cache.pages_for(positions)} pages of "
+                    f"{self.cache.page_size}, but the KV budget holds {budget} pages; lower max_new_tokens or raise "
+                    "kv_cache_bytes"
+                )
 
     # --- the forward -----------------------------------------------------------------------------------
 
@@ -336,22 +329,10 @@ class Decoder:
         prefill chunk; a tensor [n]: per row), writing their keys/values; attend over cache positions
         ``< kv_len``. Returns logits [n, vocab] at token index ``last`` [n] of each row (None: the last)."""
         n, T = ids.shape
-        H, Hkv, G, D = self.heads, self.kv_heads, self.group, self.head_dim
-        uniform = isinstance(start, int)
-        qpos = (start + self._arange[:T]).expand(n, T) if uniform else start[:, None] + self._arange[:T]
+        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        qpos = (start + self._arange[:T]).expand(n, T) if isinstance(start, int) else start[:, None] + self._arange[:T]
         cos, sin = self._cos[qpos], self._sin[qpos]
-        kernel = not uniform and T == 1 and self.decode_attention_path == "triton"
-        if self.flash:
-            seqlens = (torch.full((n,), start, device=self.device) if uniform else start).to(torch.int32)
-        elif kernel:
-            lengths = start + 1  # row r sees cache positions <= its token's
-            rows = self._arange[:n, None]
-        elif not uniform:
-            # additive mask, built once per step for every layer: query (t, g) of row r sees keys <= qpos[r, t]
-            hidden = self._arange[:kv_len] > qpos[:, :, None]  # [n, T, kv_len]
-            mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
-            mask = mask[:, None, :, None, :].expand(n, 1, T, G, kv_len).reshape(n, 1, T * G, kv_len)  # T=1: a view
-            rows = self._arange[:n, None]
+        attend = self._attention(n, T, start, qpos, kv_len, row0)
         x = F.embedding(ids, self.embed)
         for i, w in enumerate(self.layers):
             h = rms_norm(x, w.ln1, self.eps)
@@ -361,32 +342,63 @@ class Decoder:
             if w.q_norm is not None:
                 q, k = rms_norm(q, w.q_norm, self.eps), rms_norm(k, w.k_norm, self.eps)
             q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [n, heads, T, D]
-            kc, vc = self._k[i, row0 : row0 + n], self._v[i, row0 : row0 + n]
-            if self.flash:
-                out = flash_attn_with_kvcache(
-                    q.transpose(1, 2), kc, vc, k=k.transpose(1, 2), v=v, cache_seqlens=seqlens, causal=True
-                )  # [n, T, H, D]
-            elif uniform:
-                kc[:, :, start : start + T] = k
-                vc[:, :, start : start + T] = v.transpose(1, 2)
-                out = F.scaled_dot_product_attention(
-                    q, kc[:, :, :kv_len], vc[:, :, :kv_len],
-                    attn_mask=None if start == 0 else causal_lower_right(T, kv_len), is_causal=start == 0, enable_gqa=True,
-                ).transpose(1, 2)  # fmt: skip
-            else:
-                kc[rows, :, qpos] = k.transpose(1, 2)
-                vc[rows, :, qpos] = v
-                if kernel:  # [n, H, D] -> [n, 1, H, D]
-                    out = decode_attention(q[:, :, 0], kc[:, :, :kv_len], vc[:, :, :kv_len], lengths)[:, None]
-                else:
-                    qf = q.view(n, Hkv, G, T, D).transpose(2, 3).reshape(n, Hkv, T * G, D)
-                    out = F.scaled_dot_product_attention(qf, kc[:, :, :kv_len], vc[:, :, :kv_len], attn_mask=mask)
-                    out = out.view(n, Hkv, T, G, D).permute(0, 2, 1, 3, 4)
+            out = attend(i, q, k.transpose(1, 2), v)
             x = x + F.linear(out.reshape(n, T, H * D), w.o, w.o_b)
             h = rms_norm(x, w.ln2, self.eps)
             x = x + F.linear(swiglu(F.linear(h, w.gate), F.linear(h, w.up)), w.down)
         x = x[:, -1] if last is None else x[self._arange[:n], last]
         return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head)
+
+    def _attention(self, n: int, T: int, start: int | torch.Tensor, qpos: torch.Tensor, kv_len: int,
+                   row0: int) -> Callable:  # fmt: skip
+        """The attention of one forward, chosen once: ``attend(layer, q [n, H, T, D], k, v [n, T, Hkv, D])`` writes
+        k, v to the cache and returns ``[n, T, H, D]``, each query seeing its row's keys up to its own position.
+        Everything the layers share (page slots, page lists, masks, lengths) is computed here, once."""
+        cache, G, Hkv, D = self.cache, self.group, self.kv_heads, self.head_dim
+        table = cache.table[row0 : row0 + n]
+        uniform = isinstance(start, int)
+        if self.flash:  # flash-attn writes k, v through the block table itself
+            seqlens = torch.full((n,), start, device=self.device) if uniform else start
+            seqlens = seqlens.to(torch.int32)
+            return lambda i, q, k, v: flash_attn_with_kvcache(
+                q.transpose(1, 2), cache.k[i], cache.v[i], k=k, v=v, cache_seqlens=seqlens, block_table=table,
+                causal=True,
+            )  # fmt: skip
+        slots = cache.slots(table, qpos)
+        pages = table[:, : cache.pages_for(kv_len)]
+        if not uniform and T == 1 and self.decode_attention_path == "triton":
+            lengths = start + 1  # row r sees cache positions <= its token's
+
+            def attend(i, q, k, v):  # the split kernel reads the pages through the table
+                cache.write(i, slots, k, v)
+                return decode_attention(q[:, :, 0], cache.k[i], cache.v[i], lengths, page_table=pages)[:, None]
+
+            return attend
+        pages = pages.long()
+        if uniform:  # a prefill chunk: causal with a lower-right offset, no materialised mask
+            causal = dict(attn_mask=None if start == 0 else causal_lower_right(T, kv_len), is_causal=start == 0)
+
+            def attend(i, q, k, v):
+                cache.write(i, slots, k, v)
+                kc, vc = cache.gather(i, pages)
+                return F.scaled_dot_product_attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], enable_gqa=True,
+                                                      **causal).transpose(1, 2)  # fmt: skip
+
+            return attend
+        # per-row positions: an additive mask, query (t, g) of row r sees keys <= qpos[r, t]; grouped-query heads
+        # folded into the query axis so keys are never repeated
+        hidden = self._arange[:kv_len] > qpos[:, :, None]  # [n, T, kv_len]
+        mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
+        mask = mask[:, None, :, None, :].expand(n, 1, T, G, kv_len).reshape(n, 1, T * G, kv_len)  # T=1: a view
+
+        def attend(i, q, k, v):
+            cache.write(i, slots, k, v)
+            kc, vc = cache.gather(i, pages)
+            qf = q.view(n, Hkv, G, T, D).transpose(2, 3).reshape(n, Hkv, T * G, D)
+            out = F.scaled_dot_product_attention(qf, kc[:, :, :kv_len], vc[:, :, :kv_len], attn_mask=mask)
+            return out.view(n, Hkv, T, G, D).permute(0, 2, 1, 3, 4)
+
+        return attend
 
     def _decode_body(self, n: int, kv_len: int) -> None:
         self._logits[:n] = self._forward(self._ids[:n], self._pos[:n], kv_len, None)
@@ -413,10 +425,6 @@ class Decoder:
                 self._decode_body(n, key[1] or kv_len)
             self._graphs[key] = graph
         graph.replay()
-
-    def _move_row(self, src: int, dst: int, length: int) -> None:
-        for cache in (self._k, self._v):
-            cache[:, dst].narrow(self._seq_axis - 1, 0, length).copy_(cache[:, src].narrow(self._seq_axis - 1, 0, length))
 
     def _fetch(self, tokens: torch.Tensor) -> Callable[[], list[int]]:
         """Start copying ``tokens`` to the host without waiting; the returned call waits and gives the list."""
@@ -481,6 +489,7 @@ class Decoder:
                                                       stop_token_ids=stop_token_ids, budget=budget)  # fmt: skip
         sampling = (*sampling, make_generator(self.device, sampling[0], seed))  # one random stream for the batch
         requests = [Request(p, max_new_tokens, stop, budget, sampling) for p in prompts]
+        self.check_fits("Decoder.generate", requests)
         return GenerationStream(engine_run(self, requests, len(requests)))  # every prompt admitted at once
 
     def check_requests(self, fn: str, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, **settings):
@@ -537,17 +546,7 @@ class Decoder:
             logits[ends] = out[ends].to(logits.dtype)
         return logits
 
-    def _result(self, states: list[RowState], prefill_s: float, decode_s: float, emitted: int, steps: int) -> GenerationResult:
-        rows = []
-        for st in states:
-            end = len(st.tokens)
-            think_end, answer_start = (st.think_end, st.answer_start) if st.thinking_ended else (end, end)
-            row = RowResult(
-                tokens=st.tokens, thinking_tokens=st.thinking, forced_waits=st.waits, budget_cut=st.budget_cut,
-                thinking_ended=st.thinking_ended, finish_reason=st.finish_reason, think_end=think_end, answer_start=answer_start,
-            )  # fmt: skip
-            if self.tokenizer is not None:
-                dec = self.tokenizer.decode
-                row.text, row.thinking, row.answer = dec(st.tokens), dec(st.tokens[:think_end]), dec(st.tokens[answer_start:])
-            rows.append(row)
-        return GenerationResult(rows, prefill_s, decode_s, emitted, steps, self.memory())
+    def _result(self, states: list[RowState], prefill_s: float, decode_s: float, emitted: int, steps: int,
+                preemptions: int = 0) -> GenerationResult:  # fmt: skip
+        rows = [RowResult.from_state(st, self.tokenizer) for st in states]
+        return GenerationResult(rows, prefill_s, decode_s, emitted, steps, self.memory(), preemptions)

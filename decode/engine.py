@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from s1fast.decode.budget import BudgetForcing, RowState
+from s1fast.decode.results import GenerationStream, RowResult
+from s1fast.decode.sampling import group_sample, make_generator
 
 
 @dataclass(frozen=True)
@@ -76,17 +78,6 @@ def check_sampling(fn: str, decoder, *, max_new_tokens, temperature, top_k, top_
     return stop, ((0.0, None, None) if temperature == 0 else (float(temperature), top_k, top_p))
 
 
-def make_generator(device, temperature: float, seed: int | None) -> torch.Generator | None:
-    if temperature == 0:
-        return None
-    generator = torch.Generator(device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
-
-
 class Engine:
     """Continuous batching over a ``Decoder``: ``submit`` requests, then ``run()`` (a ``GenerationResult``,
     rows in submission order) or ``stream()`` (``(request, new_token_ids)`` pairs, ``.result`` at the end).
@@ -126,14 +117,14 @@ class Engine:
                                                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                                        stop_token_ids=stop_token_ids, budget=budget)  # fmt: skip
         generator = make_generator(dec.device, sampling[0], seed)
-        self.queue.append(Request(prompt, max_new_tokens, stop, budget, (*sampling, generator)))
+        request = Request(prompt, max_new_tokens, stop, budget, (*sampling, generator))
+        dec.check_fits("Engine.submit", [request])
+        self.queue.append(request)
         return len(self.queue) - 1
 
     def stream(self):
         """Decode every queued request (the queue is emptied); ``(request, new_token_ids)`` as tokens are
         decided, the ``GenerationResult`` as ``.result`` once exhausted."""
-        from s1fast.decode.decoder import GenerationStream
-
         if not self.queue:
             raise ValueError("Engine.stream: no request submitted")
         requests, self.queue = self.queue, []
@@ -158,6 +149,7 @@ class Engine:
         (prompt,), stop, sampling = dec.check_requests("Engine.post", [prompt], **settings)
         request = Request(prompt, settings["max_new_tokens"], stop, settings.get("budget"),
                           (*sampling, make_generator(dec.device, sampling[0], settings.get("seed"))))  # fmt: skip
+        dec.check_fits("Engine.post", [request])
         with self._inbox_lock:
             self._listeners[id(request)] = (request, on_tokens, on_done)
             self._inbox.append(request)
@@ -208,11 +200,11 @@ class Engine:
             return [self._listeners.pop(k) for k in keys if k in self._listeners]
 
     # the ``inbox`` protocol of ``run``
-    def _take(self, positions: int | None) -> list[Request]:
-        """The posted requests in order, up to the first that needs more than ``positions`` cache positions."""
+    def _take(self, fits=None) -> list[Request]:
+        """The posted requests in order, up to the first that does not ``fits(request)`` the running cache."""
         out = []
         with self._inbox_lock:
-            while self._inbox and (positions is None or self._inbox[0].positions(self.decoder.max_seq_len) <= positions):
+            while self._inbox and (fits is None or fits(self._inbox[0])):
                 out.append(self._inbox.popleft())
         return out
 
@@ -228,24 +220,7 @@ class Engine:
 
     def _finished(self, request: Request, state: RowState) -> None:
         for _, _, on_done in self._drop([id(request)]):
-            on_done(self.decoder._result([state], 0.0, 0.0, 0, 0).rows[0])
-
-
-def _group_sample(logits: torch.Tensor, sampling: list[tuple]) -> torch.Tensor:
-    """Next token of each logits row with its request's sampling settings; rows that share settings (and a
-    generator) are drawn together."""
-    from s1fast.decode.decoder import _sample
-
-    groups: dict[tuple, list[int]] = {}
-    for s, key in enumerate(sampling):
-        groups.setdefault(key, []).append(s)
-    if len(groups) == 1:
-        return _sample(logits, *sampling[0])
-    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    for key, rows in groups.items():
-        index = torch.tensor(rows, device=logits.device)
-        out[index] = _sample(logits[index], *key)
-    return out
+            on_done(RowResult.from_state(state, self.decoder.tokenizer))
 
 
 @torch.inference_mode()
@@ -254,24 +229,36 @@ def run(dec, reqs: list[Request], max_rows: int, inbox: Engine | None = None) ->
     ``(request, new_token_ids)`` returning the ``GenerationResult``). With ``inbox`` (an ``Engine`` serving
     posted requests), ``reqs`` grows with the requests posted meanwhile: taken before each admission (those
     that fit the cache; a longer one waits for the next run, which sizes the cache for it), cancelled ones
-    leave at the next step, and ``inbox._finished(request, state)`` is called as each request leaves."""
+    leave at the next step, and ``inbox._finished(request, state)`` is called as each request leaves.
+
+    Pages (``dec.cache``): a request is admitted when the free pages hold its prompt plus one step (in
+    submission order: the first that does not fit waits, and the ones behind it too); before each decode step
+    every row gets the page its next token needs. When the free pages do not cover that, the step is not
+    launched: the host decides the pending tokens, and the most recently admitted rows are preempted (pages
+    freed, request put back at the front of the queue with everything it has fed, to be prefilled again when
+    pages free up) until the others can take their next feed and one more step. The oldest request always
+    fits alone (checked at submission), so the batch always makes progress; greedy tokens do not change."""
     from s1fast.decode.decoder import _bucket
 
     def new_state(r: Request) -> RowState:
         return RowState(r.prompt[-1], r.budget, r.max_new_tokens, r.stop, dec.max_seq_len - len(r.prompt))
 
     if inbox is not None:
-        reqs.extend(inbox._take(None))
+        reqs.extend(inbox._take())
     states = [new_state(r) for r in reqs]
+    most = [r.positions(dec.max_seq_len) for r in reqs]  # positions a request may ever touch
     cap = max_rows if inbox is not None else min(max_rows, len(reqs))
-    dec._ensure_cache(cap, _bucket(max(r.positions(dec.max_seq_len) for r in reqs)))
+    dec._ensure_cache(cap, _bucket(max(most)))
+    cache = dec.cache
     device = dec.device
     sync = lambda: torch.cuda.synchronize(device) if device.type == "cuda" else None  # noqa: E731
     waiting = deque(range(len(reqs)))
     slots: list[int] = []  # cache row -> request
     pos: list[int] = []  # per cache row: positions filled = where the next token goes
+    seqs: dict[int, list[int]] = {}  # request -> the tokens its row holds, then its pending feed (to recompute it)
+    admitted: dict[int, int] = {}  # request -> when it was first admitted (preemption takes the newest)
     fresh: set[int] = set()  # requests whose next decided token is their prefill's (not a decode token)
-    emitted = steps = 0
+    emitted = steps = preempted = 0
     admit_s = 0.0
 
     def sample(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -281,28 +268,45 @@ def run(dec, reqs: list[Request], max_rows: int, inbox: Engine | None = None) ->
         if masked:
             at = torch.tensor(masked, device=device)
             logits[at[:, 0], at[:, 1]] = float("-inf")
-        return _group_sample(logits, [reqs[r].sampling for r in rows])
+        return group_sample(logits, [reqs[r].sampling for r in rows])
+
+    def fits(request: Request) -> bool:  # a posted request this run's cache can hold
+        positions = request.positions(dec.max_seq_len)
+        return positions <= cache.positions and cache.pages_for(positions) <= cache.total_pages
 
     def admit() -> torch.Tensor | None:
-        """Prefill the next waiting requests into the free rows; their first tokens."""
+        """Prefill the next waiting requests into the free rows while their pages fit; their first tokens."""
         if inbox is not None:
-            taken = inbox._take(dec._k.shape[dec._seq_axis])
+            taken = inbox._take(fits)
             waiting.extend(range(len(reqs), len(reqs) + len(taken)))
             reqs.extend(taken)
             states.extend(map(new_state, taken))
+            most.extend(r.positions(dec.max_seq_len) for r in taken)
             for r in [r for r in waiting if inbox._is_cancelled(reqs[r])]:
                 waiting.remove(r)
                 states[r].finish_reason = "cancelled"
                 inbox._finished(reqs[r], states[r])
-        new = [waiting.popleft() for _ in range(min(cap - len(slots), len(waiting)))]
+        new, free = [], cache.pages_free
+        while waiting and len(slots) + len(new) < cap:
+            r = waiting[0]
+            need = cache.pages_for(min(len(seqs.get(r, reqs[r].prompt)) + 1, most[r]))  # its tokens and one step
+            if need > free:
+                break
+            free -= need
+            new.append(waiting.popleft())
         if not new:
             return None
-        new.sort(key=lambda r: -len(reqs[r].prompt))  # the prefill runs longest first
+        for r in new:
+            if r not in seqs:
+                seqs[r] = list(reqs[r].prompt)
+                fresh.add(r)
+            admitted.setdefault(r, len(admitted))
+        new.sort(key=lambda r: -len(seqs[r]))  # the prefill runs longest first
         row0 = len(slots)
+        cache.reserve([(row0 + j, min(len(seqs[r]) + 1, most[r])) for j, r in enumerate(new)])
         slots.extend(new)
-        pos.extend(len(reqs[r].prompt) for r in new)
-        fresh.update(new)
-        return sample(dec._prefill([reqs[r].prompt for r in new], row0), new)
+        pos.extend(len(seqs[r]) for r in new)
+        return sample(dec._prefill([seqs[r] for r in new], row0), new)
 
     def decide(slot: int, token: int) -> list[int] | None:
         nonlocal emitted
@@ -315,6 +319,10 @@ def run(dec, reqs: list[Request], max_rows: int, inbox: Engine | None = None) ->
         else:
             emitted += len(state.tokens) - before
         pos[slot] -= state.rewind  # s1_compat: the feed replaces what was decoded past the budget
+        if feed is not None:
+            seq = seqs[r]
+            del seq[pos[slot] :]
+            seq += feed
         return feed
 
     def news(before: list[int]) -> Iterator[tuple[int, list[int]]]:
@@ -330,32 +338,50 @@ def run(dec, reqs: list[Request], max_rows: int, inbox: Engine | None = None) ->
         dec._pos[:n] = torch.tensor(pos)
         return dec._fetch(tokens)
 
+    def leave(s: int) -> None:
+        """Row ``s`` leaves (its pages freed); the last row moves into its place."""
+        cache.free(s)
+        last = len(slots) - 1
+        if s != last:
+            cache.move(last, s)
+            slots[s], pos[s], feeds[s] = slots[last], pos[last], feeds[last]
+        del slots[last], pos[last], feeds[last]
+
+    def feed_needs() -> list[tuple[int, int]]:
+        return [(s, min(p + len(f) + 1, most[r])) for s, (p, f, r) in enumerate(zip(pos, feeds, slots))]
+
     t0 = time.perf_counter()
     pending = load(admit())
     sync()
     t1 = time.perf_counter()
     while slots:
         n = len(slots)
-        # Launch the next step on the guess that the pending tokens are fed as they are ...
-        dec._decode(n, max(pos) + 1)
-        guess = _group_sample(dec._logits[:n], [reqs[r].sampling for r in slots])
-        dec._ids[:n, 0] = guess
-        dec._pos[:n] += 1
-        speculative = dec._fetch(guess)
-        steps += 1
+        # Launch the next step on the guess that the pending tokens are fed as they are (when the pages of
+        # every row's next position are there) ...
+        step_needs = [(s, min(p + 1, most[r])) for s, (p, r) in enumerate(zip(pos, slots))]
+        launched = cache.missing(step_needs) <= cache.pages_free
+        if launched:
+            cache.reserve(step_needs)
+            dec._decode(n, max(pos) + 1)
+            guess = group_sample(dec._logits[:n], [reqs[r].sampling for r in slots])
+            dec._ids[:n, 0] = guess
+            dec._pos[:n] += 1
+            speculative = dec._fetch(guess)
+            steps += 1
         # ... and meanwhile decide on the pending tokens.
         before = [len(states[r].tokens) for r in slots]
         toks = pending()
         feeds = [decide(s, t) for s, t in enumerate(toks)]
         # kept: fed as the guess assumed (no rewind, and the guess was sampled without a mask)
-        kept = [f == [t] and not (states[r].rewind or states[r].mask_enders) for f, t, r in zip(feeds, toks, slots)]
+        kept = [launched and f == [t] and not (states[r].rewind or states[r].mask_enders)
+                for f, t, r in zip(feeds, toks, slots)]  # fmt: skip
         if all(kept) and not (inbox is not None and inbox._interrupt(len(slots) < cap)):
             yield from news(before)
             pos = [p + 1 for p in pos]
             pending = speculative
             continue
-        # An edit or a finished row: the guess stands only for rows that kept their token.
-        guessed = speculative()
+        # An edit, a finished row or no pages for the step: the guess stands only for rows that kept their token.
+        guessed = speculative() if launched else None
         for s in range(n):
             if kept[s]:
                 pos[s] += 1
@@ -367,14 +393,18 @@ def run(dec, reqs: list[Request], max_rows: int, inbox: Engine | None = None) ->
                     feeds[s], states[r].finish_reason = None, "cancelled"
                 if feeds[s] is None:
                     inbox._finished(reqs[r], states[r])
-        alive = [s for s in range(n) if feeds[s] is not None]
-        holes = [s for s in range(len(alive)) if feeds[s] is None]
-        for hole, s in zip(holes, [s for s in alive if s >= len(alive)]):
-            dec._move_row(s, hole, pos[s])
-            slots[hole], pos[hole], feeds[hole] = slots[s], pos[s], feeds[s]
-        del slots[len(alive) :], pos[len(alive) :], feeds[len(alive) :]
+        for s in reversed(range(n)):
+            if feeds[s] is None:
+                leave(s)
+        # every row takes its feed and one more step: preempt the newest rows until the pages suffice
+        while cache.missing(feed_needs()) > cache.pages_free:
+            s = max(range(len(slots)), key=lambda s: admitted[slots[s]])
+            waiting.appendleft(slots[s])  # seqs[request] holds what it fed and its feed: prefilled again later
+            leave(s)
+            preempted += 1
         parts = []
         if slots:  # one forward feeds every row its tokens (edits several at once), padded to the longest
+            cache.reserve(feed_needs())
             n, width = len(slots), max(map(len, feeds))
             ids = torch.tensor([f + f[-1:] * (width - len(f)) for f in feeds], device=device)
             last = torch.tensor([len(f) - 1 for f in feeds], device=device)
@@ -392,4 +422,4 @@ def run(dec, reqs: list[Request], max_rows: int, inbox: Engine | None = None) ->
         pending = load(parts[0] if len(parts) == 1 else torch.cat(parts))
     sync()
     t2 = time.perf_counter()
-    return dec._result(states, t1 - t0 + admit_s, t2 - t1 - admit_s, emitted, steps)
+    return dec._result(states, t1 - t0 + admit_s, t2 - t1 - admit_s, emitted, steps, preempted)

@@ -1,14 +1,14 @@
 """``s1fast generate``: budget-forced decoding of s1-style prompts with the KV-cache decoder.
 
-    s1fast generate MODEL_DIR --prompt "How many r's are in raspberry?" --max-thinking-tokens 2048 --num-waits 1
-    s1fast generate MODEL_DIR --prompts questions.jsonl --batch-size 16 --output answers.jsonl
+    s1fast generate --model MODEL_DIR --prompt "How many r's are in raspberry?" --max-thinking-tokens 2048 --num-waits 1
+    s1fast generate --model MODEL_DIR --prompts questions.jsonl --max-rows 16 --out answers.jsonl
 
 Each question is wrapped in the prompt of the reasoning format (``--format``: s1's by default, system, user,
 assistant header, then ``<|im_start|>think``; ``r1``, ``qwen3`` or ``auto``: ``s1fast.model.chat``); with
 ``--no-think`` the prompt has no thinking (s1: it stops at the assistant header; r1/qwen3: an empty
 ``<think>\n\n</think>\n\n``) and no budget forcing applies. Prints, per prompt,
-the thinking and the answer with the counts (thinking tokens, forced waits, whether the budget cut thinking),
-then the timings and the memory the decoder holds.
+the thinking and the answer with the counts (thinking tokens, forced waits, whether the budget cut thinking), or
+with ``--out`` writes them there, one JSON object per prompt; then the timings and the memory the decoder holds.
 """
 
 from __future__ import annotations
@@ -21,15 +21,14 @@ import os
 import sys
 import time
 
-import torch
-
-from s1fast.commands import DTYPES, check_device, check_model_dir, load_model, sigterm_as_interrupt
+from s1fast.commands import (add_device_arguments, check_device, check_dtype, check_model_dir, check_sampling,
+                             load_model, sigterm_as_interrupt)
 from s1fast.files import atomic_output, check_output_file
 from s1fast.model.chat import FORMAT_CHOICES
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="s1fast generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="local directory of a Qwen2/2.5/3 causal LM (transformers format)")
+    p.add_argument("--model", required=True, help="local directory of a Qwen2/2.5/3 causal LM (transformers format)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one question")
     src.add_argument("--prompts", help='JSONL file: one {"question": ...} (or {"prompt": ...}, or a string) per line')
@@ -53,14 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("runtime")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--dtype", choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--batch-size", type=int, default=16, help="rows decoded at once (continuous batching)")
+    add_device_arguments(g)
+    g.add_argument("--max-rows", type=int, default=16, help="prompts decoded at once (continuous batching)")
     g.add_argument("--max-seq-len", type=int, help="longest prompt + max-new-tokens allowed (default: the model's)")
     g.add_argument("--no-cuda-graphs", action="store_true")
     g.add_argument("--threads", type=int, help="CPU threads (default on CPU: 1 for a model under 100M parameters)")
-    g.add_argument("--output", help="write one JSON object per prompt to this JSONL file")
-    g.add_argument("--quiet", action="store_true", help="no per-prompt printing (with --output)")
+    g.add_argument("--out", help="write one JSON object per prompt to this JSONL file (instead of printing them)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
 
@@ -90,15 +88,8 @@ def _questions(args) -> list[str]:
 def main(argv: list[str]) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("max_new_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.temperature < 0:
-        parser.error(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        parser.error(f"--top-k must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.max_rows < 1:
+        parser.error(f"--max-rows must be >= 1, got {args.max_rows}")
     if args.no_think and (args.max_thinking_tokens is not None or args.num_waits or args.min_thinking_tokens):
         parser.error("--no-think turns budget forcing off: drop --max-thinking-tokens / --num-waits / --min-thinking-tokens")
     if args.max_seq_len is not None and args.max_seq_len < 2:
@@ -106,10 +97,13 @@ def main(argv: list[str]) -> int:
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     try:
+        check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed)
         device = check_device(args.device)
-        check_model_dir(args.model, "model (s1fast generate loads local models only)")
-        if args.output is not None:
-            check_output_file(args.output)
+        dtype = check_dtype(args.dtype, device)
+        check_model_dir(args.model, "--model (s1fast generate loads local models only)")
+        if args.out is not None:
+            check_output_file(args.out)
         questions = _questions(args)
     except ValueError as e:
         parser.error(str(e))
@@ -121,7 +115,6 @@ def main(argv: list[str]) -> int:
     from s1fast.decode.decoder import Decoder, set_cpu_threads
     from s1fast.decode.engine import Engine
 
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         tokenizer = load_tokenizer(args.model, args.tokenizer, args.format)
         fmt = resolve_format(args.format, tokenizer)
@@ -145,27 +138,23 @@ def main(argv: list[str]) -> int:
         parser.error(f"--max-seq-len {args.max_seq_len}: the longest prompt ({longest} tokens) plus --max-new-tokens "
                      f"{args.max_new_tokens} exceeds it (raise --max-seq-len or lower --max-new-tokens)")
 
-    def fail(message: str) -> int:
-        print(f"s1fast generate: error: {message}", file=sys.stderr)
-        return 2
-
     try:
         model = load_model(args.model, dtype=dtype, device=device)
         decoder = Decoder(model, tokenizer=tokenizer, max_seq_len=args.max_seq_len, cuda_graphs=False if args.no_cuda_graphs else None)
     except (ValueError, TypeError, NotImplementedError) as e:  # does not load; a model the decoder cannot run
-        return fail(str(e))
+        parser.error(str(e))
     note = set_cpu_threads(model, args.threads)
     if note:
         print(f"s1fast generate: {note}", file=sys.stderr)
     tokens_done = decode_tokens = prefill_s = decode_s = 0
     # token-level progress on stderr (tokens, tokens/s), fed by the decoder's stream callback
-    bar = tqdm(unit="tok", file=sys.stderr, dynamic_ncols=True, desc="generate")
+    bar = tqdm(unit="tok", file=sys.stderr, dynamic_ncols=True, desc="generate", disable=not args.progress)
     progress = lambda row, ids: bar.update(len(ids))  # noqa: E731
     try:
-        with sigterm_as_interrupt(), (atomic_output(args.output) if args.output else contextlib.nullcontext()) as out:
-            # continuous batching: --batch-size rows, each refilled with the next prompt as soon as one finishes;
+        with sigterm_as_interrupt(), (atomic_output(args.out) if args.out else contextlib.nullcontext()) as out:
+            # continuous batching: --max-rows rows, each refilled with the next prompt as soon as one finishes;
             # prompt i samples with seed + i, whatever the batch size
-            engine = Engine(decoder, max_rows=args.batch_size)
+            engine = Engine(decoder, max_rows=args.max_rows)
             for i, p in enumerate(prompts):
                 engine.submit(p, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=None if args.seed is None else args.seed + i, stop_token_ids=stop,
@@ -180,20 +169,20 @@ def main(argv: list[str]) -> int:
                 record = {"index": i, "question": questions[i], **dataclasses.asdict(row)}
                 if out is not None:
                     out.write(json.dumps(record) + "\n")
-                if not args.quiet:
+                else:
                     bar.clear()
                     _print_row(i, row, budget is not None)
-            if not args.quiet and len(prompts) > 1:
+            if len(prompts) > 1:
                 bar.clear()
-                print(f"[{len(prompts)} prompts on {min(args.batch_size, len(prompts))} rows: {wall:.2f} s, "
+                print(f"[{len(prompts)} prompts on {min(args.max_rows, len(prompts))} rows: {wall:.2f} s, "
                       f"{result.decode_tokens_per_s:.1f} decode tokens/s]")
     except (ValueError, KeyboardInterrupt) as e:  # a prompt too long for the model's max_seq_len; Ctrl-C, SIGTERM
         bar.close()
-        kept = "" if args.output is None else f"; {args.output} left as it was"
+        kept = "" if args.out is None else f"; {args.out} left as it was"
         if isinstance(e, KeyboardInterrupt):
             print(f"s1fast generate: interrupted{kept}", file=sys.stderr)
             return 130
-        return fail(f"{e}{kept}")
+        parser.error(f"{e}{kept}")
     bar.close()
     mem = decoder.memory()
     print(

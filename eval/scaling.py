@@ -2,9 +2,9 @@
 
 For every point of a sweep (a maximum thinking budget and a number of forced "Wait"s), every problem of a
 JSONL / parquet / Hugging Face dataset (MATH-500, AIME, GPQA Diamond: :mod:`s1fast.eval.problems`) is decoded
-``--samples`` times with budget forcing in batches by one reused :class:`s1fast.model.Decoder`, each answer is
-extracted and graded with math-verify (:mod:`s1fast.eval.grading`), and the point
-is written atomically to ``OUT/points/<point>.json`` with the settings it was computed with. A rerun with the
+``--samples`` times with budget forcing on ``--max-rows`` rows of one reused :class:`s1fast.decode.Decoder`
+(continuous batching), each answer is extracted and graded with math-verify (:mod:`s1fast.eval.grading`), and
+the point is written atomically to ``OUT/points/<point>.json`` with the settings it was computed with. A rerun with the
 same settings skips finished points, so a crashed or extended sweep only computes what is missing; a point
 file computed with other settings is refused, naming it and what differs (the model is known by its path:
 evaluate new weights saved over old ones in a new ``OUT``), as is a corrupt one. One eval at a time holds
@@ -45,17 +45,16 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from s1fast.eval.grading import answer_classes, is_correct, parse_answer
 from s1fast.eval.problems import EXAMPLE_PROBLEMS, load_problems
 from s1fast.model.chat import FORMAT_CHOICES, load_tokenizer, resolve_format
-from s1fast.commands import check_device, check_model_dir, load_model, sigterm_as_interrupt
+from s1fast.commands import (add_device_arguments, check_device, check_dtype, check_model_dir, check_sampling,
+                             default_device, load_model, sigterm_as_interrupt)
 from s1fast.files import write_atomic
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -310,7 +309,7 @@ class EvalConfig:
     answer_field: str | None = None
     limit: int | None = None
     split: str = "test"
-    batch_size: int = 16
+    max_rows: int = 16  # problems (samples) decoded at once
     max_new_tokens: int = 32768
     max_answer_tokens: int = 2048
     temperature: float | None = None  # None: 0 (greedy) for one sample, SAMPLED's for several
@@ -319,8 +318,8 @@ class EvalConfig:
     seed: int | None = 0
     samples: int = 1  # per problem and point: pass@1 is their mean; cons@k and pass@k over them
     choice_seed: int = 0  # shuffles GPQA's options
-    dtype: str = "auto"
-    device: str = "auto"
+    dtype: str | None = None  # a key of commands.DTYPES; None: commands.default_dtype(device)
+    device: str = field(default_factory=default_device)
     progress: bool = True
     s1_compat: bool = False  # BudgetForcing.s1_compat: s1's evaluation code, quirks included
     format: str = "s1"  # reasoning format (s1fast.model.chat.FORMAT_CHOICES)
@@ -376,25 +375,21 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     if sampled and temperature == 0:
         raise ValueError(f"samples: {cfg.samples} greedy samples (temperature 0) would all be the same; "
                          "give --temperature > 0 or leave it to the default")
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {cfg.batch_size!r}")
+    if cfg.max_rows < 1:
+        raise ValueError(f"max_rows: expected a positive integer, got {cfg.max_rows!r}")
     if cfg.threads is not None and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 1):
         raise ValueError(f"threads: expected None or a positive integer, got {cfg.threads!r}")
-    if cfg.max_new_tokens < 1 or cfg.max_answer_tokens < 1:
-        raise ValueError(f"max_new_tokens and max_answer_tokens: expected positive integers, got "
-                         f"{cfg.max_new_tokens!r} and {cfg.max_answer_tokens!r}")
+    check_sampling(max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_k=cfg.top_k, top_p=top_p,
+                   seed=cfg.seed)
+    device = check_device(cfg.device)
+    dtype = check_dtype(cfg.dtype, device)
+    if cfg.max_answer_tokens < 1:
+        raise ValueError(f"max_answer_tokens: expected a positive integer, got {cfg.max_answer_tokens!r}")
     if not os.path.isdir(cfg.model) and (cfg.model.count("/") != 1 or cfg.model.startswith((".", "/", "~"))):
-        raise FileNotFoundError(f"model {cfg.model!r}: no such directory, and not a Hugging Face name (owner/name)")
+        raise FileNotFoundError(f"--model {cfg.model!r}: no such directory, and not a Hugging Face name (owner/name)")
     if os.path.isdir(cfg.model):
         check_model_dir(cfg.model)
-    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature!r} and {top_p!r}")
     points = sweep(cfg.budgets, cfg.waits)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    check_device(device, "device")
-    dtype_name = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if torch.device(device).type == "cuda" else "float32"
-    if dtype_name not in DTYPES:
-        raise ValueError(f"dtype: expected 'auto' or one of {sorted(DTYPES)}, got {cfg.dtype!r}")
     problems = load_problems(cfg.problems, question_field=cfg.question_field, answer_field=cfg.answer_field,
                              limit=cfg.limit, split=cfg.split, choice_seed=cfg.choice_seed)
     def where(name: str | None) -> str | None:  # local paths absolute, so a rerun from elsewhere matches
@@ -405,7 +400,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         "problems_sha256": hashlib.sha256(json.dumps(problems, sort_keys=True).encode()).hexdigest(),
         "num_problems": len(problems), "max_new_tokens": cfg.max_new_tokens,
         "max_answer_tokens": cfg.max_answer_tokens, "temperature": temperature, "top_k": cfg.top_k,
-        "top_p": top_p, "seed": cfg.seed, "dtype": dtype_name,
+        "top_p": top_p, "seed": cfg.seed, "dtype": str(dtype).removeprefix("torch."),  # float32, bfloat16, ...
         "grader": f"math-verify {importlib.metadata.version('math-verify')}",
         **({"samples": cfg.samples} if sampled else {}),
         **({"s1_compat": True} if cfg.s1_compat else {}),  # absent when off: runs from before it still resume
@@ -413,11 +408,11 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     }
     os.makedirs(os.path.join(cfg.out, "points"), exist_ok=True)
     with _exclusive(cfg.out):
-        return _run(cfg, settings, points, problems, device, dtype_name)
+        return _run(cfg, settings, points, problems, device, dtype)
 
 
-def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: list[dict], device: str,
-         dtype_name: str) -> list[dict]:
+def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: list[dict], device: torch.device,
+         dtype: torch.dtype) -> list[dict]:
     """``evaluate`` once ``cfg.out`` is held: check the finished points, decode the missing ones, report."""
     from tqdm.auto import tqdm
 
@@ -433,7 +428,7 @@ def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: li
     if pending:
         tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, cfg.format)
         fmt = resolve_format(cfg.format, tokenizer)
-        model = load_model(cfg.model, dtype=DTYPES[dtype_name], device=device)
+        model = load_model(cfg.model, dtype=dtype, device=device)
         note = set_cpu_threads(model, cfg.threads)
         if note:
             print(f"s1fast eval: {note}", file=sys.stderr)
@@ -460,12 +455,12 @@ def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: li
             bar.set_description(point.key)
             forcing = replace(base, max_thinking_tokens=point.max_thinking_tokens, num_waits=point.num_waits)
             records, answers, elapsed = [], [], 0.0
-            # one engine run per point: cfg.batch_size rows, each refilled as soon as its row finishes
+            # one engine run per point: cfg.max_rows rows, each refilled as soon as its row finishes
             for batch in (rows_of,):
                 t0 = time.perf_counter()
                 rows = decode_batch(decoder, [prompts[i] for i, _ in batch], forcing,
                                     max_new_tokens=new_tokens(point), stop_token_ids=stop_ids, tokenizer=tokenizer,
-                                    sampling={**sampling, "seed": cfg.seed}, max_rows=cfg.batch_size)
+                                    sampling={**sampling, "seed": cfg.seed}, max_rows=cfg.max_rows)
                 elapsed += time.perf_counter() - t0
                 for (i, s), row in zip(batch, rows):
                     text = row.pop("answer_text")
@@ -526,7 +521,7 @@ def _positive(value: str) -> int:
     return n
 
 
-def parse_args(argv: list[str]) -> EvalConfig:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="s1fast eval", description=__doc__.split("\n\n")[0],
                                 epilog="example:\n" + __doc__.split("\n\n")[-1].rstrip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -547,7 +542,7 @@ def parse_args(argv: list[str]) -> EvalConfig:
     p.add_argument("--choice-seed", type=int, default=0, help="seed of the shuffle of GPQA's options")
     p.add_argument("--limit", type=_positive, help="use only the first N problems")
     p.add_argument("--split", default="test", help="split of a dataset given by name")
-    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--max-rows", type=_positive, default=16, help="problems (samples) decoded at once (default 16)")
     p.add_argument("--max-new-tokens", type=_positive, default=32768,
                    help="cap on generated tokens (thinking, injected and answer) for every point")
     p.add_argument("--max-answer-tokens", type=_positive, default=2048,
@@ -560,23 +555,26 @@ def parse_args(argv: list[str]) -> EvalConfig:
     p.add_argument("--top-k", type=_positive)
     p.add_argument("--top-p", type=float, help=f"default: none for one sample, {SAMPLED['top_p']} for several")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_device_arguments(p)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--s1-compat", action="store_true",
                    help="budget forcing exactly as s1's evaluation code, its two quirks included (see the README)")
     p.add_argument("--threads", type=_positive, help="CPU threads (default on CPU: 1 for a model under 100M parameters)")
-    return EvalConfig(**vars(p.parse_args(argv)))
+    return p
+
+
+def parse_args(argv: list[str]) -> EvalConfig:
+    return EvalConfig(**vars(_parser().parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(sys.argv[1:] if argv is None else list(argv))
+    parser = _parser()
+    cfg = EvalConfig(**vars(parser.parse_args(sys.argv[1:] if argv is None else list(argv))))
     try:
         with sigterm_as_interrupt():  # SIGTERM as Ctrl-C: temporary files are removed on the way out
             summaries = evaluate(cfg)
     except (ValueError, OSError, ImportError) as e:  # bad problems, model, tokenizer, settings or output directory
-        print(f"s1fast eval: error: {e}", file=sys.stderr)
-        return 2
+        parser.error(str(e))
     except KeyboardInterrupt:
         print(f"s1fast eval: interrupted; finished points are kept in {cfg.out}: rerun to resume", file=sys.stderr)
         return 130

@@ -1,7 +1,10 @@
 """Fused Triton kernels for Qwen training and decoding, exact to PyTorch, forward and backward.
 
-One file per kernel; each holds the Triton kernel(s), launcher, autograd Function, functional API and a
-plain-PyTorch reference of the same function (``*_reference``). See ``_common`` for the dispatch rule.
+One file per kernel, each in one order: the math (module docstring), tuning constants with their reasons,
+``_config``, the Triton kernels, the launch arguments (``_*_args``) and launchers (``_launch_*``), the autograd
+Function (``_XxxFunction``), ``_check``, the public function, the plain-PyTorch ``*_reference`` and
+``kernel_specs`` (built from the launchers' own ``_*_args`` by ``_common.launch_spec``). Pointer arguments are
+named ``*_ptr``. See ``_common`` for the dispatch rule.
 """
 
 from s1fast.kernels._common import force_backend, interpreting
@@ -11,12 +14,15 @@ from s1fast.kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
 )
-from s1fast.kernels.rms_norm import RMSNorm, rms_norm, rms_norm_reference
+from s1fast.kernels.rms_norm import RMSNorm, add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from s1fast.kernels.rope import apply_rope, apply_rope_reference
+from s1fast.kernels.rope_kv_write import rope_kv_write, rope_kv_write_reference
 from s1fast.kernels.swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "RMSNorm",
+    "add_rms_norm",
+    "add_rms_norm_reference",
     "apply_rope",
     "apply_rope_reference",
     "cross_entropy",
@@ -29,6 +35,8 @@ __all__ = [
     "interpreting",
     "rms_norm",
     "rms_norm_reference",
+    "rope_kv_write",
+    "rope_kv_write_reference",
     "swiglu",
     "swiglu_reference",
 ]

@@ -111,7 +111,8 @@ def check_tensor(
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if t.dim() not in allowed:
-            raise ValueError(f"{fn}: {name} must have {' or '.join(map(str, allowed))} dims, got shape {tuple(t.shape)}")
+            dims = " or ".join(map(str, allowed))
+            raise ValueError(f"{fn}: {name} must have {dims} dims, got shape {tuple(t.shape)}")
     if dtypes is not None:
         allowed_dtypes = tuple(dtypes)
         if t.dtype not in allowed_dtypes:
@@ -183,23 +184,40 @@ class KernelSpec:
     config: str = ""  # human-readable, e.g. "BLOCK=1024 warps=4"
 
 
+def launch_spec(name: str, fn, args: list, constexprs: dict, num_warps: int, num_stages: int = 1,
+                config: str = "") -> KernelSpec:
+    """The ``KernelSpec`` of a launch from the launcher's own runtime arguments ``args`` (meta tensors and
+    numbers, in the kernel's order, from the same ``_*_args`` function the launcher calls): the signature is
+    derived from them, never typed by hand."""
+    names = [a for a in fn.arg_names if a not in constexprs]
+    signature = {n: triton_type(a) for n, a in zip(names, args, strict=True)}
+    return KernelSpec(name, fn, signature, dict(constexprs), num_warps, num_stages, config)
+
+
 # ------------------------------------------------------------------------------ scaling by grad_output
-_SCALE_BLOCK = 4096  # elements per program and loop step: 16 per thread at 8 warps (128-bit accesses in bf16/fp32)
+# Elements per program and loop step: 16 per thread at 8 warps (128-bit accesses in bf16/fp32).
+_SCALE_BLOCK = 4096
+# Programs per SM of the grid-stride loop: 4 x 8 warps = 1,024 threads, half of what an sm_90 SM holds (not tuned).
 _SCALE_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
-def _scale_kernel(X, OUT, GO, n, BLOCK: tl.constexpr, IN_PLACE: tl.constexpr):
-    """OUT = X * GO[0] (cast to OUT's dtype), grid-stride. In place, programs return at once when the scale
-    is exactly 1 (``loss.backward()``): no byte of X is read or written, and no host sync decides it."""
-    go = tl.load(GO).to(tl.float32)
+def _scale_kernel(x_ptr, out_ptr, go_ptr, n, BLOCK: tl.constexpr, IN_PLACE: tl.constexpr):
+    """out = x * go[0] (cast to out's dtype), grid-stride. In place, programs return at once when the scale
+    is exactly 1 (``loss.backward()``): no byte of x is read or written, and no host sync decides it."""
+    go = tl.load(go_ptr).to(tl.float32)
     if (go != 1.0) or (not IN_PLACE):
         offs = tl.arange(0, BLOCK)
         step = tl.num_programs(0).to(tl.int64) * BLOCK
         for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, step):
             mask = start + offs < n
-            x = tl.load(X + start + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(OUT + start + offs, (x * go).to(OUT.dtype.element_ty), mask=mask)
+            x = tl.load(x_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + start + offs, (x * go).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _scale_args(x: torch.Tensor, out: torch.Tensor, go: torch.Tensor) -> list:
+    """The scaling kernel's runtime arguments in order (shared by ``scaled`` and ``scale_kernel_specs``)."""
+    return [x, out, go, x.numel()]
 
 
 def scaled(x: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -214,7 +232,7 @@ def scaled(x: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype | None
     if n:
         programs = persistent_programs(triton.cdiv(n, _SCALE_BLOCK), x.device, _SCALE_PROGRAMS_PER_SM, 4)
         with on_device(x):
-            _scale_kernel[(programs,)](x, out, grad_output.to(torch.float32).reshape(1), n,
+            _scale_kernel[(programs,)](*_scale_args(x, out, grad_output.to(torch.float32).reshape(1)),
                                        BLOCK=_SCALE_BLOCK, IN_PLACE=out is x, num_warps=8)
     if out is x:
         torch.autograd.graph.increment_version(x)  # as mul_ would: autograd sees x was modified in place
@@ -223,10 +241,9 @@ def scaled(x: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype | None
 
 def scale_kernel_specs(dtype: torch.dtype) -> list[KernelSpec]:
     """The scaling kernel as ``scaled`` launches it for an fp32 accumulator: in place, and cast to ``dtype``."""
-    t = TRITON_DTYPES[dtype]
+    acc = torch.empty(_SCALE_BLOCK, dtype=torch.float32, device="meta")
+    go = torch.empty(1, dtype=torch.float32, device="meta")
     config = f"BLOCK={_SCALE_BLOCK} warps=8"
-    sig = lambda out: {"X": "*fp32", "OUT": f"*{out}", "GO": "*fp32", "n": "i32"}  # noqa: E731
-    return [KernelSpec("scale_inplace", _scale_kernel, sig("fp32"), {"BLOCK": _SCALE_BLOCK, "IN_PLACE": True}, 8,
-                       config=config),
-            KernelSpec(f"scale_cast_{t}", _scale_kernel, sig(t), {"BLOCK": _SCALE_BLOCK, "IN_PLACE": False}, 8,
-                       config=config)]
+    return [launch_spec(name, _scale_kernel, _scale_args(acc, out, go), {"BLOCK": _SCALE_BLOCK, "IN_PLACE": out is acc},
+                        8, config=config)
+            for name, out in (("scale_inplace", acc), (f"scale_cast_{TRITON_DTYPES[dtype]}", acc.to(dtype)))]

@@ -1,51 +1,17 @@
-"""Cross-entropy over ``[N, V]`` logits with the gradient produced in the forward pass.
+"""Cross-entropy over ``[N, V]`` logits, with the gradient written by one more sweep (or in the forward).
 
-Math (per row ``i`` with label ``y``, smoothing ``eps``, z-loss weight ``z``, ``V`` classes)::
+Per row ``i`` with label ``y``, smoothing ``eps``, z-loss weight ``z``, ``V`` classes::
 
     lse_i  = log sum_j exp(x_ij)                                   (online softmax in fp32)
     loss_i = (1 - eps) * (lse_i - x_iy) + eps * (lse_i - mean_j x_ij) + z * lse_i**2
     dloss_i/dx_ij = p_ij * (1 + 2 z lse_i) - eps / V - (1 - eps) * [j == y],   p_ij = exp(x_ij - lse_i)
 
-``eps`` spreads ``eps / V`` over every class, exactly as ``torch.nn.functional.cross_entropy``'s
-``label_smoothing`` does. Rows whose label is ``ignore_index`` have loss 0 and gradient 0. ``reduction``:
-"mean" = sum over rows / max(#non-ignored, 1), "sum", "none" (per-row fp32). The loss is accumulated and
-returned in fp32 (float64 inputs: float64).
-
-Where this differs from ``torch.nn.functional.cross_entropy`` (and so from transformers' loss): when every
-label is ``ignore_index``, "mean" gives 0.0 with zero gradients, where PyTorch gives NaN (0 / 0). On
-purpose: one fully masked micro-batch must not turn a whole gradient-accumulation step into NaN.
-``-inf`` logits (masked vocabulary entries) behave as in PyTorch: without smoothing the loss stays finite
-(the smoothing term, which would be ``0 * inf``, is left out when ``eps == 0``); with smoothing the loss is
-``+inf`` (``mean_j x_ij`` is ``-inf``) and the gradient is finite, as PyTorch's.
-
-Forward and backward (``cross_entropy``): the forward reads each row once (online max / sum-exp / sum of x)
-and stores the loss and the row's fp32 log-sum-exp; the backward reads the row once more and writes
-``scale * dloss/dx`` in the same sweep, where ``scale`` = grad_output (times 1 / count for "mean", computed on
-the device) is read by the kernel from device memory: no pass over ``[N, V]`` only to scale, no host sync,
-and nothing ``[N, V]``-sized is held between forward and backward (only the logits autograd keeps anyway).
-
-Bytes per non-ignored row (``s`` = element size; the minimum is one read and one write, ``2 V s``): forward
-``V s``, backward ``2 V s``: ``3 V s`` = 1.5x the minimum, plus per-row scalars (label twice, lse written and
-read: < 0.01% at V = 151,936). Ignored rows: the backward writes zeros (``V s``), nothing is read.
-``s1fast bench inspect`` counts these bytes under the interpreter and CI bounds them.
-
-The fused variant (``cross_entropy_rows`` with ``grad``; what the fused linear cross-entropy runs in place over a
-logits chunk it owns, with the scale known in the forward) writes the gradient in the forward: sweep 1 reads
-the row, sweep 2 reads it again and writes the gradient (``3 V s``).
-
-Toward one read (``2 V s``, 1.0x): the second read exists because a 297 KiB bf16 row (V = 151,936) does not
-fit one SM's registers / 228 KiB of shared memory. Splitting each row over a thread-block cluster (sm_90:
-up to 16 CTAs whose shared memory is addressable across the cluster) keeps the row on chip between the
-reduction (max / sum-exp exchanged over distributed shared memory) and the gradient write, as QuACK does;
-the gradient must then be written in the forward, so grad_output has to be folded into its consumer (the
-GEMMs of the fused linear cross-entropy take it for free; a plain ``cross_entropy`` would scale in a
-kernel that returns at once when grad_output is 1, see ``kernels._common.scale_``). Needs Triton cluster
-support (or CuTe DSL) and is not done yet.
-
-Labels outside ``[0, V)`` that are not ``ignore_index``: on CPU tensors a ``ValueError`` names the first
-bad position and value (checking is free there). On CUDA there is no host sync: that row's loss and
-gradient come out NaN (so the mean loss is NaN); set ``S1FAST_CHECK_LABELS=1`` for the eager (syncing)
-check on CUDA too.
+``eps`` spreads ``eps / V`` over every class, as ``torch.nn.functional.cross_entropy``'s ``label_smoothing``.
+Rows whose label is ``ignore_index`` have loss 0 and gradient 0. ``reduction``: "mean" = sum over rows /
+max(#non-ignored, 1), "sum", "none" (per-row). Loss in fp32 (float64 inputs: float64). Plan: the forward
+kernel reads each row once and stores the loss and the row's log-sum-exp; the backward kernel reads the row
+once more and writes ``scale * dloss/dx``, ``scale`` (grad_output, times 1 / count for "mean") read from device
+memory: no pass over ``[N, V]`` only to scale, no host sync, nothing ``[N, V]``-sized held between the two.
 """
 
 from __future__ import annotations
@@ -56,14 +22,38 @@ import torch
 import triton
 import triton.language as tl
 
-from s1fast.kernels._common import FLOAT_DTYPES, TRITON_DTYPES, KernelSpec
+from s1fast.kernels._common import FLOAT_DTYPES, KernelSpec, launch_spec
 from s1fast.kernels._common import check_same_device, check_tensor, on_device, spec_dtype, use_triton
 
+_FN = "cross_entropy"
 _REDUCTIONS = ("mean", "sum", "none")
 _INT_DTYPES = (torch.int64, torch.int32)
 
 
-# ----------------------------------------------------------------------------------------------- kernel
+def _config(V: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a row of V logits; shared by the launcher and ``kernel_specs``.
+
+    8192-wide blocks with 16 warps: each thread holds 16 elements per block (two 128-bit loads in bf16,
+    four in fp32), few loop iterations (19 for V = 151,936, 2.4% masked tail). Small V shrinks both.
+    """
+    block = min(8192, triton.next_power_of_2(max(V, 1)))
+    return block, max(1, min(16, block // 512))
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+# Bytes per non-ignored row (``s`` = element size; the minimum is one read and one write, ``2 V s``): forward
+# ``V s``, backward ``2 V s``: ``3 V s`` = 1.5x the minimum, plus per-row scalars (label twice, lse written and
+# read: < 0.01% at V = 151,936). Ignored rows: the backward writes zeros (``V s``), nothing is read.
+# ``s1fast bench inspect`` counts these bytes under the interpreter and CI bounds them.
+#
+# Toward one read (``2 V s``, 1.0x): the second read exists because a 297 KiB bf16 row (V = 151,936) does not
+# fit one SM's registers / 228 KiB of shared memory. Splitting each row over a thread-block cluster (sm_90: up
+# to 16 CTAs whose shared memory is addressable across the cluster) keeps the row on chip between the reduction
+# (max / sum-exp exchanged over distributed shared memory) and the gradient write, as QuACK does; the gradient
+# must then be written in the forward, so grad_output has to be folded into its consumer (the GEMMs of the fused
+# linear cross-entropy take it for free; a plain ``cross_entropy`` would scale in a kernel that returns at once
+# when grad_output is 1, see ``kernels._common.scaled``). Needs Triton cluster support (or CuTe DSL) and is not
+# done yet.
 @triton.jit
 def _zero_row(grad_ptr, V, BLOCK_V: tl.constexpr):
     """Write a row of zeros (an ignored row's gradient): V stores, no loads."""
@@ -75,8 +65,8 @@ def _zero_row(grad_ptr, V, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _grad_row(logits_ptr, grad_ptr, label, lse, scale, V, label_smoothing, z_loss, BLOCK_V: tl.constexpr):
-    """One sweep over a row: read x, write scale * dloss/dx from the row's lse (see the module docstring).
-    An out-of-range label gives a NaN row."""
+    """One sweep over a row: read x, write scale * dloss/dx from the row's lse. An out-of-range label gives a
+    NaN row."""
     offs = tl.arange(0, BLOCK_V)
     poison = tl.where((label >= 0) & (label < V), 0.0, float("nan"))
     p_coef = (1.0 + 2.0 * z_loss * lse) * scale
@@ -166,49 +156,55 @@ def _cross_entropy_bwd_kernel(
                   label_smoothing, z_loss, BLOCK_V)
 
 
-def _config(V: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for a row of V logits; shared by the launcher and ``kernel_specs``.
+# ------------------------------------------------------------------------------ launch arguments, launchers
+def _fwd_args(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse) -> list:
+    """The forward kernel's runtime arguments in order (shared by the launcher and ``kernel_specs``). The
+    pointers a launch does not use (no ``grad``, ``lse`` or ``scale``) point at ``logits`` / ``loss``."""
+    grad = grad if grad is not None else logits
+    return [logits, grad, labels, loss, lse if lse is not None else loss, scale if scale is not None else loss,
+            logits.stride(0), grad.stride(0), logits.shape[1], ignore_index, float(label_smoothing), float(z_loss)]
 
-    8192-wide blocks with 16 warps: each thread holds 16 elements per block (two 128-bit loads in bf16,
-    four in fp32), few loop iterations (19 for V = 151,936, 2.4% masked tail). Small V shrinks both.
-    """
-    block = min(8192, triton.next_power_of_2(max(V, 1)))
-    return block, max(1, min(16, block // 512))
+
+def _fwd_constexprs(V: int, grad, scale, lse) -> dict:
+    return dict(BLOCK_V=_config(V)[0], WRITE_GRAD=grad is not None,
+                PER_ROW_SCALE=scale is not None and scale.dim() == 1, STORE_LSE=lse is not None)
 
 
-def _launch(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse=None):
+def _bwd_args(logits, labels, lse, grad, scale, ignore_index, label_smoothing, z_loss) -> list:
+    return [logits, grad, labels, lse, scale, logits.stride(0), grad.stride(0), logits.shape[1], ignore_index,
+            float(label_smoothing), float(z_loss)]
+
+
+def _bwd_constexprs(V: int, scale) -> dict:
+    return dict(BLOCK_V=_config(V)[0], PER_ROW_SCALE=scale.dim() == 1)
+
+
+def _launch_fwd(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse=None):
     N, V = logits.shape
-    if N == 0:
-        return
-    block, warps = _config(V)
-    grad_arg = grad if grad is not None else logits  # unused pointers when WRITE_GRAD / STORE_LSE are False
-    _cross_entropy_kernel[(N,)](
-        logits, grad_arg, labels, loss, lse if lse is not None else loss, scale if scale is not None else loss,
-        logits.stride(0), grad_arg.stride(0), V, ignore_index, float(label_smoothing), float(z_loss),
-        BLOCK_V=block, WRITE_GRAD=grad is not None, PER_ROW_SCALE=scale is not None and scale.dim() == 1,
-        STORE_LSE=lse is not None,
-        num_warps=warps,
-    )
+    if N:
+        _cross_entropy_kernel[(N,)](
+            *_fwd_args(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse),
+            **_fwd_constexprs(V, grad, scale, lse), num_warps=_config(V)[1],
+        )
 
 
 def _launch_bwd(logits, labels, lse, grad, scale, ignore_index, label_smoothing, z_loss):
     N, V = logits.shape
-    if N == 0:
-        return
-    block, warps = _config(V)
-    _cross_entropy_bwd_kernel[(N,)](
-        logits, grad, labels, lse, scale,
-        logits.stride(0), grad.stride(0), V, ignore_index, float(label_smoothing), float(z_loss),
-        BLOCK_V=block, PER_ROW_SCALE=scale.dim() == 1, num_warps=warps,
-    )
+    if N:
+        _cross_entropy_bwd_kernel[(N,)](
+            *_bwd_args(logits, labels, lse, grad, scale, ignore_index, label_smoothing, z_loss),
+            **_bwd_constexprs(V, scale), num_warps=_config(V)[1],
+        )
 
 
+# The same per-row contract in plain PyTorch: the path of CPU tensors outside the interpreter and of float64.
 def _upcast(logits):
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def _rows_torch(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse=None):
-    """The kernel's contract in plain PyTorch (fp32 math, float64 for float64 input); ``grad`` may be ``logits``."""
+    """The kernel's contract in plain PyTorch (fp32 math, float64 for float64 input); ``grad`` may be
+    ``logits``."""
     V = logits.shape[1]
     x = _upcast(logits)
     valid = labels != ignore_index
@@ -238,23 +234,28 @@ def _grad_torch(x, labels, lse, grad, scale, ignore_index, label_smoothing, z_lo
     # softmax written straight into grad when the dtypes allow (x is no longer read after this point)
     g = grad if grad.dtype == x.dtype else torch.empty_like(x)
     torch.sub(x, lse.unsqueeze(1), out=g).exp_()
-    g.mul_(((1 + 2 * z_loss * lse) * scale).unsqueeze(1)).sub_((label_smoothing / V * scale - poison).unsqueeze(1))
+    g.mul_(((1 + 2 * z_loss * lse) * scale).unsqueeze(1))
+    g.sub_((label_smoothing / V * scale - poison).unsqueeze(1))
     g.scatter_add_(1, safe, (-(1 - label_smoothing) * scale).unsqueeze(1))
     g.masked_fill_(~valid.unsqueeze(1), 0.0)  # ignored rows: exactly 0 whatever their logits (+-inf included)
     if g is not grad:
         grad.copy_(g)
 
 
+# The fused variant (``cross_entropy_rows`` with ``grad``; what the fused linear cross-entropy runs in place over a
+# logits chunk it owns, with the scale known in the forward) writes the gradient in the forward: sweep 1 reads the
+# row, sweep 2 reads it again and writes the gradient (``3 V s``).
 def cross_entropy_rows(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse=None):
     """Per-row loss into ``loss`` (fp32 [N]) and, if ``grad`` is given, ``scale * dloss/dlogits`` into it.
 
-    ``scale`` is a 0-d or [N] fp32 tensor on the logits' device (None when ``grad`` is None). ``grad`` may be ``logits`` itself (in-place,
-    each element is read before it is overwritten by the same program). ``lse`` (fp32 [N], optional) receives
-    each row's log-sum-exp (0 for ignored rows) for ``cross_entropy_grad_rows``. Triton or PyTorch per
-    ``use_triton``; float64 always runs PyTorch. Inputs are assumed validated (see ``check_labels``).
+    ``scale`` is a 0-d or [N] fp32 tensor on the logits' device (None when ``grad`` is None). ``grad`` may be
+    ``logits`` itself (in-place, each element is read before it is overwritten by the same program). ``lse``
+    (fp32 [N], optional) receives each row's log-sum-exp (0 for ignored rows) for ``cross_entropy_grad_rows``.
+    Triton or PyTorch per ``use_triton``; float64 always runs PyTorch. Inputs are assumed validated (see
+    ``check_labels``).
     """
     if logits.dtype in FLOAT_DTYPES and use_triton(logits):
-        _launch(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse)
+        _launch_fwd(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse)
     else:
         _rows_torch(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse)
 
@@ -268,44 +269,15 @@ def cross_entropy_grad_rows(logits, labels, lse, grad, scale, ignore_index, labe
         _grad_torch(_upcast(logits), labels, lse, grad, scale, ignore_index, label_smoothing, z_loss)
 
 
-# ----------------------------------------------------------------------------------------- validation
-def check_options(fn: str, reduction: str, label_smoothing: float, z_loss: float) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not float(z_loss) >= 0.0:
-        raise ValueError(f"{fn}: z_loss must be >= 0, got {z_loss}")
-
-
-def check_labels(fn: str, labels: torch.Tensor, V: int, ignore_index: int) -> None:
-    """Eager label range check: always on CPU, on CUDA only with ``S1FAST_CHECK_LABELS=1`` (it syncs).
-
-    Skipped while torch.compile traces (the data-dependent branch would break the graph); the compiled
-    kernel still writes NaN for an out-of-range label."""
-    if torch.compiler.is_compiling():
-        return
-    if labels.is_cuda and os.environ.get("S1FAST_CHECK_LABELS", "0") in ("", "0"):
-        return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-    if bool(bad.any()):
-        pos = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"{fn}: labels[{pos}] = {int(labels[pos])} is outside [0, {V}) (V = {V}) and is not "
-            f"ignore_index ({ignore_index})"
-        )
-
-
+# -------------------------------------------------------------------------------------------- autograd
 def mean_scale(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """1 / max(#labels != ignore_index, 1) as a 0-d fp32 device tensor (no host sync)."""
     return (labels != ignore_index).sum().clamp(min=1).to(torch.float32).reciprocal()
 
 
-# ------------------------------------------------------------------------------------------- autograd
-class _CrossEntropy(torch.autograd.Function):
+class _CrossEntropyFunction(torch.autograd.Function):
     """Forward: loss and per-row lse in one read of the logits. Backward: one more read and one write (the
-    gradient, with grad_output read from device memory inside the kernel). 3 V s bytes per row in all, 1.5x
-    the minimum (read once, write once); see the module docstring."""
+    gradient, with grad_output read from device memory inside the kernel)."""
 
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, reduction, label_smoothing, z_loss, grad_enabled):
@@ -336,6 +308,54 @@ class _CrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+# ---------------------------------------------------------------------------------------------- checks
+def check_options(fn: str, reduction: str, label_smoothing: float, z_loss: float) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not float(z_loss) >= 0.0:
+        raise ValueError(f"{fn}: z_loss must be >= 0, got {z_loss}")
+
+
+def check_labels(fn: str, labels: torch.Tensor, V: int, ignore_index: int) -> None:
+    """Eager label range check: always on CPU, on CUDA only with ``S1FAST_CHECK_LABELS=1`` (it syncs).
+
+    Labels outside ``[0, V)`` that are not ``ignore_index``: on CPU tensors a ``ValueError`` names the first bad
+    position and value (checking is free there). On CUDA there is no host sync: that row's loss and gradient
+    come out NaN (so the mean loss is NaN). Skipped while torch.compile traces (the data-dependent branch would
+    break the graph); the compiled kernel still writes NaN for an out-of-range label."""
+    if torch.compiler.is_compiling():
+        return
+    if labels.is_cuda and os.environ.get("S1FAST_CHECK_LABELS", "0") in ("", "0"):
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{fn}: labels[{pos}] = {int(labels[pos])} is outside [0, {V}) (V = {V}) and is not "
+            f"ignore_index ({ignore_index})"
+        )
+
+
+def _check(logits, labels, ignore_index, reduction, label_smoothing, z_loss) -> None:
+    check_tensor(_FN, "logits", logits, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor(_FN, "labels", labels, ndim=1, dtypes=_INT_DTYPES)
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"{_FN}: labels must have shape ({logits.shape[0]},) to match logits "
+                         f"{tuple(logits.shape)}, got {tuple(labels.shape)}")
+    check_same_device(_FN, logits=logits, labels=labels)
+    check_options(_FN, reduction, label_smoothing, z_loss)
+    check_labels(_FN, labels, logits.shape[1], ignore_index)
+
+
+# --------------------------------------------------------------------------------------------- public
+# Where this differs from ``torch.nn.functional.cross_entropy`` (and so from transformers' loss): when every label
+# is ``ignore_index``, "mean" gives 0.0 with zero gradients, where PyTorch gives NaN (0 / 0). On purpose: one
+# fully masked micro-batch must not turn a whole gradient-accumulation step into NaN. ``-inf`` logits (masked
+# vocabulary entries) behave as in PyTorch: without smoothing the loss stays finite (the smoothing term, which
+# would be ``0 * inf``, is left out when ``eps == 0``); with smoothing the loss is ``+inf`` (``mean_j x_ij`` is
+# ``-inf``) and the gradient is finite, as PyTorch's.
 def cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -344,27 +364,20 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
 ) -> torch.Tensor:
-    """Cross-entropy of ``logits`` [N, V] against integer ``labels`` [N]; see the module docstring.
+    """Cross-entropy of ``logits`` [N, V] against integer ``labels`` [N] (the module docstring has the math).
 
     Returns an fp32 scalar ("mean", "sum") or fp32 [N] ("none"); float64 logits give float64. Unlike
     ``torch.nn.functional.cross_entropy``, "mean" over labels that are all ``ignore_index`` is 0.0, not NaN.
     """
-    fn = "cross_entropy"
-    check_tensor(fn, "logits", logits, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))
-    check_tensor(fn, "labels", labels, ndim=1, dtypes=_INT_DTYPES)
-    if labels.shape[0] != logits.shape[0]:
-        raise ValueError(f"cross_entropy: labels must have shape ({logits.shape[0]},) to match logits "
-                         f"{tuple(logits.shape)}, got {tuple(labels.shape)}")
-    check_same_device(fn, logits=logits, labels=labels)
-    check_options(fn, reduction, label_smoothing, z_loss)
-    check_labels(fn, labels, logits.shape[1], ignore_index)
+    _check(logits, labels, ignore_index, reduction, label_smoothing, z_loss)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     with on_device(logits):
-        return _CrossEntropy.apply(logits, labels.contiguous(), int(ignore_index), reduction,
-                                   float(label_smoothing), float(z_loss), torch.is_grad_enabled())
+        return _CrossEntropyFunction.apply(logits, labels.contiguous(), int(ignore_index), reduction,
+                                           float(label_smoothing), float(z_loss), torch.is_grad_enabled())
 
 
+# ------------------------------------------------------------------------------------------- reference
 def cross_entropy_reference(logits, labels, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0):
     """Unfused reference: ``F.cross_entropy`` in fp32 (float64 stays float64) plus the z-loss term."""
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -380,24 +393,24 @@ def cross_entropy_reference(logits, labels, ignore_index=-100, reduction="mean",
     return total / valid.sum().clamp(min=1) if reduction == "mean" else total
 
 
-# ----------------------------------------------------------------------------------------- inspection
-_SIGNATURE = {"stride_logits": "i32", "stride_grad": "i32", "V": "i32", "ignore_index": "i32",
-              "label_smoothing": "fp32", "z_loss": "fp32"}
-
-
+# ------------------------------------------------------------------------------------------ inspection
 def _spec(shape: dict, name: str, backward: bool, write_grad: bool = False) -> KernelSpec:
-    t = TRITON_DTYPES[spec_dtype(shape)]
-    block, warps = _config(shape["vocab"])
-    pointers = {"logits_ptr": f"*{t}", "grad_ptr": f"*{t}", "labels_ptr": "*i64"}
+    """One kernel as launched on ``[rows, shape["vocab"]]`` logits of ``shape["dtype"]`` with int64 labels and
+    a 0-d scale (the training losses); arguments from the launchers' own ``_*_args`` on meta tensors."""
+    V = shape["vocab"]
+    logits = torch.empty(1, V, dtype=spec_dtype(shape), device="meta")
+    labels = torch.empty(1, dtype=torch.int64, device="meta")
+    rows = torch.empty(1, dtype=torch.float32, device="meta")  # loss, lse
+    scale = torch.empty((), dtype=torch.float32, device="meta")
+    block, warps = _config(V)
     if backward:
-        fn, constexprs = _cross_entropy_bwd_kernel, {"BLOCK_V": block, "PER_ROW_SCALE": False}
-        pointers.update(lse_ptr="*fp32", scale_ptr="*fp32")
+        fn, args = _cross_entropy_bwd_kernel, _bwd_args(logits, labels, rows, logits, scale, -100, 0.0, 0.0)
+        constexprs = _bwd_constexprs(V, scale)
     else:
-        fn = _cross_entropy_kernel
-        constexprs = {"BLOCK_V": block, "WRITE_GRAD": write_grad, "PER_ROW_SCALE": False, "STORE_LSE": not write_grad}
-        pointers.update(loss_ptr="*fp32", lse_ptr="*fp32", scale_ptr="*fp32")
-    return KernelSpec(name=name, fn=fn, signature={**pointers, **_SIGNATURE}, constexprs=constexprs,
-                      num_warps=warps, config=f"BLOCK_V={block} warps={warps}")
+        grad, scale, lse = (logits, scale, None) if write_grad else (None, None, rows)
+        fn, args = _cross_entropy_kernel, _fwd_args(logits, labels, rows, grad, scale, -100, 0.0, 0.0, lse)
+        constexprs = _fwd_constexprs(V, grad, scale, lse)
+    return launch_spec(name, fn, args, constexprs, warps, config=f"BLOCK_V={block} warps={warps}")
 
 
 def kernel_specs(shape: dict) -> list[KernelSpec]:

@@ -1,30 +1,17 @@
 """Fused linear cross-entropy: the loss of ``hidden @ weight.T (+ bias)`` without the full ``[N, V]`` logits.
 
-Math (``x = h W^T + b``, ``g = dloss/dx`` from the cross-entropy kernel, see ``cross_entropy``)::
+With ``x = h W^T + b`` and ``g = dloss/dx`` from the cross-entropy kernel (see ``cross_entropy``)::
 
     dloss/dh = g W          dloss/dW = g^T h  (accumulated in fp32)          dloss/db = sum_rows g
 
-Tokens are processed in chunks whose logits buffer fits a memory budget (``chunk_budget_bytes``, default
-1 GiB on CUDA, 128 MiB on CPU; the PyTorch path also counts its two fp32 row temporaries). Per chunk:
-the logits GEMM in the input dtype, the cross-entropy kernel writing ``scale * g`` in place over the
-chunk's logits buffer, then ``grad_hidden[chunk] = g W`` and ``grad_weight += g^T h`` (fp32 accumulator),
-``grad_bias += sum g``. For "mean" / "sum" / ``num_items_in_batch`` the scale is known in the forward
-(1 / count computed on the device, 1, 1 / num_items_in_batch), so all gradients are finished during the
-forward and backward only multiplies them by ``grad_output``. For ``reduction="none"`` every row has its
-own ``grad_output``, which does not factor out of ``g^T h``: the forward computes only the losses, and
-backward recomputes the chunks with ``grad_output`` as the per-row scale. Nothing syncs with the host.
-
-Extra memory beyond the inputs and their gradients: one chunk of logits, plus the fp32 weight-gradient
-accumulator when the weight is not fp32 (an fp32 weight's accumulator is its gradient). No memset: the first
-chunk's GEMM writes the accumulators with beta = 0. On CUDA the bf16/fp16 weight-gradient GEMM writes into the
-fp32 accumulator directly (``torch.addmm(..., out_dtype=torch.float32)``); a torch whose addmm refuses that
-falls back to a per-chunk [V, H] product in the input dtype added to the accumulator. Backward scales by
-grad_output without a host sync (``kernels._common.scaled``): in place, where a grad_output of 1 (a plain
-``loss.backward()``) moves no byte; for a bf16/fp16 weight, folded into the one cast pass that writes its
-gradient from the accumulator. Under ``torch.autocast`` with fp32 weights (transformers' Trainer with bf16=True)
-the GEMMs use a bf16 copy of the weight made for the call, as ``F.linear`` would, and the fp32 weight gets its
-gradient straight from the fp32 accumulator (no bf16 rounding, no cast passes). ``num_items_in_batch`` (int or 0-d tensor) gives
-``sum over tokens / num_items_in_batch``, transformers' gradient-accumulation convention.
+Plan: tokens go in chunks whose logits fit a memory budget. Per chunk: the logits GEMM in the input dtype, the
+cross-entropy kernel writing ``scale * g`` in place over the chunk's logits, then ``grad_hidden[chunk] = g W``,
+``grad_weight += g^T h`` (fp32 accumulator), ``grad_bias += sum g``. For "mean" / "sum" / ``num_items_in_batch``
+the scale is known in the forward (1 / count computed on the device, 1, 1 / num_items_in_batch), so all
+gradients are finished during the forward and backward only multiplies them by ``grad_output``. Nothing syncs
+with the host. Extra memory beyond the inputs and their gradients: one chunk of logits, plus the fp32
+weight-gradient accumulator when the weight is not fp32 (an fp32 weight's accumulator is its gradient). The
+GEMMs are cuBLAS; the only Triton kernels are the cross-entropy's and ``kernels._common``'s scaling.
 """
 
 from __future__ import annotations
@@ -45,8 +32,11 @@ from s1fast.kernels.cross_entropy import (
     mean_scale,
 )
 
+_FN = "fused_linear_cross_entropy"
+
 DEFAULT_CHUNK_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 1 << 27}
-"""Per-chunk memory budget by device type when ``chunk_budget_bytes`` is not given."""
+"""Per-chunk memory budget by device type when ``chunk_budget_bytes`` is not given: 1 GiB on CUDA, 128 MiB on
+CPU (the PyTorch path also counts its two fp32 row temporaries)."""
 
 _fp32_out_gemm = [True]  # cleared if this torch's CUDA addmm rejects out_dtype=float32 for bf16/fp16 inputs
 
@@ -60,9 +50,15 @@ def chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, triton_path: bool, b
     return max(1, -(-n_rows // n_chunks))
 
 
+# ------------------------------------------------------------------------------------------------ GEMMs
+# On CUDA the bf16/fp16 weight-gradient GEMM writes into the fp32 accumulator directly
+# (``torch.addmm(..., out_dtype=torch.float32)``); a torch whose addmm refuses that falls back to a per-chunk
+# [V, H] product in the input dtype added to the accumulator. No memset: the first chunk's GEMM writes the
+# accumulators with beta = 0.
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
-    """``acc = a @ b`` (``first``: beta = 0, so ``acc`` needs no zero fill and its garbage, NaN included, is never
-    read) or ``acc += a @ b``, with ``acc`` in fp32 (or float64) and ``a``, ``b`` possibly bf16/fp16, no [V, H] temp."""
+    """``acc = a @ b`` (``first``: beta = 0, so ``acc`` needs no zero fill and its garbage, NaN included, is
+    never read) or ``acc += a @ b``, with ``acc`` in fp32 (or float64) and ``a``, ``b`` possibly bf16/fp16, no
+    [V, H] temp."""
     beta = 0 if first else 1
     if a.dtype == acc.dtype:
         acc.addmm_(a, b, beta=beta)
@@ -83,7 +79,8 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: b
 
 
 def _fp32_out_addmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: int) -> None:
-    """``acc = beta * acc + a @ b`` in place with bf16/fp16 ``a``, ``b`` and an fp32 ``acc`` (CUDA's out_dtype GEMM)."""
+    """``acc = beta * acc + a @ b`` in place with bf16/fp16 ``a``, ``b`` and an fp32 ``acc`` (CUDA's out_dtype
+    GEMM)."""
     torch.addmm(acc, a, b, out_dtype=acc.dtype, beta=beta, out=acc)
 
 
@@ -91,6 +88,7 @@ def _add_product(acc: torch.Tensor, product: torch.Tensor, first: bool) -> None:
     acc.copy_(product) if first else acc.add_(product)
 
 
+# ---------------------------------------------------------------------------------------- chunk loop
 def _chunk_loop(hidden, weight, bias, labels, scale, loss, grads, ignore_index, label_smoothing, z_loss, rows):
     """One pass over the token chunks (shared by every path; only the per-chunk cross-entropy differs).
 
@@ -123,7 +121,26 @@ def _chunk_loop(hidden, weight, bias, labels, scale, loss, grads, ignore_index, 
                 grad_b += logits.sum(0, dtype=grad_b.dtype)
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
+def _cast(t, dtype):
+    return t.to(dtype) if t is not None else None
+
+
+def _scaled(t, grad_output, dtype):
+    return scaled(t, grad_output, dtype) if t is not None else None
+
+
+def _new_grads(hidden, weight, bias, need, acc):
+    """Uninitialised gradient buffers (no memset: the first chunk writes them with beta = 0). An empty batch
+    has no first chunk: its gradients are zeros."""
+    new = torch.empty if hidden.shape[0] else torch.zeros
+    grad_h = new(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need[0] else None
+    grad_w = new(weight.shape, dtype=acc, device=weight.device) if need[1] else None
+    grad_b = new(bias.shape, dtype=acc, device=bias.device) if bias is not None and need[2] else None
+    return grad_h, grad_w, grad_b
+
+
+# -------------------------------------------------------------------------------------------- autograd
+class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, scale, ignore_index, reduction, label_smoothing, z_loss, rows,
                 grad_enabled):
@@ -147,6 +164,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             return loss
         return loss.sum() * scale
 
+    # Backward scales by grad_output without a host sync (``kernels._common.scaled``): in place, where a
+    # grad_output of 1 (a plain ``loss.backward()``) moves no byte; for a bf16/fp16 weight, folded into the one
+    # cast pass that writes its gradient from the accumulator. For reduction="none" every row has its own
+    # grad_output, which does not factor out of ``g^T h``: the chunks are recomputed with it as the row scale.
     @staticmethod
     def backward(ctx, grad_output):
         ignore_index, reduction, label_smoothing, z_loss, rows = ctx.options
@@ -166,37 +187,59 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 _scaled(grad_b, grad_output, ctx.param_dtype)) + (None,) * 8
 
 
-def _cast(t, dtype):
-    return t.to(dtype) if t is not None else None
-
-
-def _scaled(t, grad_output, dtype):
-    return scaled(t, grad_output, dtype) if t is not None else None
-
-
-def _new_grads(hidden, weight, bias, need, acc):
-    """Uninitialised gradient buffers (no memset: the first chunk writes them with beta = 0). An empty batch
-    has no first chunk: its gradients are zeros."""
-    new = torch.empty if hidden.shape[0] else torch.zeros
-    grad_h = new(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need[0] else None
-    grad_w = new(weight.shape, dtype=acc, device=weight.device) if need[1] else None
-    grad_b = new(bias.shape, dtype=acc, device=bias.device) if bias is not None and need[2] else None
-    return grad_h, grad_w, grad_b
-
-
-def _autocast_hidden(hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Under ``torch.autocast`` the GEMMs run in the autocast dtype, as ``F.linear`` would (fp32 weights with
-    bf16 autocast: bf16 logits, fp32 loss): ``hidden`` gets a differentiable cast copy, and the weight and bias
-    are cast inside the autograd function, whose gradients for them come back in their own (fp32) dtype.
-    Without this, the chunk GEMMs would autocast while the ``out=`` products did not, and crash. Returns
-    the hidden states to use and whether autocast is on."""
+# ---------------------------------------------------------------------------------------------- checks
+# Under ``torch.autocast`` with fp32 weights (transformers' Trainer with bf16=True) the GEMMs use a bf16 copy of
+# the weight made for the call, as ``F.linear`` would, and the fp32 weight gets its gradient straight from the
+# fp32 accumulator (no bf16 rounding, no cast passes).
+def _autocast_dtype(hidden: torch.Tensor) -> tuple[torch.dtype, bool]:
+    """(the dtype the GEMMs run in, whether autocast is on). Under ``torch.autocast`` it is the autocast dtype, as
+    ``F.linear``'s would be (fp32 weights with bf16 autocast: bf16 logits, fp32 loss): ``hidden`` gets a
+    differentiable cast copy, and the weight and bias are cast inside the autograd function, whose gradients
+    for them come back in their own (fp32) dtype. Without this, the chunk GEMMs would autocast while the
+    ``out=`` products did not, and crash."""
     device_type = hidden.device.type
     if not torch.is_autocast_enabled(device_type):
-        return hidden, False
+        return hidden.dtype, False
     dtype = torch.get_autocast_dtype(device_type)
-    return (hidden.to(dtype) if hidden.dtype in FLOAT_DTYPES else hidden), True  # float64 stays
+    return (dtype if hidden.dtype in FLOAT_DTYPES else hidden.dtype), True  # float64 stays
 
 
+def _check(hidden, weight, labels, bias, reduction, label_smoothing, z_loss, num_items_in_batch,
+           chunk_budget_bytes) -> None:
+    """Arguments of ``fused_linear_cross_entropy``."""
+    dtypes = FLOAT_DTYPES + (torch.float64,)
+    check_tensor(_FN, "hidden", hidden, ndim=(2, 3), dtypes=dtypes)
+    check_tensor(_FN, "weight", weight, ndim=2, dtypes=dtypes)
+    check_tensor(_FN, "labels", labels, ndim=hidden.dim() - 1, dtypes=_INT_DTYPES)
+    if bias is not None:
+        check_tensor(_FN, "bias", bias, ndim=1, dtypes=dtypes)
+    check_same_device(_FN, hidden=hidden, weight=weight, labels=labels, bias=bias)
+    dtype, autocast = _autocast_dtype(hidden)
+    V, H = weight.shape
+    if hidden.shape[-1] != H:
+        raise ValueError(f"{_FN}: hidden width {hidden.shape[-1]} does not match weight [V, H] = "
+                         f"{tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"{_FN}: labels must have shape {tuple(hidden.shape[:-1])} to match hidden "
+                         f"{tuple(hidden.shape)}, got {tuple(labels.shape)}")
+    if bias is not None and bias.shape != (V,):
+        raise ValueError(f"{_FN}: bias must have shape ({V},) to match weight {tuple(weight.shape)}, "
+                         f"got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):  # under autocast the function casts them itself
+        if t is not None and t.dtype != dtype and not (autocast and t.dtype in FLOAT_DTYPES):
+            raise TypeError(f"{_FN}: {name} dtype {t.dtype} must match hidden dtype {dtype}")
+    check_options(_FN, reduction, label_smoothing, z_loss)
+    if num_items_in_batch is not None and reduction == "none":
+        raise ValueError(f"{_FN}: num_items_in_batch divides the summed loss; it cannot be combined with "
+                         "reduction='none'")
+    # a tensor num_items_in_batch is not checked: no host sync
+    if isinstance(num_items_in_batch, (int, float)) and not num_items_in_batch > 0:
+        raise ValueError(f"{_FN}: num_items_in_batch must be positive, got {num_items_in_batch}")
+    if chunk_budget_bytes is not None and chunk_budget_bytes <= 0:
+        raise ValueError(f"{_FN}: chunk_budget_bytes must be positive, got {chunk_budget_bytes}")
+
+
+# --------------------------------------------------------------------------------------------- public
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -217,37 +260,12 @@ def fused_linear_cross_entropy(
     like ``labels`` for ``reduction="none"`` (float64 inputs give float64). As ``cross_entropy``: "mean" over
     labels that are all ``ignore_index`` is 0.0 with zero gradients, where PyTorch gives NaN.
     """
-    fn = "fused_linear_cross_entropy"
-    dtypes = FLOAT_DTYPES + (torch.float64,)
-    check_tensor(fn, "hidden", hidden, ndim=(2, 3), dtypes=dtypes)
-    check_tensor(fn, "weight", weight, ndim=2, dtypes=dtypes)
-    check_tensor(fn, "labels", labels, ndim=hidden.dim() - 1, dtypes=_INT_DTYPES)
-    if bias is not None:
-        check_tensor(fn, "bias", bias, ndim=1, dtypes=dtypes)
-    check_same_device(fn, hidden=hidden, weight=weight, labels=labels, bias=bias)
-    hidden, autocast = _autocast_hidden(hidden)
+    _check(hidden, weight, labels, bias, reduction, label_smoothing, z_loss, num_items_in_batch, chunk_budget_bytes)
+    hidden = hidden.to(_autocast_dtype(hidden)[0])
     V, H = weight.shape
-    if hidden.shape[-1] != H:
-        raise ValueError(f"{fn}: hidden width {hidden.shape[-1]} does not match weight [V, H] = {tuple(weight.shape)}")
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"{fn}: labels must have shape {tuple(hidden.shape[:-1])} to match hidden "
-                         f"{tuple(hidden.shape)}, got {tuple(labels.shape)}")
-    if bias is not None and bias.shape != (V,):
-        raise ValueError(f"{fn}: bias must have shape ({V},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):  # under autocast the function casts them itself
-        if t is not None and t.dtype != hidden.dtype and not (autocast and t.dtype in FLOAT_DTYPES):
-            raise TypeError(f"{fn}: {name} dtype {t.dtype} must match hidden dtype {hidden.dtype}")
-    check_options(fn, reduction, label_smoothing, z_loss)
-    if num_items_in_batch is not None and reduction == "none":
-        raise ValueError(f"{fn}: num_items_in_batch divides the summed loss; it cannot be combined with reduction='none'")
-    if isinstance(num_items_in_batch, (int, float)) and not num_items_in_batch > 0:  # a tensor is not checked: no sync
-        raise ValueError(f"{fn}: num_items_in_batch must be positive, got {num_items_in_batch}")
-    if chunk_budget_bytes is not None and chunk_budget_bytes <= 0:
-        raise ValueError(f"{fn}: chunk_budget_bytes must be positive, got {chunk_budget_bytes}")
-
     h2 = hidden.reshape(-1, H)
     y = labels.reshape(-1).contiguous()
-    check_labels(fn, y, V, ignore_index)
+    check_labels(_FN, y, V, ignore_index)
     acc = torch.promote_types(hidden.dtype, torch.float32)
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
@@ -263,11 +281,13 @@ def fused_linear_cross_entropy(
     rows = chunk_rows(h2.shape[0], V, hidden.dtype, triton_path, budget)
     # inputs already cast: products stay as chosen; kernels launch on hidden's GPU
     with torch.autocast(hidden.device.type, enabled=False), on_device(hidden):
-        loss = _FusedLinearCrossEntropy.apply(h2, weight, bias, y, scale, int(ignore_index), reduction,
-                                              float(label_smoothing), float(z_loss), rows, torch.is_grad_enabled())
+        loss = _FusedLinearCrossEntropyFunction.apply(h2, weight, bias, y, scale, int(ignore_index), reduction,
+                                                      float(label_smoothing), float(z_loss), rows,
+                                                      torch.is_grad_enabled())
     return loss.reshape(labels.shape) if reduction == "none" else loss
 
 
+# ------------------------------------------------------------------------------------------- reference
 def fused_linear_cross_entropy_reference(
     hidden, weight, labels, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
     num_items_in_batch=None,
@@ -281,10 +301,11 @@ def fused_linear_cross_entropy_reference(
     return loss.reshape(labels.shape) if reduction == "none" else loss
 
 
+# ------------------------------------------------------------------------------------------ inspection
 def kernel_specs(shape: dict) -> list:
-    """The cross-entropy kernel as this module launches it on each chunk (the GEMMs are cuBLAS)."""
+    """The cross-entropy kernel as this module launches it on each chunk, and the scaling kernels of its
+    backward (the GEMMs are cuBLAS); derived from those modules' launch arguments."""
     rows = chunk_rows(shape["tokens"], shape["vocab"], spec_dtype(shape), True, DEFAULT_CHUNK_BUDGET_BYTES["cuda"])
     spec = fused_kernel_spec(shape)
-    return [dataclasses.replace(spec, name="fused_linear_cross_entropy." + spec.name,
-                                config=f"{spec.config} chunk={rows} rows")] + [
-        dataclasses.replace(s, name="fused_linear_cross_entropy." + s.name) for s in scale_kernel_specs(spec_dtype(shape))]
+    scaling = [dataclasses.replace(s, name=f"{_FN}.{s.name}") for s in scale_kernel_specs(spec_dtype(shape))]
+    return [dataclasses.replace(spec, name=f"{_FN}.{spec.name}", config=f"{spec.config} chunk={rows} rows"), *scaling]

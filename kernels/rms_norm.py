@@ -1,46 +1,23 @@
 r"""RMSNorm with Qwen2RMSNorm's numerics: fused Triton forward and backward, plus the PyTorch reference.
 
-Forward, per row :math:`x \in \mathbb{R}^N` (the norm runs over the last dim; leading dims are rows)::
+Per row ``x`` of ``N`` elements (the norm runs over the last dim; leading dims are rows), ``g = dL/dout``::
 
-    r   = 1 / sqrt(mean_j(x_j^2) + eps)          fp32 statistics (x upcast first), r saved for backward
-    y   = x * r                                   fp32
-    yc  = cast(y, x.dtype)                        the normalised value cast back to the input dtype
-    out = w * yc                                  in torch's promoted dtype of (w.dtype, x.dtype)
-
-exactly as ``Qwen2RMSNorm`` computes it (so fp32 weights with bf16 activations give an fp32 output, as in
-transformers).
-
-Backward, with ``g = dL/dout`` and the cast's derivative taken as identity (as autograd does)::
-
-    dL/dw_j = sum over rows of g_j * yc_j
-    h_j     = g_j * w_j                                  the gradient reaching y
+    r   = 1 / sqrt(mean_j(x_j^2) + eps)       fp32 (x upcast first); saved for backward
+    y   = x * r,   yc = cast(y, x.dtype)      the normalised value rounded to the input dtype, as Qwen2 does
+    out = w * yc                              in torch's promoted dtype of (w.dtype, x.dtype)
+    dL/dw_j = sum over rows of g_j * yc_j,    h_j = g_j * w_j
     dL/dx_j = r * (h_j - y_j * mean_k(h_k * y_k))
 
-The last line: ``dy_k/dx_j = r * delta_kj - x_k * r^3 * x_j / N = r * (delta_kj - y_k * y_j / N)``, so
-``dL/dx_j = sum_k h_k * dy_k/dx_j = r * h_j - r * y_j * (sum_k h_k * y_k) / N``.
+The last line: ``dy_k/dx_j = r * (delta_kj - y_k * y_j / N)``, summed against ``h_k`` (the cast's derivative
+is taken as identity, as autograd does). Plan: a forward kernel over row tiles; a persistent backward that
+writes ``dx`` and keeps per-program fp32 ``dw`` partials; one small kernel that sums the partials and casts.
+All memory-bound, computed in fp32 from the loaded values, rounded only where Qwen2RMSNorm rounds and on store;
+64-bit row offsets, no host syncs, block sizes from ``_config`` (no autotuning).
 
-Kernels (memory-bound; computed in fp32 from the loaded values, rounded only where Qwen2RMSNorm rounds
-and on store):
-
-- forward: one program per tile of ``ROWS`` rows x ``BLOCK`` (>= N, power of two) columns, so each row is
-  one contiguous vectorised (128-bit) access and narrow rows (q/k norm over head_dim 64/128) still give
-  every program a full tile. Writes ``out`` and the fp32 ``rstd`` per row.
-- backward: a fixed number of programs (two per SM: at 8 warps the sm_90 builds use 100-128 registers, so
-  two is what the register file holds) walks the row tiles grid-stride, recomputes ``y`` from ``x`` and
-  ``rstd``, writes ``dx`` and keeps its share of ``dw`` in fp32 registers. The loads of the next tile are
-  issued before the current tile is computed (register double buffering), so each program always has a
-  tile of ``x`` and ``dout`` in flight: 2 x 16 KiB per SM for bf16, where loads at the top of each
-  iteration left the SM idle on memory while it reduced. The per-program ``dw`` partials (fp32
-  ``[programs, N]``) are summed and cast to the weight's dtype by one small kernel (was ``sum(0)`` plus a
-  cast: two launches): deterministic, no atomics, spread over ``N / 64`` programs. A single-launch variant
-  (the last program to finish, found with an atomic ticket, sums the partials) would save the launch but
-  leave one SM reading all ``programs x N x 4`` bytes (1.6 MB at N = 1536) at the end, longer than the
-  launch it saves; atomically added partials would be non-deterministic.
-
-A row is one register tile, so widths run up to ``MAX_WIDTH``; up to 8192 (every Qwen hidden size and
-head_dim) the sm_90 builds use no local memory, wider rows spill in the backward (correct, slower).
-Row offsets are 64-bit (``rows x N`` can pass 2**31), there are no host syncs, and block sizes come from
-``_config`` (no autotuning), which the launchers and ``kernel_specs`` share.
+``add_rms_norm`` (inference, no backward) is the forward with the residual add of a decoder layer folded in
+(vLLM's ``fused_add_rms_norm``): ``s = cast(x + residual, x.dtype)`` is written as the new residual stream and
+normalised as above, one launch instead of two. It is the same forward kernel (``RESIDUAL``, a constexpr), so
+both share one config and one set of numerics.
 """
 
 from __future__ import annotations
@@ -52,32 +29,49 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from s1fast.kernels._common import FLOAT_DTYPES, TRITON_DTYPES, KernelSpec, as_rows
-from s1fast.kernels._common import check_same_device, check_tensor, on_device, persistent_programs, spec_dtype, use_triton
+from s1fast.kernels._common import FLOAT_DTYPES, KernelSpec, as_rows, launch_spec
+from s1fast.kernels._common import check_same_device, check_tensor, on_device, persistent_programs, spec_dtype
+from s1fast.kernels._common import use_triton
+
+_FN = "rms_norm"
+_ADD_FN = "add_rms_norm"
 
 MAX_WIDTH = 65536
-"""Widest row the Triton kernels take (a row is one register tile)."""
+"""Widest row the Triton kernels take: a row is one register tile. Up to 8192 (every Qwen hidden size and
+head_dim) the sm_90 builds use no local memory; wider rows spill in the backward (correct, slower)."""
 
-_TILE = 4096  # elements per program tile: ~16 per thread at the chosen warps, i.e. 2 x 128-bit loads in bf16
-_MAX_ROWS = 32  # rows per tile for narrow rows (a 64 x 64 fp32 tile makes sm_90 ptxas spill in the backward)
-_BWD_PROGRAMS_PER_SM = 2  # resident backward programs per SM; each adds one fp32 dw row to reduce
-_CPU_BWD_PROGRAMS = 4  # interpreter (tests): few programs, so the grid-stride loop runs several tiles
-_REDUCE_PARTIALS, _REDUCE_COLS = 64, 64  # dW reduction tile: 64 partial rows x 64 columns (256 B per row segment)
+# Elements per program tile: ~16 per thread at the chosen warps, i.e. 2 x 128-bit loads in bf16.
+_TILE = 4096
+# Rows per tile for narrow rows (q/k norm over head_dim 64/128 still fills a tile); capped because a 64 x 64
+# fp32 tile makes sm_90 ptxas spill in the backward.
+_MAX_ROWS = 32
+# Resident backward programs per SM: at 8 warps the sm_90 builds use 100-128 registers, so two is what the
+# register file holds. Each adds one fp32 dw row to reduce.
+_BWD_PROGRAMS_PER_SM = 2
+# Interpreter (tests): few programs, so the grid-stride loop runs several tiles.
+_CPU_BWD_PROGRAMS = 4
+# dW reduction tile: 64 partial rows x 64 columns (256 B per row segment).
+_REDUCE_PARTIALS, _REDUCE_COLS = 64, 64
+
 
 def _config(width: int) -> tuple[int, int, int]:
-    """(BLOCK, ROWS, num_warps) for rows of ``width`` elements: one row = one power-of-two BLOCK."""
+    """(BLOCK, ROWS, num_warps) for rows of ``width`` elements: one row = one power-of-two BLOCK, so each row is
+    one contiguous vectorised (128-bit) access; shared by the launchers and ``kernel_specs``."""
     block = triton.next_power_of_2(width)
     rows = min(_MAX_ROWS, max(1, _TILE // block))
     num_warps = min(16, max(1, rows * block // 512))
     return block, rows, num_warps
 
 
+# ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _rms_norm_fwd_kernel(
-    X, W, OUT, RSTD,
-    stride_x, stride_out, n_rows, n_cols, eps,
-    BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, rstd_ptr,
+    stride_x, stride_res, stride_out, stride_sum, n_rows, n_cols, eps,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
+    """One program per tile of ROWS rows x BLOCK (>= N) columns: writes ``out`` and the fp32 ``rstd`` per row.
+    With ``RESIDUAL`` the row normalised is ``x + residual`` rounded to x's dtype, also written to ``sum``."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     row_mask = rows < n_rows
@@ -85,90 +79,131 @@ def _rms_norm_fwd_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     rows64 = rows.to(tl.int64)
 
-    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if RESIDUAL:
+        res = tl.load(res_ptr + rows64[:, None] * stride_res + cols[None, :], mask=mask, other=0.0)
+        x = (x.to(tl.float32) + res.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(sum_ptr + rows64[:, None] * stride_sum + cols[None, :], x, mask=mask)
+    x = x.to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     y = x * rstd[:, None]
-    y_cast = y.to(X.dtype.element_ty).to(tl.float32)
+    y_cast = y.to(x_ptr.dtype.element_ty).to(tl.float32)
     out = w[None, :] * y_cast
-    tl.store(OUT + rows64[:, None] * stride_out + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(RSTD + rows, rstd, mask=row_mask)
+    tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
 
 @triton.jit
-def _load_tile(DOUT, X, RSTD, tile, stride_dout, stride_x, n_rows, cols, col_mask, ROWS: tl.constexpr):
+def _load_tile(dout_ptr, x_ptr, rstd_ptr, tile, stride_dout, stride_x, n_rows, cols, col_mask, ROWS: tl.constexpr):
     """One tile's rows (as loaded: input dtype), gradient rows and rstd; tiles past the end load nothing."""
     rows = tile * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
     mask = row_mask[:, None] & col_mask[None, :]
     rows64 = rows.to(tl.int64)
-    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-    g = tl.load(DOUT + rows64[:, None] * stride_dout + cols[None, :], mask=mask, other=0.0)
-    rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+    x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    g = tl.load(dout_ptr + rows64[:, None] * stride_dout + cols[None, :], mask=mask, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
     return x, g, rstd
 
 
+# The backward walks the row tiles grid-stride with a fixed number of programs, recomputes ``y`` from ``x`` and
+# ``rstd``, writes ``dx`` and keeps its share of ``dw`` in fp32 registers. The loads of the next tile are issued
+# before the current tile is computed (register double buffering), so each program always has a tile of ``x``
+# and ``dout`` in flight: 2 x 16 KiB per SM for bf16, where loads at the top of each iteration left the SM idle
+# on memory while it reduced.
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DOUT, X, W, RSTD, DX, DW_PARTIAL,
+    dout_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
     stride_dout, stride_x, stride_dx, n_rows, n_cols,
     BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """Grid-stride over row tiles with the next tile's loads issued before the current tile is computed
-    (register double buffering: two tiles' loads in flight per program, no barrier between them)."""
     pid = tl.program_id(0)
     step = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
     col_mask = cols < n_cols
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK], dtype=tl.float32)
-    x, g, rstd = _load_tile(DOUT, X, RSTD, pid, stride_dout, stride_x, n_rows, cols, col_mask, ROWS)
+    x, g, rstd = _load_tile(dout_ptr, x_ptr, rstd_ptr, pid, stride_dout, stride_x, n_rows, cols, col_mask, ROWS)
     for tile in range(pid, tl.cdiv(n_rows, ROWS), step):
-        x_next, g_next, rstd_next = _load_tile(DOUT, X, RSTD, tile + step, stride_dout, stride_x, n_rows, cols,
-                                               col_mask, ROWS)
+        x_next, g_next, rstd_next = _load_tile(dout_ptr, x_ptr, rstd_ptr, tile + step, stride_dout, stride_x, n_rows,
+                                               cols, col_mask, ROWS)
         rows = tile * ROWS + tl.arange(0, ROWS)
         mask = (rows < n_rows)[:, None] & col_mask[None, :]
         xf = x.to(tl.float32)
         gf = g.to(tl.float32)
         y = xf * rstd[:, None]
-        dw += tl.sum(gf * y.to(X.dtype.element_ty).to(tl.float32), axis=0)
+        dw += tl.sum(gf * y.to(x_ptr.dtype.element_ty).to(tl.float32), axis=0)
         dy = gf * w[None, :]
         dot = tl.sum(dy * y, axis=1) / n_cols
         dx = rstd[:, None] * (dy - y * dot[:, None])
-        tl.store(DX + rows.to(tl.int64)[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + rows.to(tl.int64)[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=mask)
         x, g, rstd = x_next, g_next, rstd_next
-    tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw, mask=col_mask)
+    tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=col_mask)
 
 
+# The per-program dw partials (fp32 [programs, N]) are summed and cast to the weight's dtype by one small kernel
+# (was ``sum(0)`` plus a cast: two launches): deterministic, no atomics, spread over N / 64 programs. A
+# single-launch variant (the last program to finish, found with an atomic ticket, sums the partials) would save
+# the launch but leave one SM reading all ``programs x N x 4`` bytes (1.6 MB at N = 1536) at the end, longer
+# than the launch it saves; atomically added partials would be non-deterministic.
 @triton.jit
-def _dw_reduce_kernel(PARTIAL, DW, n_partials, n_cols, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """DW[c] = sum_p PARTIAL[p, c], cast to DW's dtype: the partial sum and the cast in one launch, in a
-    fixed order (deterministic, no atomics). One program per BLOCK_C columns."""
+def _dw_reduce_kernel(partial_ptr, dw_ptr, n_partials, n_cols, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dw[c] = sum_p partial[p, c], cast to dw's dtype, in a fixed order. One program per BLOCK_C columns."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < n_cols
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(0, n_partials, BLOCK_P):
         parts = start + tl.arange(0, BLOCK_P)
         mask = (parts < n_partials)[:, None] & col_mask[None, :]
-        acc += tl.sum(tl.load(PARTIAL + parts.to(tl.int64)[:, None] * n_cols + cols[None, :], mask=mask, other=0.0), 0)
-    tl.store(DW + cols, acc.to(DW.dtype.element_ty), mask=col_mask)
+        acc += tl.sum(tl.load(partial_ptr + parts.to(tl.int64)[:, None] * n_cols + cols[None, :], mask=mask,
+                              other=0.0), 0)
+    tl.store(dw_ptr + cols, acc.to(dw_ptr.dtype.element_ty), mask=col_mask)
 
 
-def _forward(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    n_rows, n_cols = x2.shape
-    out = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x2.dtype, weight.dtype), device=x2.device)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
-    if n_rows:
-        block, rows, num_warps = _config(n_cols)
-        _rms_norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
-            x2, weight, out, rstd,
-            x2.stride(0), out.stride(0), n_rows, n_cols, eps,
-            BLOCK=block, ROWS=rows, num_warps=num_warps,
+# ------------------------------------------------------------------------------ launch arguments, launchers
+def _fwd_args(x2, weight, out, rstd, eps: float, res2=None, sum2=None) -> list:
+    """The forward kernel's runtime arguments in order (shared by the launchers and ``kernel_specs``); without a
+    residual, ``x2`` and ``out`` stand in for ``res2`` and ``sum2`` (``RESIDUAL=False``: never touched)."""
+    res2, sum2 = (x2, out) if res2 is None else (res2, sum2)
+    return [x2, res2, weight, out, sum2, rstd, x2.stride(0), res2.stride(0), out.stride(0), sum2.stride(0),
+            *x2.shape, eps]
+
+
+def _bwd_args(dout2, x2, weight, rstd, dx, dw_partial) -> list:
+    return [dout2, x2, weight, rstd, dx, dw_partial, dout2.stride(0), x2.stride(0), dx.stride(0), *x2.shape]
+
+
+def _reduce_args(dw_partial, dw) -> list:
+    return [dw_partial, dw, *dw_partial.shape]
+
+
+def _fwd_buffers(x2: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised ``out`` (promoted dtype, as Qwen2RMSNorm) and fp32 ``rstd``."""
+    out = torch.empty(x2.shape, dtype=torch.promote_types(x2.dtype, weight.dtype), device=x2.device)
+    return out, torch.empty(x2.shape[0], dtype=torch.float32, device=x2.device)
+
+
+def _bwd_programs(x2: torch.Tensor) -> int:
+    rows = _config(x2.shape[1])[1]
+    return persistent_programs(triton.cdiv(x2.shape[0], rows), x2.device, _BWD_PROGRAMS_PER_SM, _CPU_BWD_PROGRAMS)
+
+
+def _launch_fwd(x2: torch.Tensor, weight: torch.Tensor, eps: float, res2: torch.Tensor | None = None):
+    """(out, rstd, sum): the norm of ``x2``, or with ``res2`` of ``sum = x2 + res2`` (x2's dtype; else None)."""
+    out, rstd = _fwd_buffers(x2, weight)
+    sum2 = None if res2 is None else torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+    if x2.shape[0]:
+        block, rows, num_warps = _config(x2.shape[1])
+        _rms_norm_fwd_kernel[(triton.cdiv(x2.shape[0], rows),)](
+            *_fwd_args(x2, weight, out, rstd, eps, res2, sum2), BLOCK=block, ROWS=rows, RESIDUAL=res2 is not None,
+            num_warps=num_warps,
         )
-    return out, rstd
+    return out, rstd, sum2
 
 
-def _backward(
+def _launch_bwd(
     dout2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n_rows, n_cols = x2.shape
@@ -176,26 +211,25 @@ def _backward(
     if not n_rows:
         return dx, torch.zeros_like(weight)
     block, rows, num_warps = _config(n_cols)
-    programs = persistent_programs(triton.cdiv(n_rows, rows), x2.device, _BWD_PROGRAMS_PER_SM, _CPU_BWD_PROGRAMS)
+    programs = _bwd_programs(x2)
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
     _rms_norm_bwd_kernel[(programs,)](
-        dout2, x2, weight, rstd, dx, dw_partial,
-        dout2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols,
-        BLOCK=block, ROWS=rows, num_warps=num_warps,
+        *_bwd_args(dout2, x2, weight, rstd, dx, dw_partial), BLOCK=block, ROWS=rows, num_warps=num_warps,
     )
     dw = torch.empty_like(weight)
     _dw_reduce_kernel[(triton.cdiv(n_cols, _REDUCE_COLS),)](
-        dw_partial, dw, programs, n_cols, BLOCK_P=_REDUCE_PARTIALS, BLOCK_C=_REDUCE_COLS, num_warps=4,
+        *_reduce_args(dw_partial, dw), BLOCK_P=_REDUCE_PARTIALS, BLOCK_C=_REDUCE_COLS, num_warps=4,
     )
     return dx, dw
 
 
+# -------------------------------------------------------------------------------------------- autograd
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x2 = as_rows(x, x.shape[-1])
         weight = weight.contiguous()
-        out, rstd = _forward(x2, weight, eps)
+        out, rstd, _ = _launch_fwd(x2, weight, eps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
         return out.view(x.shape)
@@ -203,30 +237,18 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         x2, weight, rstd = ctx.saved_tensors
-        dx, dw = _backward(as_rows(dout, x2.shape[1]), x2, weight, rstd)
+        dx, dw = _launch_bwd(as_rows(dout, x2.shape[1]), x2, weight, rstd)
         return dx.view(ctx.x_shape), dw, None
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Qwen2RMSNorm in plain PyTorch: fp32 statistics, normalised value cast back to x's dtype, times weight."""
-    xf = x.to(torch.float32) if x.dtype != torch.float64 else x
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * y.to(x.dtype)
-
-
+# ---------------------------------------------------------------------------------------------- checks
 def check_eps(fn: str, eps: object) -> None:
     """``eps`` must be a finite real number >= 0 (a negative one can make ``mean(x^2) + eps`` negative: NaN)."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"{fn}: eps must be a finite number >= 0, got {eps!r}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm of ``x`` over its last dim, times ``weight`` (shape ``[x.shape[-1]]``); Qwen2RMSNorm numerics.
-
-    Triton kernels on CUDA (and under ``TRITON_INTERPRET=1``); float64 inputs and other CPU tensors take
-    ``rms_norm_reference``. Differentiable in ``x`` and ``weight``. ``eps``: a finite number >= 0.
-    """
-    fn = "rms_norm"
+def _check(x, weight, eps, fn: str = _FN) -> None:
     check_tensor(fn, "x", x, dtypes=FLOAT_DTYPES + (torch.float64,))
     check_tensor(fn, "weight", weight, ndim=1, dtypes=FLOAT_DTYPES + (torch.float64,))
     check_same_device(fn, x=x, weight=weight)
@@ -238,12 +260,59 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
             f"{fn}: weight must have shape ({x.shape[-1]},) to match x's last dim, "
             f"got weight {tuple(weight.shape)} for x {tuple(x.shape)}"
         )
-    if torch.float64 in (x.dtype, weight.dtype) or not use_triton(x):
-        return rms_norm_reference(x, weight, eps)
+
+
+def _check_width(x, fn: str) -> None:
     if not 1 <= x.shape[-1] <= MAX_WIDTH:
         raise ValueError(f"{fn}: the Triton kernel takes a last dim from 1 to {MAX_WIDTH}, got {x.shape[-1]}")
+
+
+def _check_add(x, residual, weight, eps) -> None:
+    _check(x, weight, eps, _ADD_FN)
+    check_tensor(_ADD_FN, "residual", residual, dtypes=(x.dtype,))
+    check_same_device(_ADD_FN, x=x, residual=residual)
+    if residual.shape != x.shape:
+        raise ValueError(f"{_ADD_FN}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if torch.is_grad_enabled():
+        for name, t in (("x", x), ("residual", residual), ("weight", weight)):
+            if t.requires_grad:
+                raise ValueError(f"{_ADD_FN}: inference only (no backward), but {name} requires grad; call it under "
+                                 "torch.no_grad() or torch.inference_mode()")
+
+
+# --------------------------------------------------------------------------------------------- public
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm of ``x`` over its last dim, times ``weight`` (shape ``[x.shape[-1]]``); Qwen2RMSNorm numerics.
+
+    Triton kernels on CUDA (and under ``TRITON_INTERPRET=1``); float64 inputs and other CPU tensors take
+    ``rms_norm_reference``. Differentiable in ``x`` and ``weight``. ``eps``: a finite number >= 0.
+    """
+    _check(x, weight, eps)
+    if torch.float64 in (x.dtype, weight.dtype) or not use_triton(x):
+        return rms_norm_reference(x, weight, eps)
+    _check_width(x, _FN)
     with on_device(x):
         return _RMSNormFunction.apply(x, weight, float(eps))
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(s, weight, eps), s)`` with ``s = x + residual`` rounded to x's dtype, in one launch.
+
+    vLLM's ``fused_add_rms_norm``: ``s`` is the new residual stream, exactly ``residual + x`` in PyTorch, and the
+    norm is Qwen2RMSNorm's of it. ``residual``: x's shape and dtype. Inference only: no backward, and an input
+    that requires grad while grad mode is on is refused (run under ``torch.no_grad()``). Outputs are new tensors.
+    Dispatch as ``rms_norm``: float64 and plain CPU tensors take ``add_rms_norm_reference``.
+    """
+    _check_add(x, residual, weight, eps)
+    if torch.float64 in (x.dtype, weight.dtype) or not use_triton(x):
+        return add_rms_norm_reference(x, residual, weight, eps)
+    _check_width(x, _ADD_FN)
+    width = x.shape[-1]
+    with on_device(x):
+        out, _, summed = _launch_fwd(as_rows(x, width), weight.contiguous(), float(eps), as_rows(residual, width))
+    return out.view(x.shape), summed.view(x.shape)
 
 
 class RMSNorm(nn.Module):
@@ -262,21 +331,43 @@ class RMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
+# ------------------------------------------------------------------------------------------- reference
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Qwen2RMSNorm in plain PyTorch: fp32 statistics, normalised value cast back to x's dtype, times weight."""
+    xf = x.to(torch.float32) if x.dtype != torch.float64 else x
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+def add_rms_norm_reference(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual + x`` in x's dtype, then Qwen2RMSNorm of it: (normalised, sum), as a Qwen2 decoder layer does."""
+    summed = residual + x
+    return rms_norm_reference(summed, weight, eps), summed
+
+
+# ------------------------------------------------------------------------------------------ inspection
 def kernel_specs(shape: dict) -> list[KernelSpec]:
-    """The forward and backward kernels as the launchers run them on ``[shape["tokens"], shape["hidden"]]``
-    activations of ``shape["dtype"]`` with a weight of the same dtype."""
-    width, t = shape["hidden"], TRITON_DTYPES[spec_dtype(shape)]
-    block, rows, num_warps = _config(width)
+    """The forward (plain and with the residual add of ``add_rms_norm``) and backward kernels as the launchers
+    run them on ``[shape["tokens"], shape["hidden"]]`` activations of ``shape["dtype"]`` with a weight of the same
+    dtype; arguments from the launchers' own ``_*_args`` on meta tensors."""
+    dtype = spec_dtype(shape)
+    x2 = torch.empty(shape["tokens"], shape["hidden"], dtype=dtype, device="meta")
+    weight = torch.empty(shape["hidden"], dtype=dtype, device="meta")
+    out, rstd = _fwd_buffers(x2, weight)
+    dw_partial = torch.empty(_bwd_programs(x2), shape["hidden"], dtype=torch.float32, device="meta")
+    block, rows, num_warps = _config(shape["hidden"])
     constexprs = {"BLOCK": block, "ROWS": rows}
     config = f"BLOCK={block} ROWS={rows} warps={num_warps}"
-    fwd = {"X": f"*{t}", "W": f"*{t}", "OUT": f"*{t}", "RSTD": "*fp32",
-           "stride_x": "i32", "stride_out": "i32", "n_rows": "i32", "n_cols": "i32", "eps": "fp32"}
-    bwd = {"DOUT": f"*{t}", "X": f"*{t}", "W": f"*{t}", "RSTD": "*fp32", "DX": f"*{t}", "DW_PARTIAL": "*fp32",
-           "stride_dout": "i32", "stride_x": "i32", "stride_dx": "i32", "n_rows": "i32", "n_cols": "i32"}
-    reduce = {"PARTIAL": "*fp32", "DW": f"*{t}", "n_partials": "i32", "n_cols": "i32"}
+    reduce = {"BLOCK_P": _REDUCE_PARTIALS, "BLOCK_C": _REDUCE_COLS}
     return [
-        KernelSpec("rms_norm_fwd", _rms_norm_fwd_kernel, fwd, dict(constexprs), num_warps, config=config),
-        KernelSpec("rms_norm_bwd", _rms_norm_bwd_kernel, bwd, dict(constexprs), num_warps, config=config),
-        KernelSpec("rms_norm_bwd_dw", _dw_reduce_kernel, reduce, {"BLOCK_P": _REDUCE_PARTIALS, "BLOCK_C": _REDUCE_COLS},
-                   4, config=f"BLOCK_P={_REDUCE_PARTIALS} BLOCK_C={_REDUCE_COLS} warps=4"),
+        launch_spec("rms_norm_fwd", _rms_norm_fwd_kernel, _fwd_args(x2, weight, out, rstd, 1e-6),
+                    {**constexprs, "RESIDUAL": False}, num_warps, config=config),
+        launch_spec("rms_norm_add_fwd", _rms_norm_fwd_kernel, _fwd_args(x2, weight, out, rstd, 1e-6, x2, x2),
+                    {**constexprs, "RESIDUAL": True}, num_warps, config=config),
+        launch_spec("rms_norm_bwd", _rms_norm_bwd_kernel, _bwd_args(out, x2, weight, rstd, x2, dw_partial),
+                    constexprs, num_warps, config=config),
+        launch_spec("rms_norm_bwd_dw", _dw_reduce_kernel, _reduce_args(dw_partial, weight), reduce, 4,
+                    config=f"BLOCK_P={_REDUCE_PARTIALS} BLOCK_C={_REDUCE_COLS} warps=4"),
     ]

@@ -1,46 +1,17 @@
-"""Rotary position embeddings (RoPE) for q and k in one Triton launch, forward and backward.
+r"""Rotary position embeddings (RoPE) for q and k in one Triton launch, forward and backward.
 
-Layouts and convention are transformers' (``apply_rotary_pos_emb`` with ``unsqueeze_dim=1``, the
-"rotate_half" convention, i.e. ``rotary_interleaved=False``):
+transformers' ``apply_rotary_pos_emb`` (``unsqueeze_dim=1``, the "rotate_half" convention). Split the head
+dimension in halves, ``x = [x1, x2]``, ``cos = [c1, c2]``, ``sin = [s1, s2]`` (for Qwen ``c1 == c2`` and
+``s1 == s2``; the general case is what ``apply_rotary_pos_emb`` computes, and so do we)::
 
-- ``q``: ``[B, Hq, T, D]``, ``k``: ``[B, Hkv, T, D]`` (any ``Hq``, ``Hkv``: GQA);
-- ``cos``, ``sin``: ``[B, T, D]`` or ``[1, T, D]`` (broadcast over the batch), as ``Qwen2RotaryEmbedding``
-  returns them, in fp32 or the activation dtype.
+    forward   y1 = c1 * x1 - s1 * x2,    y2 = c2 * x2 + s2 * x1       (y = x * cos + rotate_half(x) * sin)
+    backward  dx1 = c1 * dy1 + s2 * dy2,  dx2 = c2 * dy2 - s1 * dy1
 
-Math. Split the head dimension in halves, ``x = [x1, x2]``, ``cos = [c1, c2]``, ``sin = [s1, s2]``
-(for Qwen ``c1 == c2`` and ``s1 == s2``; the general case is what ``apply_rotary_pos_emb`` computes, and
-so do we)::
-
-    forward   y  = x * cos + rotate_half(x) * sin,   rotate_half([x1, x2]) = [-x2, x1]
-              y1 = c1 * x1 - s1 * x2
-              y2 = c2 * x2 + s2 * x1
-
-The map is linear, ``y = R x`` with ``R = [[diag(c1), -diag(s1)], [diag(s2), diag(c2)]]``, so the
-backward is the transposed matrix, ``dx = R^T dy``::
-
-    backward  dx1 = c1 * dy1 + s2 * dy2
-              dx2 = c2 * dy2 - s1 * dy1
-
-i.e. the forward with ``(s1, s2)`` replaced by ``(-s2, -s1)``: for Qwen's cos/sin, the rotation by the
-opposite angle (``-sin``). The backward needs only cos and sin, so q and k are not saved. cos and sin get
-no gradient (transformers computes them under ``no_grad``); passing ones that require grad is an error.
-Each token's angle comes from its own cos/sin row, so packed sequences (positions restarting at 0 inside
-one row) need nothing special.
-
-Numerics: q, k, cos, sin are loaded and the rotation computed in fp32; the result is cast to q's dtype.
-transformers instead multiplies in the dtype of ``cos`` (Qwen2RotaryEmbedding casts cos/sin to the
-activation dtype), rounding each product, so in bf16 the two may differ by about one bf16 ulp.
-
-Kernel: one program per token ``(b, t)`` rotates every head of q and of k for that token. The heads of q
-and k are one index ``h in [0, Hq + Hkv)`` (q rows first, then k rows), tiled ``[BLOCK_H, D/2]`` for each
-half, so small GQA key-head counts share vector-wide tiles with the query heads. cos/sin are read once per
-token and reused for every head; loads are vectorised along D (unit stride); offsets are 64-bit; batch,
-head and token strides are arbitrary, so Qwen's ``view(B, T, H, D).transpose(1, 2)`` layout is read in
-place. Outputs are new tensors (q and k are never written) made with ``torch.empty_like`` of the tensor
-they are computed from (q and k forward, the incoming gradients backward): same shape and, for a dense
-input (contiguous or transposed), the same strides, so the transposed layout stays transposed (PyTorch's
-rule for elementwise ops; the PyTorch path follows PyTorch's own choice). A tensor whose last dimension is
-not unit-stride (e.g. an expanded gradient) is copied first.
+The map is linear, ``y = R x`` with ``R = [[diag(c1), -diag(s1)], [diag(s2), diag(c2)]]``, so the backward is
+``dx = R^T dy``: the forward with ``(s1, s2)`` replaced by ``(-s2, -s1)`` (for Qwen's cos/sin, the rotation by the
+opposite angle). It needs only cos and sin, so q and k are not saved; cos and sin get no gradient (transformers
+computes them under ``no_grad``). Each token's angle comes from its own cos/sin row, so packed sequences
+(positions restarting at 0 inside one row) need nothing special. Plan: one kernel, one program per token.
 """
 
 from __future__ import annotations
@@ -49,13 +20,41 @@ import torch
 import triton
 import triton.language as tl
 
-from s1fast.kernels._common import FLOAT_DTYPES, KernelSpec, triton_type, unit_last
+from s1fast.kernels._common import FLOAT_DTYPES, KernelSpec, launch_spec, unit_last
 from s1fast.kernels._common import check_same_device, check_tensor, on_device, spec_dtype, use_triton
 
 _FN = "apply_rope"
 _ACCEPTED = FLOAT_DTYPES + (torch.float64,)
 
+# Elements of one half-tile ([BLOCK_H, D/2]) at most: with the warps of ``_config`` each thread holds about 8
+# elements per half-tile, one 128-bit load of bf16.
+_HALF_TILE = 2048
 
+
+def _config(heads: int, head_dim: int) -> tuple[dict, int]:
+    """Constexprs and num_warps for ``heads = Hq + Hkv`` rows of ``head_dim``; used by launcher and specs.
+
+    The head block is the largest power of two whose half-tile fits ``_HALF_TILE`` and that pads the head
+    count by at most 25% (padded rows cost lanes, not memory traffic), e.g. 14 + 2 -> 16, 12 + 2 -> 16 (one
+    pass), 28 + 4 -> 32, 40 + 8 -> 3 passes of 16.
+    """
+    block_half = triton.next_power_of_2(head_dim // 2)
+    block_h = min(triton.next_power_of_2(heads), max(1, _HALF_TILE // block_half))
+    while block_h > 1 and triton.cdiv(heads, block_h) * block_h * 4 > heads * 5:
+        block_h //= 2
+    num_warps = min(8, max(1, block_h * block_half // 256))
+    return {"BLOCK_H": block_h, "BLOCK_HALF": block_half}, num_warps
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+# One program per token ``(b, t)`` rotates every head of q and of k for that token. The heads of q and k are one
+# index ``h in [0, Hq + Hkv)`` (q rows first, then k rows), tiled ``[BLOCK_H, D/2]`` for each half, so small GQA
+# key-head counts share vector-wide tiles with the query heads. cos/sin are read once per token and reused for
+# every head; loads are vectorised along D (unit stride); offsets are 64-bit; batch, head and token strides are
+# arbitrary, so Qwen's ``view(B, T, H, D).transpose(1, 2)`` layout is read in place. q, k, cos, sin are loaded
+# and the rotation computed in fp32; the result is cast to q's dtype. transformers instead multiplies in the
+# dtype of ``cos`` (Qwen2RotaryEmbedding casts cos/sin to the activation dtype), rounding each product, so in
+# bf16 the two may differ by about one bf16 ulp.
 @triton.jit(do_not_specialize=["T"])
 def _rope_kernel(
     q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
@@ -65,7 +64,7 @@ def _rope_kernel(
     s_cb, s_ct, s_sb, s_st,
     HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr,
-):  # fmt: skip
+):
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
     t = (pid % T).to(tl.int64)
@@ -101,23 +100,8 @@ def _rope_kernel(
         tl.store(dst + HALF, y2.to(q_out_ptr.dtype.element_ty), mask=mask)
 
 
-def _config(heads: int, head_dim: int) -> tuple[dict, int]:
-    """Constexprs and num_warps for ``heads = Hq + Hkv`` rows of ``head_dim``; used by launcher and specs.
-
-    A half-tile holds at most 2048 elements; the head block is the largest power of two that fits and pads
-    the head count by at most 25% (padded rows cost lanes, not memory traffic), e.g. 14 + 2 -> 16,
-    12 + 2 -> 16 (one pass), 28 + 4 -> 32, 40 + 8 -> 3 passes of 16. Warps give each thread about 8 elements
-    per half-tile: one 128-bit load of bf16.
-    """
-    block_half = triton.next_power_of_2(head_dim // 2)
-    block_h = min(triton.next_power_of_2(heads), max(1, 2048 // block_half))
-    while block_h > 1 and triton.cdiv(heads, block_h) * block_h * 4 > heads * 5:
-        block_h //= 2
-    num_warps = min(8, max(1, block_h * block_half // 256))
-    return {"BLOCK_H": block_h, "BLOCK_HALF": block_half}, num_warps
-
-
-def _launch_args(q, k, cos, sin, q_out, k_out) -> list:
+# ------------------------------------------------------------------------------ launch arguments, launchers
+def _rope_args(q, k, cos, sin, q_out, k_out) -> list:
     """The kernel's runtime arguments in order (shared by the launcher and ``kernel_specs``)."""
     B, _, T, D = q.shape
     cos, sin = cos.expand(B, T, D), sin.expand(B, T, D)  # batch-1 cos/sin: batch stride 0
@@ -125,10 +109,10 @@ def _launch_args(q, k, cos, sin, q_out, k_out) -> list:
         q, k, cos, sin, q_out, k_out, T,
         *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3],
         *cos.stride()[:2], *sin.stride()[:2],
-    ]  # fmt: skip
+    ]
 
 
-def _rope_launch(q, k, cos, sin, q_out, k_out, *, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_rope(q, k, cos, sin, q_out, k_out, *, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Write rot(q) into q_out and rot(k) into k_out (all last dims unit-stride); R^T when ``backward``."""
     B, Hq, T, D = q.shape
     Hk = k.shape[1]
@@ -136,17 +120,23 @@ def _rope_launch(q, k, cos, sin, q_out, k_out, *, backward: bool) -> tuple[torch
         return q_out, k_out
     constexprs, num_warps = _config(Hq + Hk, D)
     _rope_kernel[(B * T,)](
-        *_launch_args(q, k, cos, sin, q_out, k_out),
+        *_rope_args(q, k, cos, sin, q_out, k_out),
         HQ=Hq, HK=Hk, HALF=D // 2, BACKWARD=backward, **constexprs, num_warps=num_warps, num_stages=1,
-    )  # fmt: skip
+    )
     return q_out, k_out
 
 
+# Outputs are new tensors (q and k are never written) made with ``torch.empty_like`` of the tensor they are
+# computed from (q and k forward, the incoming gradients backward): same shape and, for a dense input
+# (contiguous or transposed), the same strides, so the transposed layout stays transposed (PyTorch's rule for
+# elementwise ops; the PyTorch path follows PyTorch's own choice). A tensor whose last dimension is not
+# unit-stride (e.g. an expanded gradient) is copied first.
 def _rotate(a: torch.Tensor, b: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool):
     a, b, cos, sin = map(unit_last, (a, b, cos, sin))
-    return _rope_launch(a, b, cos, sin, torch.empty_like(a), torch.empty_like(b), backward=backward)
+    return _launch_rope(a, b, cos, sin, torch.empty_like(a), torch.empty_like(b), backward=backward)
 
 
+# -------------------------------------------------------------------------------------------- autograd
 class _RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
@@ -160,29 +150,7 @@ class _RoPEFunction(torch.autograd.Function):
         return dq, dk, None, None
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope_reference(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch RoPE with the kernel's numerics: computed in fp32 (fp64 for fp64 q), cast to q's dtype.
-
-    Same layouts and formula as ``apply_rope`` (see the module docstring); the CPU path, and with fp64
-    inputs the exact reference. Differentiable in every argument by autograd.
-    """
-    compute = torch.promote_types(q.dtype, torch.float32)
-    c, s = cos.unsqueeze(1).to(compute), sin.unsqueeze(1).to(compute)
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        xc = x.to(compute)
-        return (xc * c + _rotate_half(xc) * s).to(q.dtype)
-
-    return rotate(q), rotate(k)
-
-
+# ---------------------------------------------------------------------------------------------- checks
 def _check(q, k, cos, sin) -> None:
     check_tensor(_FN, "q", q, ndim=4, dtypes=_ACCEPTED)
     check_tensor(_FN, "k", k, ndim=4, dtypes=_ACCEPTED)
@@ -208,6 +176,7 @@ def _check(q, k, cos, sin) -> None:
         raise ValueError(f"{_FN}: cos and sin must not require grad (no gradient is computed for them); detach them")
 
 
+# --------------------------------------------------------------------------------------------- public
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +184,7 @@ def apply_rope(
 
     Exactly ``apply_rotary_pos_emb(q, k, cos, sin)`` of transformers, computed in fp32 and returned in q's
     dtype, differentiable in q and k. On CUDA (or under ``TRITON_INTERPRET=1``) one Triton launch does
-    both; outputs keep the input's layout (module docstring). fp64 runs ``apply_rope_reference``.
+    both; outputs keep the input's layout (see ``_rotate``). fp64 runs ``apply_rope_reference``.
     """
     _check(q, k, cos, sin)
     if torch.float64 in (q.dtype, cos.dtype) or not use_triton(q):
@@ -224,13 +193,38 @@ def apply_rope(
         return _RoPEFunction.apply(q, k, cos, sin)
 
 
+# ------------------------------------------------------------------------------------------- reference
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope_reference(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch RoPE with the kernel's numerics: computed in fp32 (fp64 for fp64 q), cast to q's dtype.
+
+    Same layouts and formula as ``apply_rope``; the CPU path, and with fp64
+    inputs the exact reference. Differentiable in every argument by autograd.
+    """
+    compute = torch.promote_types(q.dtype, torch.float32)
+    c, s = cos.unsqueeze(1).to(compute), sin.unsqueeze(1).to(compute)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        xc = x.to(compute)
+        return (xc * c + _rotate_half(xc) * s).to(q.dtype)
+
+    return rotate(q), rotate(k)
+
+
+# ------------------------------------------------------------------------------------------ inspection
 def kernel_specs(shape: dict) -> list[KernelSpec]:
     """The forward and backward launches at ``shape`` (a ``QWEN25_SHAPES`` entry plus ``tokens``, ``dtype``).
 
     Uses ``heads``, ``kv_heads``, ``head_dim``, ``tokens`` (one packed row, B = 1) and ``dtype`` (a torch
     dtype or its name, e.g. ``torch.bfloat16``, "bfloat16", "bf16"; cos/sin in that dtype, as
     Qwen2RotaryEmbedding returns them). q and k are in Qwen's ``view(B, T, H, D).transpose(1, 2)`` layout;
-    arguments come from the launcher's own ``_launch_args`` on meta tensors. At Qwen shapes every pointer
+    arguments come from the launcher's own ``_rope_args`` on meta tensors. At Qwen shapes every pointer
     and every stride is a multiple of 16 bytes / elements (what Triton's JIT marks ``tt.divisibility=16``).
     """
     dtype = spec_dtype(shape)
@@ -239,21 +233,10 @@ def kernel_specs(shape: dict) -> list[KernelSpec]:
     q = torch.empty(1, n, hq, d, **meta).transpose(1, 2)
     k = torch.empty(1, n, hk, d, **meta).transpose(1, 2)
     cos = torch.empty(1, n, d, **meta)
-    args = _launch_args(q, k, cos, cos, torch.empty_like(q), torch.empty_like(k))
+    args = _rope_args(q, k, cos, cos, torch.empty_like(q), torch.empty_like(k))
     blocks, num_warps = _config(hq + hk, d)
     constexprs = {"HQ": hq, "HK": hk, "HALF": d // 2, **blocks}
-    names = [name for name in _rope_kernel.arg_names if name not in (*constexprs, "BACKWARD")]
-    signature = {name: triton_type(arg) for name, arg in zip(names, args, strict=True)}
     config = f"HQ={hq} HK={hk} BLOCK_H={blocks['BLOCK_H']} BLOCK_HALF={blocks['BLOCK_HALF']} warps={num_warps}"
-    return [
-        KernelSpec(
-            name=f"rope_{'bwd' if backward else 'fwd'}",
-            fn=_rope_kernel,
-            signature=signature,
-            constexprs={**constexprs, "BACKWARD": backward},
-            num_warps=num_warps,
-            num_stages=1,
-            config=config,
-        )
-        for backward in (False, True)
-    ]
+    return [launch_spec(f"rope_{'bwd' if backward else 'fwd'}", _rope_kernel, args,
+                        {**constexprs, "BACKWARD": backward}, num_warps, 1, config)
+            for backward in (False, True)]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from s1fast.kernels import cross_entropy, cross_entropy_reference, force_backend
 from s1fast.kernels._common import KernelSpec
 from s1fast.model.shapes import QWEN25_SHAPES
-from spec_checks import assert_spec_matches_kernel
+from helpers import assert_close, assert_spec_matches_kernel, generator
 
 ce_module = importlib.import_module("s1fast.kernels.cross_entropy")  # the package attribute is the function
 BACKENDS = ["triton", "torch"]
@@ -34,12 +34,8 @@ def reference(logits, labels, ignore_index=-100, reduction="mean", label_smoothi
     return rows.sum() / valid.sum().clamp(min=1) if reduction == "mean" else rows.sum()
 
 
-def assert_close(actual, expected, rel):
-    torch.testing.assert_close(actual.detach().double(), expected.detach().double(), rtol=rel, atol=rel * float(expected.detach().abs().max()) + 1e-30)
-
-
 def make_case(N, V, dtype, ignore="some", seed=None):
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    g = generator(seed)
     logits = (torch.randn(N, V, generator=g) * 4).to(dtype)
     labels = torch.randint(0, V, (N,), generator=g)
     if ignore == "some":
@@ -119,7 +115,7 @@ def test_masked_vocabulary_entries_match_pytorch(backend, reduction, opts):
     (mean_j x_ij = -inf) with a finite gradient. Both must come out as PyTorch's, loss and gradient."""
     V = 8200
     logits, labels = make_case(4, V, torch.float32, ignore="none")
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = generator()
     masked = torch.rand(4, V, generator=g) < 0.2
     masked[0, :8192] = True
     labels[0] = 8192 + int(torch.randint(0, V - 8192, (1,), generator=g))

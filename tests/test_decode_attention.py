@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from s1fast.model.shapes import QWEN25_SHAPES
 from s1fast.kernels import decode_attention, decode_attention_reference, force_backend, interpreting
-from spec_checks import assert_spec_matches_kernel
+from helpers import assert_spec_matches_kernel
 
 da = importlib.import_module("s1fast.kernels.decode_attention")  # the module (the package exports the function)
 U32 = 2.0**-24
@@ -146,6 +146,43 @@ def test_tail_never_read_and_every_output_written(monkeypatch):
     check(out, ref, bound(q, clean_k, clean_v, lengths, ref, torch.float32), "poisoned tail")
 
 
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+def test_paged_cache_reads_only_mapped_pages(page_size):
+    """A paged cache: each row's positions scattered over shuffled pages (a non-contiguous table, a view of a
+    wider one, int32), every page no row maps and every slot at or past a row's length NaN. The kernel's
+    result equals the float64 reference on the dense keys within the fp32 bound: only the mapped slots below
+    each row's length are read. The torch backend (the reference) agrees."""
+    B, Hq, Hkv, D = 3, 4, 2, 32
+    lengths = torch.tensor([1, 70, 129])
+    width = -(-int(lengths.max()) // page_size) + 1  # one unused column per row
+    q, k, v = make(B, Hq, Hkv, width * page_size, D, torch.float32, seed=page_size)
+    g = torch.Generator().manual_seed(page_size)
+    pages = 2 * B * width + 3
+    order = torch.randperm(pages, generator=g)
+    table = torch.full((B, width + 2), -1, dtype=torch.int32)
+    k_pages, v_pages = (torch.full((pages, Hkv, page_size, D), float("nan")) for _ in range(2))
+    for b in range(B):
+        for c in range(-(-int(lengths[b]) // page_size)):  # the pages holding positions < lengths[b]
+            page = int(order[b * width + c])
+            table[b, c] = page
+            keep = slice(c * page_size, min((c + 1) * page_size, int(lengths[b])))
+            k_pages[page, :, : keep.stop - keep.start] = k[b, :, keep]
+            v_pages[page, :, : keep.stop - keep.start] = v[b, :, keep]
+    table = table[:, :width]  # a view with the table's row stride
+    assert not table.is_contiguous() and (table >= 0).sum() < B * width
+    table = table.clamp(min=0)  # unmapped entries: page 0, which may hold NaN; they are never read
+    with force_backend("triton"):
+        out = decode_attention(q, k_pages, v_pages, lengths, page_table=table)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), lengths)
+    check(out, ref, bound(q, k, v, lengths, ref, torch.float32), f"paged, page_size={page_size}")
+    clean_k = torch.nan_to_num(k_pages)  # the reference gathers every table entry: no NaN for it
+    with force_backend("torch"):
+        torch_out = decode_attention(q, clean_k, torch.nan_to_num(v_pages), lengths, page_table=table)
+    torch.testing.assert_close(torch_out.double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"page_table must be \[B, pages per row\] = \[3, W\]"):
+        decode_attention(q, k_pages, v_pages, lengths, page_table=table[:2])
+
+
 def test_float64_and_torch_backend_run_the_reference():
     q, k, v = make(2, 4, 2, 40, 32, torch.float64, seed=9)
     lengths = torch.tensor([40, 9])
@@ -197,10 +234,11 @@ def test_kernel_specs_match_kernels(model):
     G = shape["heads"] // shape["kv_heads"]
     for spec in specs:
         runtime, _ = assert_spec_matches_kernel(spec)
-        assert {spec.signature[n] for n in runtime if n.endswith("_ptr") and n != "len_ptr"} <= {"*bf16", "*fp32"}
+        pointers = {spec.signature[n] for n in runtime if n.endswith("_ptr") and n not in ("len_ptr", "pt_ptr")}
+        assert pointers <= {"*bf16", "*fp32"}
         assert spec.signature["len_ptr"] == "*i64"
     assert specs[0].constexprs == dict(HQ=shape["heads"], G=G, D=shape["head_dim"], BLOCK_G=max(16, G), BLOCK_N=cfg["BLOCK_N"],
-                                       DOT_FP32=False)  # fmt: skip
+                                       DOT_FP32=False, PAGE=0)  # fmt: skip
     assert (specs[0].num_warps, specs[0].num_stages) == (cfg["num_warps"], cfg["num_stages"])
     assert specs[1].constexprs == dict(HQ=shape["heads"], D=shape["head_dim"], BLOCK_S=cfg["BLOCK_S"])
     # batch 1 with few kv heads at 8K: the sequence is split so pass 1 has ~256 programs, not Hkv

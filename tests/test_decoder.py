@@ -222,9 +222,9 @@ def test_decode_attention_kernel_path(monkeypatch):
 
     calls = []
 
-    def spy(q, k_cache, v_cache, lengths, scale=None):
-        calls.append((tuple(k_cache.shape), lengths.tolist()))
-        return decode_attention(q, k_cache, v_cache, lengths, scale)
+    def spy(q, k_cache, v_cache, lengths, scale=None, page_table=None):
+        calls.append((page_table.shape[1] * k_cache.shape[2], lengths.tolist()))  # positions the table maps
+        return decode_attention(q, k_cache, v_cache, lengths, scale, page_table)
 
     decode_attention = decoder_module.decode_attention
     monkeypatch.setattr(decoder_module, "decode_attention", spy)
@@ -236,7 +236,7 @@ def test_decode_attention_kernel_path(monkeypatch):
         sdpa = Decoder(model).generate(prompts, max_new_tokens=4)
     # one call per layer and step; cache rows are longest first, the longest reads past the first 64-key chunk
     assert len(calls) >= 6 and len(calls) % 2 == 0
-    assert calls[0][1] == [71, 10, 4] and calls[-1][1][0] > 71 and calls[-1][0][2] >= calls[-1][1][0]
+    assert calls[0][1] == [71, 10, 4] and calls[-1][1][0] > 71 and calls[-1][0] >= calls[-1][1][0]
     assert res.tokens == sdpa.tokens == [hf_generate(model, p, 4) for p in prompts]
 
 
@@ -554,8 +554,15 @@ def test_memory_report_and_timings():
     L, cfg = model.config.num_hidden_layers, model.config
     per_token = 2 * L * cfg.num_key_value_heads * cfg.head_dim * 8
     assert mem["kv_bytes_per_token"] == per_token
-    assert mem["kv_cache_bytes"] == per_token * mem["cache_rows"] * mem["cache_positions"]
+    P = mem["page_size"]
+    assert mem["kv_cache_bytes"] == per_token * P * (mem["kv_pages_total"] + 1)  # + the trash page
+    assert mem["kv_pages_total"] * P == mem["cache_rows"] * mem["cache_positions"]  # no budget: a dense cache's worth
     assert mem["cache_rows"] == 2 and 9 + 8 <= mem["cache_positions"]
+    # pages follow the tokens: all back after the run; at the peak each row held its prompt, 7 fed tokens and one
+    # step's position (13 and 17 positions)
+    assert mem["kv_pages_in_use"] == 0 and mem["kv_pages_free"] == mem["kv_pages_total"]
+    assert mem["kv_pages_peak"] == -(-13 // P) + -(-17 // P)
+    assert mem["kv_bytes_peak"] == mem["kv_pages_peak"] * P * per_token
     assert mem["total_bytes"] == params + mem["kv_cache_bytes"] + mem["buffers_bytes"]
     # 7 steps feed tokens 1..7; an 8th was launched before the host saw that every row was done
     assert res.prefill_s > 0 and res.decode_s > 0 and res.decode_tokens_per_s > 0 and res.steps == 8

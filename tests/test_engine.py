@@ -13,15 +13,20 @@ from s1fast.decode.decoder import Decoder
 from s1fast.decode.engine import Engine
 
 
+MIXED = [dict(max_thinking_tokens=30, num_waits=2), dict(max_thinking_tokens=None, num_waits=2),
+         dict(max_thinking_tokens=4, num_waits=0), dict(max_thinking_tokens=12, num_waits=1),
+         dict(max_thinking_tokens=1, num_waits=3)]  # budgets and waits of five requests
+
+
 def submit_all(engine, prompts, settings, order):
     """Submit ``prompts[i]`` with ``settings[i]`` in ``order``; returns request index -> prompt index."""
     return {engine.submit(prompts[i], **settings[i]): i for i in order}
 
 
-@pytest.mark.parametrize("max_rows,seed", [(1, 0), (2, 1), (3, 2), (8, 3)])
-def test_greedy_matches_transformers_and_static(max_rows, seed):
-    """Per-request lengths and stop tokens; any row cap and submission order gives every request the tokens
-    transformers gives it alone, and the static decoder's."""
+@pytest.mark.parametrize("max_rows,seed,page_size", [(1, 0, 16), (2, 1, 1), (3, 2, 4), (8, 3, 16)])
+def test_greedy_matches_transformers_and_static(max_rows, seed, page_size):
+    """Per-request lengths and stop tokens; any row cap, submission order and page size gives every request the
+    tokens transformers gives it alone, and the static decoder's."""
     model = model_for(tied=False)
     rng = random.Random(seed)
     prompts = make_prompts((5, 17, 1, 9, 3, 12), seed=7)
@@ -36,7 +41,7 @@ def test_greedy_matches_transformers_and_static(max_rows, seed):
         expected.append(out[: stops[0] + 1] if stops else out)
     order = list(range(len(prompts)))
     rng.shuffle(order)
-    dec = Decoder(model, prefill_chunk=4)
+    dec = Decoder(model, prefill_chunk=4, page_size=page_size)
     engine = Engine(dec, max_rows=max_rows)
     which = submit_all(engine, prompts, settings, order)
     res = engine.run()
@@ -83,10 +88,7 @@ def test_mixed_budgets_match_s1_reference(max_rows):
     model = model_for(tied=False)
     prompts = make_prompts((6, 13, 3, 9, 6), seed=1)
     base = budget(model, prompts)
-    cases = [dict(max_thinking_tokens=30, num_waits=2), dict(max_thinking_tokens=None, num_waits=2),
-             dict(max_thinking_tokens=4, num_waits=0), dict(max_thinking_tokens=12, num_waits=1),
-             dict(max_thinking_tokens=1, num_waits=3)]  # fmt: skip
-    forcings = [dataclasses.replace(base, **c) for c in cases]
+    forcings = [dataclasses.replace(base, **c) for c in MIXED]
     engine = Engine(Decoder(model), max_rows=max_rows)
     order = [4, 0, 3, 1, 2]
     which = {engine.submit(prompts[i], max_new_tokens=40, budget=forcings[i]): i for i in order}
@@ -100,6 +102,71 @@ def test_mixed_budgets_match_s1_reference(max_rows):
             assert (row.thinking_tokens, row.forced_waits, row.budget_cut) == (thinking, w, cut)
         waits, cuts = waits + row.forced_waits, cuts + row.budget_cut
     assert waits > 0 and cuts > 0  # both paths taken
+
+
+def test_page_budget_waits_preempts_and_matches_unconstrained():
+    """A KV budget of 20 pages of 4 positions for 5 requests of up to 16 + 40 positions on 3 rows, mixed budgets
+    and waits: running rows that cannot grow preempt the newest (recomputed later from what it fed), the pages
+    in use never pass the budget, and every request's tokens equal the unconstrained engine's (itself s1's
+    algorithm, above)."""
+    model = model_for(tied=False)
+    prompts = make_prompts((6, 13, 3, 9, 16), seed=1)
+    base = budget(model, prompts)
+    settings = [dict(max_new_tokens=40, budget=dataclasses.replace(base, **c)) for c in MIXED]
+    free = Engine(Decoder(model), max_rows=3)
+    submit_all(free, prompts, settings, range(5))
+    expected = free.run().tokens
+    dec = Decoder(model, page_size=4, kv_cache_bytes=21 * 4 * dec_bytes_per_token(model))
+    rows_per_step, in_use = [], []
+    decode = dec._decode
+
+    def spy(n, kv):
+        rows_per_step.append(n)
+        in_use.append(dec.cache.pages_in_use)
+        return decode(n, kv)
+
+    dec._decode = spy
+    engine = Engine(dec, max_rows=3)
+    submit_all(engine, prompts, settings, range(5))
+    res = engine.run()
+    assert res.tokens == expected
+    assert res.preemptions > 0 and max(in_use) <= 20 == res.memory["kv_pages_total"]
+    assert res.memory["kv_pages_peak"] <= 20 and res.memory["kv_pages_in_use"] == 0
+    assert 3 in rows_per_step and sum(map(len, expected)) > 100
+
+
+def test_request_longer_than_the_page_budget():
+    """A request that could not fit the KV budget even alone is refused at submission, naming it; one that
+    exactly fits runs, and the next waits for its pages (one row at a time, no preemption)."""
+    model = model_for()
+    per_page = 4 * dec_bytes_per_token(model)
+    dec = Decoder(model, page_size=4, kv_cache_bytes=6 * per_page)  # 5 pages of 4: 20 positions
+    engine = Engine(dec, max_rows=2)
+    with pytest.raises(ValueError, match=r"Engine.submit: the request may need 23 KV positions .* = 6 pages of 4, "
+                                         r"but the KV budget holds 5 pages"):  # fmt: skip
+        engine.submit([1] * 10, max_new_tokens=12)  # 10 + 12 + 1 (an edit's room)
+    with pytest.raises(ValueError, match=r"Decoder.generate: prompts\[1\] may need 23 KV positions"):
+        dec.generate([[1, 2], [1] * 10], max_new_tokens=12)
+    engine.submit([5] * 17, max_new_tokens=2)  # 17 + 1 positions to start: all 5 pages
+    engine.submit([7] * 3, max_new_tokens=9)
+    rows_per_step = []
+    decode = dec._decode
+    dec._decode = lambda n, kv: (rows_per_step.append(n), decode(n, kv))[1]
+    res = engine.run()
+    assert res.tokens == [hf_generate(model, [5] * 17, 2), hf_generate(model, [7] * 3, 9)]
+    assert set(rows_per_step) == {1} and res.preemptions == 0
+    for kwargs, match in [(dict(kv_cache_bytes=0), "kv_cache_bytes must be None or an int >= 1"),
+                          (dict(kv_cache_bytes=per_page), "holds fewer than 2 KV pages"),
+                          (dict(kv_cache_fraction=0.5), "kv_cache_fraction needs a CUDA model"),
+                          (dict(kv_cache_bytes=per_page, kv_cache_fraction=0.5), "not both"),
+                          (dict(page_size=0), "page_size must be None or an int >= 1")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            Decoder(model, **kwargs)
+
+
+def dec_bytes_per_token(model) -> int:
+    cfg = model.config
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 8  # float64 keys and values
 
 
 def test_sampling_per_request_seed_independent_of_admission():

@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 from test_decoder import s1_reference
-from tiny_qwen import tiny_model
+from tiny_qwen import save_qwen_vocab_model, tiny_model
 
 from s1fast.decode.budget import BudgetForcing
 from s1fast.model.chat import FORMATS, detect_format, qwen_tokenizer_path, resolve_format
@@ -226,15 +226,10 @@ def test_sft_text_in_r1_and_qwen3_formats(tokenizers):
 @pytest.fixture(scope="module")
 def r1_model_dir(tmp_path_factory, tokenizers):
     """A one-layer Qwen2 over the R1 vocabulary saved with the R1-style tokenizer."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny_r1")
-    torch.manual_seed(0)
-    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=151680, max_position_embeddings=512, tie_word_embeddings=True)  # fmt: skip
-    Qwen2ForCausalLM(config).save_pretrained(path)
+    path = save_qwen_vocab_model(tmp_path_factory.mktemp("tiny_r1"), tokenizer=False, hidden=32, intermediate=64,
+                                 heads=2, kv_heads=1)
     tokenizers["r1"].save_pretrained(path)
-    return str(path)
+    return path
 
 
 def test_generate_cli_formats(r1_model_dir, tmp_path, capsys, forcings):
@@ -243,8 +238,8 @@ def test_generate_cli_formats(r1_model_dir, tmp_path, capsys, forcings):
 
     out = tmp_path / "out.jsonl"
     with force_backend("torch"):
-        code = s1fast_main(["generate", r1_model_dir, "--prompt", QUESTION, "--format", "auto", "--max-thinking-tokens", "3",
-                            "--max-new-tokens", "12", "--output", str(out), "--quiet"])  # fmt: skip
+        code = s1fast_main(["generate", "--model", r1_model_dir, "--prompt", QUESTION, "--format", "auto",
+                            "--max-thinking-tokens", "3", "--max-new-tokens", "12", "--out", str(out), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     row = json.loads(out.read_text())
     bf = forcings["r1"]
@@ -255,7 +250,8 @@ def test_generate_cli_formats(r1_model_dir, tmp_path, capsys, forcings):
     assert row["tokens"][3 : 3 + len(end)] == end and 151668 in end
     # a format the tokenizer cannot write: one line, exit 2, before the model loads
     with pytest.raises(SystemExit) as e:
-        s1fast_main(["generate", r1_model_dir, "--prompt", "x", "--format", "r1", "--tokenizer", qwen_tokenizer_path()])
+        s1fast_main(["generate", "--model", r1_model_dir, "--prompt", "x", "--format", "r1", "--tokenizer",
+                     qwen_tokenizer_path()])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "s1fast generate: error: tokenizer" in err and "'<｜Assistant｜>'" in err
 

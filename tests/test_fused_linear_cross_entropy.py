@@ -19,6 +19,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from s1fast.model.shapes import QWEN25_SHAPES
 from s1fast.kernels import force_backend, fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+from helpers import assert_close, generator
 
 flce_module = importlib.import_module("s1fast.kernels.fused_linear_cross_entropy")
 ce_module = importlib.import_module("s1fast.kernels.cross_entropy")
@@ -26,13 +27,8 @@ BACKENDS = ["triton", "torch"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-def assert_close(actual, expected, rel):
-    e = expected.detach().double()
-    torch.testing.assert_close(actual.detach().double(), e, rtol=rel, atol=rel * float(e.abs().max()) + 1e-30)
-
-
 def make_case(shape, H, V, dtype, bias=True, ignore="some", seed=None):
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    g = generator(seed)
     hidden = torch.randn(*shape, H, generator=g).to(dtype)
     weight = (torch.randn(V, H, generator=g) * 2 / H**0.5).to(dtype)
     b = torch.randn(V, generator=g).to(dtype) if bias else None
@@ -318,7 +314,7 @@ def test_kernel_specs_reuse_cross_entropy_kernel_at_chunk_size():
     assert spec.constexprs["WRITE_GRAD"] and not spec.constexprs["STORE_LSE"]
     # 1 GiB holds 3533 bf16 rows of 151,936 logits: 32,768 tokens need 10 chunks, balanced to 3277 rows
     assert spec.config.endswith("chunk=3277 rows")
-    assert inplace.constexprs["IN_PLACE"] and not cast.constexprs["IN_PLACE"] and cast.signature["OUT"] == "*bf16"
+    assert inplace.constexprs["IN_PLACE"] and not cast.constexprs["IN_PLACE"] and cast.signature["out_ptr"] == "*bf16"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

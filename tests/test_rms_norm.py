@@ -19,22 +19,18 @@ import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from s1fast.model.shapes import QWEN25_SHAPES
-from s1fast.kernels import RMSNorm, force_backend, rms_norm, rms_norm_reference
-from spec_checks import assert_spec_matches_kernel
+from s1fast.kernels import RMSNorm, add_rms_norm, add_rms_norm_reference, force_backend, interpreting, rms_norm
+from s1fast.kernels import rms_norm_reference
+from helpers import assert_close, assert_spec_matches_kernel, generator, nan_empty
 
 rms_module = importlib.import_module("s1fast.kernels.rms_norm")  # the package attribute is the function
 BACKENDS = ["triton", "torch"]
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-6}
-
-
-def assert_close(actual, expected, rel):
-    expected = expected.detach().double()
-    torch.testing.assert_close(actual.detach().double(), expected, rtol=rel, atol=rel * float(expected.abs().max()))
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-6, torch.float16: 2**-9}  # fp16: 2 roundings of <= 2^-10
 
 
 def make_case(shape, dtype, weight_dtype=None, seed=None):
     """Random x (offset and scaled, so rows have different norms), weight and upstream gradient."""
-    g = torch.Generator().manual_seed(torch.seed() % 2**31 if seed is None else seed)
+    g = generator(seed)
     width = shape[-1]
     x = (torch.randn(shape, generator=g) * 2 + torch.randn(shape[:-1] + (1,), generator=g)).to(dtype)
     weight = (torch.randn(width, generator=g) * 0.5 + 1).to(weight_dtype or dtype)
@@ -113,7 +109,7 @@ def test_fp32_weight_with_bf16_input_follows_torch_promotion(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs_and_gradients(backend):
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = generator()
     # a column slice (rows strided by 2 * width: handled by strides, no copy) ...
     wide = torch.randn(5, 2 * 896, generator=g)
     sliced = wide[:, 896:]
@@ -130,16 +126,10 @@ def test_non_contiguous_inputs_and_gradients(backend):
 
 def test_every_output_element_is_written(monkeypatch):
     """Every buffer the launchers allocate (out, rstd, dx, the dweight partials) starts as NaN."""
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        return empty(*args, **kwargs).fill_(float("nan"))
-
     shapes = [((3, 5, 100), torch.float32), ((2, 5, 7, 64), torch.bfloat16), ((5, 3584), torch.float32)]
     for x, weight, grad in (make_case(*case) for case in shapes):
-        monkeypatch.setattr(torch, "empty", poisoned)
-        results = run("triton", x, weight, grad)
-        monkeypatch.setattr(torch, "empty", empty)
+        with nan_empty(monkeypatch):
+            results = run("triton", x, weight, grad)
         for actual, expected in zip(results, run_float64(x, weight, grad)):
             assert torch.isfinite(actual).all()
             assert_close(actual, expected, TOL[x.dtype])
@@ -215,17 +205,21 @@ def test_kernel_specs_describe_the_launched_kernels():
     kernels = {rms_module._rms_norm_fwd_kernel, rms_module._rms_norm_bwd_kernel}
     for model, dims in QWEN25_SHAPES.items():
         specs = rms_module.kernel_specs(dict(dims, tokens=4096, dtype=torch.bfloat16))
-        assert [s.name for s in specs] == ["rms_norm_fwd", "rms_norm_bwd", "rms_norm_bwd_dw"]
+        assert [s.name for s in specs] == ["rms_norm_fwd", "rms_norm_add_fwd", "rms_norm_bwd", "rms_norm_bwd_dw"]
         for spec in specs:
             assert_spec_matches_kernel(spec)
             assert set(spec.signature.values()) <= {"*bf16", "*fp32", "i32", "fp32"}
-        for spec in specs[:2]:
+        block, rows, warps = rms_module._config(dims["hidden"])
+        assert block >= dims["hidden"] and block & (block - 1) == 0
+        for spec, residual in zip(specs[:2], (False, True)):
+            assert spec.fn is rms_module._rms_norm_fwd_kernel
+            assert spec.constexprs == {"BLOCK": block, "ROWS": rows, "RESIDUAL": residual}
+        for spec in specs[:3]:
             assert spec.fn in kernels  # a JITFunction (an InterpretedFunction under TRITON_INTERPRET=1)
-            block, rows, warps = rms_module._config(dims["hidden"])
-            assert spec.constexprs == {"BLOCK": block, "ROWS": rows} and spec.num_warps == warps
-            assert block >= dims["hidden"] and block & (block - 1) == 0
-        reduce = specs[2]
-        assert reduce.fn is rms_module._dw_reduce_kernel and reduce.signature["DW"] == "*bf16"
+            assert spec.num_warps == warps
+        assert specs[2].constexprs == {"BLOCK": block, "ROWS": rows}
+        reduce = specs[3]
+        assert reduce.fn is rms_module._dw_reduce_kernel and reduce.signature["dw_ptr"] == "*bf16"
         assert reduce.constexprs == {"BLOCK_P": rms_module._REDUCE_PARTIALS, "BLOCK_C": rms_module._REDUCE_COLS}
 
 
@@ -276,3 +270,99 @@ def test_cuda_backward_at_model_shapes(width, device):
     results = run("auto", x.to(device), weight.to(device), grad.to(device))
     for actual, expected in zip(results, run_float64(x, weight, grad)):
         assert_close(actual.cpu(), expected, TOL[torch.bfloat16])
+
+
+# ------------------------------------------------------------------------------------------ add_rms_norm
+# The sum x + residual is rounded once to x's dtype: exactly PyTorch's ``residual + x`` (fp32 sum, round to
+# nearest) on the GPU and on the PyTorch path; Triton's interpreter truncates that cast, so there it may be one ulp
+# off (SUM_ULP). Against float64 the sum is within one rounding; the normalised output rounds twice more (TOL).
+SUM_ULP = {torch.float32: 2**-23, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+ADD_CASES = [
+    ((3, 5, 100), torch.float32),  # odd width: masked columns
+    ((2, 1, 896), torch.bfloat16),  # decode: one token per row, Qwen2.5-0.5B hidden
+    ((37, 64), torch.float16),  # two 32-row tiles, the second partly masked
+]
+
+
+def add_case(shape, dtype):
+    x, weight, _ = make_case(shape, dtype)
+    residual = (torch.randn(shape, generator=generator()) * 3).to(dtype)
+    return x, residual, weight
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,dtype", ADD_CASES, ids=[f"{s}-{str(d)[6:]}" for s, d in ADD_CASES])
+def test_add_rms_norm_matches_float64_and_qwen2(backend, shape, dtype, monkeypatch):
+    """Outputs start NaN (every element must be written); against float64 and against a Qwen2 decoder layer's
+    ``residual + x`` followed by Qwen2RMSNorm."""
+    x, residual, weight = add_case(shape, dtype)
+    with torch.no_grad(), force_backend(backend), nan_empty(monkeypatch):
+        normed, summed = add_rms_norm(x, residual, weight)
+    assert normed.shape == summed.shape == x.shape and normed.dtype == summed.dtype == dtype
+    exact_sum = x.double() + residual.double()
+    assert_close(summed, exact_sum, SUM_ULP[dtype])
+    assert_close(normed, rms_norm_reference(exact_sum, weight.double()), TOL[dtype])
+    torch_sum = residual + x
+    module = Qwen2RMSNorm(shape[-1]).to(dtype)
+    module.weight.data.copy_(weight)
+    with torch.no_grad():
+        qwen = module(torch_sum)
+    if backend == "torch" or not interpreting():
+        assert torch.equal(summed, torch_sum)
+    else:
+        assert_close(summed, torch_sum, SUM_ULP[dtype])
+    if backend == "torch":
+        assert torch.equal(normed, qwen)
+    else:
+        assert_close(normed, qwen, TOL[dtype])
+
+
+def test_add_rms_norm_strided_inputs_and_float64():
+    g = generator()
+    wide = torch.randn(4, 2 * 128, generator=g)
+    x, residual = wide[:, :128], torch.randn(128, 4, generator=g).t()  # row-strided; last dim not unit-stride
+    weight = torch.randn(128, generator=g) + 1
+    with torch.no_grad(), force_backend("triton"):
+        normed, summed = add_rms_norm(x, residual, weight)
+        normed64, summed64 = add_rms_norm(x.double(), residual.double(), weight.double())
+    reference = add_rms_norm_reference(x.double(), residual.double(), weight.double())  # float64: the reference
+    assert torch.equal(normed64, reference[0]) and torch.equal(summed64, reference[1])
+    assert torch.equal(summed64, x.double() + residual.double())
+    assert_close(summed, summed64, SUM_ULP[torch.float32])
+    assert_close(normed, normed64, TOL[torch.float32])
+
+
+def test_add_rms_norm_refuses_grad_and_bad_inputs():
+    x, residual, weight = add_case((2, 8), torch.float32)
+    for name in ("x", "residual", "weight"):
+        args = {"x": x, "residual": residual, "weight": weight}
+        args[name] = args[name].clone().requires_grad_()
+        with pytest.raises(ValueError, match=rf"add_rms_norm: inference only \(no backward\), but {name} requires "
+                                             r"grad; call it under torch.no_grad\(\)"):
+            add_rms_norm(**args)
+        with torch.no_grad():
+            add_rms_norm(**args)  # fine without grad mode
+    with pytest.raises(ValueError, match=r"add_rms_norm: residual must have x's shape \(2, 8\), got \(1, 8\)"):
+        add_rms_norm(x, residual[:1], weight)
+    with pytest.raises(TypeError, match=r"add_rms_norm: residual must have dtype in \(float32\), got bfloat16"):
+        add_rms_norm(x, residual.bfloat16(), weight)
+    with pytest.raises(ValueError, match=r"add_rms_norm: weight must have shape \(8,\) to match x's last dim"):
+        add_rms_norm(x, residual, weight[:7])
+    with pytest.raises(ValueError, match=r"add_rms_norm: eps must be a finite number >= 0, got -1"):
+        add_rms_norm(x, residual, weight, -1)
+
+
+@pytest.mark.gpu
+def test_add_rms_norm_rows_past_int32_offsets(device):
+    """rows x width > 2**31 elements: the last rows of both outputs against float64."""
+    width = 4096
+    rows = 2**31 // width + 8
+    x = torch.randn(rows, width, device=device, dtype=torch.bfloat16)
+    residual = torch.randn(rows, width, device=device, dtype=torch.bfloat16)
+    weight = torch.randn(width, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        normed, summed = add_rms_norm(x, residual, weight)
+    tail = slice(rows - 16, rows)
+    exact_sum = x[tail].cpu().double() + residual[tail].cpu().double()
+    assert_close(summed[tail].cpu(), exact_sum, SUM_ULP[torch.bfloat16])
+    assert_close(normed[tail].cpu(), rms_norm_reference(exact_sum, weight.cpu().double()), TOL[torch.bfloat16])

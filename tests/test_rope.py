@@ -24,7 +24,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply
 from s1fast.model.shapes import QWEN25_SHAPES
 from s1fast.kernels import apply_rope, apply_rope_reference, force_backend, interpreting
 from s1fast.kernels import rope as rope_module
-from spec_checks import assert_spec_matches_kernel
+from helpers import assert_spec_matches_kernel
 
 BACKENDS = ["triton", "torch"]
 U32 = 2.0**-24
@@ -223,7 +223,7 @@ def test_poisoned_outputs_every_element_written(backward):
     q_buf = torch.full((B, T, Hq + 2, D), float("nan"), dtype=torch.bfloat16)
     k_buf = torch.full((B, Hkv, T + 1, D), float("nan"), dtype=torch.bfloat16)
     q_out, k_out = q_buf[:, :, 1 : Hq + 1].transpose(1, 2), k_buf[:, :, 1:]
-    rope_module._rope_launch(q, k, cos, sin, q_out, k_out, backward=backward)
+    rope_module._launch_rope(q, k, cos, sin, q_out, k_out, backward=backward)
     if backward:  # R^T = the forward with sin -> -sin for Qwen's symmetric cos/sin
         expected = apply_rope_reference(q.double(), k.double(), cos.double(), -sin.double())
     else:
@@ -321,7 +321,7 @@ def test_kernel_specs_match_kernel_signature(model):
         assert spec.fn is rope_module._rope_kernel  # a JITFunction (InterpretedFunction under the interpreter)
         runtime, _ = assert_spec_matches_kernel(spec)
         assert spec.constexprs == {"HQ": shape["heads"], "HK": shape["kv_heads"], "HALF": shape["head_dim"] // 2,
-                                   **blocks, "BACKWARD": backward}  # fmt: skip
+                                   **blocks, "BACKWARD": backward}
         assert spec.num_warps == num_warps and spec.num_stages == 1
         assert {spec.signature[n] for n in runtime[:6]} == {"*bf16"}
         assert {spec.signature[n] for n in runtime[6:]} == {"i32"}

@@ -19,8 +19,8 @@ from s1fast.eval.problems import SAMPLES
 from s1fast.cli import main as cli_main
 from s1fast.kernels._common import force_backend
 from s1fast.model.chat import think_prompt
+from s1fast.model.shapes import TINY, random_qwen
 
-transformers = pytest.importorskip("transformers")
 
 IM_START_ID = 151644  # <|im_start|> in Qwen's vocabulary (ANCHORS)
 
@@ -29,12 +29,8 @@ def _save_model(path, *, eager_to_end: bool) -> str:
     """A 2-layer random Qwen2 with the real vocabulary size. ``eager_to_end``: an untied head whose
     <|im_start|> logit dominates at every position (the residual stream carries a large constant in
     channel 0), so the model tries to end thinking at every step and every forced wait is exercised."""
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=not eager_to_end,
-    )
-    model = transformers.Qwen2ForCausalLM(config).eval()
+    model = random_qwen(dict(TINY, vocab=151936, hidden=32, intermediate=64, tied=not eager_to_end),
+                        max_positions=512, rope_theta=10000.0).eval()
     if eager_to_end:
         with torch.no_grad():
             model.model.embed_tokens.weight[:, 0] = 10.0
@@ -75,8 +71,18 @@ def random_model(tmp_path_factory):
 
 
 def _args(model, problems, out, *extra):
-    return ["--model", model, "--problems", problems, "--out", str(out), "--batch-size", "2",
+    return ["--model", model, "--problems", problems, "--out", str(out), "--max-rows", "2",
             "--max-answer-tokens", "3", "--max-new-tokens", "64", "--no-progress", *extra]
+
+
+def _refused(argv, capsys) -> str:
+    """``s1fast eval argv`` stops with parser.error: exit status 2, the usage, then one line, returned."""
+    with pytest.raises(SystemExit) as e:
+        scaling.main(argv)
+    usage, err = scaling._parser().format_usage(), capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(usage) and err[len(usage) :].count("\n") == 1
+    assert err[len(usage) :].startswith("s1fast eval: error: ")
+    return err[len(usage) :]
 
 
 def _read(out):
@@ -139,16 +145,14 @@ def test_sweep_budgets_resume_and_reports(random_model, problems, tmp_path, monk
 
     # other settings in the same directory are refused, naming what changed
     capsys.readouterr()
-    assert scaling.main(_args(random_model, problems, out, "--budgets", "2", "--temperature", "0.7")) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("s1fast eval: error: ") and "temperature: 0.0 -> 0.7" in err and "new --out" in err
+    err = _refused(_args(random_model, problems, out, "--budgets", "2", "--temperature", "0.7"), capsys)
+    assert "temperature: 0.0 -> 0.7" in err and "new --out" in err
     # ... also once run.json is gone: every point file holds its settings, and results.json stays as it was
     results = (out / "results.json").read_bytes()
     os.remove(out / "run.json")
     calls.clear()
-    assert scaling.main(_args(random_model, problems, out, "--budgets", "9", "--temperature", "0.7")) == 2
-    err = capsys.readouterr().err
-    assert "temperature: 0.0 -> 0.7" in err and "/points/budget-" in err and err.count("\n") == 1
+    err = _refused(_args(random_model, problems, out, "--budgets", "9", "--temperature", "0.7"), capsys)
+    assert "temperature: 0.0 -> 0.7" in err and "/points/budget-" in err
     assert calls == [] and (out / "results.json").read_bytes() == results
     assert not (out / "points" / "budget-9_waits-0.json").exists()
 
@@ -208,7 +212,7 @@ def test_accuracy_counts_graded_answers(random_model, problems, tmp_path, monkey
 def test_sweep_on_cuda_bf16(random_model, problems, tmp_path):
     out = tmp_path / "run"
     assert scaling.main(_args(random_model, problems, out, "--budgets", "3", "7", "--waits", "0", "1",
-                              "--device", "cuda", "--dtype", "bfloat16")) == 0
+                              "--device", "cuda", "--dtype", "bf16")) == 0
     results = _read(out)
     assert results["settings"]["dtype"] == "bfloat16" and len(results["points"]) == 4
     for p in results["points"]:
@@ -249,12 +253,12 @@ def test_bad_arguments_are_refused(capsys):
 
 
 def test_missing_model_or_problems_is_a_clear_error(random_model, problems, tmp_path, capsys):
-    assert scaling.main(_args(str(tmp_path / "no-model"), problems, tmp_path / "o")) == 2
-    assert "s1fast eval: error: model" in capsys.readouterr().err and not (tmp_path / "o").exists()
-    assert scaling.main(_args(random_model, "data/missing.jsonl", tmp_path / "o")) == 2
-    assert "error: problems 'data/missing.jsonl': no such file" in capsys.readouterr().err
-    assert scaling.main(_args(random_model, problems, tmp_path / "o", "--top-p", "0")) == 2
-    assert "top_p in (0, 1]" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    err = _refused(_args(str(tmp_path / "no-model"), problems, tmp_path / "o"), capsys)
+    assert err.startswith("s1fast eval: error: --model") and not (tmp_path / "o").exists()
+    err = _refused(_args(random_model, "data/missing.jsonl", tmp_path / "o"), capsys)
+    assert "error: problems 'data/missing.jsonl': no such file" in err
+    err = _refused(_args(random_model, problems, tmp_path / "o", "--top-p", "0"), capsys)
+    assert "sampling: top_p must be None or a number in (0, 1], got 0.0" in err and not (tmp_path / "o").exists()
 
 
 @pytest.fixture
@@ -269,29 +273,25 @@ def test_corrupt_point_file_is_named(random_model, problems, tmp_path, capsys, n
     (out / "points").mkdir(parents=True)
     bad = out / "points" / "budget-2_waits-0.json"
     bad.write_bytes(content)
-    assert scaling.main(_args(random_model, problems, out, "--budgets", "2", "4")) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"s1fast eval: error: point file {bad} is corrupt: ") and err.count("\n") == 1
+    err = _refused(_args(random_model, problems, out, "--budgets", "2", "4"), capsys)
+    assert err.startswith(f"s1fast eval: error: point file {bad} is corrupt: ")
     assert "delete it to recompute that point" in err and bad.read_bytes() == content
 
 
 def test_bad_device_and_broken_model_directories_are_one_line(random_model, problems, tmp_path, capsys):
     out = tmp_path / "o"
-    assert scaling.main(_args(random_model, problems, out, "--device", "bogus")) == 2
-    assert capsys.readouterr().err == "s1fast eval: error: device must be cuda[:N] or cpu, got 'bogus'\n"
+    err = _refused(_args(random_model, problems, out, "--device", "bogus"), capsys)
+    assert err == "s1fast eval: error: --device must be cuda[:N] or cpu, got 'bogus'\n"
     assert not out.exists()
     broken = tmp_path / "broken"
     broken.mkdir()
-    assert scaling.main(_args(str(broken), problems, out)) == 2
-    assert "s1fast eval: error: model: " in capsys.readouterr().err
+    assert _refused(_args(str(broken), problems, out), capsys).startswith("s1fast eval: error: --model: ")
     shutil.copy(os.path.join(random_model, "config.json"), broken)
     weights = os.path.join(random_model, "model.safetensors")
     for data in (open(weights, "rb").read(os.path.getsize(weights) // 2), os.urandom(4096)):  # truncated, garbage
         (broken / "model.safetensors").write_bytes(data)
-        assert scaling.main(_args(str(broken), problems, out)) == 2
-        err = capsys.readouterr().err
+        err = _refused(_args(str(broken), problems, out), capsys)
         assert err.startswith(f"s1fast eval: error: model {str(broken)!r} does not load: SafetensorError: ")
-        assert err.count("\n") == 1
 
 
 def test_a_second_eval_into_a_used_out_is_refused(random_model, problems, tmp_path, capsys, no_model_load):
@@ -299,8 +299,8 @@ def test_a_second_eval_into_a_used_out_is_refused(random_model, problems, tmp_pa
     (out / "points").mkdir(parents=True)
     with open(out / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # what a running eval holds
-        assert scaling.main(_args(random_model, problems, out, "--budgets", "2")) == 2
-    assert "is in use by another s1fast eval" in capsys.readouterr().err and os.listdir(out / "points") == []
+        err = _refused(_args(random_model, problems, out, "--budgets", "2"), capsys)
+    assert "is in use by another s1fast eval" in err and os.listdir(out / "points") == []
 
 
 def test_killed_mid_write_leaves_no_temporary_file(random_model, problems, tmp_path, capsys, monkeypatch):
@@ -476,7 +476,7 @@ def test_eval_with_samples_end_to_end(random_model, problems, tmp_path, monkeypa
 
     monkeypatch.setattr(scaling, "decode_batch", scripted)
     out = tmp_path / "run"
-    args = _args(random_model, problems, out, "--budgets", "3", "--samples", "2", "--limit", "3", "--batch-size", "6")
+    args = _args(random_model, problems, out, "--budgets", "3", "--samples", "2", "--limit", "3", "--max-rows", "6")
     assert scaling.main(args) == 0
     results = _read(out)
     assert results["settings"]["samples"] == 2 and results["settings"]["temperature"] == 0.6
@@ -500,14 +500,12 @@ def test_eval_with_samples_end_to_end(random_model, problems, tmp_path, monkeypa
     first = list(outputs)
     assert scaling.main(args + ["--temperature", "0.6", "--top-p", "0.95"]) == 0 and outputs == first
     capsys.readouterr()
-    assert scaling.main(args + ["--samples", "3"]) == 2  # the last --samples counts
-    assert "samples: 2 -> 3" in capsys.readouterr().err and outputs == first
+    assert "samples: 2 -> 3" in _refused(args + ["--samples", "3"], capsys) and outputs == first  # the last counts
 
 
 def test_samples_arguments_are_checked_before_loading(random_model, problems, tmp_path, capsys, no_model_load):
     with pytest.raises(SystemExit):
         scaling.parse_args(["--model", "m", "--problems", "p", "--out", "o", "--samples", "0"])
     assert "--samples" in capsys.readouterr().err
-    assert scaling.main(_args(random_model, problems, tmp_path / "o", "--samples", "4", "--temperature", "0")) == 2
-    err = capsys.readouterr().err
+    err = _refused(_args(random_model, problems, tmp_path / "o", "--samples", "4", "--temperature", "0"), capsys)
     assert err.startswith("s1fast eval: error: samples: 4 greedy samples") and not (tmp_path / "o").exists()

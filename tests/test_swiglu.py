@@ -20,21 +20,16 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
 from s1fast.model.shapes import QWEN25_SHAPES
 from s1fast.kernels import force_backend, swiglu, swiglu_reference
-from spec_checks import assert_spec_matches_kernel
+from helpers import assert_close, assert_spec_matches_kernel, generator, nan_empty
 
 swiglu_module = importlib.import_module("s1fast.kernels.swiglu")  # the package attribute is the function
 BACKENDS = ["triton", "torch"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-6}
 
 
-def assert_close(actual, expected, rel):
-    expected = expected.detach().double()
-    torch.testing.assert_close(actual.detach().double(), expected, rtol=rel, atol=rel * float(expected.abs().max()))
-
-
 def make_case(shape, dtype, seed=None):
     """gate spread over silu's curved range (|gate| up to ~8), up and the upstream gradient random."""
-    g = torch.Generator().manual_seed(torch.seed() % 2**31 if seed is None else seed)
+    g = generator(seed)
     gate = (torch.randn(shape, generator=g) * 3).to(dtype)
     up = torch.randn(shape, generator=g).to(dtype)
     grad = torch.randn(shape, generator=g).to(dtype)
@@ -124,7 +119,7 @@ def test_in_qwen2mlp(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs_and_gradients(backend):
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = generator()
     # a fused gate_up projection split in two (rows strided by 2 * width: handled by strides, no copy) ...
     gate_up = torch.randn(2, 3, 2 * 896, generator=g) * 3
     chunked = gate_up.chunk(2, dim=-1)
@@ -140,16 +135,10 @@ def test_non_contiguous_inputs_and_gradients(backend):
 
 def test_every_output_element_is_written(monkeypatch):
     """The output and both gradients start as NaN."""
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        return empty(*args, **kwargs).fill_(float("nan"))
-
     shapes = [((3, 100), torch.float32), ((3, 8960), torch.bfloat16), ((5, 37, 16), torch.float32)]
     for gate, up, grad in (make_case(*case) for case in shapes):
-        monkeypatch.setattr(torch, "empty", poisoned)
-        results = run("triton", gate, up, grad)
-        monkeypatch.setattr(torch, "empty", empty)
+        with nan_empty(monkeypatch):
+            results = run("triton", gate, up, grad)
         for actual, expected in zip(results, run_float64(gate, up, grad)):
             assert torch.isfinite(actual).all()
             assert_close(actual, expected, TOL[gate.dtype])

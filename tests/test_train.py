@@ -24,19 +24,18 @@ import torch
 import torch.nn.functional as F
 
 from s1fast.kernels import force_backend
+from s1fast.train.checkpoint import claim_output_dir, latest_checkpoint, read_checkpoint
+from s1fast.train.config import TrainConfig, run_settings
 from s1fast.train.data import IGNORE_INDEX, Dataset
-from s1fast.train.trainer import (
-    TrainConfig,
-    Trainer,
-    claim_output_dir,
+from s1fast.train.packing import (
+    FLEX_BLOCK,
     collate,
-    init_distributed,
-    latest_checkpoint,
+    document_mask,
     num_items,
     plan_micro_batches,
-    read_checkpoint,
-    run_settings,
+    use_flex_attention,
 )
+from s1fast.train.trainer import Trainer, init_distributed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -131,6 +130,80 @@ def test_packed_loss_and_grads_equal_examples_run_apart(patched):
     torch.testing.assert_close(packed.double(), _reference_loss(reference, examples), rtol=1e-5, atol=0)
 
 
+def test_document_mask_keeps_attention_inside_each_document():
+    """The FlexAttention block mask of a packed row (documents of 200, 56 and 300 tokens: five 128-token blocks)
+    allows exactly the causal pairs inside each document, and lists no block that holds none of them."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    lengths = [200, 56, 300]
+    positions = torch.tensor([sum((list(range(n)) for n in lengths), [])])
+    mask = document_mask(positions)
+    doc = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))
+    t = torch.arange(sum(lengths))
+    want = (doc[:, None] == doc[None, :]) & (t[:, None] >= t[None, :])
+    assert torch.equal(create_mask(mask.mask_mod, 1, 1, len(t), len(t), device="cpu")[0, 0], want)
+    blocks = mask.to_dense()[0, 0].bool()  # the 128 x 128 blocks FlexAttention computes
+    assert blocks.shape == (5, 5)
+    for q in range(5):
+        for kv in range(5):
+            rows, cols = slice(q * 128, (q + 1) * 128), slice(kv * 128, (kv + 1) * 128)
+            assert bool(blocks[q, kv]) == bool(want[rows, cols].any()), (q, kv)
+    assert not blocks[4, :2].any()  # the third document's last block skips the first document's blocks
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # FlexAttention's note that uncompiled it materialises the scores
+def test_flex_attention_packing_equals_examples_run_apart():
+    """A packed row through FlexAttention's document mask (the trainer's path on GPUs without flash-attn), padded as
+    the trainer pads it, has the loss and the gradient of its examples run one by one, in float64: the losses agree
+    to rounding (~1e-16 relative). torch 2.13 has no FlexAttention backward on CPU, so the gradient is compared
+    through central differences along a random direction in parameter space, step 1e-4: packed and apart share the
+    truncation error, and differ by rounding, ~1e-16 of the loss / 1e-4 (observed ~1e-12 relative; 1e-9 allowed);
+    both agree with the autograd gradient to the truncation error and the float32 rounding of transformers'
+    Qwen2RMSNorm, which computes in float32 whatever the model's dtype (observed ~1e-5; 1e-4 allowed)."""
+    model = train_worker.tiny_model(patched=False, dtype=torch.float64).train()
+    examples = train_worker.synthetic_examples(4, seed=3)
+
+    def loss(batch, **kwargs) -> torch.Tensor:  # in float64 (transformers' loss function computes in float32)
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                       **kwargs).logits
+        return F.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], ignore_index=IGNORE_INDEX, reduction="sum")
+
+    rows = [collate([ex]) for ex in examples]
+    apart = sum(loss(row) for row in rows)
+    apart.backward()
+    use_flex_attention(model)
+    batch = collate(examples, multiple_of=FLEX_BLOCK)
+    tokens = sum(len(ex["input_ids"]) for ex in examples)
+    assert batch["input_ids"].shape[1] % FLEX_BLOCK == 0 and batch["input_ids"].shape[1] > tokens  # a pad document
+    mask = document_mask(batch["position_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(loss(batch, attention_mask=mask), apart.detach(), rtol=1e-13, atol=0)
+        causal_only = document_mask(torch.arange(batch["input_ids"].shape[1])[None])  # attends across documents
+        assert abs(loss(batch, attention_mask=causal_only) - apart) > 1e-3 * apart
+
+    params, eps = dict(model.named_parameters()), 1e-4
+    g = torch.Generator().manual_seed(0)
+    direction = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in params.items()}
+    saved = {k: p.detach().clone() for k, p in params.items()}
+
+    @torch.no_grad()
+    def slope(f) -> torch.Tensor:
+        values = []
+        for sign in (1, -1):
+            for k, d in direction.items():
+                params[k].copy_(saved[k] + sign * eps * d)
+            values.append(f())
+        for k in params:
+            params[k].copy_(saved[k])
+        return (values[0] - values[1]) / (2 * eps)
+
+    packed = slope(lambda: loss(batch, attention_mask=mask))
+    torch.testing.assert_close(packed, slope(lambda: sum(loss(row) for row in rows)), rtol=1e-9, atol=0)
+    expected = sum((params[k].grad * d).sum() for k, d in direction.items())
+    assert packed.dtype == torch.float64 and abs(expected) > 1
+    torch.testing.assert_close(packed, expected, rtol=1e-4, atol=0)
+
+
 def test_global_batch_loss_independent_of_split(tmp_path):
     """The same step with one packed row, rows of 64 tokens, one example per row, or gradient checkpointing:
     same loss, same weights."""
@@ -156,7 +229,7 @@ def test_s1_schedule_and_step_count(tmp_path):
     315 optimizer steps; AdamW 1e-5, betas (0.9, 0.95), weight decay 1e-4 on matrices only; linear warmup over
     ceil(5% of 315) = 16 steps (from 0, as transformers' Trainer), then cosine to 0."""
     trainer = Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(1000),
-                      TrainConfig(output_dir=str(tmp_path), param_dtype="float32", progress=False), device=CPU)
+                      TrainConfig(out=str(tmp_path), param_dtype="fp32", progress=False), device=CPU)
     assert (trainer.steps_per_epoch, trainer.total_steps) == (63, 315)
     for epoch in range(2):
         batches = [trainer.batch_positions(epoch * 63 + k) for k in range(63)]
@@ -233,7 +306,7 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path):
     worker = os.path.join(HERE, "train_worker.py")
     proc = _run([worker, out, "--save-every", "2", "--sleep", "0.5"])
     ckpt = os.path.join(out, "checkpoint-000002")
-    deadline = time.time() + 60
+    deadline = time.time() + 240  # a loaded machine imports torch and transformers slowly
     while not os.path.isdir(ckpt) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -274,16 +347,25 @@ def _strict_log(path: str) -> list[dict]:
         return [json.loads(line, parse_constant=refuse) for line in f]
 
 
-def _one_line_error(err: str, *parts: str) -> None:
-    assert err.startswith("s1fast train: error: ") and err.count("\n") == 1, err
+def _refused(capsys, argv: list[str], *parts: str) -> str:
+    """``s1fast train ARGV`` stops as argparse's ``parser.error`` does: the usage, then one line
+    ``s1fast train: error: ...`` holding each of ``parts``, exit status 2. Returns that line."""
+    from s1fast.train.cli import _parser, main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err, usage = capsys.readouterr().err, _parser().format_usage()
+    line = err[len(usage):]
+    assert e.value.code == 2 and err.startswith(usage), err
+    assert line.startswith("s1fast train: error: ") and line.count("\n") == 1, err
     for part in parts:
-        assert part in err, err
+        assert part in line, err
+    return line
 
 
 def test_output_dir_is_locked_while_a_run_uses_it(tmp_path, capsys):
     """A second run into a directory in use is refused, naming the holder's pid; the kernel releases the lock
     when the holder dies, even by SIGKILL."""
-    from s1fast.train.cli import main
 
     out = str(tmp_path / "run")
     os.makedirs(out)
@@ -300,8 +382,7 @@ def test_output_dir_is_locked_while_a_run_uses_it(tmp_path, capsys):
     os.close(told)
     try:
         assert os.read(ready, 4) == b"held"
-        assert main(["--output-dir", out, "--no-progress"]) == 2
-        _one_line_error(capsys.readouterr().err, f"--output-dir '{out}' is in use by another run (pid {holder})")
+        _refused(capsys, ["--out", out, "--no-progress"], f"--out '{out}' is in use by another run (pid {holder})")
         init_distributed("cpu")  # main ended the process group
         trainer = Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(8),
                           train_worker.config(out, global_batch=8, max_steps=1), device=CPU)
@@ -335,7 +416,6 @@ def test_output_dir_is_locked_while_a_run_uses_it(tmp_path, capsys):
 def test_a_new_run_into_a_used_output_dir_is_refused(tmp_path, capsys):
     """A run's log, checkpoints and model are never mixed with another's: a new run into a used directory is
     refused, saying what to do, and so is a resume where an interrupted first save left no complete checkpoint."""
-    from s1fast.train.cli import main
 
     out = str(tmp_path / "used")
     Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(), train_worker.config(out, max_steps=2),
@@ -346,9 +426,8 @@ def test_a_new_run_into_a_used_output_dir_is_refused(tmp_path, capsys):
     before = state()
     with pytest.raises(FileExistsError, match=r"already holds a run \(checkpoint-000002, log.jsonl\); continue it with --resume"):
         Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(), train_worker.config(out), device=CPU).fit()
-    assert main(["--output-dir", out, "--no-progress"]) == 2
-    _one_line_error(capsys.readouterr().err, f"--output-dir '{out}' already holds a run", "continue it with --resume, "
-                    "or choose another --output-dir")
+    _refused(capsys, ["--out", out, "--no-progress"], f"--out '{out}' already holds a run",
+             "continue it with --resume, or choose another --out")
     assert state() == before
 
     # What a SIGKILL during the first checkpoint leaves: the log of steps 1-2 and a temporary checkpoint.
@@ -357,11 +436,9 @@ def test_a_new_run_into_a_used_output_dir_is_refused(tmp_path, capsys):
     (cut / ".tmp-checkpoint-000002" / "__0_0.distcp").write_bytes(b"\0" * 100)
     log = "".join(json.dumps({"step": s, "loss": 6.0}) + "\n" for s in (1, 2))
     (cut / "log.jsonl").write_text(log)
-    assert main(["--output-dir", str(cut), "--no-progress"]) == 2
-    _one_line_error(capsys.readouterr().err, "it has no complete checkpoint to resume from: delete it")
-    assert main(["--output-dir", str(cut), "--resume", "--no-progress"]) == 2
-    _one_line_error(capsys.readouterr().err, f"--resume: no complete checkpoint in '{cut}' "
-                    "(.tmp-checkpoint-000002 is a save cut short)")
+    _refused(capsys, ["--out", str(cut), "--no-progress"], "it has no complete checkpoint to resume from: delete it")
+    _refused(capsys, ["--out", str(cut), "--resume", "--no-progress"],
+             f"--resume: no complete checkpoint in '{cut}' (.tmp-checkpoint-000002 is a save cut short)")
     assert (cut / "log.jsonl").read_text() == log  # never 1, 2, 1, 2, 3
 
 
@@ -374,7 +451,7 @@ def test_resume_refuses_changed_settings(tmp_path):
     ckpt = latest_checkpoint(out)
     data = train_worker.synthetic_dataset()
     changes = dict(lr=1e-3, seed=1, warmup_ratio=0.2, max_grad_norm=0.5, epochs=3, global_batch=3, micro_batch_tokens=128,
-                   weight_decay=0.1, betas=(0.9, 0.99), pack=False, param_dtype="bfloat16", model_name="another model")
+                   weight_decay=0.1, betas=(0.9, 0.99), pack=False, param_dtype="bf16", model_name="another model")
     for name, value in changes.items():
         settings = run_settings(train_worker.config(out, **{name: value}), data)
         with pytest.raises(ValueError, match=rf"settings differ from {re.escape(ckpt)}/trainer_state.json: {name} .* -> "):
@@ -405,7 +482,7 @@ def test_resume_refuses_changed_settings(tmp_path):
 @pytest.mark.parametrize("flag, value", [
     ("--lr", "inf"), ("--lr", "nan"), ("--lr", "0"), ("--lr", "-1"), ("--epochs", "0"), ("--epochs", "1.5"),
     ("--micro-batch-tokens", "0"), ("--global-batch", "0"), ("--block-size", "0"), ("--warmup-ratio", "1"),
-    ("--max-grad-norm", "nan"), ("--weight-decay", "-1e-4"), ("--save-every", "-1"), ("--output-dir", ""),
+    ("--max-grad-norm", "nan"), ("--weight-decay", "-1e-4"), ("--save-every", "-1"), ("--out", ""),
     ("--resume", ""), ("--data", " "),
 ])  # fmt: skip
 def test_bad_settings_are_refused_at_parsing(flag, value, capsys):
@@ -495,7 +572,7 @@ def test_sigterm_and_sigint_end_with_one_line_and_a_resumable_state(tmp_path, ca
     from s1fast.train.cli import main
 
     data, out = _jsonl(tmp_path / "d.jsonl", make_sample.make_rows(4)), str(tmp_path / "run")
-    args = ["--data", data, "--output-dir", out, "--global-batch", "1", "--epochs", "50", "--save-every", "1",
+    args = ["--data", data, "--out", out, "--global-batch", "1", "--epochs", "50", "--save-every", "1",
             "--no-progress", "--no-decode"]
 
     def step() -> int:
@@ -611,7 +688,7 @@ def test_cli_demo_trains_saves_and_decodes(tmp_path, capsys, monkeypatch):
     from s1fast.train.cli import main
 
     out = str(tmp_path / "demo")
-    rc = main(["--output-dir", out, "--max-steps", "2", "--global-batch", "2", "--no-progress",
+    rc = main(["--out", out, "--max-steps", "2", "--global-batch", "2", "--no-progress",
                "--max-thinking-tokens", "6", "--num-waits", "1", "--max-new-tokens", "12"])
     printed = capsys.readouterr().out
     assert rc == 0, printed
@@ -622,20 +699,19 @@ def test_cli_demo_trains_saves_and_decodes(tmp_path, capsys, monkeypatch):
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["vocab_size"] == 151936
 
-    rc = main(["--output-dir", out, "--resume", "--max-steps", "3", "--global-batch", "2", "--no-progress", "--no-decode"])
+    rc = main(["--out", out, "--resume", "--max-steps", "3", "--global-batch", "2", "--no-progress", "--no-decode"])
     printed = capsys.readouterr().out
     assert rc == 0 and "resumed from" in printed and "trained 1 steps" in printed
     assert [r["step"] for r in _log(out)] == [1, 2, 3]
 
     # Resuming with another learning rate, or from a damaged checkpoint: one line, before the model loads.
     monkeypatch.setattr(cli, "_build_model", _no_model)
-    assert main(["--output-dir", out, "--resume", "--global-batch", "2", "--lr", "0.5", "--no-progress"]) == 2
-    _one_line_error(capsys.readouterr().err, "settings differ from", "lr 0.01 -> 0.5")
+    _refused(capsys, ["--out", out, "--resume", "--global-batch", "2", "--lr", "0.5", "--no-progress"],
+             "settings differ from", "lr 0.01 -> 0.5")
     distcp = os.path.join(latest_checkpoint(out), "__0_0.distcp")
     with open(distcp, "r+b") as f:
         f.truncate(1000)
-    assert main(["--output-dir", out, "--resume", "--global-batch", "2", "--no-progress"]) == 2
-    _one_line_error(capsys.readouterr().err, f"{distcp} is truncated")
+    _refused(capsys, ["--out", out, "--resume", "--global-batch", "2", "--no-progress"], f"{distcp} is truncated")
 
 
 def _no_model(*args, **kwargs):
@@ -650,12 +726,10 @@ def _jsonl(path, rows: list) -> str:
 
 def test_cli_divergence_stops_with_one_line_and_saves_no_model(tmp_path, capsys):
     from s1fast.train import make_sample
-    from s1fast.train.cli import main
 
     data, out = _jsonl(tmp_path / "d.jsonl", make_sample.make_rows(4)), str(tmp_path / "run")
-    assert main(["--data", data, "--output-dir", out, "--lr", "1e4", "--global-batch", "1", "--epochs", "5",
-                 "--no-progress", "--no-decode"]) == 2
-    _one_line_error(capsys.readouterr().err, "training diverged at step")
+    _refused(capsys, ["--data", data, "--out", out, "--lr", "1e4", "--global-batch", "1", "--epochs", "5",
+                      "--no-progress", "--no-decode"], "training diverged at step")
     assert not {"config.json", "model.safetensors"} & set(os.listdir(out))
     assert _strict_log(out)
 
@@ -668,7 +742,7 @@ def test_cli_bad_model_tokenizer_data_or_output_dir(tmp_path, capsys, monkeypatc
     model = tmp_path / "model"
     train_worker.tiny_model(patched=False).save_pretrained(str(model))
     capsys.readouterr()  # transformers' progress bar
-    assert cli._argument_problem(cli.build_parser().parse_args(["--model", str(model)])) is None  # a whole one passes
+    assert cli._argument_problem(cli._parser().parse_args(["--model", str(model)])) is None  # a whole one passes
     size = os.path.getsize(model / "model.safetensors")
 
     def broken(name, damage) -> str:
@@ -686,52 +760,41 @@ def test_cli_bad_model_tokenizer_data_or_output_dir(tmp_path, capsys, monkeypatc
         (broken("no-weights", lambda p: (p / "model.safetensors").unlink()), "no weights in it"),
     ]
     for path, message in cases:
-        assert cli.main(["--model", path, "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
-        _one_line_error(capsys.readouterr().err, "--model", message)
+        _refused(capsys, ["--model", path, "--out", str(tmp_path / "o"), "--no-progress"], "--model", message)
 
     (tmp_path / "tok").mkdir()
-    assert cli.main(["--tokenizer", str(tmp_path / "tok"), "--output-dir", str(tmp_path / "o")]) == 2
-    _one_line_error(capsys.readouterr().err, f"--tokenizer '{tmp_path / 'tok'}': no tokenizer files in it")
+    _refused(capsys, ["--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "o")],
+             f"--tokenizer '{tmp_path / 'tok'}': no tokenizer files in it")
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert cli.main(["--output-dir", str(blocker), "--no-progress"]) == 2
-    _one_line_error(capsys.readouterr().err, f"--output-dir '{blocker}' is a file, not a directory")
+    _refused(capsys, ["--out", str(blocker), "--no-progress"], f"--out '{blocker}' is a file, not a directory")
 
     record = make_sample.make_rows(1)[0]
     data = tmp_path / "d.jsonl"
     for row, message in (([1, 2], "d.jsonl: line 2 is a JSON array, expected an object"),
                          ({"question": "q", "attempt": "a"}, "row 1: missing column(s) ['thinking_trajectories']")):
-        assert cli.main(["--data", _jsonl(data, [record, row]), "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
-        _one_line_error(capsys.readouterr().err, message)
+        _refused(capsys, ["--data", _jsonl(data, [record, row]), "--out", str(tmp_path / "o"), "--no-progress"],
+                 message)
     data.write_bytes(b'{"question": "caf\xe9"}\n')  # Latin-1
-    assert cli.main(["--data", str(data), "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
-    _one_line_error(capsys.readouterr().err, "d.jsonl: line 1 is not valid UTF-8")
+    _refused(capsys, ["--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"],
+             "d.jsonl: line 1 is not valid UTF-8")
 
 
 def test_cli_bad_input(tmp_path, capsys):
-    from s1fast.train.cli import main
-
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert main(["--output-dir", str(blocker / "out"), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert "--output-dir" in err and "not writable" in err
-
+    _refused(capsys, ["--out", str(blocker / "out"), "--no-progress"], "--out", "not writable")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert main(["--data", str(empty), "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
-    assert "is empty" in capsys.readouterr().err
-
-    assert main(["--output-dir", str(tmp_path / "o"), "--resume", "--no-progress", "--max-steps", "1"]) == 2
-    assert "no complete checkpoint" in capsys.readouterr().err
-
-    assert main(["--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "o")]) == 2
-    assert "--model" in capsys.readouterr().err
-    assert main(["--device", "gpu", "--output-dir", str(tmp_path / "o")]) == 2
-    _one_line_error(capsys.readouterr().err, "--device must be cuda[:N] or cpu, got 'gpu'")
+    _refused(capsys, ["--data", str(empty), "--out", str(tmp_path / "o"), "--no-progress"], "is empty")
+    _refused(capsys, ["--out", str(tmp_path / "o"), "--resume", "--no-progress", "--max-steps", "1"],
+             "no complete checkpoint")
+    _refused(capsys, ["--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o")], "--model")
+    _refused(capsys, ["--device", "gpu", "--out", str(tmp_path / "o")], "--device must be cuda[:N] or cpu, got 'gpu'")
+    _refused(capsys, ["--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'")
 
     init_distributed("cpu")  # main ended the process group
-    with pytest.raises(ValueError, match="global_batch must be >= 1"):
+    with pytest.raises(ValueError, match="global_batch must be an integer >= 1"):
         Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(),
                 train_worker.config(str(tmp_path / "c"), global_batch=0), device=CPU)
     with pytest.raises(ValueError, match="dataset is empty"):

@@ -14,10 +14,12 @@ import sys
 import pytest
 import torch
 
+from s1fast.commands import DTYPES
 from s1fast.kernels import force_backend
 from s1fast.model.fsdp import SAFE_INDEX, empty_model, file_plan, load_weights, materialize, weight_files
 from s1fast.model.patch import patch
-from s1fast.train.trainer import Trainer, init_distributed, plan_micro_batches
+from s1fast.train.packing import plan_micro_batches
+from s1fast.train.trainer import Trainer, init_distributed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -161,8 +163,8 @@ def _long_rows(tokens: int, n: int, vocab: int) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("dtype, checkpointing, tokens", [("float32", False, 1024), ("float32", True, 1024),
-                                                     ("bfloat16", True, 512)])  # CPU bf16 is slow: fewer tokens
+@pytest.mark.parametrize("dtype, checkpointing, tokens", [("fp32", False, 1024), ("fp32", True, 1024),
+                                                     ("bf16", True, 512)])  # CPU bf16 is slow: fewer tokens
 def test_memory_plan_matches_measured_peak(tmp_path, dtype, checkpointing, tokens):
     """The plan's peak within 15% of the peak torch allocated during a step (measured with the profiler's memory
     events, see train_worker.step_peak_bytes), for a layout where activations dominate: 2 rows of 1024 (or 512)
@@ -180,7 +182,7 @@ def test_memory_plan_matches_measured_peak(tmp_path, dtype, checkpointing, token
         gradient_checkpointing=checkpointing), device=CPU)  # fmt: skip
     measured = train_worker.step_peak_bytes(trainer, rows)
     planned = plan(Shape.from_config(model.config), Setup(
-        world=1, tokens=tokens, dtype_bytes=getattr(torch, dtype).itemsize, checkpointing=checkpointing,
+        world=1, tokens=tokens, dtype_bytes=DTYPES[dtype].itemsize, checkpointing=checkpointing,
         micro_batches=2, device="cpu")).peak  # fmt: skip
     print(f"{dtype}, checkpointing {checkpointing}: planned {planned / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
     assert abs(planned / measured - 1) < 0.15, (planned, measured)
@@ -210,14 +212,14 @@ def test_memory_plan_of_s1_32b_on_16_gpus():
 def test_cli_trains_a_model_directory_loaded_shard_by_shard_and_resumes(tmp_path, capsys):
     """`s1fast train --model DIR`: built on the meta device and filled from DIR's safetensors; the checkpoint is a
     transformers checkpoint; --resume reads the weights from the checkpoint once; the final model loads."""
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from s1fast.train.cli import DEMO_MODEL, main
+    from s1fast.model.shapes import random_qwen
+    from s1fast.train.cli import DEMO_SHAPE, main
 
     src, out = str(tmp_path / "src"), str(tmp_path / "run")
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(Qwen2Config(**DEMO_MODEL)).to(torch.bfloat16).save_pretrained(src)
-    args = ["--model", src, "--output-dir", out, "--global-batch", "2", "--lr", "1e-3", "--dtype", "fp32", "--no-progress"]
+    random_qwen(DEMO_SHAPE, dtype=torch.bfloat16, max_positions=512).save_pretrained(src)
+    args = ["--model", src, "--out", out, "--global-batch", "2", "--lr", "1e-3", "--dtype", "fp32", "--no-progress"]
     assert main([*args, "--max-steps", "1"]) == 0
     printed = capsys.readouterr().out
     assert f"loaded {src} into 1 shard(s)" in printed
@@ -247,7 +249,8 @@ def test_cli_plan(tmp_path, capsys):
     tiny_qwen.tiny_model("qwen3", tied=False).save_pretrained(str(model))
     assert main(["--plan", "--model", str(model), "--block-size", "256", "--gpu-memory", "4"]) == 0
     assert "2 layers, hidden 64, vocab 300, untied" in capsys.readouterr().out
-    assert main(["--plan", "--model", str(tmp_path / "none")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("s1fast train: error: --model ") and "a Qwen2.5 size: 0.5B, 1.5B, 3B, 7B, 14B, 32B" in err
-    assert err.count("\n") == 1
+    with pytest.raises(SystemExit) as e:
+        main(["--plan", "--model", str(tmp_path / "none")])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and err[-1].startswith("s1fast train: error: --model ")
+    assert "a Qwen2.5 size: 0.5B, 1.5B, 3B, 7B, 14B, 32B" in err[-1]

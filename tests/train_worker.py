@@ -33,24 +33,12 @@ VOCAB = 512
 
 
 def tiny_model(seed: int = 0, attn: str = "sdpa", patched: bool = True, dtype=torch.float32):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from s1fast.model.patch import patch
+    from s1fast.model.shapes import random_qwen
 
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=8, vocab_size=VOCAB, max_position_embeddings=512, rope_theta=1e6, tie_word_embeddings=True,
-        attn_implementation=attn, initializer_range=0.1,
-    )  # fmt: skip
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():  # non-trivial norm weights and biases (ones / zeros would hide mistakes)
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.normal_(0.0, 0.1)
-    model = model.to(dtype)  # after the random draws, so every dtype gets the same weights
+    shape = dict(layers=2, hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=64, vocab=VOCAB, tied=True)
+    model = random_qwen(shape, seed=seed, dtype=dtype, random_norms=True, max_positions=512, attn=attn,
+                        initializer_range=0.1)
     return patch(model) if patched else model
 
 
@@ -71,10 +59,10 @@ def synthetic_dataset(n: int = 24, seed: int = 1) -> Dataset:
     return Dataset(examples, list(range(n)), [])
 
 
-def config(output_dir: str, **overrides):
-    from s1fast.train.trainer import TrainConfig
+def config(out: str, **overrides):
+    from s1fast.train.config import TrainConfig
 
-    fields = dict(output_dir=output_dir, epochs=2, global_batch=4, lr=3e-3, param_dtype="float32",
+    fields = dict(out=out, epochs=2, global_batch=4, lr=3e-3, param_dtype="fp32",
                   micro_batch_tokens=64, progress=False)
     return TrainConfig(**{**fields, **overrides})
 
@@ -172,7 +160,8 @@ def scale_run(model_dir: str, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from s1fast.train.trainer import Trainer, init_distributed, latest_checkpoint
+    from s1fast.train.checkpoint import latest_checkpoint
+    from s1fast.train.trainer import Trainer, init_distributed
 
     p = argparse.ArgumentParser()
     p.add_argument("output_dir")

@@ -264,9 +264,11 @@ def fits_unsynced_gradients(model, config, world: int, device) -> bool:
     fits this GPU at the run's row size."""
     import torch
 
+    from s1fast.commands import DTYPES
     from s1fast.model.patch import causal_lm
 
-    setup = Setup(world=world, tokens=config.micro_batch_tokens, dtype_bytes=getattr(torch, config.param_dtype).itemsize,
+    setup = Setup(world=world, tokens=config.micro_batch_tokens, dtype_bytes=DTYPES[config.param_dtype].itemsize,
                   checkpointing=config.gradient_checkpointing, cpu_offload=config.cpu_offload, sync_last=True,
                   micro_batches=max(2, math.ceil(config.global_batch / world)))
-    return plan(Shape.from_config(causal_lm(model).config), setup).fits(torch.cuda.get_device_properties(device).total_memory)
+    gpu_bytes = torch.cuda.get_device_properties(device).total_memory
+    return plan(Shape.from_config(causal_lm(model).config), setup).fits(gpu_bytes)

@@ -1,0 +1,109 @@
+"""The commands share one CLI style (``s1fast.commands``): the same flags for the same things, one ``--dtype``
+spelling, ``--device`` / ``--dtype`` defaults from one place, the engine's sampling check, and every argument
+error as ``s1fast <command>: error: ...`` with exit status 2 before anything loads. No model is loaded here."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from s1fast import commands
+from s1fast.cli import main as s1fast_main
+
+engine = importlib.import_module("s1fast.decode.engine")
+patch_module = importlib.import_module("s1fast.model.patch")  # the package attribute is the function
+
+# command -> (module with _parser(), the shared flags it must have)
+COMMANDS = {
+    "generate": ("s1fast.decode.generate", {"--model", "--out", "--no-progress", "--device", "--dtype", "--max-rows"}),
+    "eval": ("s1fast.eval.scaling", {"--model", "--out", "--no-progress", "--device", "--dtype", "--max-rows"}),
+    "serve": ("s1fast.decode.serve", {"--model", "--device", "--dtype", "--max-rows"}),
+    "bench": ("s1fast.bench.cli", {"--out", "--device"}),
+}
+OLD_FLAGS = {"--output", "--output-dir", "--quiet", "--batch-size"}
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_parsers_share_the_flags(name):
+    module, flags = COMMANDS[name]
+    parser = importlib.import_module(module)._parser()
+    actions = {flag: a for a in parser._actions for flag in a.option_strings}
+    assert parser.prog == f"s1fast {name}"
+    assert flags <= set(actions) and not OLD_FLAGS & set(actions), sorted(actions)
+    assert "model" not in [a.dest for a in parser._actions if not a.option_strings]  # --model, not positional
+    if "--model" in flags:
+        assert actions["--model"].required
+    assert actions["--device"].default == commands.default_device()
+    if "--dtype" in flags:
+        assert tuple(actions["--dtype"].choices) == tuple(commands.DTYPES) and actions["--dtype"].default is None
+
+
+
+
+def required(name: str, out) -> list[str]:
+    """The least each command needs to get as far as its --device check; ``out`` must not be created."""
+    return {
+        "generate": ["--model", "no-such-model", "--prompt", "x", "--out", str(out)],
+        "eval": ["--model", "no-such-model", "--problems", "no-such-problems.jsonl", "--out", str(out)],
+        "serve": ["--model", "no-such-model"],
+        "bench": ["kernels", "--out", str(out)],
+    }[name]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+@pytest.mark.parametrize("device, message", [
+    ("bogus", "--device must be cuda[:N] or cpu, got 'bogus'"),
+    ("meta", "--device must be cuda[:N] or cpu, got 'meta'"),
+])  # fmt: skip
+def test_a_bad_device_is_refused_before_anything_loads(name, device, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(patch_module, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("s1fast.bench.cli.device_ceilings", lambda *a, **k: pytest.fail("the benchmark ran"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        s1fast_main([name, *required(name, out), "--device", device])
+    err = capsys.readouterr().err
+    usage = importlib.import_module(COMMANDS[name][0])._parser().format_usage()
+    assert e.value.code == 2 and err == f"{usage}s1fast {name}: error: {message}\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["generate", "eval", "serve"])
+def test_one_dtype_spelling(name, tmp_path, capsys):
+    """torch's names are not a second spelling of --dtype."""
+    with pytest.raises(SystemExit) as e:
+        s1fast_main([name, *required(name, tmp_path / "out"), "--dtype", "bfloat16"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"s1fast {name}: error: argument --dtype: invalid choice: 'bfloat16'" in err
+
+
+def test_device_and_dtype_defaults():
+    assert commands.default_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert commands.default_dtype("cuda:1") == "bf16" and commands.default_dtype(torch.device("cpu")) == "fp32"
+    assert commands.check_dtype(None, "cpu") is torch.float32 and commands.check_dtype(None, "cuda") is torch.bfloat16
+    assert commands.check_dtype("fp16", "cpu") is torch.float16
+    assert commands.check_dtype("fp64", "cuda") is torch.float64
+    with pytest.raises(ValueError, match=r"^--dtype must be one of bf16, fp16, fp32, fp64, got 'float32'$"):
+        commands.check_dtype("float32", "cpu")
+
+
+def test_sampling_arguments_are_checked_by_the_engine(monkeypatch):
+    """``commands.check_sampling`` is the engine's check (the one every request passes), before a model exists."""
+    calls = []
+    real = engine.check_sampling
+    monkeypatch.setattr(engine, "check_sampling", lambda *a, **k: calls.append(k) or real(*a, **k))
+    commands.check_sampling(max_new_tokens=8, temperature=0.7, top_k=5, top_p=0.9, seed=3)
+    assert calls == [dict(max_new_tokens=8, temperature=0.7, top_k=5, top_p=0.9, seed=3, stop_token_ids=(),
+                          budget=None)]
+    for bad, message in [
+        (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1, got 0"),
+        (dict(temperature=-0.5), "temperature must be a number >= 0, got -0.5"),
+        (dict(temperature=float("nan")), "temperature must be a number >= 0, got nan"),
+        (dict(top_k=0), "top_k must be None or an int >= 1, got 0"),
+        (dict(top_p=0.0), "top_p must be None or a number in (0, 1], got 0.0"),
+        (dict(top_p=1.5), "top_p must be None or a number in (0, 1], got 1.5"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            commands.check_sampling(**{"max_new_tokens": 8, "temperature": 0.0, **bad})
+        assert str(e.value) == f"sampling: {message}"
