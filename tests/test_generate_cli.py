@@ -93,6 +93,21 @@ def test_generate_jsonl_batches(model_dir, capsys, tmp_path):
     assert [r["question"] for r in records] == ["a?", "b?", "c?"] and all(len(r["tokens"]) == 6 for r in records)
 
 
+def test_generate_kv_cache_budget_keeps_the_tokens(model_dir, capsys, tmp_path):
+    """--kv-cache: a budget of a few pages (12 KiB: 5 pages of 16 positions x 128 bytes) makes rows wait for pages;
+    greedy tokens are those of a run without a budget."""
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text('"a?"\n"b?"\n"What is 2 + 2?"\n')
+    runs = {}
+    for budget in ([], ["--kv-cache", "12KiB"]):
+        out_file = tmp_path / f"out{len(budget)}.jsonl"
+        code, out, err = run(["--model", model_dir, "--prompts", str(prompts), "--device", "cpu", "--max-rows", "3",
+                              "--max-new-tokens", "12", "--out", str(out_file), "--no-progress", *budget], capsys)
+        assert code == 0, err
+        runs[len(budget)] = [json.loads(line)["tokens"] for line in out_file.read_text().splitlines()]
+    assert runs[0] == runs[2] and all(len(t) == 12 for t in runs[0])
+
+
 @pytest.mark.parametrize(
     "argv,match",
     [
