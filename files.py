@@ -69,7 +69,11 @@ def read_records(source: str, *, split: str = "train", what: str = "data") -> li
         if ext in (".jsonl", ".json"):
             with open(source, "rb") as f:
                 if ext == ".jsonl":
-                    items = [(f"{source}: line {n}", _json(line, f"{source}: line {n}")) for n, line in enumerate(f, 1) if line.strip()]
+                    items = [
+                        (f"{source}: line {n}", _json(line, f"{source}: line {n}"))
+                        for n, line in enumerate(f, 1)
+                        if line.strip()
+                    ]
                 else:
                     rows = _json(f.read(), source)
                     if not isinstance(rows, list):
@@ -77,7 +81,9 @@ def read_records(source: str, *, split: str = "train", what: str = "data") -> li
                     items = [(f"{source}: item {n}", row) for n, row in enumerate(rows, 1)]
             for where, row in items:
                 if not isinstance(row, dict):
-                    raise ValueError(f"{where} is a JSON {_json_type(row)}, expected an object (a record with named columns)")
+                    raise ValueError(
+                        f"{where} is a JSON {_json_type(row)}, expected an object (a record with named columns)"
+                    )
             return [row for _, row in items]
         raise ValueError(f"{what} {source!r}: expected a .parquet, .jsonl or .json file")
     looks_like_file = os.path.splitext(source)[1].lower() in (".parquet", ".jsonl", ".json")
@@ -101,4 +107,6 @@ def _json(raw: bytes, where: str):
 
 
 def _json_type(value) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), "null"
+    )

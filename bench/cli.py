@@ -8,8 +8,8 @@ Every run first records the environment (device, versions, git commit) and measu
 (copy bandwidth, matmul TFLOP/s), then runs the suites, each a module ``s1fast.bench.<suite>`` exposing
 ``run(*, device, quick, peers) -> list[dict]``. A suite whose module is not there (yet) is reported as
 skipped with the reason; one that fails is reported with its error and the run goes on (exit status 1).
-Prints each suite's main columns; writes every figure to ``results.json``, ``results.md`` and PNG plots to ``--out`` (and with ``--profile`` a Chrome /
-Perfetto trace per suite, with the top operators printed).
+Prints each suite's main columns; writes every figure to ``results.json``, ``results.md`` and PNG plots to
+``--out`` (and with ``--profile`` a Chrome / Perfetto trace per suite, with the top operators printed).
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("suite", choices=(*SUITES, "all"), help="what to run; `all` runs every suite")
     add_device_arguments(p, dtypes=())  # each suite runs the dtypes it measures
     p.add_argument("--quick", action="store_true", help="small shapes and few repetitions (CPU CI mode)")
-    p.add_argument("--out", default="bench-out", help="directory for JSON, markdown, plots, traces (default: %(default)s)")
+    p.add_argument(
+        "--out", default="bench-out", help="directory for JSON, markdown, plots, traces (default: %(default)s)"
+    )
     p.add_argument("--peers", type=_peers, default=None,
                    help=f"comma-separated subset of {','.join(PEERS)} (default: all; on CPU with --quick all but "
                    "compile, whose CPU compile time would dominate the run)")

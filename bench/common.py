@@ -141,7 +141,7 @@ def device_ceilings(device: str | torch.device, *, quick: bool = False) -> dict:
     src = torch.randn(copy_bytes // 4, device=dev)
     dst = torch.empty_like(src)
     copy_ms = time_ms(lambda: dst.copy_(src), device=dev, quick=quick)
-    del src, dst
+    src = dst = None  # freed before the matmul's inputs are allocated
     dtype = torch.bfloat16 if gpu else torch.float32
     n = 8192 if gpu else 1024
     a = torch.randn(n, n, device=dev, dtype=dtype)

@@ -313,12 +313,15 @@ def main(argv: list[str] | None = None) -> int:
         print(perf_model.format_model(result["model"]))
         over = [r for r in result["model"] if r["bytes_ratio"] > r["bytes_bound"]]
         for r in over:
-            print(f"ABOVE BOUND: {r['family']} {r['model']} {r['tokens']}: bytes/min {r['bytes_ratio']} > {r['bytes_bound']}")
+            where = f"{r['family']} {r['model']} {r['tokens']}"
+            print(f"ABOVE BOUND: {where}: bytes/min {r['bytes_ratio']} > {r['bytes_bound']}")
     if result.get("decode"):
         d = result["decode"]
-        print(f"\nDecode step (s1fast Decoder, tiny Qwen2 on CPU): {d['triton_launches_per_layer']} Triton launches and "
-              f"{d['torch_ops_per_layer']} PyTorch operators per layer, {d['triton_launches_constant']:+d} and "
-              f"{d['torch_ops_constant']:+d} per step (one CUDA graph replays them all on a GPU).")
+        print(
+            f"\nDecode step (s1fast Decoder, tiny Qwen2 on CPU): {d['triton_launches_per_layer']} Triton launches and "
+            f"{d['torch_ops_per_layer']} PyTorch operators per layer, {d['triton_launches_constant']:+d} and "
+            f"{d['torch_ops_constant']:+d} per step (one CUDA graph replays them all on a GPU)."
+        )
     return 1 if result.get("model") and over else 0
 
 

@@ -30,9 +30,9 @@ import torch
 
 from s1fast import kernels as K
 from s1fast.bench.common import device_ceilings, memory_profile, time_ms
-from s1fast.model.shapes import QWEN25_SHAPES
 from s1fast.bench.profiling import region
 from s1fast.kernels._common import interpreting, use_triton
+from s1fast.model.shapes import QWEN25_SHAPES
 
 KERNELS = ("rms_norm", "rope", "swiglu", "cross_entropy", "fused_linear_cross_entropy")
 PEERS = ("eager", "compile", "liger", "hf")
@@ -133,7 +133,11 @@ def _build(kernel: str, model: str, tokens: int, dtype: torch.dtype, device: str
         from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
         heads_first = lambda f: lambda q, k, c, sn: f(q.transpose(1, 2), k.transpose(1, 2), c, sn)  # noqa: E731
-        eager, ours, hf = heads_first(K.apply_rope_reference), heads_first(K.apply_rope), heads_first(apply_rotary_pos_emb)
+        eager, ours, hf = (
+            heads_first(K.apply_rope_reference),
+            heads_first(K.apply_rope),
+            heads_first(apply_rotary_pos_emb),
+        )
         lig = heads_first(liger.rope) if has_liger else liger
         qk, cs = tokens * (Hq + Hk) * D * b, 2 * tokens * D * b
         moved = {"fwd": 2 * qk + cs, "bwd": 2 * qk + cs}

@@ -73,7 +73,8 @@ def run_steps(out: Path, budget_s: float, steps=STEPS, python: str = sys.executa
 
 # ------------------------------------------------------------------------------------------------ targets
 def _rows(out: Path, suite: str) -> list[dict]:
-    """Rows of ``suite`` from ``out/<suite>/results.json`` (the kit's layout) or ``out/results.json`` (``bench all``)."""
+    """Rows of ``suite`` from ``out/<suite>/results.json`` (the kit's layout) or ``out/results.json``
+    (``bench all``)."""
     for path in (out / suite / "results.json", out / "results.json"):
         if path.exists():
             rows = json.loads(path.read_text()).get("suites", {}).get(suite, {}).get("rows")
@@ -90,10 +91,10 @@ def _verdict(values: list[float], ok, fmt: str) -> tuple[str, str]:
 
 def _flce_bound_mib(r: dict) -> float:
     """One chunk of bf16 logits plus the fp32 weight-gradient accumulator at the row's shape (the target)."""
-    from s1fast.model.shapes import QWEN25_SHAPES
-    from s1fast.kernels.fused_linear_cross_entropy import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows
-
     import torch
+
+    from s1fast.kernels.fused_linear_cross_entropy import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows
+    from s1fast.model.shapes import QWEN25_SHAPES
 
     s = QWEN25_SHAPES[r["model"]]
     rows = chunk_rows(r["tokens"], s["vocab"], torch.bfloat16, True, DEFAULT_CHUNK_BUDGET_BYTES["cuda"])
@@ -113,9 +114,13 @@ def evaluate(out: Path) -> list[dict]:
 
     bw = [r for r in kern if r["kernel"] in ("rms_norm", "rope", "swiglu") and "fwd_bwd_pct_of_copy_bw" in r]
     worst = min(bw, key=lambda r: r["fwd_bwd_pct_of_copy_bw"], default=None)
-    add("RMSNorm, RoPE, SwiGLU fwd+bwd >= 85% of copy bandwidth (1.5B/7B, 4K-32K, bf16)",
-        [r["fwd_bwd_pct_of_copy_bw"] for r in bw], lambda v: v >= 85,
-        worst and f"lowest {worst['fwd_bwd_pct_of_copy_bw']:.1f}% ({worst['kernel']} {worst['model']} {worst['tokens']})")
+    add(
+        "RMSNorm, RoPE, SwiGLU fwd+bwd >= 85% of copy bandwidth (1.5B/7B, 4K-32K, bf16)",
+        [r["fwd_bwd_pct_of_copy_bw"] for r in bw],
+        lambda v: v >= 85,
+        worst
+        and f"lowest {worst['fwd_bwd_pct_of_copy_bw']:.1f}% ({worst['kernel']} {worst['model']} {worst['tokens']})",
+    )
     vs = [(r, liger[k]["fwd_bwd_ms"] / r["fwd_bwd_ms"]) for r in bw
           if (k := (r["kernel"], r["model"], r["tokens"])) in liger and "fwd_bwd_ms" in liger[k]]
     slow = min(vs, key=lambda p: p[1], default=None)
@@ -134,13 +139,26 @@ def evaluate(out: Path) -> list[dict]:
         sp and f"slowest {min(sp):.2f}x eager's speed")
     train = {(r["impl"], r["model"], r["tokens"]): r for r in _rows(out, "train")}
     t32 = [r for (impl, _, tokens), r in train.items() if impl == "s1fast" and tokens == 32768]
-    add("training step at 32K tokens: peak memory <= 1/2 unpatched", [r.get("peak_mem_vs_unpatched", 9) for r in t32],
-        lambda v: v <= 0.5, t32 and ", ".join(f"{r['model']} {r.get('peak_mem_vs_unpatched', float('nan')):.2f}x" for r in t32))
-    add("training step at 32K tokens: tokens/s >= 1.3x unpatched", [r.get("speedup_vs_unpatched", 0) for r in t32],
-        lambda v: v >= 1.3, t32 and ", ".join(f"{r['model']} {r.get('speedup_vs_unpatched', float('nan')):.2f}x" for r in t32))
+    add(
+        "training step at 32K tokens: peak memory <= 1/2 unpatched",
+        [r.get("peak_mem_vs_unpatched", 9) for r in t32],
+        lambda v: v <= 0.5,
+        t32 and ", ".join(f"{r['model']} {r.get('peak_mem_vs_unpatched', float('nan')):.2f}x" for r in t32),
+    )
+    add(
+        "training step at 32K tokens: tokens/s >= 1.3x unpatched",
+        [r.get("speedup_vs_unpatched", 0) for r in t32],
+        lambda v: v >= 1.3,
+        t32 and ", ".join(f"{r['model']} {r.get('speedup_vs_unpatched', float('nan')):.2f}x" for r in t32),
+    )
     ahead = [r["tokens_per_s"] / train[("liger", m, t)]["tokens_per_s"] for (i, m, t), r in train.items()
              if i == "s1fast" and ("liger", m, t) in train and "tokens_per_s" in train[("liger", m, t)]]
-    add("training step ahead of Liger (0.5B/1.5B)", ahead, lambda v: v > 1.0, ahead and f"lowest {min(ahead):.2f}x Liger")
+    add(
+        "training step ahead of Liger (0.5B/1.5B)",
+        ahead,
+        lambda v: v > 1.0,
+        ahead and f"lowest {min(ahead):.2f}x Liger",
+    )
     dec = [r for r in _rows(out, "decode") if r.get("case") == "decode" and r.get("impl") == "s1fast"
            and r.get("context") == 8192 and r.get("batch") == 1]
     add("decode 1.5B bf16 batch 1 at 8K: >= 70% of the bandwidth limit", [r["pct_of_bw_limit"] for r in dec],
@@ -167,8 +185,12 @@ def format_targets(targets: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="s1fast bench kit", description=__doc__.splitlines()[0])
     p.add_argument("--out", help="results folder (default: bench/results/<device> in the repository)")
-    p.add_argument("--budget-s", type=float, default=BUDGET_S, help="wall-clock budget for all steps (default %(default)s)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and evaluate the targets of --out; run nothing")
+    p.add_argument(
+        "--budget-s", type=float, default=BUDGET_S, help="wall-clock budget for all steps (default %(default)s)"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan and evaluate the targets of --out; run nothing"
+    )
     args = p.parse_args(argv)
     if args.budget_s < 60:
         p.error(f"--budget-s must be at least 60 seconds, got {args.budget_s:g}")

@@ -30,8 +30,8 @@ import torch
 from s1fast.bench.common import synchronize
 from s1fast.commands import default_device
 from s1fast.env import environment
-from s1fast.model.shapes import QWEN25_SHAPES, random_qwen
 from s1fast.model.patch import patch
+from s1fast.model.shapes import QWEN25_SHAPES, random_qwen
 from s1fast.train.data import IGNORE_INDEX, Dataset
 from s1fast.train.trainer import TrainConfig, Trainer, init_distributed
 
@@ -71,9 +71,11 @@ def measure(shape: dict, layers: int, dataset_name: str, patched: bool, device: 
         config = TrainConfig(
             output_dir=out, global_batch=global_batch, param_dtype="bfloat16" if cuda else "float32",
             gradient_checkpointing=cuda, micro_batch_tokens=32768, pack=not cuda, progress=False,
-        )  # fmt: skip
+        )
         trainer = Trainer(lm, dataset, config, device=device)
-        batches = [[dataset.examples[i] for i in range(k * global_batch, (k + 1) * global_batch)] for k in range(steps + 1)]
+        batches = [
+            [dataset.examples[i] for i in range(k * global_batch, (k + 1) * global_batch)] for k in range(steps + 1)
+        ]
         try:
             trainer.train_step(batches[0])  # warm-up: allocates AdamW's state
             synchronize(device)
@@ -119,8 +121,16 @@ def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
         for patched in (False, True):
             r = measure(shape, layers, dataset_name, patched, dev, steps)
             results[patched] = r
-            row = {"bench": "sft", "model": model_name, "dataset": dataset_name, "impl": "s1fast" if patched else "unpatched",
-                   "global_batch": 16, "block_size": 32768, **r, **env}
+            row = {
+                "bench": "sft",
+                "model": model_name,
+                "dataset": dataset_name,
+                "impl": "s1fast" if patched else "unpatched",
+                "global_batch": 16,
+                "block_size": 32768,
+                **r,
+                **env,
+            }
             if patched and "tokens_per_s" in r and "tokens_per_s" in results[False]:
                 row["speedup_vs_unpatched"] = r["tokens_per_s"] / results[False]["tokens_per_s"]
                 if "peak_mem_mib" in r:
@@ -140,8 +150,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows, indent=1))
     else:
         for r in rows:
-            stats = (f"{r['tokens_per_s']:>10,.0f} tok/s  step {r['step_s']:.2f}s  5 epochs {r['projected_5_epochs_min']:.1f} min"
-                     + (f"  peak {r['peak_mem_mib']:,.0f} MiB" if "peak_mem_mib" in r else "")) if "error" not in r else r["error"]
+            stats = (
+                (
+                    f"{r['tokens_per_s']:>10,.0f} tok/s  step {r['step_s']:.2f}s  "
+                    f"5 epochs {r['projected_5_epochs_min']:.1f} min"
+                    + (f"  peak {r['peak_mem_mib']:,.0f} MiB" if "peak_mem_mib" in r else "")
+                )
+                if "error" not in r
+                else r["error"]
+            )
             print(f"{r['model']:>5} {r['dataset']:>8} {r['impl']:>9}: {stats}")
     return 0
 

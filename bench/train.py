@@ -32,9 +32,9 @@ import torch
 from transformers import Qwen2ForCausalLM
 
 from s1fast.bench.common import device_ceilings, memory_profile, synchronize
+from s1fast.bench.profiling import region
 from s1fast.commands import default_device
 from s1fast.env import environment
-from s1fast.bench.profiling import region
 from s1fast.model.patch import patch
 from s1fast.model.shapes import QWEN25_SHAPES, random_qwen
 
@@ -46,7 +46,7 @@ def grid(device: str, quick: bool) -> list[dict]:
     if torch.device(device).type == "cuda":
         models = [("0.5B", 4096)] if quick else [(m, t) for m in ("0.5B", "1.5B") for t in (4096, 16384, 32768)]
         return [dict(model=m, layers=QWEN25_SHAPES[m]["layers"], tokens=t, dtype=torch.bfloat16, grad_ckpt=True)
-                for m, t in models]  # fmt: skip
+                for m, t in models]
     layers, tokens = (1, 512) if quick else (2, 1024)
     return [dict(model="0.5B", layers=layers, tokens=tokens, dtype=torch.float32, grad_ckpt=False)]
 
@@ -128,7 +128,7 @@ def measure_step(impl: str, cfg: dict, device: str, quick: bool) -> dict:
     except torch.OutOfMemoryError:
         return {"error": "out of memory"}
     finally:
-        del lm, opt
+        lm = opt = None  # freed before the next configuration is built
         gc.collect()
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
@@ -168,7 +168,7 @@ def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
 
 
 COLUMNS = ("impl", "model", "layers", "tokens", "dtype", "grad_ckpt", "median_ms", "tokens_per_s", "mfu_pct",
-           "peak_mem_mib", "step_peak_mib", "speedup_vs_unpatched", "peak_mem_vs_unpatched", "skipped", "error")  # fmt: skip
+           "peak_mem_mib", "step_peak_mib", "speedup_vs_unpatched", "peak_mem_vs_unpatched", "skipped", "error")
 
 
 def main(argv: list[str] | None = None) -> int:

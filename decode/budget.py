@@ -56,8 +56,8 @@ checks stops before lengths (its V1 engine checks the length first for stop toke
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from s1fast.model.chat import FORMATS, ReasoningFormat, resolve_format
@@ -160,14 +160,16 @@ class BudgetForcing:
             texts = [t for t in (*fmt.end_think_tokens, tokenizer.eos_token) if t]
             enders = [ids[0] for ids in map(encode, texts) if len(ids) == 1]
         elif isinstance(end_think_tokens, (str, bytes)) or not isinstance(end_think_tokens, Sequence):
-            raise TypeError(f"BudgetForcing: end_think_tokens must be a list of token texts, got {type(end_think_tokens).__name__}")
+            raise TypeError(
+                f"BudgetForcing: end_think_tokens must be a list of token texts, got {type(end_think_tokens).__name__}"
+            )
         else:
             enders = []
             for text in end_think_tokens:
                 ids = encode(text) if isinstance(text, str) else ()
                 if len(ids) != 1:
                     raise ValueError(f"BudgetForcing: end_think_tokens must be texts of single tokens, {text!r} is "
-                                     f"{len(ids) or 'not a text of'} tokens")  # fmt: skip
+                                     f"{len(ids) or 'not a text of'} tokens")
                 enders.append(ids[0])
         settings = cls(  # validated before the vocabulary scan
             end_think=encode(end_think),
@@ -229,10 +231,10 @@ class RowState:
         "budget", "max_new_tokens", "room", "stop", "enders", "tokens", "last", "thinking", "waits", "round_len",
         "budget_cut", "thinking_ended", "think_end", "answer_start", "finish_reason", "mask_enders", "rewind",
         "past", "past_waits", "past_last",
-    )  # fmt: skip
+    )
 
     def __init__(self, last_prompt_token: int, budget: BudgetForcing | None, max_new_tokens: int, stop: frozenset,
-                 room: int | None = None):  # fmt: skip
+                 room: int | None = None):
         self.budget = budget
         self.max_new_tokens = max_new_tokens
         self.room = max_new_tokens if room is None else room

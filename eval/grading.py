@@ -121,7 +121,9 @@ def _configs(choices: int | None) -> tuple:
     if choices is not None:
         return (StringExtractionConfig(strings=tuple(LETTERS[:choices]), try_extract_without_anchor=False,
                                        lowercase=False),)
-    return LatexExtractionConfig(try_extract_without_anchor=False), ExprExtractionConfig(try_extract_without_anchor=False)
+    return LatexExtractionConfig(try_extract_without_anchor=False), ExprExtractionConfig(
+        try_extract_without_anchor=False
+    )
 
 
 def _depth(text: str) -> int:
@@ -145,7 +147,9 @@ def _bounded(value) -> bool:
     if isinstance(value, str):
         return True
     try:
-        nodes = [n for e in (value if isinstance(value, sympy.MatrixBase) else [value]) for n in sympy.postorder_traversal(e)]
+        nodes = [
+            n for e in (value if isinstance(value, sympy.MatrixBase) else [value]) for n in sympy.postorder_traversal(e)
+        ]
         for node in nodes:
             if isinstance(node, sympy.Pow) and not node.exp.free_symbols:
                 size = 1.0 if node.base.free_symbols else math.log10(max(abs(complex(node.base.evalf(15))), 10.0))

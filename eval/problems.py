@@ -95,14 +95,20 @@ def load_problems(source: str, *, question_field: str | None = None, answer_fiel
             continue
         if choices_key is not None:
             options = row[choices_key]
-            if not isinstance(options, list) or not 2 <= len(options) <= len(LETTERS) or any(_text(o) is None for o in options):
+            if (
+                not isinstance(options, list)
+                or not 2 <= len(options) <= len(LETTERS)
+                or any(_text(o) is None for o in options)
+            ):
                 raise ValueError(f"{where}: field {choices_key!r} must be a list of 2 to 26 non-empty strings")
             options = [_text(o) for o in options]
             correct = _choice_answer(row.get(a_key) if a_key is not None else None, options)
             if correct is None:
                 raise ValueError(f"{where}: field {a_key or 'answer'!r} must name one of its {len(options)} choices "
                                  "(a letter, a 0-based index or the choice's text)")
-            problems.append({"question": lettered(question, options), "answer": LETTERS[correct], "choices": len(options)})
+            problems.append(
+                {"question": lettered(question, options), "answer": LETTERS[correct], "choices": len(options)}
+            )
             continue
         answer = _text(row.get(a_key)) if a_key is not None else None
         if answer is None:

@@ -49,12 +49,22 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from s1fast.commands import (
+    add_device_arguments,
+    add_kv_cache_argument,
+    check_device,
+    check_dtype,
+    check_kv_cache,
+    check_model_dir,
+    check_sampling,
+    default_device,
+    load_model,
+    sigterm_as_interrupt,
+)
 from s1fast.eval.grading import answer_classes, is_correct, parse_answer
 from s1fast.eval.problems import EXAMPLE_PROBLEMS, load_problems
-from s1fast.model.chat import FORMAT_CHOICES, load_tokenizer, resolve_format
-from s1fast.commands import (add_device_arguments, add_kv_cache_argument, check_device, check_kv_cache, check_dtype, check_model_dir, check_sampling,
-                             default_device, load_model, sigterm_as_interrupt)
 from s1fast.files import write_atomic
+from s1fast.model.chat import FORMAT_CHOICES, load_tokenizer, resolve_format
 
 
 @dataclass(frozen=True)
@@ -142,7 +152,7 @@ def decode_batch(decoder, prompts: list[list[int]], forcing, *, max_new_tokens: 
     seed = sampling.get("seed")
     for i, p in enumerate(prompts):
         engine.submit(p, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids, budget=forcing,
-                      **{**sampling, "seed": None if seed is None else seed + i})  # fmt: skip
+                      **{**sampling, "seed": None if seed is None else seed + i})
     result = engine.run()
     # the decoder's answer starts after `<|im_start|>answer`; when the budget cut thinking, the rest of the
     # injected budget_end ("\nFinal Answer:") comes first and is not the model's (s1_compat can end a cut with
@@ -187,7 +197,11 @@ def _read_point(path: str) -> dict:
         if not isinstance(point, dict):
             problem = f"a JSON {type(point).__name__}, not an object"
         else:
-            bad = [k for k in _POINT_NUMBERS if isinstance(point.get(k), bool) or not isinstance(point.get(k), (int, float))]
+            bad = [
+                k
+                for k in _POINT_NUMBERS
+                if isinstance(point.get(k), bool) or not isinstance(point.get(k), (int, float))
+            ]
             bad += [] if isinstance(point.get("settings"), dict) else ["settings"]
             b = point.get("max_thinking_tokens", "missing")
             bad += [] if b is None or (isinstance(b, int) and not isinstance(b, bool)) else ["max_thinking_tokens"]
@@ -200,7 +214,9 @@ def _read_point(path: str) -> dict:
 def _points(out: str) -> list[tuple[str, dict]]:
     """(path, point) of every finished point file in ``out``."""
     points_dir = os.path.join(out, "points")
-    paths = sorted(os.path.join(points_dir, n) for n in os.listdir(points_dir) if n.endswith(".json") and not n.startswith("."))
+    paths = sorted(
+        os.path.join(points_dir, n) for n in os.listdir(points_dir) if n.endswith(".json") and not n.startswith(".")
+    )
     return [(path, _read_point(path)) for path in paths]
 
 
@@ -211,9 +227,12 @@ def _summary(point: dict) -> dict:
 def markdown_table(points: list[dict]) -> str:
     """One row per point; accuracy is pass@1 (the mean over samples); with --samples N > 1 also cons@N and pass@N."""
     parallel = any(p.get("samples", 1) > 1 for p in points)
-    lines = ["| max thinking tokens | forced waits | accuracy (%) | correct | mean thinking tokens | "
-             "mean answer tokens | budget cut (%) | time (s) |" + (" samples | cons@N (%) | pass@N (%) |" if parallel else ""),
-             "|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|---:|" * parallel]
+    lines = [
+        "| max thinking tokens | forced waits | accuracy (%) | correct | mean thinking tokens | "
+        "mean answer tokens | budget cut (%) | time (s) |"
+        + (" samples | cons@N (%) | pass@N (%) |" if parallel else ""),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|---:|" * parallel,
+    ]
     for p in points:
         budget = "none" if p["max_thinking_tokens"] is None else p["max_thinking_tokens"]
         n = p.get("samples", 1)
@@ -221,9 +240,11 @@ def markdown_table(points: list[dict]) -> str:
         if parallel:
             extra = (f" {n} | {100 * p['cons_at_k'][str(n)]:.1f} | {100 * p['pass_at_k'][str(n)]:.1f} |"
                      if "cons_at_k" in p else f" {n} | | |")
-        lines.append(f"| {budget} | {p['num_waits']} | {100 * p['accuracy']:.1f} | {p['correct']}/{p['problems'] * n} | "
-                     f"{p['mean_thinking_tokens']:.1f} | {p['mean_answer_tokens']:.1f} | "
-                     f"{100 * p['budget_cut_fraction']:.0f} | {p['time_s']:.1f} |" + extra)
+        lines.append(
+            f"| {budget} | {p['num_waits']} | {100 * p['accuracy']:.1f} | {p['correct']}/{p['problems'] * n} | "
+            f"{p['mean_thinking_tokens']:.1f} | {p['mean_answer_tokens']:.1f} | "
+            f"{100 * p['budget_cut_fraction']:.0f} | {p['time_s']:.1f} |" + extra
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -378,7 +399,9 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
                          "give --temperature > 0 or leave it to the default")
     if cfg.max_rows < 1:
         raise ValueError(f"max_rows: expected a positive integer, got {cfg.max_rows!r}")
-    if cfg.threads is not None and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 1):
+    if cfg.threads is not None and (
+        isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 1
+    ):
         raise ValueError(f"threads: expected None or a positive integer, got {cfg.threads!r}")
     check_sampling(max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_k=cfg.top_k, top_p=top_p,
                    seed=cfg.seed)
@@ -418,9 +441,9 @@ def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: li
     """``evaluate`` once ``cfg.out`` is held: check the finished points, decode the missing ones, report."""
     from tqdm.auto import tqdm
 
-    from s1fast.env import environment
     from s1fast.decode import BudgetForcing, Decoder
     from s1fast.decode.decoder import set_cpu_threads
+    from s1fast.env import environment
 
     _check_settings(cfg.out, settings)
     pending = [p for p in points if not os.path.exists(os.path.join(cfg.out, "points", p.key + ".json"))]
@@ -435,7 +458,7 @@ def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: li
         if note:
             print(f"s1fast eval: {note}", file=sys.stderr)
         prompts = [tokenizer(fmt.think_prompt(p["question"], tokenizer), add_special_tokens=False)["input_ids"]
-                   for p in problems]  # fmt: skip
+                   for p in problems]
         stop_ids = fmt.stop_ids(tokenizer)
         base = BudgetForcing.from_tokenizer(tokenizer, s1_compat=cfg.s1_compat, format=fmt)
         room = base.longest_injection()  # the injected end of thinking (with s1's newline) on top of the budget
@@ -447,8 +470,11 @@ def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: li
 
         needed = max(map(len, prompts)) + max(map(new_tokens, pending))
         # s1_compat decodes past the budget as s1 does, up to the model's length (vLLM's max_model_len)
-        decoder = Decoder(model, max_seq_len=max(needed, model.config.max_position_embeddings) if cfg.s1_compat else needed,
-                          **cfg.kv_cache)
+        decoder = Decoder(
+            model,
+            max_seq_len=max(needed, model.config.max_position_embeddings) if cfg.s1_compat else needed,
+            **cfg.kv_cache,
+        )
         sampling = {k: settings[k] for k in ("temperature", "top_k", "top_p")}
         samples = settings.get("samples", 1)
         rows_of = [(i, s) for i in range(len(problems)) for s in range(samples)]  # each problem's samples together
@@ -470,8 +496,16 @@ def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: li
                     choices = problems[i].get("choices")
                     answer = parse_answer(row["output"] if text is None else text, choices=choices)
                     answers.append(answer)
-                    records.append({"index": i, "sample": s, "reference": problems[i]["answer"], "extracted": answer.text,
-                                    "correct": is_correct(answer, problems[i]["answer"], choices=choices), **row})
+                    records.append(
+                        {
+                            "index": i,
+                            "sample": s,
+                            "reference": problems[i]["answer"],
+                            "extracted": answer.text,
+                            "correct": is_correct(answer, problems[i]["answer"], choices=choices),
+                            **row,
+                        }
+                    )
                 bar.update(len(rows))
                 bar.set_postfix(acc=f"{sum(r['correct'] for r in records) / len(records):.3f}")
             for i in range(len(problems)):  # majority-vote classes of each problem's answers
@@ -553,8 +587,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive, default=1,
                    help="samples per problem and point: accuracy is pass@1 (their mean), with cons@k (majority vote) "
                         "and pass@k for k = 1, 2, 4, ... N")
-    p.add_argument("--temperature", type=float,
-                   help=f"0 = greedy; default: 0 (as s1 evaluates) for one sample, {SAMPLED['temperature']} for several")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        help=f"0 = greedy; default: 0 (as s1 evaluates) for one sample, {SAMPLED['temperature']} for several",
+    )
     p.add_argument("--top-k", type=_positive)
     p.add_argument("--top-p", type=float, help=f"default: none for one sample, {SAMPLED['top_p']} for several")
     p.add_argument("--seed", type=int, default=0)
@@ -562,7 +599,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--s1-compat", action="store_true",
                    help="budget forcing exactly as s1's evaluation code, its two quirks included (see the README)")
-    p.add_argument("--threads", type=_positive, help="CPU threads (default on CPU: 1 for a model under 100M parameters)")
+    p.add_argument(
+        "--threads", type=_positive, help="CPU threads (default on CPU: 1 for a model under 100M parameters)"
+    )
     add_kv_cache_argument(p)
     return p
 

@@ -8,8 +8,8 @@ named ``*_ptr``. See ``_common`` for the dispatch rule.
 """
 
 from s1fast.kernels._common import force_backend, interpreting
-from s1fast.kernels.decode_attention import decode_attention, decode_attention_reference
 from s1fast.kernels.cross_entropy import cross_entropy, cross_entropy_reference
+from s1fast.kernels.decode_attention import decode_attention, decode_attention_reference
 from s1fast.kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,

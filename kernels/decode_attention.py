@@ -24,8 +24,18 @@ import torch
 import triton
 import triton.language as tl
 
-from s1fast.kernels._common import FLOAT_DTYPES, KernelSpec, launch_spec, unit_last
-from s1fast.kernels._common import check_same_device, check_tensor, interpreting, on_device, spec_dtype, use_triton
+from s1fast.kernels._common import (
+    FLOAT_DTYPES,
+    KernelSpec,
+    check_same_device,
+    check_tensor,
+    interpreting,
+    launch_spec,
+    on_device,
+    spec_dtype,
+    unit_last,
+    use_triton,
+)
 
 _FN = "decode_attention"
 _ACCEPTED = FLOAT_DTYPES + (torch.float64,)

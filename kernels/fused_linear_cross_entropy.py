@@ -20,8 +20,16 @@ import dataclasses
 
 import torch
 
-from s1fast.kernels._common import FLOAT_DTYPES, check_same_device, check_tensor, on_device, spec_dtype, use_triton
-from s1fast.kernels._common import scale_kernel_specs, scaled
+from s1fast.kernels._common import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_tensor,
+    on_device,
+    scale_kernel_specs,
+    scaled,
+    spec_dtype,
+    use_triton,
+)
 from s1fast.kernels.cross_entropy import (
     _INT_DTYPES,
     check_labels,

@@ -19,8 +19,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from s1fast.kernels._common import FLOAT_DTYPES, KernelSpec, as_rows, launch_spec
-from s1fast.kernels._common import check_same_device, check_tensor, on_device, spec_dtype, use_triton
+from s1fast.kernels._common import (
+    FLOAT_DTYPES,
+    KernelSpec,
+    as_rows,
+    check_same_device,
+    check_tensor,
+    launch_spec,
+    on_device,
+    spec_dtype,
+    use_triton,
+)
 
 _FN = "swiglu"
 

@@ -68,8 +68,8 @@ class ReasoningFormat:
     single tokens that end thinking (with the tokenizer's eos token); ``wait``: the forced-wait text;
     ``budget_end``: appended at a budget cut (after s1's newline rule). ``no_think``: what a prompt without
     thinking ends with (Qwen3's own non-thinking prompt for the think-tag formats). ``stop``: single tokens
-    that end the answer (with the eos token). ``completion``: the trained text, from ``{thinking}`` and ``{answer}``; the
-    answer gets ``answer_prefix`` unless it contains it. ``tokens``: texts that must be single tokens.
+    that end the answer (with the eos token). ``completion``: the trained text, from ``{thinking}`` and
+    ``{answer}``; the answer gets ``answer_prefix`` unless it contains it. ``tokens``: texts that must be single tokens.
     """
 
     name: str
@@ -99,10 +99,10 @@ class ReasoningFormat:
             return f"{system}{IM_START}user\n{question}{IM_END}\n{IM_START}assistant\n"
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"the {self.name} format renders prompts with the tokenizer's chat template, and "
-                             f"{_name(tokenizer)} has none")  # fmt: skip
+                             f"{_name(tokenizer)} has none")
         system = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
         text = tokenizer.apply_chat_template([*system, {"role": "user", "content": question}], tokenize=False,
-                                             add_generation_prompt=True, **dict(self.template_kwargs))  # fmt: skip
+                                             add_generation_prompt=True, **dict(self.template_kwargs))
         return text[: -len(self.think_prefix)] if text.endswith(self.think_prefix) else text
 
     def think_prompt(self, question: str, tokenizer=None, *, instruction: bool = True) -> str:
@@ -128,32 +128,55 @@ class ReasoningFormat:
             ids = tokenizer(token, add_special_tokens=False)["input_ids"]
             if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
                 raise ValueError(f"tokenizer {_name(tokenizer)} has no single token for {token!r} (it encodes to "
-                                 f"{ids}); the {self.name} format needs one")  # fmt: skip
+                                 f"{ids}); the {self.name} format needs one")
         if self.template and not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"tokenizer {_name(tokenizer)} has no chat template; the {self.name} format needs one")
 
 
 R1_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-_THINK_TAGS = dict(think_prefix="<think>\n", end_think="</think>", budget_end="</think>\n\n", instruction=R1_INSTRUCTION,
-                   no_think="<think>\n\n</think>\n\n")  # fmt: skip
+_THINK_TAGS = dict(
+    think_prefix="<think>\n",
+    end_think="</think>",
+    budget_end="</think>\n\n",
+    instruction=R1_INSTRUCTION,
+    no_think="<think>\n\n</think>\n\n",
+)
 FORMATS = {
     "s1": ReasoningFormat(
-        "s1", SYSTEM_PROMPT, False, think_prefix=THINK, end_think=IM_START + "answer",
-        end_think_tokens=(IM_END, "<|endoftext|>"), budget_end=IM_START + "answer\nFinal Answer:",
-        stop=(IM_END, "<|endoftext|>"), completion=THINK + "\n{thinking}\n" + IM_START + "answer\n{answer}" + IM_END + "\n",
-        tokens=(IM_START, IM_END), answer_prefix="Answer: ",
+        "s1",
+        SYSTEM_PROMPT,
+        False,
+        think_prefix=THINK,
+        end_think=IM_START + "answer",
+        end_think_tokens=(IM_END, "<|endoftext|>"),
+        budget_end=IM_START + "answer\nFinal Answer:",
+        stop=(IM_END, "<|endoftext|>"),
+        completion=THINK + "\n{thinking}\n" + IM_START + "answer\n{answer}" + IM_END + "\n",
+        tokens=(IM_START, IM_END),
+        answer_prefix="Answer: ",
     ),
     "r1": ReasoningFormat(
-        "r1", None, True, end_think_tokens=("<｜end▁of▁sentence｜>",), stop=("<｜end▁of▁sentence｜>",),
+        "r1",
+        None,
+        True,
+        end_think_tokens=("<｜end▁of▁sentence｜>",),
+        stop=("<｜end▁of▁sentence｜>",),
         completion="<think>\n{thinking}\n</think>\n\n{answer}<｜end▁of▁sentence｜>",
-        tokens=("<think>", "</think>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"), **_THINK_TAGS,
+        tokens=("<think>", "</think>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"),
+        **_THINK_TAGS,
     ),
     "qwen3": ReasoningFormat(
-        "qwen3", None, True, end_think_tokens=(IM_END, "<|endoftext|>"), stop=(IM_END, "<|endoftext|>"),
+        "qwen3",
+        None,
+        True,
+        end_think_tokens=(IM_END, "<|endoftext|>"),
+        stop=(IM_END, "<|endoftext|>"),
         completion="<think>\n{thinking}\n</think>\n\n{answer}" + IM_END + "\n",
-        tokens=("<think>", "</think>", IM_START, IM_END), template_kwargs=(("enable_thinking", True),), **_THINK_TAGS,
+        tokens=("<think>", "</think>", IM_START, IM_END),
+        template_kwargs=(("enable_thinking", True),),
+        **_THINK_TAGS,
     ),
-}  # fmt: skip
+}
 FORMAT_CHOICES = (*FORMATS, "auto")
 
 
@@ -179,7 +202,7 @@ def detect_format(tokenizer) -> ReasoningFormat:
     if _single_token(tokenizer, IM_START) and "<think>" not in template:
         return FORMATS["s1"]
     raise ValueError(f"cannot tell the reasoning format of tokenizer {_name(tokenizer)} from its special tokens and "
-                     f"chat template; pass --format {' or '.join(FORMATS)}")  # fmt: skip
+                     f"chat template; pass --format {' or '.join(FORMATS)}")
 
 
 def resolve_format(format: str | ReasoningFormat, tokenizer=None) -> ReasoningFormat:

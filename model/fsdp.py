@@ -106,7 +106,7 @@ def materialize(model: nn.Module, device: torch.device | str, *, cpu_offload: bo
                     getattr(module, name).copy_(buf)
             rebuilt.add(module)
     left = [f"{mname}.{b}" for mname, module in lm.named_modules() if module not in rebuilt
-            for b in module._non_persistent_buffers_set]  # fmt: skip
+            for b in module._non_persistent_buffers_set]
     if left:
         raise NotImplementedError(f"materialize: cannot recompute the non-persistent buffer(s) {left} after to_empty")
     return model
@@ -141,14 +141,16 @@ def _shard_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     start, end = min(rank * per, rows), min((rank + 1) * per, rows)
     local = t.to_local()
     if local.shape[0] != end - start:
-        raise NotImplementedError(f"unexpected shard of {tuple(t.shape)}: {tuple(local.shape)} on rank {rank} of {world}")
+        raise NotImplementedError(
+            f"unexpected shard of {tuple(t.shape)}: {tuple(local.shape)} on rank {rank} of {world}"
+        )
     return local, start, end
 
 
 # safetensors' dtype names (the format is little-endian, as the hosts torch runs on)
 _SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                "BOOL": torch.bool}  # fmt: skip
+                "BOOL": torch.bool}
 READ_CHUNK_BYTES = 64 * 2**20  # the most one read holds, whatever the tensor's size
 
 
@@ -164,7 +166,9 @@ def safetensors_header(file: str) -> tuple[dict, int]:
             header = json.loads(f.read(n))
         header.pop("__metadata__", None)
         for info in header.values():
-            if not (isinstance(info["shape"], list) and len(info["data_offsets"]) == 2 and info["dtype"] in _SAFE_DTYPES):
+            if not (
+                isinstance(info["shape"], list) and len(info["data_offsets"]) == 2 and info["dtype"] in _SAFE_DTYPES
+            ):
                 raise ValueError(f"entry {info!r:.80}")
         return header, 8 + n
     except (ValueError, TypeError, KeyError, AttributeError) as e:
@@ -265,7 +269,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
         return t
     if t.to_local().device.type != t.device_mesh.device_type:  # CPU-offloaded shards: gather on the mesh's device
         t = DTensor.from_local(t.to_local().to(t.device_mesh.device_type), t.device_mesh, t.placements,
-                               shape=t.shape, stride=t.stride())  # fmt: skip
+                               shape=t.shape, stride=t.stride())
     return t.full_tensor()
 
 
@@ -298,7 +302,11 @@ def save_weights(model: nn.Module, directory: str, *, dtype: torch.dtype, tokeni
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     entries = _state_tensors(model)
     file_of, n_files = file_plan([t.numel() * dtype.itemsize for _, t in entries], world, max_shard_bytes)
-    names = ["model.safetensors"] if n_files == 1 else [f"model-{i + 1:05d}-of-{n_files:05d}.safetensors" for i in range(n_files)]
+    names = (
+        ["model.safetensors"]
+        if n_files == 1
+        else [f"model-{i + 1:05d}-of-{n_files:05d}.safetensors" for i in range(n_files)]
+    )
     owned: dict[int, dict[str, torch.Tensor]] = {}
     for (tensor_names, t), f in zip(entries, file_of):
         full = _full(t.detach())
@@ -318,7 +326,9 @@ def save_weights(model: nn.Module, directory: str, *, dtype: torch.dtype, tokeni
             if n_files > 1:
                 total = sum(t.numel() * dtype.itemsize for _, t in entries)
                 weight_map = {tn[0]: names[f] for (tn, _), f in zip(entries, file_of)}
-                _write_json(os.path.join(directory, SAFE_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+                _write_json(
+                    os.path.join(directory, SAFE_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map}
+                )
             if tokenizer is not None:
                 for file in tokenizer.save_pretrained(directory):
                     fsync_path(file)
@@ -383,4 +393,8 @@ def agree_failed(failed: bool) -> bool:
 
 def is_model_file(name: str) -> bool:
     """Whether ``name`` is one of the files :func:`save_weights` writes (weights, index, configs)."""
-    return (name.startswith("model") and name.endswith(".safetensors")) or name in (SAFE_INDEX, "config.json", "generation_config.json")
+    return (name.startswith("model") and name.endswith(".safetensors")) or name in (
+        SAFE_INDEX,
+        "config.json",
+        "generation_config.json",
+    )

@@ -107,7 +107,9 @@ def _rebind(fn: types.FunctionType, name: str, value: object) -> types.FunctionT
                 f"s1fast.model.patch: {fn.__qualname__} no longer calls {name} in this transformers version; "
                 "patch it with rope=False"
             )
-        copy = types.FunctionType(fn.__code__, dict(fn.__globals__, **{name: value}), fn.__name__, fn.__defaults__, fn.__closure__)
+        copy = types.FunctionType(
+            fn.__code__, dict(fn.__globals__, **{name: value}), fn.__name__, fn.__defaults__, fn.__closure__
+        )
     else:
         cells = fn.__closure__ or ()
         holds = [_cell_holds(cell, inner) for cell in cells]
@@ -238,7 +240,9 @@ def _is_ours(module: nn.Module) -> bool:
     return getattr(getattr(forward, "__func__", None), "_s1fast_patch", False)
 
 
-def _targets(lm: nn.Module, rms_norm: bool, rope: bool, swiglu: bool, loss: bool) -> Iterator[tuple[nn.Module, Callable]]:
+def _targets(
+    lm: nn.Module, rms_norm: bool, rope: bool, swiglu: bool, loss: bool
+) -> Iterator[tuple[nn.Module, Callable]]:
     """(module, unbound forward) for every module the switches select."""
     if loss:
         _POSITIONAL_NAMES.setdefault(type(lm).forward, _positional_names(type(lm)))

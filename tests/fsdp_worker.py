@@ -52,7 +52,11 @@ def run_case(arch: str, tied: bool, patch_first: bool, rank: int, world: int) ->
         total = loss.detach() / world
         dist.all_reduce(total)
         losses.append(total)
-    return {"losses": torch.stack(losses), "grads": grads, "params": {n: full(p.detach()) for n, p in model.named_parameters()}}
+    return {
+        "losses": torch.stack(losses),
+        "grads": grads,
+        "params": {n: full(p.detach()) for n, p in model.named_parameters()},
+    }
 
 
 def main(out: str) -> None:

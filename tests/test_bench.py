@@ -7,14 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import assert_close
 
 from s1fast import kernels as K
 from s1fast.bench import cli
 from s1fast.bench import kernels as kbench
 from s1fast.bench.common import memory_profile, time_ms
-from s1fast.model.shapes import QWEN25_SHAPES
 from s1fast.kernels import force_backend
-from helpers import assert_close
+from s1fast.model.shapes import QWEN25_SHAPES
 
 # A tiny Qwen-like shape so the Triton kernels run through the interpreter in seconds.
 TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=1000, tied=True)
@@ -131,7 +131,8 @@ def test_bench_refuses_a_file_as_out_before_running(tmp_path, monkeypatch, capsy
     for out, message in ((target, "is a file; give a directory"), (target / "sub", "cannot create the directory")):
         with pytest.raises(SystemExit) as e:
             cli.main(["kernels", "--quick", "--device", "cpu", "--out", str(out)])
-        assert e.value.code == 2 and f"s1fast bench: error: --out {str(out)!r}" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"s1fast bench: error: --out {str(out)!r}" in err and message in err, err
     assert target.read_text() == "not a directory"
 
 
@@ -164,7 +165,10 @@ def test_profile_writes_trace_and_top_ops(tiny_shapes, tmp_path, monkeypatch, ca
     shares = [o["share_pct"] for o in profile["top_ops"]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.0 + 1e-6
     regions = {r["name"]: r for r in profile["regions"]}
-    assert regions["kernels/rms_norm/eager/forward"]["calls"] > 1 and regions["kernels/rms_norm/eager/forward"]["total_ms"] > 0
+    assert (
+        regions["kernels/rms_norm/eager/forward"]["calls"] > 1
+        and regions["kernels/rms_norm/eager/forward"]["total_ms"] > 0
+    )
     assert "== profile: kernels" in capsys.readouterr().out
 
 
@@ -279,18 +283,33 @@ def test_kit_targets_met_and_not_met(tmp_path):
     """Synthetic results in the kit's layout: each target's verdict and figure come from the right rows."""
     from s1fast.bench import kit
 
-    k = lambda kernel, model, tokens, impl="s1fast", **kw: dict(kernel=kernel, model=model, tokens=tokens, impl=impl, **kw)  # noqa: E731
+    def k(kernel, model, tokens, impl="s1fast", **kw):
+        return dict(kernel=kernel, model=model, tokens=tokens, impl=impl, **kw)
     suites = {
-        "kernels": [k("rms_norm", "1.5B", 4096, fwd_bwd_pct_of_copy_bw=91.0, fwd_bwd_ms=1.0),
-                    k("rope", "7B", 32768, fwd_bwd_pct_of_copy_bw=84.0, fwd_bwd_ms=1.0),
-                    k("rms_norm", "1.5B", 4096, "liger", fwd_bwd_ms=1.5), k("rope", "7B", 32768, "liger", fwd_bwd_ms=1.2),
-                    k("cross_entropy", "1.5B", 4096, fwd_bwd_pct_of_copy_bw=66.0),
-                    k("fused_linear_cross_entropy", "1.5B", 4096, extra_mem_mib=1200.0, fwd_bwd_speedup_vs_eager=1.4),
-                    k("swiglu", "1.5B", 4096, skipped="out of memory")],
-        "train": [dict(impl="s1fast", model="1.5B", tokens=32768, peak_mem_vs_unpatched=0.4, speedup_vs_unpatched=1.2,
-                       tokens_per_s=100.0), dict(impl="liger", model="1.5B", tokens=32768, tokens_per_s=90.0)],
-        "decode": [dict(case="decode", impl="s1fast", context=8192, batch=1, pct_of_bw_limit=75.0, speedup_vs_hf=5.0),
-                   dict(case="budget_forcing", impl="in_loop", overhead_pct=3.5)],
+        "kernels": [
+            k("rms_norm", "1.5B", 4096, fwd_bwd_pct_of_copy_bw=91.0, fwd_bwd_ms=1.0),
+            k("rope", "7B", 32768, fwd_bwd_pct_of_copy_bw=84.0, fwd_bwd_ms=1.0),
+            k("rms_norm", "1.5B", 4096, "liger", fwd_bwd_ms=1.5),
+            k("rope", "7B", 32768, "liger", fwd_bwd_ms=1.2),
+            k("cross_entropy", "1.5B", 4096, fwd_bwd_pct_of_copy_bw=66.0),
+            k("fused_linear_cross_entropy", "1.5B", 4096, extra_mem_mib=1200.0, fwd_bwd_speedup_vs_eager=1.4),
+            k("swiglu", "1.5B", 4096, skipped="out of memory"),
+        ],
+        "train": [
+            dict(
+                impl="s1fast",
+                model="1.5B",
+                tokens=32768,
+                peak_mem_vs_unpatched=0.4,
+                speedup_vs_unpatched=1.2,
+                tokens_per_s=100.0,
+            ),
+            dict(impl="liger", model="1.5B", tokens=32768, tokens_per_s=90.0),
+        ],
+        "decode": [
+            dict(case="decode", impl="s1fast", context=8192, batch=1, pct_of_bw_limit=75.0, speedup_vs_hf=5.0),
+            dict(case="budget_forcing", impl="in_loop", overhead_pct=3.5),
+        ],
     }
     for suite, rows in suites.items():
         (tmp_path / suite).mkdir()

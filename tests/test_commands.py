@@ -56,7 +56,7 @@ def required(name: str, out) -> list[str]:
 @pytest.mark.parametrize("device, message", [
     ("bogus", "--device must be cuda[:N] or cpu, got 'bogus'"),
     ("meta", "--device must be cuda[:N] or cpu, got 'meta'"),
-])  # fmt: skip
+])
 def test_a_bad_device_is_refused_before_anything_loads(name, device, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(patch_module, "load", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setattr("s1fast.bench.cli.device_ceilings", lambda *a, **k: pytest.fail("the benchmark ran"))

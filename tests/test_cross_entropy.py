@@ -12,11 +12,11 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, assert_spec_matches_kernel, generator
 
 from s1fast.kernels import cross_entropy, cross_entropy_reference, force_backend
 from s1fast.kernels._common import KernelSpec
 from s1fast.model.shapes import QWEN25_SHAPES
-from helpers import assert_close, assert_spec_matches_kernel, generator
 
 ce_module = importlib.import_module("s1fast.kernels.cross_entropy")  # the package attribute is the function
 BACKENDS = ["triton", "torch"]
@@ -250,7 +250,11 @@ def test_reference_function_matches_float64_reference():
     "call, error, message",
     [
         (lambda x, y: cross_entropy(x[0], y), ValueError, r"logits must have 2 dims, got shape \(100,\)"),
-        (lambda x, y: cross_entropy(x, y.float()), TypeError, r"labels must have dtype in \(int64, int32\), got float32"),
+        (
+            lambda x, y: cross_entropy(x, y.float()),
+            TypeError,
+            r"labels must have dtype in \(int64, int32\), got float32",
+        ),
         (lambda x, y: cross_entropy(x, y[:3]), ValueError, r"labels must have shape \(4,\) to match logits \(4, 100\)"),
         (lambda x, y: cross_entropy(x.long(), y), TypeError, r"logits must have dtype in .*got int64"),
         (lambda x, y: cross_entropy(x, y, reduction="avg"), ValueError, r"reduction must be one of .*'avg'"),
@@ -291,7 +295,9 @@ def test_cuda_kernel_and_label_contract(dtype, monkeypatch):
     raises with S1FAST_CHECK_LABELS=1."""
     logits, labels = make_case(64, 151936, dtype)
     go = torch.rand(64) + 0.5
-    loss, grad = run("auto", logits.cuda(), labels.cuda(), go.cuda(), reduction="none", label_smoothing=0.1, z_loss=1e-4)
+    loss, grad = run(
+        "auto", logits.cuda(), labels.cuda(), go.cuda(), reduction="none", label_smoothing=0.1, z_loss=1e-4
+    )
     ref_loss, ref_grad = expected(logits, labels, go, reduction="none", label_smoothing=0.1, z_loss=1e-4)
     assert_close(loss.cpu(), ref_loss, 1e-5)
     assert_close(grad.cpu(), ref_grad, GRAD_TOL[dtype])

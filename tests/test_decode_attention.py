@@ -20,10 +20,10 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-
-from s1fast.model.shapes import QWEN25_SHAPES
-from s1fast.kernels import decode_attention, decode_attention_reference, force_backend, interpreting
 from helpers import assert_spec_matches_kernel
+
+from s1fast.kernels import decode_attention, decode_attention_reference, force_backend, interpreting
+from s1fast.model.shapes import QWEN25_SHAPES
 
 da = importlib.import_module("s1fast.kernels.decode_attention")  # the module (the package exports the function)
 U32 = 2.0**-24
@@ -105,7 +105,7 @@ def test_reference_is_sdpa_with_mask():
     mask = torch.arange(S)[None, :] < lengths[:, None]
     sdpa = F.scaled_dot_product_attention(
         q.double()[:, :, None], k.double(), v.double(), attn_mask=mask[:, None, None, :], enable_gqa=True
-    )[:, :, 0]  # fmt: skip
+    )[:, :, 0]
     ref = decode_attention_reference(q.double(), k.double(), v.double(), lengths)
     torch.testing.assert_close(ref, sdpa, rtol=1e-12, atol=1e-12)
     with force_backend("triton"):
@@ -207,14 +207,29 @@ BAD_INPUTS = [
     (dict(q=lambda a: a["q"].int()), TypeError, r"q must have dtype in"),
     (dict(lengths=lambda a: a["lengths"].float()), TypeError, r"lengths must have dtype in \(int32, int64\)"),
     (dict(lengths=torch.tensor([3])), ValueError, r"lengths must be \[B\] = \[2\]"),
-    (dict(k_cache=lambda a: a["k_cache"][:, :1].expand(2, 3, 32, 64)), ValueError, r"k_cache must be \[B, Hkv, S, D\] .* with Hkv dividing Hq=4"),
+    (
+        dict(k_cache=lambda a: a["k_cache"][:, :1].expand(2, 3, 32, 64)),
+        ValueError,
+        r"k_cache must be \[B, Hkv, S, D\] .* with Hkv dividing Hq=4",
+    ),
     (dict(v_cache=lambda a: a["v_cache"][:, :, :16]), ValueError, r"v_cache must have k_cache's shape"),
-    (dict(q=lambda a: a["q"][..., :48], k_cache=lambda a: a["k_cache"][..., :48], v_cache=lambda a: a["v_cache"][..., :48]),
-     ValueError, r"head_dim .* power of two in \[16, 256\], got 48"),
-    (dict(lengths=lambda a: a["lengths"].to("meta")), ValueError, r"all tensors must be on one device, .*lengths on meta"),
+    (
+        dict(
+            q=lambda a: a["q"][..., :48],
+            k_cache=lambda a: a["k_cache"][..., :48],
+            v_cache=lambda a: a["v_cache"][..., :48],
+        ),
+        ValueError,
+        r"head_dim .* power of two in \[16, 256\], got 48",
+    ),
+    (
+        dict(lengths=lambda a: a["lengths"].to("meta")),
+        ValueError,
+        r"all tensors must be on one device, .*lengths on meta",
+    ),
     (dict(scale=0.0), ValueError, r"scale must be None or a finite number > 0"),
     (dict(lengths=[32, 5]), TypeError, r"lengths must be a torch.Tensor, got list"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -237,8 +252,9 @@ def test_kernel_specs_match_kernels(model):
         pointers = {spec.signature[n] for n in runtime if n.endswith("_ptr") and n not in ("len_ptr", "pt_ptr")}
         assert pointers <= {"*bf16", "*fp32"}
         assert spec.signature["len_ptr"] == "*i64"
-    assert specs[0].constexprs == dict(HQ=shape["heads"], G=G, D=shape["head_dim"], BLOCK_G=max(16, G), BLOCK_N=cfg["BLOCK_N"],
-                                       DOT_FP32=False, PAGE=0)  # fmt: skip
+    assert specs[0].constexprs == dict(
+        HQ=shape["heads"], G=G, D=shape["head_dim"], BLOCK_G=max(16, G), BLOCK_N=cfg["BLOCK_N"], DOT_FP32=False, PAGE=0
+    )
     assert (specs[0].num_warps, specs[0].num_stages) == (cfg["num_warps"], cfg["num_stages"])
     assert specs[1].constexprs == dict(HQ=shape["heads"], D=shape["head_dim"], BLOCK_S=cfg["BLOCK_S"])
     # batch 1 with few kv heads at 8K: the sequence is split so pass 1 has ~256 programs, not Hkv
@@ -252,10 +268,13 @@ def test_config_fixed_by_bound():
     """The grid depends on shapes and the bound only (what a CUDA graph per length bucket needs), chunks
     are whole tiles, and the splits cover the bound."""
     for rows, kv, bound_, D, dtype in [(1, 2, 8192, 128, torch.bfloat16), (16, 2, 8192, 128, torch.bfloat16),
-                                       (1, 8, 100, 64, torch.float32), (3, 4, 1, 256, torch.float16)]:  # fmt: skip
+                                       (1, 8, 100, 64, torch.float32), (3, 4, 1, 256, torch.float16)]:
         cfg = da._config(rows, kv, bound_, D, dtype)
         assert cfg == da._config(rows, kv, bound_, D, dtype)
-        assert cfg["chunk"] % cfg["BLOCK_N"] == 0 and (cfg["splits"] - 1) * cfg["chunk"] < bound_ <= cfg["splits"] * cfg["chunk"]
+        assert (
+            cfg["chunk"] % cfg["BLOCK_N"] == 0
+            and (cfg["splits"] - 1) * cfg["chunk"] < bound_ <= cfg["splits"] * cfg["chunk"]
+        )
         assert cfg["BLOCK_N"] * D * torch.empty((), dtype=dtype).element_size() <= 16384
 
 
@@ -274,7 +293,12 @@ def test_cuda_graph_replay_and_64bit_offsets():
         lengths.copy_(torch.tensor(new))
         graph.replay()
         ref = decode_attention_reference(q.double(), k.double(), v.double(), lengths)
-        check(out.cpu(), ref.cpu(), bound(q.cpu(), k.cpu(), v.cpu(), lengths.cpu(), ref.cpu(), torch.bfloat16), f"graph {new}")
+        check(
+            out.cpu(),
+            ref.cpu(),
+            bound(q.cpu(), k.cpu(), v.cpu(), lengths.cpu(), ref.cpu(), torch.bfloat16),
+            f"graph {new}",
+        )
     rows = 2**31 // (Hkv * 1024 * D) + 2  # [rows, Hkv, 1024, D] > 2^31 elements
     kb = torch.randn(rows, Hkv, 1024, D, device="cuda", dtype=torch.bfloat16)
     qb = torch.randn(rows, Hq, D, device="cuda", dtype=torch.bfloat16)
@@ -282,5 +306,9 @@ def test_cuda_graph_replay_and_64bit_offsets():
     out = decode_attention(qb, kb, kb, lb)[-2:]
     tail = slice(rows - 2, rows)
     ref = decode_attention_reference(qb[tail].double(), kb[tail].double(), kb[tail].double(), lb[tail])
-    check(out.cpu(), ref.cpu(), bound(qb[tail].cpu(), kb[tail].cpu(), kb[tail].cpu(), lb[tail].cpu(), ref.cpu(), torch.bfloat16),
-          "64-bit rows")  # fmt: skip
+    check(
+        out.cpu(),
+        ref.cpu(),
+        bound(qb[tail].cpu(), kb[tail].cpu(), kb[tail].cpu(), lb[tail].cpu(), ref.cpu(), torch.bfloat16),
+        "64-bit rows",
+    )

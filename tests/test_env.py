@@ -25,7 +25,9 @@ def test_env_reports_versions_paths_and_a_working_patch(capsys):
 
 def test_patch_check_catches_a_wrong_kernel(monkeypatch):
     """A patch that computes something else (RMSNorm without its weight) is reported, naming the model."""
-    monkeypatch.setattr(patch_module, "rms_norm", lambda x, weight, eps: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    monkeypatch.setattr(
+        patch_module, "rms_norm", lambda x, weight, eps: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    )
     problem = env.check_patch(torch.device("cpu"))
     assert problem is not None and problem.startswith("qwen2 (tied=True): "), problem
     assert "patched loss differs from transformers" in problem, problem

@@ -19,8 +19,8 @@ from test_decoder import s1_reference
 from tiny_qwen import save_qwen_vocab_model, tiny_model
 
 from s1fast.decode.budget import BudgetForcing
-from s1fast.model.chat import FORMATS, detect_format, qwen_tokenizer_path, resolve_format
 from s1fast.decode.decoder import Decoder
+from s1fast.model.chat import FORMATS, detect_format, qwen_tokenizer_path, resolve_format
 from s1fast.train.data import tokenize_example
 
 QUESTION = "What is 1+1?"
@@ -83,13 +83,34 @@ def test_prompts_token_exact(tokenizers):
     s1, r1, qwen3 = tokenizers["s1"], tokenizers["r1"], tokenizers["qwen3"]
     q = f"{QUESTION}\n{INSTRUCTION}"
     expected = {
-        "s1": ids(s1, S("<|im_start|>"), "system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
-                  S("<|im_end|>"), "\n", S("<|im_start|>"), f"user\n{QUESTION}", S("<|im_end|>"), "\n", S("<|im_start|>"),
-                  "assistant\n", S("<|im_start|>"), "think"),
+        "s1": ids(
+            s1,
+            S("<|im_start|>"),
+            "system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+            S("<|im_end|>"),
+            "\n",
+            S("<|im_start|>"),
+            f"user\n{QUESTION}",
+            S("<|im_end|>"),
+            "\n",
+            S("<|im_start|>"),
+            "assistant\n",
+            S("<|im_start|>"),
+            "think",
+        ),
         "r1": ids(r1, S("<｜begin▁of▁sentence｜>"), S("<｜User｜>"), q, S("<｜Assistant｜>"), S("<think>"), "\n"),
-        "qwen3": ids(qwen3, S("<|im_start|>"), f"user\n{q}", S("<|im_end|>"), "\n", S("<|im_start|>"), "assistant\n",
-                     S("<think>"), "\n"),
-    }  # fmt: skip
+        "qwen3": ids(
+            qwen3,
+            S("<|im_start|>"),
+            f"user\n{q}",
+            S("<|im_end|>"),
+            "\n",
+            S("<|im_start|>"),
+            "assistant\n",
+            S("<think>"),
+            "\n",
+        ),
+    }
     for name, tok in tokenizers.items():
         fmt = FORMATS[name]
         text = fmt.think_prompt(QUESTION, tok)
@@ -103,13 +124,13 @@ def test_prompts_token_exact(tokenizers):
     # qwen3's prompt is its template's with thinking on, plus <think>\n
     msgs = [{"role": "user", "content": q}]
     assert FORMATS["qwen3"].think_prompt(QUESTION, qwen3) == qwen3.apply_chat_template(
-        msgs, tokenize=False, add_generation_prompt=True, enable_thinking=True) + "<think>\n"  # fmt: skip
+        msgs, tokenize=False, add_generation_prompt=True, enable_thinking=True) + "<think>\n"
     no_think = qwen3.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
     assert FORMATS["qwen3"].prompt_text(QUESTION, qwen3) + FORMATS["qwen3"].no_think == no_think
 
 
 def test_delimiters_token_exact(tokenizers, forcings):
-    s1, r1, qwen3 = tokenizers["s1"], tokenizers["r1"], tokenizers["qwen3"]
+    s1, r1 = tokenizers["s1"], tokenizers["r1"]
     eos_r1 = r1.convert_tokens_to_ids("<｜end▁of▁sentence｜>")
     assert eos_r1 >= 151669  # added after Qwen's vocabulary
     expected = {  # end_think, budget_end, thinking enders, stop ids
@@ -117,7 +138,7 @@ def test_delimiters_token_exact(tokenizers, forcings):
                [151645, 151643]),
         "r1": ((151668,), (151668, 271), {151668, eos_r1}, [eos_r1]),
         "qwen3": ((151668,), (151668, 271), {151668, 151645, 151643}, [151645, 151643]),
-    }  # fmt: skip
+    }
     dot = s1.convert_tokens_to_ids(".")
     for name, tok in tokenizers.items():
         bf = forcings[name]
@@ -164,7 +185,7 @@ def format_model(tok, end_token: int):
         _MODEL["base"] = tiny_model("qwen2", tied=False, dtype=torch.float64, vocab_size=151680, hidden_size=32).eval()
     model = copy.deepcopy(_MODEL["base"])
     probe = Decoder(model).generate([tok(FORMATS["s1"].think_prompt(QUESTION), add_special_tokens=False)["input_ids"]],
-                                    max_new_tokens=30).tokens[0]  # fmt: skip
+                                    max_new_tokens=30).tokens[0]
     frequent = max(set(probe), key=probe.count)
     with torch.no_grad():
         model.lm_head.weight[end_token] = 1.5 * model.lm_head.weight[frequent]
@@ -178,7 +199,9 @@ def test_budget_forcing_matches_s1_reference(tokenizers, forcings, name):
     forced waits, budget cuts and ends by the model all happen."""
     tok, fmt = tokenizers[name], FORMATS[name]
     torch.set_num_threads(1)
-    prompts = [tok(fmt.think_prompt(q, tok), add_special_tokens=False)["input_ids"] for q in (QUESTION, "Name a prime.")]
+    prompts = [
+        tok(fmt.think_prompt(q, tok), add_special_tokens=False)["input_ids"] for q in (QUESTION, "Name a prime.")
+    ]
     base = forcings[name]
     model = format_model(tok, base.end_think[0])
     stop = fmt.stop_ids(tok)
@@ -192,14 +215,20 @@ def test_budget_forcing_matches_s1_reference(tokenizers, forcings, name):
             if row.thinking_ended:
                 assert (row.thinking_tokens, row.forced_waits, row.budget_cut) == (thinking, forced, cut)
             seen.update({"waits"} if row.forced_waits else set(), {"cut"} if row.budget_cut else set(),
-                        {"ended"} if row.thinking_ended and not row.budget_cut else set())  # fmt: skip
+                        {"ended"} if row.thinking_ended and not row.budget_cut else set())
             if row.budget_cut and not compat:  # the format's budget end, after the newline rule
                 end = bf.budget_end_after(row.tokens[row.think_end - 1] if row.think_end else p[-1])
-                assert row.tokens[row.think_end : row.think_end + len(end)] == list(end)[: len(row.tokens) - row.think_end]
+                assert (
+                    row.tokens[row.think_end : row.think_end + len(end)] == list(end)[: len(row.tokens) - row.think_end]
+                )
     assert seen == {"waits", "cut", "ended"}, (name, seen)
 
 
-RECORD = {"question": QUESTION, "thinking_trajectories": ["1 plus 1.\nThat is 2."], "attempt": "The answer is $\\boxed{2}$."}
+RECORD = {
+    "question": QUESTION,
+    "thinking_trajectories": ["1 plus 1.\nThat is 2."],
+    "attempt": "The answer is $\\boxed{2}$.",
+}
 
 
 def test_sft_text_in_r1_and_qwen3_formats(tokenizers):
@@ -207,15 +236,21 @@ def test_sft_text_in_r1_and_qwen3_formats(tokenizers):
     ex = tokenize_example(RECORD, r1, format="r1")
     prompt = ids(r1, S("<｜begin▁of▁sentence｜>"), S("<｜User｜>"), QUESTION, S("<｜Assistant｜>"))
     completion = ids(r1, S("<think>"), "\n1 plus 1.\nThat is 2.\n", S("</think>"), "\n\nThe answer is $\\boxed{2}$.",
-                     S("<｜end▁of▁sentence｜>"))  # fmt: skip
+                     S("<｜end▁of▁sentence｜>"))
     assert ex["input_ids"] == prompt + completion
     assert ex["labels"] == [-100] * len(prompt) + completion  # loss only on the assistant turn
     # qwen3: the template's own rendering of the turn with its reasoning
     ex = tokenize_example(RECORD, qwen3, format="qwen3")
-    msgs = [{"role": "user", "content": QUESTION},
-            {"role": "assistant", "content": RECORD["attempt"], "reasoning_content": RECORD["thinking_trajectories"][0]}]
-    assert ex["input_ids"] == qwen3(qwen3.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
-    n_prompt = len(ids(qwen3, S("<|im_start|>"), f"user\n{QUESTION}", S("<|im_end|>"), "\n", S("<|im_start|>"), "assistant\n"))
+    msgs = [
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": RECORD["attempt"], "reasoning_content": RECORD["thinking_trajectories"][0]},
+    ]
+    assert (
+        ex["input_ids"] == qwen3(qwen3.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+    )
+    n_prompt = len(
+        ids(qwen3, S("<|im_start|>"), f"user\n{QUESTION}", S("<|im_end|>"), "\n", S("<|im_start|>"), "assistant\n")
+    )
     assert ex["labels"][:n_prompt] == [-100] * n_prompt and ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
     # s1 stays the default
     assert tokenize_example(RECORD, tokenizers["s1"]) == tokenize_example(RECORD, tokenizers["s1"], format="s1")
@@ -266,7 +301,7 @@ def test_eval_format(r1_model_dir, tmp_path):
 
     problems = os.path.join(os.path.dirname(scaling.EXAMPLE_PROBLEMS), "math500_sample.jsonl")
     argv = ["--model", r1_model_dir, "--problems", problems, "--out", str(tmp_path / "run"), "--budgets", "3",
-            "--limit", "1", "--max-new-tokens", "10", "--format", "auto", "--device", "cpu", "--no-progress"]  # fmt: skip
+            "--limit", "1", "--max-new-tokens", "10", "--format", "auto", "--device", "cpu", "--no-progress"]
     with force_backend("torch"):
         scaling.evaluate(scaling.parse_args(argv))
     (point,) = [json.load(open(p)) for p in glob.glob(str(tmp_path / "run" / "points" / "*.json"))]

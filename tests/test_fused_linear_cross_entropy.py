@@ -13,13 +13,13 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, generator
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from s1fast.model.shapes import QWEN25_SHAPES
 from s1fast.kernels import force_backend, fused_linear_cross_entropy, fused_linear_cross_entropy_reference
-from helpers import assert_close, generator
+from s1fast.model.shapes import QWEN25_SHAPES
 
 flce_module = importlib.import_module("s1fast.kernels.fused_linear_cross_entropy")
 ce_module = importlib.import_module("s1fast.kernels.cross_entropy")
@@ -283,21 +283,43 @@ def test_out_of_range_label_raises_on_cpu(backend):
 @pytest.mark.parametrize(
     "call, error, message",
     [
-        (lambda h, w, y, b: fused_linear_cross_entropy(h[:, :8], w, y), ValueError, r"hidden width 8 does not match weight"),
+        (
+            lambda h, w, y, b: fused_linear_cross_entropy(h[:, :8], w, y),
+            ValueError,
+            r"hidden width 8 does not match weight",
+        ),
         (lambda h, w, y, b: fused_linear_cross_entropy(h, w, y, b[:10]), ValueError, r"bias must have shape \(100,\)"),
         (lambda h, w, y, b: fused_linear_cross_entropy(h, w, y[:2]), ValueError, r"labels must have shape \(4,\)"),
         (lambda h, w, y, b: fused_linear_cross_entropy(h, w, y.float()), TypeError, r"labels must have dtype in"),
         (lambda h, w, y, b: fused_linear_cross_entropy(h[0], w, y), ValueError, r"hidden must have 2 or 3 dims"),
-        (lambda h, w, y, b: fused_linear_cross_entropy(h, w.double(), y), TypeError, r"weight dtype torch.float64 must match"),
+        (
+            lambda h, w, y, b: fused_linear_cross_entropy(h, w.double(), y),
+            TypeError,
+            r"weight dtype torch.float64 must match",
+        ),
         (lambda h, w, y, b: fused_linear_cross_entropy(h.int(), w, y), TypeError, r"hidden must have dtype in"),
-        (lambda h, w, y, b: fused_linear_cross_entropy(h, w, y, reduction="avg"), ValueError, r"reduction must be one of"),
+        (
+            lambda h, w, y, b: fused_linear_cross_entropy(h, w, y, reduction="avg"),
+            ValueError,
+            r"reduction must be one of",
+        ),
         (lambda h, w, y, b: fused_linear_cross_entropy(h, w, y, label_smoothing=-0.1), ValueError, r"label_smoothing"),
-        (lambda h, w, y, b: fused_linear_cross_entropy(h, w, y, reduction="none", num_items_in_batch=3), ValueError,
-         r"num_items_in_batch .* reduction='none'"),
+        (
+            lambda h, w, y, b: fused_linear_cross_entropy(h, w, y, reduction="none", num_items_in_batch=3),
+            ValueError,
+            r"num_items_in_batch .* reduction='none'",
+        ),
         (lambda h, w, y, b: fused_linear_cross_entropy(h, w.to("meta"), y), ValueError, r"one device.*weight on meta"),
-        (lambda h, w, y, b: fused_linear_cross_entropy(h, w, y, chunk_budget_bytes=0), ValueError, r"chunk_budget_bytes"),
-        (lambda h, w, y, b: fused_linear_cross_entropy(h, w, y, num_items_in_batch=0), ValueError,
-         r"num_items_in_batch must be positive"),
+        (
+            lambda h, w, y, b: fused_linear_cross_entropy(h, w, y, chunk_budget_bytes=0),
+            ValueError,
+            r"chunk_budget_bytes",
+        ),
+        (
+            lambda h, w, y, b: fused_linear_cross_entropy(h, w, y, num_items_in_batch=0),
+            ValueError,
+            r"num_items_in_batch must be positive",
+        ),
     ],
 )
 def test_bad_inputs(call, error, message):
@@ -325,7 +347,9 @@ def test_grad_output_other_than_one(backend, dtype, num_items):
     other than 1 must reach every gradient; 1 must leave them as they are."""
     hidden, weight, bias, labels = make_case((9,), 32, 500, dtype)
     for go in (torch.tensor(-0.37), torch.tensor(1.0)):
-        got = run(backend, hidden, weight, bias, labels, go, chunk_budget_bytes=4 * 500 * 12, num_items_in_batch=num_items)
+        got = run(
+            backend, hidden, weight, bias, labels, go, chunk_budget_bytes=4 * 500 * 12, num_items_in_batch=num_items
+        )
         check(got, reference64(hidden, weight, bias, labels, go, num_items_in_batch=num_items), dtype)
 
 
@@ -361,7 +385,11 @@ def test_cuda_matches_float64_reference(dtype, reduction):
     cuda = [t.cuda() if t is not None else None for t in (hidden, weight, bias, labels)]
     loss, grads = run("auto", *cuda, go.cuda() if go is not None else None, reduction=reduction,
                       chunk_budget_bytes=100 * 151936 * dtype.itemsize)
-    check((loss.cpu(), [g.cpu() for g in grads]), reference64(hidden, weight, bias, labels, go, reduction=reduction), dtype)
+    check(
+        (loss.cpu(), [g.cpu() for g in grads]),
+        reference64(hidden, weight, bias, labels, go, reduction=reduction),
+        dtype,
+    )
 
 
 @pytest.mark.gpu
@@ -381,7 +409,10 @@ def test_cuda_fp32_out_gemm_call_is_well_formed_on_meta_tensors(beta):
     """The CUDA-only weight-gradient GEMM (bf16 operands into the fp32 accumulator, beta = 0 for the first chunk)
     cannot run here; on meta tensors PyTorch still checks its arguments, shapes and dtypes."""
     acc = torch.empty(300, 16, device="meta")
-    a, b = torch.empty(300, 7, dtype=torch.bfloat16, device="meta"), torch.empty(7, 16, dtype=torch.bfloat16, device="meta")
+    a, b = (
+        torch.empty(300, 7, dtype=torch.bfloat16, device="meta"),
+        torch.empty(7, 16, dtype=torch.bfloat16, device="meta"),
+    )
     flce_module._fp32_out_addmm(acc, a, b, beta)
     assert acc.shape == (300, 16) and acc.dtype == torch.float32
     with pytest.raises(RuntimeError):  # and it does check: mismatched inner dimensions are refused

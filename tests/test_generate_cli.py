@@ -123,7 +123,10 @@ def test_generate_kv_cache_budget_keeps_the_tokens(model_dir, capsys, tmp_path):
         (["--prompt", "x", "--max-rows", "0"], "--max-rows must be >= 1, got 0"),
         (["--prompt", "x", "--dtype", "bfloat16"], "argument --dtype: invalid choice: 'bfloat16'"),
         (["--prompt", "x", "--no-think", "--num-waits", "2"], "--no-think turns budget forcing off"),
-        (["--prompt", "x", "--device", "cpu", "--tokenizer", "/nonexistent-tokenizer"], "tokenizer (/nonexistent-tokenizer)"),
+        (
+            ["--prompt", "x", "--device", "cpu", "--tokenizer", "/nonexistent-tokenizer"],
+            "tokenizer (/nonexistent-tokenizer)",
+        ),
         (["--prompt", "x", "--max-seq-len", "1"], "--max-seq-len must be >= 2 (a prompt token and a new one), got 1"),
         (["--prompt", "x", "--max-seq-len", "-5"], "--max-seq-len must be >= 2 (a prompt token and a new one), got -5"),
         (["--prompt", "x", "--device", "bogus"], "--device must be cuda[:N] or cpu, got 'bogus'"),
@@ -173,8 +176,12 @@ def _unwritable_parent(tmp_path):
         os.geteuid() == 0, reason="root writes in any directory")),
 ])
 def test_generate_refuses_bad_output_before_loading(model_dir, capsys, tmp_path, no_model_load, case, message):
-    path = {"directory": lambda: str(tmp_path), "missing parent": lambda: str(tmp_path / "no" / "out.jsonl"),
-            "read-only file": lambda: str(tmp_path / "ro.jsonl"), "unwritable parent": lambda: _unwritable_parent(tmp_path)}[case]()
+    path = {
+        "directory": lambda: str(tmp_path),
+        "missing parent": lambda: str(tmp_path / "no" / "out.jsonl"),
+        "read-only file": lambda: str(tmp_path / "ro.jsonl"),
+        "unwritable parent": lambda: _unwritable_parent(tmp_path),
+    }[case]()
     if case == "read-only file":
         with open(path, "w") as f:
             f.write("keep me\n")
@@ -212,7 +219,7 @@ def test_interrupted_generate_leaves_the_old_output(model_dir, capsys, tmp_path,
     monkeypatch.setattr(engine_module.Engine, "run", interrupted)
     handler = signal.getsignal(signal.SIGTERM)
     code, _, err = run(["--model", model_dir, "--prompts", str(prompts), "--device", "cpu", "--max-rows", "1",
-                        "--max-new-tokens", "6", "--out", str(out_file)], capsys)  # fmt: skip
+                        "--max-new-tokens", "6", "--out", str(out_file)], capsys)
     assert code == 130 and len(batches) == 3
     assert err.splitlines()[-1] == f"s1fast generate: interrupted; {out_file} left as it was"
     assert out_file.read_text() == "old results\n" and sorted(os.listdir(tmp_path)) == ["out.jsonl", "q.jsonl"]

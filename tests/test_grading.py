@@ -252,6 +252,8 @@ def test_answer_classes_group_equal_answers():
                r"\boxed{x = 3}", r"\boxed{\sqrt{9}}", r"\boxed{-3}"]
     answers = [parse_answer(o) for o in outputs]
     assert answer_classes(answers) == [0, 0, 1, None, 0, 1, 1, 2]
-    letters = [parse_answer(o, choices=4) for o in ["Answer: (B)", r"\boxed{B}", "Answer: C", "no idea", "the answer is B"]]
+    letters = [
+        parse_answer(o, choices=4) for o in ["Answer: (B)", r"\boxed{B}", "Answer: C", "no idea", "the answer is B"]
+    ]
     assert answer_classes(letters) == [0, 0, 1, None, 0]
     assert [is_correct(a, "B", choices=4) for a in letters] == [True, True, False, False, True]

@@ -58,5 +58,7 @@ def test_shared_modules_import_no_room_above_model():
 
 def test_checker_sees_imports_inside_functions(tmp_path):
     path = tmp_path / "m.py"
-    path.write_text("def f():\n    from s1fast.bench.common import x\n    import s1fast.eval.scaling\nfrom s1fast import decode\n")
+    path.write_text(
+        "def f():\n    from s1fast.bench.common import x\n    import s1fast.eval.scaling\nfrom s1fast import decode\n"
+    )
     assert _imports(str(path)) == {"bench", "eval", "decode"}

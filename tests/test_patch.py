@@ -335,7 +335,9 @@ def test_torch_compile():
 
 def test_peft_lora_on_patched_model():
     peft = pytest.importorskip("peft")
-    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    config = dict(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
 
     def lora(model):
         model = peft.get_peft_model(model, peft.LoraConfig(**config))
@@ -374,7 +376,7 @@ def test_trainer_smoke(tmp_path):
             output_dir=str(tmp_path / name), max_steps=2, per_device_train_batch_size=2,
             gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no",
             use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
-        )  # fmt: skip
+        )
         trainer = Trainer(model=model, args=args, train_dataset=rows)
         trainer.train()
         losses = torch.tensor([log["loss"] for log in trainer.state.log_history if "loss" in log])
@@ -411,7 +413,7 @@ def test_bad_inputs_give_clear_errors():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=VOCAB))  # fmt: skip
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=VOCAB))
     with pytest.raises(TypeError, match="got LlamaForCausalLM"):
         patch(llama)
     with pytest.raises(TypeError, match="got OptimizedModule"):

@@ -47,7 +47,7 @@ def test_fsdp2_two_processes_match_one(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the kernels' CPU path: fast
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(HERE / "fsdp_worker.py"), str(out)]  # fmt: skip
+           str(HERE / "fsdp_worker.py"), str(out)]
     proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     results = torch.load(out)

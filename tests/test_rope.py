@@ -15,16 +15,15 @@ half swap errs by O(mag) and fails both bounds.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import transformers
+from helpers import assert_spec_matches_kernel
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 
-from s1fast.model.shapes import QWEN25_SHAPES
 from s1fast.kernels import apply_rope, apply_rope_reference, force_backend, interpreting
 from s1fast.kernels import rope as rope_module
-from helpers import assert_spec_matches_kernel
+from s1fast.model.shapes import QWEN25_SHAPES
 
 BACKENDS = ["triton", "torch"]
 U32 = 2.0**-24
@@ -66,7 +65,7 @@ def _rotary(D: int, position_ids: torch.Tensor, dtype: torch.dtype):
     config = transformers.Qwen2Config(
         hidden_size=2 * D, num_attention_heads=2, num_key_value_heads=1, head_dim=D,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-    )  # fmt: skip
+    )
     return Qwen2RotaryEmbedding(config)(torch.zeros(1, dtype=dtype), position_ids)
 
 
@@ -104,7 +103,7 @@ def _check_fp64(q, k, cos, sin, backend):
     for name, a, r, x, backward in (
         ("q_rot", got[0], ref[0], q, False), ("k_rot", got[1], ref[1], k, False),
         ("dq", got[2], ref[2], dyq, True), ("dk", got[3], ref[3], dyk, True),
-    ):  # fmt: skip
+    ):
         assert a.dtype == q.dtype, f"{name}: dtype {a.dtype}, expected q's {q.dtype}"
         _assert_within(a, r, u_out * r.abs() + 3 * U32 * _mag(x, cos, sin, backward), f"{backend} {name}")
     return got
@@ -189,7 +188,7 @@ def test_cos_batch_one_broadcasts(backend):
     got = _check_fp64(q, k, cos, sin, backend)
     with force_backend(backend):
         expanded = _run(apply_rope, q, k, cos.expand(3, -1, -1).contiguous(), sin.expand(3, -1, -1).contiguous(),
-                        *_grads_like(q, k))  # fmt: skip
+                        *_grads_like(q, k))
     for a, b in zip(got, expanded):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -286,21 +285,33 @@ BAD_INPUTS = [
     (dict(q=lambda a: a["q"][0]), ValueError, r"q must have 4 dims, got shape \(4, 3, 8\)"),
     (dict(k=lambda a: a["k"][:, :, :, None]), ValueError, r"k must have 4 dims"),
     (dict(cos=lambda a: a["cos"][0]), ValueError, r"cos must have 3 dims"),
-    (dict(q=lambda a: a["q"].to(torch.int32)), TypeError, r"q must have dtype in \(float32, bfloat16, float16, float64\), got int32"),
+    (
+        dict(q=lambda a: a["q"].to(torch.int32)),
+        TypeError,
+        r"q must have dtype in \(float32, bfloat16, float16, float64\), got int32",
+    ),
     (dict(k=lambda a: a["k"].to(torch.bfloat16)), TypeError, r"q and k must have one dtype"),
     (dict(sin=lambda a: a["sin"].to(torch.bfloat16)), TypeError, r"cos and sin must have one dtype"),
     (dict(q=lambda a: a["q"][..., :7], k=lambda a: a["k"][..., :7]), ValueError, r"head_dim .* must be even"),
     (dict(k=lambda a: a["k"][..., :6]), ValueError, r"k must be \[B, Hkv, T, D\] = \[2, Hkv, 3, 8\]"),
     (dict(k=lambda a: a["k"][:, :, :2]), ValueError, r"k must be \[B, Hkv, T, D\]"),
     (dict(k=lambda a: a["k"][:1]), ValueError, r"k must be \[B, Hkv, T, D\]"),
-    (dict(cos=lambda a: a["cos"][..., :6], sin=lambda a: a["sin"][..., :6]), ValueError, r"cos must be \[B or 1, T, D\] = \[2 or 1, 3, 8\], got \(2, 3, 6\)"),
+    (
+        dict(cos=lambda a: a["cos"][..., :6], sin=lambda a: a["sin"][..., :6]),
+        ValueError,
+        r"cos must be \[B or 1, T, D\] = \[2 or 1, 3, 8\], got \(2, 3, 6\)",
+    ),
     (dict(cos=lambda a: a["cos"][:, :2], sin=lambda a: a["sin"][:, :2]), ValueError, r"cos must be \[B or 1, T, D\]"),
-    (dict(cos=lambda a: a["cos"].repeat(2, 1, 1), sin=lambda a: a["sin"].repeat(2, 1, 1)), ValueError, r"cos must be \[B or 1, T, D\]"),
+    (
+        dict(cos=lambda a: a["cos"].repeat(2, 1, 1), sin=lambda a: a["sin"].repeat(2, 1, 1)),
+        ValueError,
+        r"cos must be \[B or 1, T, D\]",
+    ),
     (dict(sin=lambda a: a["sin"][:1]), ValueError, r"sin must have cos's shape \(2, 3, 8\), got \(1, 3, 8\)"),
     (dict(cos=lambda a: a["cos"].to("meta")), ValueError, r"all tensors must be on one device, .*cos on meta"),
     (dict(cos=lambda a: a["cos"].requires_grad_()), ValueError, r"cos and sin must not require grad"),
     (dict(q=lambda a: a["q"].tolist()), TypeError, r"q must be a torch.Tensor, got list"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -339,7 +350,11 @@ def test_cuda_large_shape_and_64bit_offsets():
     cos, sin = (t.cuda() for t in _rotary(D, torch.arange(T)[None], torch.bfloat16))
     q_rot, k_rot = apply_rope(q, k, cos, sin)
     tail = slice(T - 64, T)
-    ref = apply_rope_reference(q[:, :, tail].double(), k[:, :, tail].double(), cos[:, tail].double(), sin[:, tail].double())
+    ref = apply_rope_reference(
+        q[:, :, tail].double(), k[:, :, tail].double(), cos[:, tail].double(), sin[:, tail].double()
+    )
     for out, r, x in ((q_rot, ref[0], q), (k_rot, ref[1], k)):
-        bound = _u_out(torch.bfloat16, "triton") * r.abs() + 3 * U32 * _mag(x[:, :, tail], cos[:, tail], sin[:, tail], False)
+        bound = _u_out(torch.bfloat16, "triton") * r.abs() + 3 * U32 * _mag(
+            x[:, :, tail], cos[:, tail], sin[:, tail], False
+        )
         _assert_within(out[:, :, tail], r, bound, "cuda tail")

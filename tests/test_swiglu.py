@@ -15,12 +15,12 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, assert_spec_matches_kernel, generator, nan_empty
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
-from s1fast.model.shapes import QWEN25_SHAPES
 from s1fast.kernels import force_backend, swiglu, swiglu_reference
-from helpers import assert_close, assert_spec_matches_kernel, generator, nan_empty
+from s1fast.model.shapes import QWEN25_SHAPES
 
 swiglu_module = importlib.import_module("s1fast.kernels.swiglu")  # the package attribute is the function
 BACKENDS = ["triton", "torch"]
@@ -189,7 +189,7 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_kernel_specs_describe_the_launched_kernels():
     kernels = {swiglu_module._swiglu_fwd_kernel, swiglu_module._swiglu_bwd_kernel}
-    for model, dims in QWEN25_SHAPES.items():
+    for dims in QWEN25_SHAPES.values():
         specs = swiglu_module.kernel_specs(dict(dims, tokens=4096, dtype=torch.bfloat16))
         assert [s.name for s in specs] == ["swiglu_fwd", "swiglu_bwd"]
         for spec in specs:

@@ -209,7 +209,9 @@ def test_global_batch_loss_independent_of_split(tmp_path):
     same loss, same weights."""
     dataset = train_worker.synthetic_dataset(8)
     results = []
-    for i, (tokens, pack, ckpt) in enumerate([(4096, True, False), (64, True, False), (4096, False, False), (64, True, True)]):
+    for i, (tokens, pack, ckpt) in enumerate(
+        [(4096, True, False), (64, True, False), (4096, False, False), (64, True, True)]
+    ):
         cfg = train_worker.config(str(tmp_path / str(i)), global_batch=8, micro_batch_tokens=tokens, pack=pack,
                                   gradient_checkpointing=ckpt, max_steps=1)
         trainer = Trainer(train_worker.tiny_model(), dataset, cfg, device=CPU)
@@ -276,13 +278,27 @@ def test_resume_gives_the_same_losses_and_checkpoints_are_atomic(tmp_path):
                 device=CPU).load_checkpoint(latest_checkpoint(part))
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         resumed.load_checkpoint(str(tmp_path))
+    # a checkpoint written before --dtype had one spelling stored torch's name: still the same setting
+    state_path = os.path.join(latest_checkpoint(part), "trainer_state.json")
+    with open(state_path) as f:
+        state = json.load(f)
+    assert state["settings"]["param_dtype"] == "fp32"
+    state["settings"]["param_dtype"] = "float32"
+    with open(state_path, "w") as f:
+        json.dump(state, f)
+    Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(), train_worker.config(part),
+            device=CPU).load_checkpoint(latest_checkpoint(part))
 
 
 def test_checkpoint_files_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     """trainer_state.json and the RNG state are fsynced, then the temporary directory, then it is renamed."""
     events = []
     fsync, replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))) or fsync(fd))
+    monkeypatch.setattr(
+        os,
+        "fsync",
+        lambda fd: events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))) or fsync(fd),
+    )
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", os.path.basename(b))) or replace(a, b))
     trainer = Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(8),
                       train_worker.config(str(tmp_path), global_batch=8, max_steps=1), device=CPU)
@@ -328,7 +344,9 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the worker: the same reduction order, so the losses are bit-identical
     try:
-        Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(), train_worker.config(full), device=CPU).fit()
+        Trainer(
+            train_worker.tiny_model(), train_worker.synthetic_dataset(), train_worker.config(full), device=CPU
+        ).fit()
     finally:
         torch.set_num_threads(threads)
     expected = {r["step"]: r["loss"] for r in _log(full)}
@@ -424,7 +442,9 @@ def test_a_new_run_into_a_used_output_dir_is_refused(tmp_path, capsys):
         return {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out) if name != ".lock"}
 
     before = state()
-    with pytest.raises(FileExistsError, match=r"already holds a run \(checkpoint-000002, log.jsonl\); continue it with --resume"):
+    with pytest.raises(
+        FileExistsError, match=r"already holds a run \(checkpoint-000002, log.jsonl\); continue it with --resume"
+    ):
         Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(), train_worker.config(out), device=CPU).fit()
     _refused(capsys, ["--out", out, "--no-progress"], f"--out '{out}' already holds a run",
              "continue it with --resume, or choose another --out")
@@ -450,26 +470,49 @@ def test_resume_refuses_changed_settings(tmp_path):
             device=CPU).fit()
     ckpt = latest_checkpoint(out)
     data = train_worker.synthetic_dataset()
-    changes = dict(lr=1e-3, seed=1, warmup_ratio=0.2, max_grad_norm=0.5, epochs=3, global_batch=3, micro_batch_tokens=128,
-                   weight_decay=0.1, betas=(0.9, 0.99), pack=False, param_dtype="bf16", model_name="another model")
+    changes = dict(
+        lr=1e-3,
+        seed=1,
+        warmup_ratio=0.2,
+        max_grad_norm=0.5,
+        epochs=3,
+        global_batch=3,
+        micro_batch_tokens=128,
+        weight_decay=0.1,
+        betas=(0.9, 0.99),
+        pack=False,
+        param_dtype="bf16",
+        model_name="another model",
+    )
     for name, value in changes.items():
         settings = run_settings(train_worker.config(out, **{name: value}), data)
-        with pytest.raises(ValueError, match=rf"settings differ from {re.escape(ckpt)}/trainer_state.json: {name} .* -> "):
+        with pytest.raises(
+            ValueError, match=rf"settings differ from {re.escape(ckpt)}/trainer_state.json: {name} .* -> "
+        ):
             read_checkpoint(ckpt, settings, 10**6)
     with pytest.raises(ValueError, match=r"trainer_state.json: data [0-9a-f\"]+ -> "):  # other tokens or labels
         read_checkpoint(ckpt, run_settings(train_worker.config(out), train_worker.synthetic_dataset(seed=2)), 10**6)
     # Not numbers: where and how often to save and log, how far to go, gradient checkpointing.
-    same = train_worker.config(out, save_every=5, log_every=2, keep_checkpoints=1, max_steps=7, gradient_checkpointing=True)
+    same = train_worker.config(
+        out, save_every=5, log_every=2, keep_checkpoints=1, max_steps=7, gradient_checkpointing=True
+    )
     assert read_checkpoint(ckpt, run_settings(same, data), 12)["step"] == 3
 
     trainer = Trainer(train_worker.tiny_model(), data, train_worker.config(out, lr=1e-3, seed=5), device=CPU)
     with pytest.raises(ValueError) as refused:
         trainer.load_checkpoint(ckpt)
-    assert "lr 0.003 -> 0.001; seed 0 -> 5. Resume with the checkpoint's settings, or pass --allow-changed-settings" in str(refused.value)
+    assert (
+        "lr 0.003 -> 0.001; seed 0 -> 5. Resume with the checkpoint's settings, or pass --allow-changed-settings"
+        in str(refused.value)
+    )
     assert "\n" not in str(refused.value) and trainer.step == 0
 
-    trainer = Trainer(train_worker.tiny_model(), data, train_worker.config(out, lr=1e-3, weight_decay=0.5, betas=(0.8, 0.9)),
-                      device=CPU)
+    trainer = Trainer(
+        train_worker.tiny_model(),
+        data,
+        train_worker.config(out, lr=1e-3, weight_decay=0.5, betas=(0.8, 0.9)),
+        device=CPU,
+    )
     trainer.load_checkpoint(ckpt, allow_changed_settings=True)
     decay, plain = trainer.optimizer.param_groups
     factor = trainer.scheduler.lr_lambdas[0]
@@ -484,7 +527,7 @@ def test_resume_refuses_changed_settings(tmp_path):
     ("--micro-batch-tokens", "0"), ("--global-batch", "0"), ("--block-size", "0"), ("--warmup-ratio", "1"),
     ("--max-grad-norm", "nan"), ("--weight-decay", "-1e-4"), ("--save-every", "-1"), ("--out", ""),
     ("--resume", ""), ("--data", " "),
-])  # fmt: skip
+])
 def test_bad_settings_are_refused_at_parsing(flag, value, capsys):
     from s1fast.train.cli import main
 
@@ -495,8 +538,16 @@ def test_bad_settings_are_refused_at_parsing(flag, value, capsys):
 
 
 def test_bad_settings_are_refused_by_the_config():
-    for name, value in [("lr", float("nan")), ("lr", float("inf")), ("lr", 0.0), ("max_grad_norm", float("nan")),
-                        ("weight_decay", float("inf")), ("warmup_ratio", float("nan")), ("epochs", 0), ("betas", (0.9, 1.0))]:
+    for name, value in [
+        ("lr", float("nan")),
+        ("lr", float("inf")),
+        ("lr", 0.0),
+        ("max_grad_norm", float("nan")),
+        ("weight_decay", float("inf")),
+        ("warmup_ratio", float("nan")),
+        ("epochs", 0),
+        ("betas", (0.9, 1.0)),
+    ]:
         with pytest.raises(ValueError, match=name):
             train_worker.config("unused", **{name: value}).check()
 
@@ -508,7 +559,9 @@ def test_divergence_stops_training_before_anything_is_saved(tmp_path):
     out = str(tmp_path / "run")
     trainer = Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(),
                       train_worker.config(out, lr=1e3, save_every=1, log_every=4), device=CPU)
-    with pytest.raises(FloatingPointError, match=r"^training diverged at step (\d+): loss \S+, gradient norm \S+;") as e:
+    with pytest.raises(
+        FloatingPointError, match=r"^training diverged at step (\d+): loss \S+, gradient norm \S+;"
+    ) as e:
         trainer.fit()
     bad = int(re.match(r"training diverged at step (\d+)", str(e.value))[1])
     assert bad > 1 and "\n" not in str(e.value)
@@ -531,15 +584,21 @@ def test_a_full_disk_says_so_and_removes_the_partial_files(tmp_path, monkeypatch
         return fail
 
     monkeypatch.setattr(os, "fsync", failing(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
-    with pytest.raises(OSError, match=rf"^no space left on the device of '{re.escape(out)}' while writing checkpoint-000001; "
-                                      rf"the partial .tmp-checkpoint-000001 was removed: free some space, then delete '{re.escape(out)}' "
-                                      "and start again$"):
+    with pytest.raises(
+        OSError,
+        match=rf"^no space left on the device of '{re.escape(out)}' while writing checkpoint-000001; "
+        rf"the partial .tmp-checkpoint-000001 was removed: free some space, then delete '{re.escape(out)}' "
+        "and start again$",
+    ):
         trainer.fit()
     assert sorted(os.listdir(out)) == [".lock", "log.jsonl"]
 
     torch_full = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
     monkeypatch.setattr(os, "fsync", failing(torch_full))
-    with pytest.raises(OSError, match=r"writing .*checkpoint-000001 failed \(RuntimeError: \[enforce fail .* unexpected pos 704 vs 598\)"):
+    with pytest.raises(
+        OSError,
+        match=r"writing .*checkpoint-000001 failed \(RuntimeError: \[enforce fail .* unexpected pos 704 vs 598\)",
+    ):
         trainer.save_checkpoint()  # plenty of space left: not called a full disk
     usage = shutil.disk_usage(out)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))
@@ -597,8 +656,11 @@ def test_sigterm_and_sigint_end_with_one_line_and_a_resumable_state(tmp_path, ca
             sender.join()
         err = capsys.readouterr().err
         assert rc == 128 + sig, err
-        assert re.fullmatch(rf"s1fast train: interrupted \({sig.name}\); {re.escape(out)}/checkpoint-\d{{6}} is complete: "
-                            "continue with --resume\n", err), err
+        assert re.fullmatch(
+            rf"s1fast train: interrupted \({sig.name}\); {re.escape(out)}/checkpoint-\d{{6}} is complete: "
+            "continue with --resume\n",
+            err,
+        ), err
         assert not glob.glob(os.path.join(out, ".tmp-*"))
         return step()
 
@@ -633,8 +695,17 @@ def test_damaged_checkpoints_are_named(tmp_path):
 
     cases = [  # (file, damage, message)
         ("__0_0.distcp", truncate, r" is truncated \([\d,]+ of [\d,]+ bytes\): the checkpoint is damaged"),
-        ("model.safetensors", truncate, r" is truncated or not a safetensors file \([\d,]+ bytes\): the checkpoint is damaged"),
-        ("model.safetensors", os.remove, r" is missing \(no model.safetensors.index.json either\): no safetensors weights: the checkpoint is damaged"),
+        (
+            "model.safetensors",
+            truncate,
+            r" is truncated or not a safetensors file \([\d,]+ bytes\): the checkpoint is damaged",
+        ),
+        (
+            "model.safetensors",
+            os.remove,
+            r" is missing \(no model.safetensors.index.json either\): no safetensors weights: "
+            r"the checkpoint is damaged",
+        ),
         (".metadata", os.remove, r" is missing: the checkpoint is incomplete"),
         (".metadata", lambda p: write(p, b"\x80garbage"), r" is unreadable \("),
         ("trainer_state.json", lambda p: write(p, "{not json"), r": not a valid trainer state \(JSONDecodeError"),
@@ -694,7 +765,9 @@ def test_cli_demo_trains_saves_and_decodes(tmp_path, capsys, monkeypatch):
     assert rc == 0, printed
     assert "data: 320 examples" in printed and "trained 2 steps" in printed
     assert "--- thinking (" in printed and "--- answer (" in printed
-    assert {"config.json", "model.safetensors", "tokenizer.json", "log.jsonl", "checkpoint-000002"} <= set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "log.jsonl", "checkpoint-000002"} <= set(
+        os.listdir(out)
+    )
     assert [r["step"] for r in _log(out)] == [1, 2]
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["vocab_size"] == 151936
@@ -751,10 +824,18 @@ def test_cli_bad_model_tokenizer_data_or_output_dir(tmp_path, capsys, monkeypatc
         return str(path)
 
     cases = [
-        (broken("half", lambda p: os.truncate(p / "model.safetensors", size // 2)), "model.safetensors': truncated or not a safetensors file"),
-        (broken("garbage", lambda p: (p / "model.safetensors").write_bytes(os.urandom(size))), "truncated or not a safetensors file"),
-        (broken("llama", lambda p: (p / "config.json").write_text('{"model_type": "llama"}')),
-         "model_type 'llama'; s1fast trains Qwen2, Qwen2.5 and Qwen3 (qwen2, qwen3)"),
+        (
+            broken("half", lambda p: os.truncate(p / "model.safetensors", size // 2)),
+            "model.safetensors': truncated or not a safetensors file",
+        ),
+        (
+            broken("garbage", lambda p: (p / "model.safetensors").write_bytes(os.urandom(size))),
+            "truncated or not a safetensors file",
+        ),
+        (
+            broken("llama", lambda p: (p / "config.json").write_text('{"model_type": "llama"}')),
+            "model_type 'llama'; s1fast trains Qwen2, Qwen2.5 and Qwen3 (qwen2, qwen3)",
+        ),
         (broken("bad-config", lambda p: (p / "config.json").write_text("{")), "config.json': not a model config"),
         (broken("no-config", lambda p: (p / "config.json").unlink()), "no config.json"),
         (broken("no-weights", lambda p: (p / "model.safetensors").unlink()), "no weights in it"),

@@ -11,8 +11,9 @@ import stat
 
 import pytest
 
-from s1fast.train import make_sample
 from s1fast.files import read_records, write_atomic
+from s1fast.model.chat import qwen_tokenizer_path
+from s1fast.train import make_sample
 from s1fast.train.data import (
     IGNORE_INDEX,
     SAMPLE_PATH,
@@ -21,7 +22,6 @@ from s1fast.train.data import (
     tokenize_example,
     tokenize_records,
 )
-from s1fast.model.chat import qwen_tokenizer_path
 
 # s1's text for one record, written out by hand (not built by the code under test).
 RECORD = {
@@ -111,7 +111,9 @@ def test_sample_dataset_is_the_generators_output_and_correct(tokenizer):
 def test_make_sample_cli_writes_the_file(tmp_path):
     out = tmp_path / "s.jsonl"
     assert make_sample.main(["--rows", "12", "--seed", "3", "--out", str(out)]) == 0
-    assert [json.loads(line) for line in out.read_text().splitlines()] == json.loads(json.dumps(make_sample.make_rows(12, 3)))
+    assert [json.loads(line) for line in out.read_text().splitlines()] == json.loads(
+        json.dumps(make_sample.make_rows(12, 3))
+    )
     assert make_sample.make_rows(12, 4) != make_sample.make_rows(12, 3)
 
 

@@ -43,15 +43,20 @@ def test_four_ranks_load_shards_train_save_and_resume_as_one_rank(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)  # the kernels' PyTorch path on CPU, as in the fixture above
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-           os.path.join(HERE, "train_worker.py"), out, "--scale", src]  # fmt: skip
+           os.path.join(HERE, "train_worker.py"), out, "--scale", src]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     with open(os.path.join(out, "results.json")) as f:
         got = json.load(f)
 
     data = train_worker.synthetic_dataset()
-    one = Trainer(empty_model(src), data, train_worker.scale_config(str(tmp_path / "one"), grad_sync="last"), device=CPU,
-                  weights=src)
+    one = Trainer(
+        empty_model(src),
+        data,
+        train_worker.scale_config(str(tmp_path / "one"), grad_sync="last"),
+        device=CPU,
+        weights=src,
+    )
     want = one.fit()
     assert len(want) == 2 and got["sync_last"] and not got["other_sync_last"]
     for step in range(2):  # each rank reduced its gradients once for two micro-batches
@@ -168,8 +173,8 @@ def _long_rows(tokens: int, n: int, vocab: int) -> list[dict]:
 def test_memory_plan_matches_measured_peak(tmp_path, dtype, checkpointing, tokens):
     """The plan's peak within 15% of the peak torch allocated during a step (measured with the profiler's memory
     events, see train_worker.step_peak_bytes), for a layout where activations dominate: 2 rows of 1024 (or 512)
-    tokens per step, 4 layers; with and without activation checkpointing, fp32 and bf16 compute. (4 ranks, where the shards
-    and gradients dominate: the test above.)"""
+    tokens per step, 4 layers; with and without activation checkpointing, fp32 and bf16 compute. (4 ranks, where the
+    shards and gradients dominate: the test above.)"""
     from s1fast.train.data import Dataset
     from s1fast.train.plan import Setup, Shape, plan
 
@@ -179,12 +184,13 @@ def test_memory_plan_matches_measured_peak(tmp_path, dtype, checkpointing, token
     rows = _long_rows(tokens, 2, vocab)
     trainer = Trainer(patch(model), Dataset(rows, [0, 1], []), train_worker.config(
         str(tmp_path), global_batch=2, micro_batch_tokens=tokens, pack=False, param_dtype=dtype,
-        gradient_checkpointing=checkpointing), device=CPU)  # fmt: skip
+        gradient_checkpointing=checkpointing), device=CPU)
     measured = train_worker.step_peak_bytes(trainer, rows)
     planned = plan(Shape.from_config(model.config), Setup(
         world=1, tokens=tokens, dtype_bytes=DTYPES[dtype].itemsize, checkpointing=checkpointing,
-        micro_batches=2, device="cpu")).peak  # fmt: skip
-    print(f"{dtype}, checkpointing {checkpointing}: planned {planned / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
+        micro_batches=2, device="cpu")).peak
+    mib = f"planned {planned / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB"
+    print(f"{dtype}, checkpointing {checkpointing}: {mib}")
     assert abs(planned / measured - 1) < 0.15, (planned, measured)
 
 

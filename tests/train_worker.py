@@ -72,8 +72,19 @@ def medium_model(seed: int = 0):
     that memory per rank is measurable, small enough to train a few steps on CPU in seconds."""
     from tiny_qwen import tiny_model as qwen
 
-    return qwen("qwen2", tied=True, seed=seed, hidden_size=384, intermediate_size=1152, num_attention_heads=6,
-                num_key_value_heads=2, head_dim=64, vocab_size=32768, max_position_embeddings=512, initializer_range=0.05)
+    return qwen(
+        "qwen2",
+        tied=True,
+        seed=seed,
+        hidden_size=384,
+        intermediate_size=1152,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=32768,
+        max_position_embeddings=512,
+        initializer_range=0.05,
+    )
 
 
 def probe_ids() -> torch.Tensor:
@@ -88,9 +99,9 @@ def _status_kib(field: str) -> int:
 
 def step_peak_bytes(trainer, examples) -> int:
     """The most memory torch held on this rank during one training step on ``examples``, after a first one (so that
-    AdamW's moments exist and the step is a steady one): the bytes held before the step (the storages of the parameter shards and the
-    optimizer state) plus the peak of the step's running sum of allocations and frees, as torch's profiler records
-    every CPU allocation (``profile_memory``)."""
+    AdamW's moments exist and the step is a steady one): the bytes held before the step (the storages of the
+    parameter shards and the optimizer state) plus the peak of the step's running sum of allocations and frees, as
+    torch's profiler records every CPU allocation (``profile_memory``)."""
     from torch.profiler import ProfilerActivity, profile
 
     trainer.train_step(examples)
@@ -167,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("output_dir")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--sleep", type=float, default=0.0, help="seconds to wait after each step (gives a test time to kill)")
+    p.add_argument(
+        "--sleep", type=float, default=0.0, help="seconds to wait after each step (gives a test time to kill)"
+    )
     p.add_argument("--resume", action="store_true")
     p.add_argument("--scale", metavar="MODEL_DIR", help="the scaling run (see the module docstring)")
     args = p.parse_args(argv)

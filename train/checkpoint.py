@@ -126,6 +126,9 @@ def resume_path(out: str, resume: str) -> str:
     return path
 
 
+_TORCH_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
 def read_checkpoint(path: str, settings: dict, total_steps: int, *, allow_changed_settings: bool = False) -> dict:
     """Check the checkpoint at ``path`` before anything is loaded from it, and return its trainer state.
 
@@ -148,6 +151,8 @@ def read_checkpoint(path: str, settings: dict, total_steps: int, *, allow_change
             raise ValueError(f"step {step!r} or settings {saved!r:.60}")
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{state_path}: not a valid trainer state ({type(e).__name__}: {e})") from e
+    if saved.get("param_dtype") in _TORCH_DTYPE_NAMES:  # written before --dtype had one spelling (torch's names)
+        saved["param_dtype"] = _TORCH_DTYPE_NAMES[saved["param_dtype"]]
     changed = [f"{k} {json.dumps(saved[k])} -> {json.dumps(v)}" for k, v in settings.items()
                if k in saved and saved[k] != v]
     if changed and not allow_changed_settings:

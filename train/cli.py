@@ -179,7 +179,7 @@ def _demo_decode(args, output_dir: str, tokenizer, device: torch.device) -> None
     model = load(output_dir, dtype=torch.float32, device=device).eval()
     fmt = resolve_format(args.format, tokenizer)
     budget = BudgetForcing.from_tokenizer(tokenizer, max_thinking_tokens=args.max_thinking_tokens,
-                                          num_waits=args.num_waits, format=fmt)  # fmt: skip
+                                          num_waits=args.num_waits, format=fmt)
     prompt = tokenizer(fmt.think_prompt(DEMO_QUESTION, tokenizer, instruction=False),
                        add_special_tokens=False)["input_ids"]
     decoder = Decoder(model, tokenizer=tokenizer, max_seq_len=len(prompt) + args.max_new_tokens + 1)
@@ -257,9 +257,8 @@ def _plan(args) -> int:
     """``--plan``: the memory table and verdict of the run the other arguments describe."""
     from transformers import AutoConfig
 
-    from s1fast.model.shapes import random_qwen
-
     from s1fast.commands import DTYPES
+    from s1fast.model.shapes import random_qwen
     from s1fast.train.plan import GiB, Setup, Shape, plan, qwen25_shapes, render
 
     sizes = qwen25_shapes()

@@ -63,7 +63,7 @@ def _schema(columns: Sequence[str], trajectory: str | None, where: str) -> tuple
 
 
 def example_text(record: dict, *, trajectory: str | None = None, index: int | None = None,
-                 format: str | ReasoningFormat = "s1", tokenizer=None) -> tuple[str, str]:  # fmt: skip
+                 format: str | ReasoningFormat = "s1", tokenizer=None) -> tuple[str, str]:
     """(prompt, completion) of one s1K or s1K-1.1 record; ``trajectory`` picks s1K-1.1's deepseek/gemini trace;
     ``format``'s text (r1 and qwen3 render the prompt with ``tokenizer``'s chat template)."""
     row = "record" if index is None else f"row {index}"
@@ -83,18 +83,19 @@ def example_text(record: dict, *, trajectory: str | None = None, index: int | No
 
 
 def tokenize_example(record: dict, tokenizer, *, trajectory: str | None = None, index: int | None = None,
-                     format: str | ReasoningFormat = "s1") -> dict:  # fmt: skip
+                     format: str | ReasoningFormat = "s1") -> dict:
     """``format``'s text of ``record`` (default s1's) as ``{"input_ids": [...], "labels": [...]}`` (no special
-    tokens added; labels unshifted, -100 up to and including the assistant header, s1's ``<|im_start|>assistant\\n``)."""
+    tokens added; labels unshifted, -100 up to and including the assistant header, s1's
+    ``<|im_start|>assistant\\n``)."""
     return tokenize_records([record], tokenizer, trajectory=trajectory, first_index=index or 0, format=format)[0]
 
 
 def tokenize_records(records: Sequence[dict], tokenizer, *, trajectory: str | None = None, first_index: int = 0,
-                     format: str | ReasoningFormat = "s1") -> list[dict]:  # fmt: skip
+                     format: str | ReasoningFormat = "s1") -> list[dict]:
     """:func:`tokenize_example` for many records in one batched tokenizer call."""
     check_tokenizer(tokenizer, format)
     pairs = [example_text(r, trajectory=trajectory, index=first_index + i, format=format, tokenizer=tokenizer)
-             for i, r in enumerate(records)]  # fmt: skip
+             for i, r in enumerate(records)]
     enc = tokenizer([p + c for p, c in pairs], add_special_tokens=False, return_offsets_mapping=True)
     out = []
     for i, ((prompt, _), ids, offsets) in enumerate(zip(pairs, enc["input_ids"], enc["offset_mapping"])):

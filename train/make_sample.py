@@ -66,7 +66,8 @@ def _long_multiplication(rng: random.Random, slip_rate: float):
     question = f"Compute {a} x {b}."
     lines = [f"Split {b} into {tens * 10} + {ones} and multiply {a} by each part."]
     lines += _steps_with_checks(
-        rng, [(f"{a} x {tens * 10}", a * tens * 10), (f"{a} x {ones}", a * ones), (f"{a * tens * 10} + {a * ones}", a * b)],
+        rng,
+        [(f"{a} x {tens * 10}", a * tens * 10), (f"{a} x {ones}", a * ones), (f"{a * tens * 10} + {a * ones}", a * b)],
         slip_rate,
     )
     lines.append(f"Check by estimation: {a} x {b} is about {round(a, -1) * round(b, -1)}, which is close to {a * b}.")
@@ -77,7 +78,9 @@ def _order_of_operations(rng: random.Random, slip_rate: float):
     a, b, c, d = (rng.randint(2, 20) for _ in range(4))
     question = f"Evaluate {a} + {b} x {c} - {d}."
     lines = ["Multiplication comes before addition and subtraction."]
-    lines += _steps_with_checks(rng, [(f"{b} x {c}", b * c), (f"{a} + {b * c}", a + b * c), (f"{a + b * c} - {d}", a + b * c - d)], slip_rate)
+    lines += _steps_with_checks(
+        rng, [(f"{b} x {c}", b * c), (f"{a} + {b * c}", a + b * c), (f"{a + b * c} - {d}", a + b * c - d)], slip_rate
+    )
     return question, lines, str(a + b * c - d), "arithmetic"
 
 
@@ -124,7 +127,9 @@ def _percentage(rng: random.Random, slip_rate: float):
     pct, base = rng.choice([5, 10, 15, 20, 25, 40, 75]), rng.randint(2, 80) * 20
     question = f"What is {pct}% of {base}?"
     lines = [f"{pct}% means {pct}/100, so I compute {base} x {pct} / 100."]
-    lines += _steps_with_checks(rng, [(f"{base} x {pct}", base * pct), (f"{base * pct} / 100", base * pct // 100)], slip_rate)
+    lines += _steps_with_checks(
+        rng, [(f"{base} x {pct}", base * pct), (f"{base * pct} / 100", base * pct // 100)], slip_rate
+    )
     return question, lines, str(base * pct // 100), "arithmetic"
 
 

@@ -93,7 +93,9 @@ class Shape:
 # Qwen2.5 sizes not in s1fast.model.shapes.QWEN25_SHAPES (from their config.json)
 MORE_QWEN25 = {
     "3B": dict(layers=36, hidden=2048, heads=16, kv_heads=2, head_dim=128, intermediate=11008, vocab=151936, tied=True),
-    "14B": dict(layers=48, hidden=5120, heads=40, kv_heads=8, head_dim=128, intermediate=13824, vocab=152064, tied=False),
+    "14B": dict(
+        layers=48, hidden=5120, heads=40, kv_heads=8, head_dim=128, intermediate=13824, vocab=152064, tied=False
+    ),
 }
 
 
@@ -197,18 +199,32 @@ def plan(shape: Shape, setup: Setup) -> Plan:
         ("gradient shards (fp32)", grads, where),
         ("AdamW moments (fp32)", optim, "8 B x params / ranks" if on_gpu else "host (CPU offload)"),
         ("gathered parameters", gathered, f"{b} B x (root + {'2 layers' if resharded else 'all layers'})"),
-        ("unreduced gradients (sync on last)", unreduced, "4 B x all params" if unreduced else "none: sync on every micro-batch"),
-        (f"activations at {T:,} tokens", act_backward,
-         "layer inputs + 1 recomputed layer" if u.checkpointing else f"{s.layers} layers saved"),
+        (
+            "unreduced gradients (sync on last)",
+            unreduced,
+            "4 B x all params" if unreduced else "none: sync on every micro-batch",
+        ),
+        (
+            f"activations at {T:,} tokens",
+            act_backward,
+            "layer inputs + 1 recomputed layer" if u.checkpointing else f"{s.layers} layers saved",
+        ),
         ("backward working set", work, "2 x tokens x intermediate"),
-        ("fused loss: held gradients", loss_held + loss_cast, "hidden grads + fp32 lm_head grad"
-         + (f" + its {'bf16' if b == 2 else 'fp16'} cast" if loss_cast else "")),
+        (
+            "fused loss: held gradients",
+            loss_held + loss_cast,
+            "hidden grads + fp32 lm_head grad" + (f" + its {'bf16' if b == 2 else 'fp16'} cast" if loss_cast else ""),
+        ),
         ("fused loss: logits chunk", chunk, "end of forward only"),
         ("reduce-scatter buffers: a layer", comm_layer, "its gradients, compute dtype + fp32"),
         ("reduce-scatter buffers: the root", comm_root, "at the end of backward"),
         ("host memory (CPU offload)", 16 * math.ceil(P / W) if u.cpu_offload else 0, "per rank, not on the GPU"),
-        ("allocator margin", margin, f"{FRAGMENTATION:.0%} of peak" + (" + CUDA context / NCCL" if u.device == "cuda" else "")),
-    ]  # fmt: skip
+        (
+            "allocator margin",
+            margin,
+            f"{FRAGMENTATION:.0%} of peak" + (" + CUDA context / NCCL" if u.device == "cuda" else ""),
+        ),
+    ]
     return Plan(shape, setup, rows, moments, peak, peak + margin)
 
 
@@ -243,19 +259,27 @@ def gib(n: int) -> str:
 def render(p: Plan, gpu_bytes: int) -> str:
     """The plan as a table and a verdict."""
     s, u = p.shape, p.setup
-    lines = [f"model: {s.params / 1e9:.2f}B parameters ({s.layers} layers, hidden {s.hidden}, vocab {s.vocab:,}, "
-             f"{'tied' if s.tied else 'untied'}); {u.world} GPU(s) of {gib(gpu_bytes)}; rows of {u.tokens:,} tokens; "
-             f"{'bf16' if u.dtype_bytes == 2 else 'fp32'} compute; activation checkpointing {'on' if u.checkpointing else 'off'}; "
-             f"CPU offload {'on' if u.cpu_offload else 'off'}; up to {u.micro_batches} row(s) per GPU per step, gradient sync "
-             f"{'on the last' if u.sync_last else 'on every one'}",
-             "", f"{'per GPU':<38} {'GiB':>9}  how", "-" * 78]  # fmt: skip
+    lines = [
+        f"model: {s.params / 1e9:.2f}B parameters ({s.layers} layers, hidden {s.hidden}, vocab {s.vocab:,}, "
+        f"{'tied' if s.tied else 'untied'}); {u.world} GPU(s) of {gib(gpu_bytes)}; rows of {u.tokens:,} tokens; "
+        f"{'bf16' if u.dtype_bytes == 2 else 'fp32'} compute; "
+        f"activation checkpointing {'on' if u.checkpointing else 'off'}; "
+        f"CPU offload {'on' if u.cpu_offload else 'off'}; "
+        f"up to {u.micro_batches} row(s) per GPU per step, gradient sync "
+        f"{'on the last' if u.sync_last else 'on every one'}",
+        "",
+        f"{'per GPU':<38} {'GiB':>9}  how",
+        "-" * 78,
+    ]
     lines += [f"{what:<38} {n / GiB:>9.2f}  {how}" for what, n, how in p.rows]
     lines += ["-" * 78] + [f"{'at the ' + name:<38} {n / GiB:>9.2f}" for name, n in p.moments.items()]
     lines += [f"{'peak + margin':<38} {p.total / GiB:>9.2f}  of {gpu_bytes / GiB:.1f}", ""]
     if p.fits(gpu_bytes):
         lines.append(f"verdict: fits ({gib(gpu_bytes - p.total)} to spare)")
     else:
-        lines.append(f"verdict: does not fit ({gib(p.total - gpu_bytes)} over); change: " + "; or ".join(advice(s, u, gpu_bytes)))
+        lines.append(
+            f"verdict: does not fit ({gib(p.total - gpu_bytes)} over); change: " + "; or ".join(advice(s, u, gpu_bytes))
+        )
     return "\n".join(lines)
 
 
