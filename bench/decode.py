@@ -26,8 +26,8 @@ Budget forcing (batch 1). One thinking run of ``thinking`` tokens with 4 forced 
 
 Mixed workload (``mixed_workload``; issue 12's eval-scale case). 64 requests on 16 rows (8 on 4 with
 ``--quick``), prompts of 16..64 tokens, thinking budgets spread over 16..1024 (16..32 quick), 0..2 waits each,
-an answer of up to 16 tokens, on a TINY model (2 layers, hidden 64) so that a step's cost is its per-step overhead, as on a GPU
-where a decode step of a small batch sits on the launch-latency floor; same row cap for every way:
+an answer of up to 16 tokens, on a TINY model (2 layers, hidden 64) so that a step's cost is its per-step overhead, as
+on a GPU where a decode step of a small batch sits on the launch-latency floor; same row cap for every way:
 - ``engine``: ``Engine`` (continuous batching) on the paged cache with a KV budget of half the dense layout;
 - ``static``: today's static batching, the same requests in fixed batches of row-cap requests, each batch
   run to its longest request (``Engine`` runs of one batch each, which is what ``Decoder.generate`` does);
@@ -37,10 +37,11 @@ Tokens/s count the tokens each request produced; ``kv_peak_mib`` is the KV memor
 the peak (pages in use), ``kv_dense_mib`` the dense layout's ``rows x (longest prompt + max_new_tokens)``.
 
 Launches (``launches``): device launches per decode step, counted on any machine through the public API:
-``Decoder.generate`` on 2- and 4-layer models of one shape under a ``TorchDispatchMode`` that counts the aten
-ops that launch a kernel (not views or allocations) and Triton launches (inside a Triton launch nothing else
-is counted), in ``Decoder._decode`` only; per layer = the difference / 2. On CPU the kernels run their torch
-paths (and SDPA attention), unless TRITON_INTERPRET=1 selects the Triton ones.
+``Decoder.generate`` on 2- and 4-layer TINY models under a ``TorchDispatchMode`` that counts the aten ops that
+launch a kernel (not views, allocations or host-side ops) and Triton launches (inside a Triton launch nothing else
+is counted), in ``Decoder._decode`` only (every step must count the same); per layer = the difference / 2. On CPU
+the count runs the Triton kernels through the interpreter (a child process with TRITON_INTERPRET=1 unless it is
+on already), so it is the Triton attention path's count.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
+import subprocess
 import sys
 
 import torch
@@ -55,11 +58,12 @@ import torch
 from s1fast.bench.common import device_ceilings, measure
 from s1fast.commands import default_device
 from s1fast.env import environment
+from s1fast.kernels import interpreting
 from s1fast.model.shapes import QWEN25_SHAPES, random_qwen
 
 SUMMARY_COLUMNS = ("case", "impl", "attention", "context", "batch", "new_tokens", "tokens_per_s", "speedup_vs_hf",
                    "pct_of_bw_limit", "overhead_pct", "seconds", "speedup_vs_static", "kv_peak_mib", "kv_dense_mib",
-                   "kv_peak_vs_dense", "preemptions", "launches_per_step", "launches_per_layer")  # fmt: skip
+                   "kv_peak_vs_dense", "preemptions", "launches_per_step", "launches_per_layer")
 PEERS = ("hf", "compile")
 SMALL = dict(layers=4, hidden=256, heads=4, kv_heads=2, head_dim=64, intermediate=768, vocab=8192, tied=True)
 TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=512, tied=True)
@@ -70,9 +74,10 @@ def plan(device: str, quick: bool) -> dict:
     if gpu:
         return dict(shape="1.5B", dtype=torch.bfloat16, contexts=(1024,) if quick else (1024, 8192, 32768),
                     batches=(1,) if quick else (1, 16), new_tokens=64 if quick else 256,
-                    bf_prompt=1024, bf_thinking=512 if quick else 8192, reps=2 if quick else 3)  # fmt: skip
-    return dict(shape="small", dtype=torch.float32, contexts=(128,) if quick else (128, 1024), batches=(1, 4),
-                new_tokens=24 if quick else 64, bf_prompt=64, bf_thinking=60 if quick else 200, reps=3)  # fmt: skip
+                    bf_prompt=1024, bf_thinking=512 if quick else 8192, reps=2 if quick else 3)
+    return dict(shape="small", dtype=torch.float32, contexts=(128,) if quick else (128, 1024),
+                batches=(1,) if quick else (1, 4), new_tokens=16 if quick else 64, bf_prompt=64,
+                bf_thinking=40 if quick else 200, reps=2 if quick else 3)
 
 
 def build_model(shape: dict, dtype: torch.dtype, device: str, max_positions: int):
@@ -85,7 +90,7 @@ def build_model(shape: dict, dtype: torch.dtype, device: str, max_positions: int
 def _hf_generate(model, ids: torch.Tensor, new_tokens: int, **kw) -> None:
     with torch.inference_mode():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, **kw)  # fmt: skip
+                       do_sample=False, **kw)
 
 
 def _decode_rate(generate, batch: int, new_tokens: int, device: str, reps: int) -> tuple[float, float]:
@@ -116,16 +121,18 @@ def throughput(model, decoder, p: dict, device: str, peers: list[str], copy_gbps
             step_bytes = weights + batch * decoder.kv_bytes_per_token() * (context + n / 2)
             limit = batch * copy_gbps * 1e9 / step_bytes
             base = dict(case="decode", model=p["shape"], dtype=str(p["dtype"]).replace("torch.", ""), context=context,
-                        batch=batch, new_tokens=n, bw_limit_tokens_per_s=limit, step_mib=step_bytes / 2**20)  # fmt: skip
-            impls = {"s1fast": lambda k: decoder.generate(prompts, max_new_tokens=k)}
+                        batch=batch, new_tokens=n, bw_limit_tokens_per_s=limit, step_mib=step_bytes / 2**20)
+            impls = {"s1fast": lambda k, prompts=prompts: decoder.generate(prompts, max_new_tokens=k)}
             paths = {"s1fast": decoder.decode_attention_path}
             if sdpa is not None:
-                impls["s1fast_sdpa"] = lambda k: sdpa.generate(prompts, max_new_tokens=k)
+                impls["s1fast_sdpa"] = lambda k, prompts=prompts: sdpa.generate(prompts, max_new_tokens=k)
                 paths["s1fast_sdpa"] = sdpa.decode_attention_path
             if "hf" in peers:
-                impls["hf_dynamic"] = lambda k: _hf_generate(model, ids, k)
+                impls["hf_dynamic"] = lambda k, ids=ids: _hf_generate(model, ids, k)
             if "compile" in peers and gpu:
-                impls["hf_static_compile"] = lambda k: _hf_generate(model, ids, k, cache_implementation="static")
+                impls["hf_static_compile"] = lambda k, ids=ids: _hf_generate(
+                    model, ids, k, cache_implementation="static"
+                )
             found = {}
             for name, fn in impls.items():
                 try:
@@ -136,7 +143,9 @@ def throughput(model, decoder, p: dict, device: str, peers: list[str], copy_gbps
                 finally:
                     if gpu:
                         torch.cuda.empty_cache()
-                found[name] = dict(base, impl=name, tokens_per_s=rate, seconds=seconds, pct_of_bw_limit=100 * rate / limit)
+                found[name] = dict(
+                    base, impl=name, tokens_per_s=rate, seconds=seconds, pct_of_bw_limit=100 * rate / limit
+                )
                 if name in paths:
                     found[name]["attention"] = paths[name]
             for row in found.values():
@@ -180,14 +189,14 @@ def budget_forcing(model, decoder, p: dict, device: str) -> list[dict]:
 
     runs["s1_reprefill"] = s1_rounds
     base = dict(case="budget_forcing", model=p["shape"], context=p["bf_prompt"], batch=1, new_tokens=n,
-                attention=decoder.decode_attention_path)  # fmt: skip
+                attention=decoder.decode_attention_path)
     rows = {}
     for name, fn in runs.items():
         ms = measure(fn, device=device, warmup=1, reps=p["reps"])["median_ms"]
         rows[name] = dict(base, impl=name, seconds=ms / 1e3, tokens_per_s=n / (ms / 1e3))
     forced = decoder.generate([prompt], max_new_tokens=n, budget=forcing)
     rows["in_loop"].update(forced_waits=forced.forced_waits[0], thinking_ended=forced.thinking_ended[0],
-                           overhead_pct=100 * (rows["in_loop"]["seconds"] / rows["plain"]["seconds"] - 1))  # fmt: skip
+                           overhead_pct=100 * (rows["in_loop"]["seconds"] / rows["plain"]["seconds"] - 1))
     rows["s1_reprefill"].update(rounds=5, in_loop_speedup=rows["s1_reprefill"]["seconds"] / rows["in_loop"]["seconds"])
     decoder.release()
     return list(rows.values())
@@ -203,7 +212,7 @@ def _workload(n: int, most: int, vocab: int, seed: int = 3) -> list[dict]:
         prompt = torch.randint(5, vocab, (int(torch.randint(16, 65, (1,), generator=g)),), generator=g).tolist()
         think = int(16 * (most / 16) ** (i / max(1, n - 1)))  # geometric: 16 .. most
         bf = BudgetForcing(end_think=[1], wait=[2, 3], budget_end=[1, 4], max_thinking_tokens=think, num_waits=i % 3,
-                           end_think_tokens={5, 6, 7})  # fmt: skip
+                           end_think_tokens={5, 6, 7})
         out.append(dict(prompt=prompt, max_new_tokens=think + 16 + 2 * 3, budget=bf))
     order = torch.randperm(n, generator=g).tolist()  # long and short traces mixed in submission order
     return [out[i] for i in order]
@@ -224,7 +233,7 @@ def mixed_workload(device: str, quick: bool, peers: list[str]) -> list[dict]:
     probe = Decoder(model)
     dense = rows * max(len(r["prompt"]) + r["max_new_tokens"] for r in reqs) * probe.kv_bytes_per_token()
     base = dict(case="mixed", model="tiny", dtype=str(dtype).replace("torch.", ""), batch=rows, requests=n,
-                budgets=f"16..{most}", kv_dense_mib=dense / 2**20)  # fmt: skip
+                budgets=f"16..{most}", kv_dense_mib=dense / 2**20)
 
     def engine_run(dec, batch):
         engine = Engine(dec, max_rows=rows)
@@ -257,7 +266,7 @@ def mixed_workload(device: str, quick: bool, peers: list[str]) -> list[dict]:
              speedup_vs_static=static_s / engine_s),
         dict(base, impl="static", seconds=static_s, tokens_per_s=tokens / static_s, tokens=tokens,
              kv_peak_mib=max(s.memory["kv_bytes_peak"] for s in static) / 2**20),
-    ]  # fmt: skip
+    ]
     if "hf" in peers:
         made = iter(res.tokens)
 
@@ -278,13 +287,24 @@ def mixed_workload(device: str, quick: bool, peers: list[str]) -> list[dict]:
 
 def launches(device: str) -> list[dict]:
     """Device launches per decode step and per layer (module docstring)."""
+    if torch.device(device).type == "cpu" and not interpreting():  # the Triton path needs the interpreter
+        code = "import json; from s1fast.bench.decode import launches; print(json.dumps(launches('cpu')))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "TRITON_INTERPRET": "1"})
+        if out.returncode != 0:
+            raise RuntimeError(f"bench decode: launch-counting process failed ({out.returncode}):\n"
+                               f"{out.stderr[-4000:]}")
+        return json.loads(out.stdout.splitlines()[-1])
     import triton.runtime.interpreter as interpreter
     import triton.runtime.jit as jit
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from s1fast.decode.decoder import Decoder
 
-    skip = {"empty", "empty_strided", "empty_like", "_local_scalar_dense", "lift_fresh", "detach", "alias"}
+    # operators that launch nothing: allocations, metadata, views not marked as views, dtype promotion (a host
+    # computation), a scalar read
+    skip = {"empty", "empty_strided", "empty_like", "new_empty", "_local_scalar_dense", "lift_fresh", "detach",
+            "alias", "_unsafe_view", "set_", "resize_", "promote_types"}
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -297,43 +317,49 @@ def launches(device: str) -> list[dict]:
                 self.aten += 1
             return func(*args, **(kwargs or {}))
 
+    mode = Count()
+
+    def launch(run):
+        def counted(*a, **k):
+            if k.get("warmup"):
+                return run(*a, **k)
+            mode.triton += 1
+            mode.inside, inside = True, mode.inside
+            try:
+                return run(*a, **k)
+            finally:
+                mode.inside = inside
+
+        return counted
+
     counts = {}
     for layers in (2, 4):
-        model = build_model(dict(SMALL, layers=layers, vocab=512), torch.float32, device, 256)
+        model = build_model(dict(TINY, layers=layers), torch.float32, device, 64)
         dec = Decoder(model, cuda_graphs=False)
-        mode, steps = Count(), [0]
-        decode = dec._decode
+        steps = []
 
-        def step(n, kv, decode=decode, mode=mode):
-            steps[0] += 1
+        def step(n, kv, decode=dec._decode, steps=steps):
+            mode.aten = mode.triton = 0
             with mode:
                 decode(n, kv)
-
-        def launch(run, mode=mode):
-            def counted(*a, **k):
-                mode.triton += 1
-                mode.inside, inside = True, mode.inside
-                try:
-                    return run(*a, **k)
-                finally:
-                    mode.inside = inside
-
-            return counted
+            steps.append((mode.aten + mode.triton, mode.triton))
 
         dec._decode = step
         runs = [(cls, cls.run) for cls in (jit.JITFunction, interpreter.InterpretedFunction)]
         try:
             for cls, run in runs:
                 cls.run = launch(run)
-            steps[0] = 0
-            dec.generate([[1, 2, 3, 4, 5, 6, 7, 8]], max_new_tokens=9)
+            dec.generate([[1, 2, 3, 4, 5]], max_new_tokens=3)  # two decode steps
         finally:
             for cls, run in runs:
                 cls.run = run
-        counts[layers] = ((mode.aten + mode.triton) / steps[0], mode.triton / steps[0], dec.decode_attention_path)
-    per_layer = (counts[4][0] - counts[2][0]) / 2
-    return [dict(case="launches", model="small", batch=1, attention=counts[4][2], launches_per_step=counts[4][0],
-                 triton_per_step=counts[4][1], launches_per_layer=per_layer, layers=4)]  # fmt: skip
+        if len(set(steps)) != 1:
+            raise RuntimeError(f"bench decode: decode steps launched different counts {steps}")
+        counts[layers] = (*steps[0], dec.decode_attention_path)
+    per_layer, triton_per_layer = ((counts[4][j] - counts[2][j]) / 2 for j in (0, 1))
+    return [dict(case="launches", model="tiny", batch=1, attention=counts[4][2], launches_per_step=counts[4][0],
+                 triton_per_step=counts[4][1], launches_per_layer=per_layer, triton_per_layer=triton_per_layer,
+                 layers=4)]
 
 
 def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
@@ -341,7 +367,7 @@ def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
     unknown = [x for x in peers if x not in PEERS + ("eager", "liger")]
     if unknown:
         raise ValueError(f"bench decode: unknown peers {unknown}; expected some of {PEERS}")
-    from s1fast.decode.decoder import Decoder
+    from s1fast.decode.decoder import Decoder, set_cpu_threads
 
     p = plan(device, quick)
     shape = QWEN25_SHAPES[p["shape"]] if p["shape"] in QWEN25_SHAPES else SMALL
@@ -349,17 +375,22 @@ def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
     longest = max(max(p["contexts"]) + p["new_tokens"], p["bf_prompt"] + p["bf_thinking"] + 16)
     model = build_model(shape, p["dtype"], device, longest + 64)
     decoder = Decoder(model)
-    rows = [dict(case="environment", **environment(device), **ceilings, torch_threads=torch.get_num_threads())]
-    rows += throughput(model, decoder, p, device, peers, ceilings["copy_gbps"])
-    rows += budget_forcing(model, decoder, p, device)
-    rows += mixed_workload(device, quick, peers)
-    rows += launches(device)
+    threads = torch.get_num_threads()
+    set_cpu_threads(model)  # as `s1fast generate` decodes (one thread for a small model on CPU), for every impl
+    try:
+        rows = [dict(case="environment", **environment(device), **ceilings, torch_threads=torch.get_num_threads())]
+        rows += throughput(model, decoder, p, device, peers, ceilings["copy_gbps"])
+        rows += budget_forcing(model, decoder, p, device)
+        rows += mixed_workload(device, quick, peers)
+        rows += launches(device)
+    finally:
+        torch.set_num_threads(threads)  # the suites after this one run as before
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m s1fast.bench.decode", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--peers", default="hf,compile", help=f"comma-separated subset of {','.join(PEERS)}")
@@ -367,7 +398,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     rows = run(device=args.device, quick=args.quick, peers=[x for x in args.peers.split(",") if x])
     for row in rows:
-        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k in SUMMARY_COLUMNS or k == "device"})
+        print(
+            {
+                k: (round(v, 3) if isinstance(v, float) else v)
+                for k, v in row.items()
+                if k in SUMMARY_COLUMNS or k == "device"
+            }
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,10 +1,13 @@
 """KV-cache decoder for long reasoning traces, with s1 budget forcing inside the decode loop.
 
 ``Decoder(model)`` runs the weights of a transformers Qwen2 / Qwen2.5 / Qwen3 causal LM (patched by
-``s1fast.model.patch`` or not) through its own lean forward, without copying them: embedding, per layer RMSNorm,
-q/k/v projections (biases; Qwen3's q/k norms), rotary, grouped-query attention over a static KV cache,
-o_proj, RMSNorm, SwiGLU MLP; final norm; lm_head (tied or not). RMSNorm, rotary and SwiGLU are
-``s1fast.kernels`` (Triton on CUDA; their PyTorch paths on CPU and for fp64).
+``s1fast.model.patch`` or not) through its own lean forward, without copying them: embedding; per layer one
+q/k/v GEMM (the model's q/k/v parameters are made views of one buffer, ``s1fast.model.fused_weights``; biases),
+Qwen3's q/k norms and rotary fused with the KV-cache write (``rope_kv_write``), grouped-query attention over the
+paged KV cache, o_proj, the residual add fused into the RMSNorm (``add_rms_norm``), one gate/up GEMM (fused as
+q/k/v), SwiGLU, down_proj, and the residual add fused into the next layer's input norm (the last layer's: the
+final norm); lm_head (tied or not). The kernels are ``s1fast.kernels`` (Triton on CUDA; their PyTorch paths on CPU
+and for fp64): a one-token step on the Triton attention path is 10 device launches per layer.
 
 Design:
 - KV cache: ``s1fast.decode.kv_cache.KVCache``, paged: keys and values live in fixed-size pages, and a page
@@ -54,15 +57,16 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from s1fast.kernels import apply_rope, decode_attention, rms_norm, swiglu
-from s1fast.kernels._common import FLOAT_DTYPES, interpreting, use_triton
-from s1fast.kernels.decode_attention import supports_head_dim
 from s1fast.decode.budget import BudgetForcing, RowState
 from s1fast.decode.engine import Request, check_sampling
 from s1fast.decode.engine import run as engine_run
 from s1fast.decode.kv_cache import KVCache
 from s1fast.decode.results import GenerationResult, GenerationStream, RowResult
 from s1fast.decode.sampling import make_generator
+from s1fast.kernels import add_rms_norm, apply_rope, decode_attention, rms_norm, rope_kv_write, swiglu
+from s1fast.kernels._common import FLOAT_DTYPES, interpreting, use_triton
+from s1fast.kernels.decode_attention import supports_head_dim
+from s1fast.model.fused_weights import fuse_projections, fused_projections
 from s1fast.model.patch import causal_lm
 
 try:  # optional: per-row cache lengths inside the kernel, appends new tokens itself
@@ -111,7 +115,8 @@ class Decoder:
 
     Args:
         model: ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` (or a PEFT model wrapping one), any device, dtype
-            bf16 / fp16 / fp32 / fp64. Its parameters are used in place.
+            bf16 / fp16 / fp32 / fp64. Its parameters are used in place; each layer's q/k/v and gate/up parameters
+            are made views of one buffer each (``fuse_projections``: same objects, values and state dict, no copy).
         max_seq_len: longest prompt + ``max_new_tokens`` accepted (default: the config's
             ``max_position_embeddings``). The cache is allocated per request for what it needs.
         tokenizer: optional; adds ``text`` / ``thinking`` / ``answer`` to the results.
@@ -148,9 +153,13 @@ class Decoder:
         core = lm.model
         layer_types = getattr(cfg, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
-            raise NotImplementedError(f"Decoder: only full attention is supported, the config has layer_types={layer_types}")
+            raise NotImplementedError(
+                f"Decoder: only full attention is supported, the config has layer_types={layer_types}"
+            )
         if cfg.hidden_act != "silu":
-            raise NotImplementedError(f"Decoder: only SiLU MLPs (SwiGLU) are supported, got hidden_act={cfg.hidden_act!r}")
+            raise NotImplementedError(
+                f"Decoder: only SiLU MLPs (SwiGLU) are supported, got hidden_act={cfg.hidden_act!r}"
+            )
         self.config = cfg
         self.tokenizer = tokenizer
         self.embed = core.embed_tokens.weight
@@ -173,18 +182,19 @@ class Decoder:
         if not all(isinstance(m, torch.nn.Linear) for m in linears):
             kinds = sorted({type(m).__name__ for m in linears if not isinstance(m, torch.nn.Linear)})
             raise TypeError(f"Decoder: the projections must be plain nn.Linear, found {kinds} (merge adapters first, "
-                            "e.g. PEFT's merge_and_unload())")  # fmt: skip
+                            "e.g. PEFT's merge_and_unload())")
+        fuse_projections(lm)  # q/k/v and gate/up become views of one buffer each: one GEMM apiece, no copy
         self.layers = []
         for layer in core.layers:
-            att, mlp = layer.self_attn, layer.mlp
+            att, fused = layer.self_attn, fused_projections(layer)
             self.layers.append(SimpleNamespace(
                 ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
-                q=att.q_proj.weight, q_b=att.q_proj.bias, k=att.k_proj.weight, k_b=att.k_proj.bias,
-                v=att.v_proj.weight, v_b=att.v_proj.bias, o=att.o_proj.weight, o_b=att.o_proj.bias,
+                qkv=fused.qkv, qkv_b=fused.qkv_bias, o=att.o_proj.weight, o_b=att.o_proj.bias,
                 q_norm=getattr(getattr(att, "q_norm", None), "weight", None),
                 k_norm=getattr(getattr(att, "k_norm", None), "weight", None),
-                gate=mlp.gate_proj.weight, up=mlp.up_proj.weight, down=mlp.down_proj.weight,
-            ))  # fmt: skip
+                gate_up=fused.gate_up, down=layer.mlp.down_proj.weight,
+            ))
+        self.inter = cfg.intermediate_size
         self.norm = core.norm.weight
         self.lm_head = lm.lm_head.weight
         places = {(t.device, t.dtype) for t in self._weights()}
@@ -194,21 +204,29 @@ class Decoder:
 
         if attention not in ("auto", "sdpa", "flash", "triton"):
             raise ValueError(f"Decoder: attention must be 'auto', 'sdpa', 'flash' or 'triton', got {attention!r}")
-        flash_ok = flash_attn_with_kvcache is not None and self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
+        flash_ok = (
+            flash_attn_with_kvcache is not None
+            and self.device.type == "cuda"
+            and self.dtype in (torch.float16, torch.bfloat16)
+        )
         if attention == "flash" and not flash_ok:
-            raise ValueError("Decoder: attention='flash' needs flash-attn installed, a CUDA model and bf16/fp16 weights")
+            raise ValueError(
+                "Decoder: attention='flash' needs flash-attn installed, a CUDA model and bf16/fp16 weights"
+            )
         self.flash = flash_ok and attention in ("auto", "flash")
-        self._kernel_ok = attention in ("auto", "triton") and self.dtype in FLOAT_DTYPES and supports_head_dim(self.head_dim)
+        self._kernel_ok = (
+            attention in ("auto", "triton") and self.dtype in FLOAT_DTYPES and supports_head_dim(self.head_dim)
+        )
         if attention == "triton" and not (self._kernel_ok and (self.device.type == "cuda" or interpreting())):
             raise ValueError("Decoder: attention='triton' needs a CUDA model (or TRITON_INTERPRET=1), bf16/fp16/fp32 "
                              f"weights and a power-of-two head_dim in [16, 256]; got {self.device.type}, {self.dtype}, "
-                             f"head_dim={self.head_dim}")  # fmt: skip
+                             f"head_dim={self.head_dim}")
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("Decoder: cuda_graphs=True needs the model on a CUDA device")
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self.cache = KVCache(layers=len(self.layers), kv_heads=self.kv_heads, head_dim=self.head_dim, dtype=self.dtype,
                              device=self.device, flash=self.flash,
-                             page_size=self._check_page_size(page_size))  # fmt: skip
+                             page_size=self._check_page_size(page_size))
         self.cache.budget_pages = self._budget_pages(kv_cache_bytes, kv_cache_fraction)
         self._cos = None
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -238,7 +256,7 @@ class Decoder:
                                  f"got {kv_cache_fraction!r}")
             if self.device.type != "cuda":
                 raise ValueError("Decoder: kv_cache_fraction needs a CUDA model (a share of the GPU's free memory); "
-                                 "use kv_cache_bytes on other devices")  # fmt: skip
+                                 "use kv_cache_bytes on other devices")
             budget = int(torch.cuda.mem_get_info(self.device)[0] * kv_cache_fraction)
             what = f"kv_cache_fraction={kv_cache_fraction} ({budget} bytes free now)"
         else:
@@ -246,7 +264,7 @@ class Decoder:
         pages = budget // self.cache.page_bytes - 1
         if pages < 1:
             raise ValueError(f"Decoder: {what} holds fewer than 2 KV pages of {self.cache.page_bytes} bytes "
-                             f"({self.cache.page_size} tokens); raise it or lower page_size")  # fmt: skip
+                             f"({self.cache.page_size} tokens); raise it or lower page_size")
         return pages
 
     @property
@@ -277,10 +295,10 @@ class Decoder:
         buffers = 0 if self._cos is None else sum(
             t.numel() * t.element_size()
             for t in (self._cos, self._sin, self._ids, self._pos, self._arange, self._logits, self.cache.table)
-        )  # fmt: skip
+        )
         total = weights + cache["kv_cache_bytes"] + buffers
         return {"weights_bytes": weights, **cache, "buffers_bytes": buffers, "total_bytes": total,
-                "kv_bytes_per_token": self.kv_bytes_per_token()}  # fmt: skip
+                "kv_bytes_per_token": self.kv_bytes_per_token()}
 
     def release(self) -> None:
         """Free the KV cache, buffers and CUDA graphs (the next request allocates them again)."""
@@ -324,65 +342,70 @@ class Decoder:
     # --- the forward -----------------------------------------------------------------------------------
 
     def _forward(self, ids: torch.Tensor, start: int | torch.Tensor, kv_len: int, last: torch.Tensor | None,
-                 row0: int = 0) -> torch.Tensor:  # fmt: skip
+                 row0: int = 0) -> torch.Tensor:
         """Run ``ids`` [n, T] of cache rows row0..row0+n-1 from position ``start`` (an int: the same for every row, a
         prefill chunk; a tensor [n]: per row), writing their keys/values; attend over cache positions
         ``< kv_len``. Returns logits [n, vocab] at token index ``last`` [n] of each row (None: the last)."""
         n, T = ids.shape
-        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        H, D, inter = self.heads, self.head_dim, self.inter
         qpos = (start + self._arange[:T]).expand(n, T) if isinstance(start, int) else start[:, None] + self._arange[:T]
-        cos, sin = self._cos[qpos], self._sin[qpos]
         attend = self._attention(n, T, start, qpos, kv_len, row0)
         x = F.embedding(ids, self.embed)
-        for i, w in enumerate(self.layers):
-            h = rms_norm(x, w.ln1, self.eps)
-            q = F.linear(h, w.q, w.q_b).view(n, T, H, D)
-            k = F.linear(h, w.k, w.k_b).view(n, T, Hkv, D)
-            v = F.linear(h, w.v, w.v_b).view(n, T, Hkv, D)
-            if w.q_norm is not None:
-                q, k = rms_norm(q, w.q_norm, self.eps), rms_norm(k, w.k_norm, self.eps)
-            q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [n, heads, T, D]
-            out = attend(i, q, k.transpose(1, 2), v)
-            x = x + F.linear(out.reshape(n, T, H * D), w.o, w.o_b)
-            h = rms_norm(x, w.ln2, self.eps)
-            x = x + F.linear(swiglu(F.linear(h, w.gate), F.linear(h, w.up)), w.down)
-        x = x[:, -1] if last is None else x[self._arange[:n], last]
-        return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head)
+        h = rms_norm(x, self.layers[0].ln1, self.eps)
+        for i, w in enumerate(self.layers):  # x: the residual stream; h: its norm for the next GEMM
+            out = attend(i, F.linear(h, w.qkv, w.qkv_b))
+            h, x = add_rms_norm(F.linear(out.reshape(n, T, H * D), w.o, w.o_b), x, w.ln2, self.eps)
+            gate_up = F.linear(h, w.gate_up)
+            after = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
+            mlp = F.linear(swiglu(gate_up[..., :inter], gate_up[..., inter:]), w.down)
+            h, x = add_rms_norm(mlp, x, after, self.eps)
+        h = h[:, -1] if last is None else h[self._arange[:n], last]
+        return F.linear(h, self.lm_head)
 
     def _attention(self, n: int, T: int, start: int | torch.Tensor, qpos: torch.Tensor, kv_len: int,
-                   row0: int) -> Callable:  # fmt: skip
-        """The attention of one forward, chosen once: ``attend(layer, q [n, H, T, D], k, v [n, T, Hkv, D])`` writes
-        k, v to the cache and returns ``[n, T, H, D]``, each query seeing its row's keys up to its own position.
-        Everything the layers share (page slots, page lists, masks, lengths) is computed here, once."""
-        cache, G, Hkv, D = self.cache, self.group, self.kv_heads, self.head_dim
+                   row0: int) -> Callable:
+        """The attention of one forward, chosen once: ``attend(layer, qkv [n, T, (H + 2 Hkv) * D])`` (the fused
+        projection) applies Qwen3's q/k norms and rotary, writes k, v to the cache and returns ``[n, T, H, D]``,
+        each query seeing its row's keys up to its own position. Everything the layers share (page lists, masks,
+        lengths) is computed here, once."""
+        cache, G, H, Hkv, D, eps = self.cache, self.group, self.heads, self.kv_heads, self.head_dim, self.eps
         table = cache.table[row0 : row0 + n]
         uniform = isinstance(start, int)
         if self.flash:  # flash-attn writes k, v through the block table itself
             seqlens = torch.full((n,), start, device=self.device) if uniform else start
             seqlens = seqlens.to(torch.int32)
-            return lambda i, q, k, v: flash_attn_with_kvcache(
-                q.transpose(1, 2), cache.k[i], cache.v[i], k=k, v=v, cache_seqlens=seqlens, block_table=table,
-                causal=True,
-            )  # fmt: skip
-        slots = cache.slots(table, qpos)
+            cos, sin = self._cos[qpos], self._sin[qpos]
+
+            def attend(i, qkv):
+                w = self.layers[i]
+                q, k, v = qkv.view(n, T, H + 2 * Hkv, D).split([H, Hkv, Hkv], dim=2)
+                if w.q_norm is not None:
+                    q, k = rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps)
+                q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+                return flash_attn_with_kvcache(q.transpose(1, 2), cache.k[i], cache.v[i], k=k.transpose(1, 2), v=v,
+                                               cache_seqlens=seqlens, block_table=table, causal=True)
+
+            return attend
+
+        def rope(i, qkv):  # q [n, T, H, D]; k and v go into the cache (positions past the table: the trash page)
+            w = self.layers[i]
+            return rope_kv_write(qkv, self._cos, self._sin, qpos, table, cache.k, cache.v, i, w.q_norm, w.k_norm, eps)
+
         pages = table[:, : cache.pages_for(kv_len)]
         if not uniform and T == 1 and self.decode_attention_path == "triton":
             lengths = start + 1  # row r sees cache positions <= its token's
-
-            def attend(i, q, k, v):  # the split kernel reads the pages through the table
-                cache.write(i, slots, k, v)
-                return decode_attention(q[:, :, 0], cache.k[i], cache.v[i], lengths, page_table=pages)[:, None]
-
-            return attend
+            # the split kernel reads the pages through the table
+            return lambda i, qkv: decode_attention(rope(i, qkv)[:, 0], cache.k[i], cache.v[i], lengths,
+                                                   page_table=pages)[:, None]
         pages = pages.long()
         if uniform:  # a prefill chunk: causal with a lower-right offset, no materialised mask
             causal = dict(attn_mask=None if start == 0 else causal_lower_right(T, kv_len), is_causal=start == 0)
 
-            def attend(i, q, k, v):
-                cache.write(i, slots, k, v)
+            def attend(i, qkv):
+                q = rope(i, qkv).transpose(1, 2)
                 kc, vc = cache.gather(i, pages)
                 return F.scaled_dot_product_attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], enable_gqa=True,
-                                                      **causal).transpose(1, 2)  # fmt: skip
+                                                      **causal).transpose(1, 2)
 
             return attend
         # per-row positions: an additive mask, query (t, g) of row r sees keys <= qpos[r, t]; grouped-query heads
@@ -391,11 +414,10 @@ class Decoder:
         mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
         mask = mask[:, None, :, None, :].expand(n, 1, T, G, kv_len).reshape(n, 1, T * G, kv_len)  # T=1: a view
 
-        def attend(i, q, k, v):
-            cache.write(i, slots, k, v)
+        def attend(i, qkv):
+            q = rope(i, qkv).view(n, T, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(n, Hkv, T * G, D)
             kc, vc = cache.gather(i, pages)
-            qf = q.view(n, Hkv, G, T, D).transpose(2, 3).reshape(n, Hkv, T * G, D)
-            out = F.scaled_dot_product_attention(qf, kc[:, :, :kv_len], vc[:, :, :kv_len], attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], attn_mask=mask)
             return out.view(n, Hkv, T, G, D).permute(0, 2, 1, 3, 4)
 
         return attend
@@ -462,9 +484,11 @@ class Decoder:
         ``budget`` applies s1 budget forcing (every prompt must end with the think delimiter);
         ``stream(row, new_token_ids)`` is called as tokens are decided. Returns a ``GenerationResult``."""
         if stream is not None and not callable(stream):
-            raise TypeError(f"Decoder.generate: stream must be None or a callable (row, new_token_ids), got {type(stream).__name__}")
+            raise TypeError(
+                f"Decoder.generate: stream must be None or a callable (row, new_token_ids), got {type(stream).__name__}"
+            )
         run = self.stream(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          seed=seed, stop_token_ids=stop_token_ids, budget=budget)  # fmt: skip
+                          seed=seed, stop_token_ids=stop_token_ids, budget=budget)
         for row, new in run:
             if stream is not None:
                 stream(row, new)
@@ -486,7 +510,7 @@ class Decoder:
         Arguments are checked here, before anything runs."""
         prompts, stop, sampling = self.check_requests("Decoder.generate", prompts, max_new_tokens=max_new_tokens,
                                                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                                      stop_token_ids=stop_token_ids, budget=budget)  # fmt: skip
+                                                      stop_token_ids=stop_token_ids, budget=budget)
         sampling = (*sampling, make_generator(self.device, sampling[0], seed))  # one random stream for the batch
         requests = [Request(p, max_new_tokens, stop, budget, sampling) for p in prompts]
         self.check_fits("Decoder.generate", requests)
@@ -510,7 +534,9 @@ class Decoder:
         out = []
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab:
-                raise ValueError(f"Decoder.generate: {name} must be ints in [0, {self.vocab}) (the vocabulary), got {t!r}")
+                raise ValueError(
+                    f"Decoder.generate: {name} must be ints in [0, {self.vocab}) (the vocabulary), got {t!r}"
+                )
             out.append(t)
         return out
 
@@ -547,6 +573,6 @@ class Decoder:
         return logits
 
     def _result(self, states: list[RowState], prefill_s: float, decode_s: float, emitted: int, steps: int,
-                preemptions: int = 0) -> GenerationResult:  # fmt: skip
+                preemptions: int = 0) -> GenerationResult:
         rows = [RowResult.from_state(st, self.tokenizer) for st in states]
         return GenerationResult(rows, prefill_s, decode_s, emitted, steps, self.memory(), preemptions)

@@ -115,7 +115,7 @@ class Engine:
         dec = self.decoder
         (prompt,), stop, sampling = dec.check_requests("Engine.submit", [prompt], max_new_tokens=max_new_tokens,
                                                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                                       stop_token_ids=stop_token_ids, budget=budget)  # fmt: skip
+                                                       stop_token_ids=stop_token_ids, budget=budget)
         generator = make_generator(dec.device, sampling[0], seed)
         request = Request(prompt, max_new_tokens, stop, budget, (*sampling, generator))
         dec.check_fits("Engine.submit", [request])
@@ -148,7 +148,7 @@ class Engine:
         dec = self.decoder
         (prompt,), stop, sampling = dec.check_requests("Engine.post", [prompt], **settings)
         request = Request(prompt, settings["max_new_tokens"], stop, settings.get("budget"),
-                          (*sampling, make_generator(dec.device, sampling[0], settings.get("seed"))))  # fmt: skip
+                          (*sampling, make_generator(dec.device, sampling[0], settings.get("seed"))))
         dec.check_fits("Engine.post", [request])
         with self._inbox_lock:
             self._listeners[id(request)] = (request, on_tokens, on_done)
@@ -374,7 +374,7 @@ def run(dec, reqs: list[Request], max_rows: int, inbox: Engine | None = None) ->
         feeds = [decide(s, t) for s, t in enumerate(toks)]
         # kept: fed as the guess assumed (no rewind, and the guess was sampled without a mask)
         kept = [launched and f == [t] and not (states[r].rewind or states[r].mask_enders)
-                for f, t, r in zip(feeds, toks, slots)]  # fmt: skip
+                for f, t, r in zip(feeds, toks, slots)]
         if all(kept) and not (inbox is not None and inbox._interrupt(len(slots) < cap)):
             yield from news(before)
             pos = [p + 1 for p in pos]

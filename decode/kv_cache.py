@@ -33,7 +33,7 @@ class KVCache:
     """
 
     def __init__(self, *, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device, page_size: int,
-                 pages: int | None = None, flash: bool = False):  # fmt: skip
+                 pages: int | None = None, flash: bool = False):
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.dtype, self.device, self.page_size, self.flash = dtype, torch.device(device), page_size, flash
         self.budget_pages = pages
@@ -83,7 +83,7 @@ class KVCache:
             "kv_pages_total": self.total_pages, "kv_pages_in_use": self.pages_in_use,
             "kv_pages_free": self.pages_free, "kv_pages_peak": self.peak,
             "cache_rows": 0 if self.table is None else self.table.shape[0], "cache_positions": self.positions,
-        }  # fmt: skip
+        }
 
     # --- allocation ------------------------------------------------------------------------------------------
 
@@ -156,22 +156,7 @@ class KVCache:
             return host
         return host.pin_memory().to(self.device, non_blocking=True)
 
-    # --- reads and writes --------------------------------------------------------------------------------------
-
-    def slots(self, table: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(page, slot) of ``positions`` [n, T] of the rows of ``table`` (a row slice of ``self.table``), once per
-        forward; positions past the table go to the trash page."""
-        index = positions // self.page_size
-        width = table.shape[1]
-        page = table.gather(1, index.clamp(max=width - 1)).masked_fill(index >= width, TRASH)
-        return page.long(), positions % self.page_size
-
-    def write(self, layer: int, slots: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keys and values ``[n, T, kv_heads, head_dim]`` into their ``slots`` (not for flash-attn, which writes
-        its own)."""
-        page, slot = slots
-        self.k[layer][page, :, slot] = k
-        self.v[layer][page, :, slot] = v
+    # --- reads -------------------------------------------------------------------------------------------------
 
     def gather(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values of ``pages`` [n, m] (int64 table entries) as dense ``[n, kv_heads, m * page_size,

@@ -29,8 +29,17 @@ import torch
 import triton
 import triton.language as tl
 
-from s1fast.kernels._common import FLOAT_DTYPES, KernelSpec, launch_spec, unit_last
-from s1fast.kernels._common import check_same_device, check_tensor, on_device, spec_dtype, use_triton
+from s1fast.kernels._common import (
+    FLOAT_DTYPES,
+    KernelSpec,
+    check_same_device,
+    check_tensor,
+    launch_spec,
+    on_device,
+    spec_dtype,
+    unit_last,
+    use_triton,
+)
 from s1fast.kernels.rms_norm import check_eps, rms_norm_reference
 from s1fast.kernels.rope import _config as _rope_config
 from s1fast.kernels.rope import apply_rope_reference

@@ -19,9 +19,9 @@ import pytest
 import torch
 from tiny_qwen import VOCAB, tiny_model
 
-from s1fast.kernels import force_backend, interpreting
 from s1fast.decode.budget import BudgetForcing, RowState
 from s1fast.decode.decoder import Decoder, GenerationResult
+from s1fast.kernels import force_backend, interpreting
 
 NEWLINE, NEWLINE_ENDING = 10, frozenset({10, 11})
 
@@ -58,7 +58,7 @@ def hf_generate(model, seq, max_new_tokens, eos=(), min_new_tokens=0):
     out = model.generate(
         torch.tensor([seq]), attention_mask=torch.ones(1, len(seq), dtype=torch.long), max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens, do_sample=False, eos_token_id=list(eos) or None, pad_token_id=0,
-    )  # fmt: skip
+    )
     return out[0, len(seq) :].tolist()
 
 
@@ -145,7 +145,7 @@ def budget(model, prompts, **kw):
     return BudgetForcing(
         end_think=[t, a, b], wait=[a, b], budget_end=[t, a, b, 50],
         newline=[NEWLINE], newline_ending=NEWLINE_ENDING, **kw,
-    )  # fmt: skip
+    )
 
 
 def assert_matches_s1(model, prompts, bf, max_new_tokens, stop=(), **kw):
@@ -192,7 +192,9 @@ def test_float32_matches_transformers_and_bfloat16_runs():
     prompts = make_prompts((7, 12))
     model = model_for(dtype=torch.float32)
     with force_backend("torch"):
-        assert Decoder(model).generate(prompts, max_new_tokens=12).tokens == [hf_generate(model, p, 12) for p in prompts]
+        assert Decoder(model).generate(prompts, max_new_tokens=12).tokens == [
+            hf_generate(model, p, 12) for p in prompts
+        ]
         model = model_for(dtype=torch.bfloat16)
         res = Decoder(model).generate(prompts, max_new_tokens=6)
     # bf16: the first token comes from the prefill, where both sides round the same ops; later ones may drift
@@ -332,7 +334,7 @@ def sweep_world(world: str):
     # frequent tokens count as ending with a newline, so that the newline rule takes both ways
     newline_ending = {NEWLINE, *(x for f in frequent for x in f[1:])} - {t, other}
     bf = BudgetForcing([t, a, b], [a], [t, a, b, final], newline=[NEWLINE], newline_ending=newline_ending,
-                       end_think_tokens=extra)  # fmt: skip
+                       end_think_tokens=extra)
     return model, prompts, bf, stop
 
 
@@ -361,7 +363,12 @@ def test_budget_forcing_matches_s1_sweep(world):
             for p, row in zip(prompts, res.rows):
                 ends = []
                 tokens, thinking, waits, cut = s1_reference(model, p, bf, budget_ + 8, stop, 1024, ends)
-                assert (row.tokens, row.thinking_tokens, row.forced_waits, row.budget_cut) == (tokens, thinking, waits, cut)
+                assert (row.tokens, row.thinking_tokens, row.forced_waits, row.budget_cut) == (
+                    tokens,
+                    thinking,
+                    waits,
+                    cut,
+                )
                 seen.update(waits=waits > 0, cut=cut, ended=row.thinking_ended and not cut, im_end=IM_END in ends)
         seen["quirks"] += outputs[False] != outputs[True]
     assert seen["waits"] and seen["cut"] and seen["ended"] and seen["quirks"], seen
@@ -408,11 +415,14 @@ def test_first_token_of_a_round_never_ends_it():
         after = model(torch.tensor([prompts[0] + content + [w] for w in range(VOCAB)])).logits[:, -1].argmax(-1)
     w = next(w for w in range(VOCAB) if after[w] == t and w != t)  # a wait after which the model says t
     assert greedy(model, prompts[0] + content + [w], 1) == [t]
-    for bf in (dataclasses.replace(bf, wait=[w]), dataclasses.replace(bf, wait=[w], max_thinking_tokens=len(content) + 3)):
-        row = assert_matches_s1(model, prompts, bf, 30).rows[0]
+    for forcing in (
+        dataclasses.replace(bf, wait=[w]),
+        dataclasses.replace(bf, wait=[w], max_thinking_tokens=len(content) + 3),
+    ):
+        row = assert_matches_s1(model, prompts, forcing, 30).rows[0]
         assert row.forced_waits == 1 and row.tokens[: len(content) + 1] == content + [w]
         assert row.tokens[len(content) + 1] != t
-    first = dataclasses.replace(bf, end_think=[hf_generate(model, prompts[0], 1)[0], *bf.end_think[1:]])
+    first = dataclasses.replace(forcing, end_think=[hf_generate(model, prompts[0], 1)[0], *forcing.end_think[1:]])
     assert assert_matches_s1(model, prompts, first, 10).tokens[0][0] != first.end_think[0]  # masked
 
 
@@ -446,7 +456,7 @@ def test_s1_compat_quirks_scripted():
     token 6, which the cut drops (quirk b). s1fast cuts at the budget: newline (9 does not end with one) and
     budget_end. s1_compat feeds the tokens past the budget, then rewinds over them."""
     bf = BudgetForcing([1, 2], [3], [1, 2, 4], max_thinking_tokens=4, num_waits=1, newline=[5], newline_ending={6},
-                       s1_compat=True)  # fmt: skip
+                       s1_compat=True)
     default = dataclasses.replace(bf, s1_compat=False)
     steps, state = _scripted(bf, [7, 8, 1, 9, 6, 1])
     assert steps == [([7], 0), ([8], 0), ([3], 0), ([9], 0), ([6], 0), ([1, 2], 1)]
@@ -455,7 +465,9 @@ def test_s1_compat_quirks_scripted():
     steps, state = _scripted(bf, [7, 8, 1, 9, 6, 11, 6, 12])
     assert steps[4:] == [([6], 0), ([11], 0), ([6], 0), ([1, 2, 4], 3)] and state.tokens == [7, 8, 3, 9, 1, 2, 4]
     steps, state = _scripted(default, [7, 8, 1, 9, 6, 1])
-    assert steps[4:] == [([5, 1, 2, 4], 0), ([1], 0)] and state.tokens == [7, 8, 3, 9, 5, 1, 2, 4, 1] and state.budget_cut
+    assert (
+        steps[4:] == [([5, 1, 2, 4], 0), ([1], 0)] and state.tokens == [7, 8, 3, 9, 5, 1, 2, 4, 1] and state.budget_cut
+    )
     # the model's length ends a round too: with room for 5 tokens after the prompt, 7 8 3 9 6 fill it
     steps, state = _scripted(bf, [7, 8, 1, 9, 6, 11], room=5)
     assert steps[-1] == ([1, 2, 4], 1) and state.tokens == [7, 8, 3, 9, 1, 2, 4]
@@ -476,7 +488,7 @@ def test_s1_compat_rewinds_the_cache():
     long, short = (assert_matches_s1(model, prompts, bf, 32, stop, max_seq_len=n).tokens for n in (1024, 45))
     assert long[1] != short[1] and long[0] == short[0]
     default = Decoder(model).generate(prompts, max_new_tokens=32, budget=dataclasses.replace(bf, s1_compat=False),
-                                      stop_token_ids=stop)  # fmt: skip
+                                      stop_token_ids=stop)
     assert default.tokens != long and all(r.budget_cut for r in default.rows)
 
 
@@ -504,7 +516,9 @@ def test_budget_beyond_max_new_tokens():
     prompts = make_prompts((6,), seed=5)
     emitted = set(hf_generate(model, prompts[0], 10))
     t = next(i for i in range(VOCAB) if i not in emitted)
-    res = Decoder(model).generate(prompts, max_new_tokens=10, budget=BudgetForcing([t], [t], [t], max_thinking_tokens=100))
+    res = Decoder(model).generate(
+        prompts, max_new_tokens=10, budget=BudgetForcing([t], [t], [t], max_thinking_tokens=100)
+    )
     row = res.rows[0]
     assert row.tokens == hf_generate(model, prompts[0], 10)
     assert (row.budget_cut, row.thinking_ended, row.finish_reason, row.thinking_tokens) == (False, False, "length", 10)
@@ -581,7 +595,10 @@ def test_tokenizer_text_and_split():
     bf = BudgetForcing.from_tokenizer(tok, max_thinking_tokens=4, num_waits=1)
     assert bf.end_think == (151644, 9217) and bf.wait == (14190,) and bf.newline == (198,)
     assert bf.budget_end == tuple(tok("<|im_start|>answer\nFinal Answer:", add_special_tokens=False)["input_ids"])
-    assert bf.budget_end_after(198) == bf.budget_end and bf.budget_end_after(tok.convert_tokens_to_ids(".")) == (198, *bf.budget_end)
+    assert bf.budget_end_after(198) == bf.budget_end and bf.budget_end_after(tok.convert_tokens_to_ids(".")) == (
+        198,
+        *bf.budget_end,
+    )
     assert tok.convert_tokens_to_ids(".Ċ") in bf.newline_ending  # ".\n" ends with a newline
     # thinking also ends on <|im_end|> (the tokenizer's eos_token) and <|endoftext|>, as s1's stop strings
     assert bf.thinking_enders == {151644, 151645, 151643} and not bf.s1_compat
@@ -631,7 +648,11 @@ def test_prompt_longer_than_cache_and_empty_prompt():
         (dict(stop_token_ids=[-1]), ValueError, "stop_token_ids must be ints"),
         (dict(budget={"max": 3}), TypeError, "budget must be None or a BudgetForcing"),
         (dict(budget=BudgetForcing([VOCAB], [1], [2])), ValueError, "budget token ids must be ints"),
-        (dict(budget=BudgetForcing([1], [1], [2], end_think_tokens={VOCAB + 5})), ValueError, "budget token ids must be ints"),
+        (
+            dict(budget=BudgetForcing([1], [1], [2], end_think_tokens={VOCAB + 5})),
+            ValueError,
+            "budget token ids must be ints",
+        ),
         (dict(stream=3), TypeError, "stream must be None or a callable"),
     ],
 )
@@ -706,9 +727,14 @@ def test_decode_bench_rows():
     model = model_for()
     dec = Decoder(model)
     plan = dict(shape="tiny", dtype=torch.float64, contexts=(16,), batches=(1, 2), new_tokens=6, bf_prompt=8,
-                bf_thinking=40, reps=1)  # fmt: skip
+                bf_thinking=40, reps=1)
     rows = decode.throughput(model, dec, plan, "cpu", ["hf"], copy_gbps=10.0)
-    assert [(r["impl"], r["batch"]) for r in rows] == [("s1fast", 1), ("hf_dynamic", 1), ("s1fast", 2), ("hf_dynamic", 2)]
+    assert [(r["impl"], r["batch"]) for r in rows] == [
+        ("s1fast", 1),
+        ("hf_dynamic", 1),
+        ("s1fast", 2),
+        ("hf_dynamic", 2),
+    ]
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["speedup_vs_hf"] > 0
         assert r.get("attention") == ("sdpa" if r["impl"] == "s1fast" else None)  # float64: the SDPA path
@@ -717,3 +743,14 @@ def test_decode_bench_rows():
     assert set(bf) == {"plain", "in_loop", "s1_reprefill"} and bf["in_loop"]["forced_waits"] == 4
     assert {r["attention"] for r in bf.values()} == {"sdpa"}
     assert bf["s1_reprefill"]["in_loop_speedup"] > 0
+
+
+def test_decode_step_launches():
+    """A one-token decode step on the Triton attention path (interpreted on CPU) costs 10 device launches per layer
+    (issue 12: at most 10): 4 GEMMs (q/k/v, o, gate/up, down) and 6 Triton launches (rope_kv_write, split +
+    combine attention, SwiGLU, two add_rms_norm), counted through the public API by bench/decode.py."""
+    from s1fast.bench import decode
+
+    (row,) = decode.launches("cpu")
+    assert row["attention"] == "triton"
+    assert (row["launches_per_layer"], row["triton_per_layer"]) == (10, 6), row

@@ -12,7 +12,6 @@ from test_decoder import budget, hf_generate, make_prompts, model_for, one_threa
 from s1fast.decode.decoder import Decoder
 from s1fast.decode.engine import Engine
 
-
 MIXED = [dict(max_thinking_tokens=30, num_waits=2), dict(max_thinking_tokens=None, num_waits=2),
          dict(max_thinking_tokens=4, num_waits=0), dict(max_thinking_tokens=12, num_waits=1),
          dict(max_thinking_tokens=1, num_waits=3)]  # budgets and waits of five requests
@@ -143,7 +142,7 @@ def test_request_longer_than_the_page_budget():
     dec = Decoder(model, page_size=4, kv_cache_bytes=6 * per_page)  # 5 pages of 4: 20 positions
     engine = Engine(dec, max_rows=2)
     with pytest.raises(ValueError, match=r"Engine.submit: the request may need 23 KV positions .* = 6 pages of 4, "
-                                         r"but the KV budget holds 5 pages"):  # fmt: skip
+                                         r"but the KV budget holds 5 pages"):
         engine.submit([1] * 10, max_new_tokens=12)  # 10 + 12 + 1 (an edit's room)
     with pytest.raises(ValueError, match=r"Decoder.generate: prompts\[1\] may need 23 KV positions"):
         dec.generate([[1, 2], [1] * 10], max_new_tokens=12)
@@ -159,7 +158,7 @@ def test_request_longer_than_the_page_budget():
                           (dict(kv_cache_bytes=per_page), "holds fewer than 2 KV pages"),
                           (dict(kv_cache_fraction=0.5), "kv_cache_fraction needs a CUDA model"),
                           (dict(kv_cache_bytes=per_page, kv_cache_fraction=0.5), "not both"),
-                          (dict(page_size=0), "page_size must be None or an int >= 1")]:  # fmt: skip
+                          (dict(page_size=0), "page_size must be None or an int >= 1")]:
         with pytest.raises(ValueError, match=match):
             Decoder(model, **kwargs)
 
@@ -172,8 +171,11 @@ def dec_bytes_per_token(model) -> int:
 def test_sampling_per_request_seed_independent_of_admission():
     model = model_for()
     prompts = make_prompts((5, 8, 3), seed=2)
-    kw = [dict(max_new_tokens=10, temperature=1.0, seed=11), dict(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=12),
-          dict(max_new_tokens=8)]  # fmt: skip
+    kw = [
+        dict(max_new_tokens=10, temperature=1.0, seed=11),
+        dict(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=12),
+        dict(max_new_tokens=8),
+    ]
     results = []
     for max_rows, order in ((3, [0, 1, 2]), (1, [2, 1, 0]), (2, [1, 2, 0])):
         engine = Engine(Decoder(model), max_rows=max_rows)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, generator
 from safetensors.torch import load_file
 
 from s1fast.kernels import add_rms_norm, decode_attention, force_backend, rms_norm, rope_kv_write, swiglu
 from s1fast.model.fused_weights import fuse_projections, fused_projections
 from s1fast.model.shapes import TINY, random_qwen
-from helpers import assert_close, generator
 
 ARCHS = ["qwen2", "qwen3"]
 

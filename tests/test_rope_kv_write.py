@@ -15,12 +15,12 @@ import importlib
 import pytest
 import torch
 import transformers
+from helpers import assert_close, assert_spec_matches_kernel, generator, nan_empty
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from s1fast.kernels import force_backend, rope_kv_write, rope_kv_write_reference
 from s1fast.model.shapes import QWEN25_SHAPES
-from helpers import assert_close, assert_spec_matches_kernel, generator, nan_empty
 
 kv_module = importlib.import_module("s1fast.kernels.rope_kv_write")  # the package attribute is the function
 
