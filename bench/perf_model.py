@@ -22,6 +22,10 @@ Qwen2.5-1.5B / 7B shapes in bf16, on a modelled H100 SXM (``GPU``):
       t_i   = moved_i / (B x eff_i)         eff_i = waves_i / ceil(waves_i), or min(1, grid_i / 132) below one wave
       pct   = (minimum / B) / (sum_i t_i + (launches - 1) x gap)
 
+  A kernel's tail phase (``TAIL_PHASES``: work that waits for the rest of its grid) is timed apart, like a
+  launch of its programs without the gap: ``t_i = (moved_i - tail_i) / (B x eff_i) + tail_i / (B x
+  min(1, tail programs / 132))``.
+
   with B = ``GPU["copy_gbps"]`` (what a large device copy reaches on an H100 SXM) and gap =
   ``GPU["launch_gap_us"]`` between back-to-back launches. Not modelled: memory latency and bytes in flight
   (a kernel with too few loads in flight per SM falls short of B), L2 hits, CPU-side overhead (autograd,
@@ -36,8 +40,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import math
 import json
+import math
 import os
 import subprocess
 import sys
@@ -48,11 +52,17 @@ import torch
 GPU = {
     "name": "H100 SXM (modelled)", "sms": 132, "copy_gbps": 3000.0, "launch_gap_us": 2.0, "regs_per_sm": 65536,
     "smem_per_sm": 228 * 1024, "smem_reserved_per_block": 1024, "threads_per_sm": 2048, "blocks_per_sm": 32,
-}  # fmt: skip
+}
 MODELS = ("1.5B", "7B")
 MODEL_TOKENS = (4096, 8192, 16384, 32768)
 FAMILIES = ("rms_norm", "rope", "swiglu", "cross_entropy", "fused_linear_cross_entropy")
-BYTES_BOUND = {"rms_norm": 1.06, "rope": 1.001, "swiglu": 1.001, "cross_entropy": 1.501, "fused_linear_cross_entropy": 1.5}
+BYTES_BOUND = {
+    "rms_norm": 1.06,
+    "rope": 1.001,
+    "swiglu": 1.001,
+    "cross_entropy": 1.501,
+    "fused_linear_cross_entropy": 1.5,
+}
 """Stated bound on bytes moved / minimum for forward + backward at 4K-32K tokens; CI fails a kernel above it.
 RMSNorm: its fp32 dW partials (264 x N, written and read once) are 5% of the minimum at 4K tokens; cross-entropy:
 1.5 plus the per-row scalars (label read twice, lse written and read)."""
@@ -75,7 +85,8 @@ def count_tokens(family: str, model: str) -> int:
 
 
 def _persistent_caps() -> dict[str, int]:
-    """Grid-stride kernels: kernel -> most programs per SM their launchers start (the extension stops there)."""
+    """Grid-stride kernels: kernel -> most programs per SM their launchers start (the extension stops there;
+    a ``TAIL_PHASES`` kernel's programs past it are its tail phase's)."""
     from s1fast.kernels import _common
 
     rms = importlib.import_module("s1fast.kernels.rms_norm")
@@ -94,12 +105,13 @@ def _element_bytes(ptrs) -> int:
     return max(1, ty.primitive_bitwidth // 8)
 
 
-def _kernel_site() -> tuple[str, int]:
-    """(file, line) of the kernel source line running the current load: the first frame outside Triton."""
+def _kernel_site() -> tuple[str, int, str]:
+    """(file, line, function) of the kernel source line running the current load or store: the first frame
+    outside Triton."""
     frame = sys._getframe(2)
     while frame is not None and f"{os.sep}triton{os.sep}" in frame.f_code.co_filename:
         frame = frame.f_back
-    return (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("?", 0)
+    return (frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name) if frame is not None else ("?", 0, "?")
 
 
 def _scale_kernel_bytes(args: dict) -> tuple[int, int]:
@@ -112,6 +124,11 @@ def _scale_kernel_bytes(args: dict) -> tuple[int, int]:
     return n * x.element_size(), n * out.element_size()
 
 
+TAIL_PHASES = {"_rms_norm_bwd_kernel": "_bwd_reduce"}
+"""Kernel -> the ``@triton.jit`` function its tail phase runs in: bytes moved there (``tail_bytes``, also in the
+launch's totals) are moved by the programs past the kernel's persistent cap after the capped programs finish
+(RMSNorm backward's dW reducers wait for every row program), timed like a launch of that many programs but
+without a launch gap."""
 FROM_ARGS = {"_scale_kernel": _scale_kernel_bytes}
 PER_PROGRAM_LOAD_BYTES = {"_scale_kernel": 4}  # FROM_ARGS kernels: what each program reads besides the data
 _state = {"in_kernel": False}  # True while the interpreter runs a kernel (its own tensor copies are not operators)
@@ -124,14 +141,15 @@ _NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_st
 @contextlib.contextmanager
 def counting() -> Iterator[list[dict]]:
     """Inside the block (Triton's interpreter must be on), every kernel launch appends
-    ``{"kernel", "grid", "load_bytes", "store_bytes", "constexprs"}`` to the yielded list: bytes of the
-    elements each masked load / store touches (see ``L2_RESIDENT_BYTES``); ``FROM_ARGS`` kernels are not run."""
+    ``{"kernel", "grid", "load_bytes", "store_bytes", "tail_bytes", "constexprs"}`` to the yielded list: bytes of
+    the elements each masked load / store touches (see ``L2_RESIDENT_BYTES``; ``TAIL_PHASES`` for the tail);
+    ``FROM_ARGS`` kernels are not run."""
     import numpy as np
     from triton.runtime import interpreter
 
     builder = interpreter.interpreter_builder
     launches: list[dict] = []
-    sites: dict = {}  # (file, line) -> [bytes, lowest address, highest address end] in the current launch
+    sites: dict = {}  # (file, line, function) -> [bytes, lowest address, highest address end] in the current launch
     load, store, call = builder.create_masked_load, builder.create_masked_store, interpreter.GridExecutor.__call__
 
     def touched(ptrs, mask) -> tuple[int, np.ndarray]:
@@ -149,14 +167,17 @@ def counting() -> Iterator[list[dict]]:
         return load(ptrs, mask, other, *rest)
 
     def counted_store(ptrs, value, mask, *rest):
-        launches[-1]["store_bytes"] += touched(ptrs, mask)[0]
+        nbytes = touched(ptrs, mask)[0]
+        launches[-1]["store_bytes"] += nbytes
+        if _kernel_site()[2] == TAIL_PHASES.get(launches[-1]["kernel"]):
+            launches[-1]["tail_bytes"] += nbytes
         return store(ptrs, value, mask, *rest)
 
     def counted_call(self, *args, **kwargs):
         grid = self.grid(kwargs) if callable(self.grid) else self.grid  # launchers pass tuples
         constexprs = {k: v for k, v in kwargs.items() if k in self.constexprs}
         launch = {"kernel": self.fn.__name__, "grid": math.prod(grid), "load_bytes": 0, "store_bytes": 0,
-                  "constexprs": constexprs}
+                  "tail_bytes": 0, "constexprs": constexprs}
         launches.append(launch)
         if launch["kernel"] in FROM_ARGS:
             params = inspect.signature(self.fn).parameters
@@ -170,8 +191,11 @@ def counting() -> Iterator[list[dict]]:
             result = call(self, *args, **kwargs)
         finally:
             _state["in_kernel"] = False
-        for nbytes, low, high in sites.values():
-            launch["load_bytes"] += min(nbytes, high - low) if high - low <= L2_RESIDENT_BYTES else nbytes
+        for (_, _, function), (nbytes, low, high) in sites.items():
+            counted_bytes = min(nbytes, high - low) if high - low <= L2_RESIDENT_BYTES else nbytes
+            launch["load_bytes"] += counted_bytes
+            if function == TAIL_PHASES.get(launch["kernel"]):
+                launch["tail_bytes"] += counted_bytes
         return result
 
     builder.create_masked_load, builder.create_masked_store = counted_load, counted_store
@@ -209,9 +233,9 @@ def _fp32_cpu_mm() -> Iterator[None]:
 def count_family(family: str, model: str, tokens: int, sms: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Forward + backward of ``family``'s public function at ``(model, tokens)`` under the interpreter on a
     GPU of ``sms`` SMs: ``{"min_bytes", "launches"}``."""
-    from s1fast.model.shapes import QWEN25_SHAPES
     from s1fast.bench.kernels import _backward, _build
     from s1fast.kernels._common import modelled_gpu
+    from s1fast.model.shapes import QWEN25_SHAPES
 
     torch.manual_seed(0)
     if family == "fused_linear_cross_entropy":
@@ -254,10 +278,17 @@ def counted(family: str, model: str, tokens_list=MODEL_TOKENS, sms: int = GPU["s
     for tokens in tokens_list:
         launches = []
         for xa, xb, xc in zip(*(r["launches"] for r in runs)):
-            x = dict(xa, **{k: extend(xa[k], xb[k], xc[k], tokens) for k in ("grid", "load_bytes", "store_bytes")})
+            x = dict(xa, **{k: extend(xa[k], xb[k], xc[k], tokens)
+                            for k in ("grid", "load_bytes", "store_bytes", "tail_bytes")})
             if x["kernel"] in caps:
                 capped = min(x["grid"], caps[x["kernel"]] * sms)
-                x["load_bytes"] -= PER_PROGRAM_LOAD_BYTES.get(x["kernel"], 0) * (x["grid"] - capped)
+                if x["kernel"] in TAIL_PHASES:  # the programs past the cap run the tail phase
+                    x["tail_programs"] = x["grid"] - capped
+                    if x["tail_programs"] < 1:
+                        raise RuntimeError(f"perf model: {x['kernel']} at {tokens} tokens has no programs past its "
+                                           "persistent cap to run its tail phase (count_tokens too small)")
+                else:
+                    x["load_bytes"] -= PER_PROGRAM_LOAD_BYTES.get(x["kernel"], 0) * (x["grid"] - capped)
                 x["grid"] = capped
             launches.append(x)
         out[tokens] = {"min_bytes": extend(*(r["min_bytes"] for r in runs), tokens), "launches": launches}
@@ -287,7 +318,10 @@ def predict(min_bytes: int, launches: list[dict], gpu: dict = GPU) -> dict:
         waves = x["grid"] / (gpu["sms"] * x["programs_per_sm"])
         x["waves"] = round(waves, 3)
         eff = waves / math.ceil(waves) if waves >= 1 else min(1.0, x["grid"] / gpu["sms"])
-        total_us += (x["load_bytes"] + x["store_bytes"]) / (bw * max(eff, 1e-9))
+        tail = x.get("tail_bytes", 0)
+        total_us += (x["load_bytes"] + x["store_bytes"] - tail) / (bw * max(eff, 1e-9))
+        if tail:
+            total_us += tail / (bw * min(1.0, x["tail_programs"] / gpu["sms"]))
     moved = sum(x["load_bytes"] + x["store_bytes"] for x in launches)
     return {"moved_bytes": moved, "min_bytes": min_bytes, "bytes_ratio": round(moved / min_bytes, 5),
             "predicted_us": round(total_us, 2), "predicted_pct_of_copy_bw": round(100 * min_bytes / bw / total_us, 1)}
@@ -343,8 +377,16 @@ def model_rows(builds: list[dict], counts: list[dict]) -> list[dict]:
                                    "(kernel_specs must describe every launch)")
             x["programs_per_sm"], x["occupancy_limiter"] = occupancy(b["registers"], b["shared_bytes"], b["num_warps"])
             x["registers"] = b["registers"]
-        rows.append({"family": c["family"], "model": c["model"], "tokens": c["tokens"],
-                     "bytes_bound": BYTES_BOUND[c["family"]], **predict(c["min_bytes"], launches), "launches": launches})
+        rows.append(
+            {
+                "family": c["family"],
+                "model": c["model"],
+                "tokens": c["tokens"],
+                "bytes_bound": BYTES_BOUND[c["family"]],
+                **predict(c["min_bytes"], launches),
+                "launches": launches,
+            }
+        )
     return rows
 
 
@@ -381,8 +423,12 @@ def decode_launches(dtype: torch.dtype = torch.float32) -> dict:
             counts[layers, new] = (len(launches), ops.count)
     step = {n: (counts[n, 4][0] - counts[n, 3][0], counts[n, 4][1] - counts[n, 3][1]) for n in (2, 3)}
     per_layer = (step[3][0] - step[2][0], step[3][1] - step[2][1])
-    return {"triton_launches_per_layer": per_layer[0], "torch_ops_per_layer": per_layer[1],
-            "triton_launches_constant": step[2][0] - 2 * per_layer[0], "torch_ops_constant": step[2][1] - 2 * per_layer[1]}
+    return {
+        "triton_launches_per_layer": per_layer[0],
+        "torch_ops_per_layer": per_layer[1],
+        "triton_launches_constant": step[2][0] - 2 * per_layer[0],
+        "torch_ops_constant": step[2][1] - 2 * per_layer[1],
+    }
 
 
 COLUMNS = ("family", "model", "tokens", "bytes_ratio", "bytes_bound", "predicted_pct_of_copy_bw", "predicted_us")

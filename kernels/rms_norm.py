@@ -9,8 +9,8 @@ Per row ``x`` of ``N`` elements (the norm runs over the last dim; leading dims a
     dL/dx_j = r * (h_j - y_j * mean_k(h_k * y_k))
 
 The last line: ``dy_k/dx_j = r * (delta_kj - y_k * y_j / N)``, summed against ``h_k`` (the cast's derivative
-is taken as identity, as autograd does). Plan: a forward kernel over row tiles; a persistent backward that
-writes ``dx`` and keeps per-program fp32 ``dw`` partials; one small kernel that sums the partials and casts.
+is taken as identity, as autograd does). Plan: a forward kernel over row tiles; one persistent backward launch whose
+row programs write ``dx`` and per-program fp32 ``dw`` partials, and whose reducer programs sum the partials and cast.
 All memory-bound, computed in fp32 from the loaded values, rounded only where Qwen2RMSNorm rounds and on store;
 64-bit row offsets, no host syncs, block sizes from ``_config`` (no autotuning).
 
@@ -29,9 +29,18 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from s1fast.kernels._common import FLOAT_DTYPES, KernelSpec, as_rows, launch_spec
-from s1fast.kernels._common import check_same_device, check_tensor, on_device, persistent_programs, spec_dtype
-from s1fast.kernels._common import use_triton
+from s1fast.kernels._common import (
+    FLOAT_DTYPES,
+    KernelSpec,
+    as_rows,
+    check_same_device,
+    check_tensor,
+    launch_spec,
+    on_device,
+    persistent_programs,
+    spec_dtype,
+    use_triton,
+)
 
 _FN = "rms_norm"
 _ADD_FN = "add_rms_norm"
@@ -40,7 +49,7 @@ MAX_WIDTH = 65536
 """Widest row the Triton kernels take: a row is one register tile. Up to 8192 (every Qwen hidden size and
 head_dim) the sm_90 builds use no local memory; wider rows spill in the backward (correct, slower)."""
 
-# Elements per program tile: ~16 per thread at the chosen warps, i.e. 2 x 128-bit loads in bf16.
+# Elements per program tile (see ``_config`` for the warps over it).
 _TILE = 4096
 # Rows per tile for narrow rows (q/k norm over head_dim 64/128 still fills a tile); capped because a 64 x 64
 # fp32 tile makes sm_90 ptxas spill in the backward.
@@ -50,17 +59,25 @@ _MAX_ROWS = 32
 _BWD_PROGRAMS_PER_SM = 2
 # Interpreter (tests): few programs, so the grid-stride loop runs several tiles.
 _CPU_BWD_PROGRAMS = 4
-# dW reduction tile: 64 partial rows x 64 columns (256 B per row segment).
-_REDUCE_PARTIALS, _REDUCE_COLS = 64, 64
+# dW reduction tile: 512 partial rows x 16 columns, 32 fp32 per thread at 8 warps: one load round trip reads a
+# reducer's whole share at 264 partials (an H100's row programs). A share is 12 (1.5B) or 28 (7B) columns.
+_REDUCE_PARTIALS, _REDUCE_COLS = 512, 16
+# Backward row programs per reducer: one reducer per SM on a GPU, so the partials (1.6-3.8 MB, just written, in
+# L2) are read by the whole machine; at most half the row programs, fewer than the resident slots (deadlock-free).
+_ROW_PROGRAMS_PER_REDUCER = 2
 
 
-def _config(width: int) -> tuple[int, int, int]:
-    """(BLOCK, ROWS, num_warps) for rows of ``width`` elements: one row = one power-of-two BLOCK, so each row is
-    one contiguous vectorised (128-bit) access; shared by the launchers and ``kernel_specs``."""
+def _config(width: int) -> tuple[int, int, int, int]:
+    """(BLOCK, ROWS, forward warps, backward warps) for rows of ``width`` elements: one row = one power-of-two
+    BLOCK, so each row is one contiguous vectorised (128-bit) access; shared by the launchers and ``kernel_specs``.
+
+    Forward: 8 elements per thread (one 128-bit bf16 access); at 16 warps the sm_90 builds use <= 32 registers,
+    so 4 programs fill an SM's 2,048 threads and 4K-32K tokens make 3.9-31 waves of 528 programs (was 8 warps:
+    35 registers, 6 per SM, 2.6 waves at 4K with the last 41% empty). Backward: 16 elements per thread; its
+    double-buffered tiles at 16 warps take 86 registers (one program per SM), at 8 warps 100-124 (two)."""
     block = triton.next_power_of_2(width)
     rows = min(_MAX_ROWS, max(1, _TILE // block))
-    num_warps = min(16, max(1, rows * block // 512))
-    return block, rows, num_warps
+    return block, rows, min(16, max(1, rows * block // 256)), min(16, max(1, rows * block // 512))
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -107,27 +124,34 @@ def _load_tile(dout_ptr, x_ptr, rstd_ptr, tile, stride_dout, stride_x, n_rows, c
     return x, g, rstd
 
 
-# The backward walks the row tiles grid-stride with a fixed number of programs, recomputes ``y`` from ``x`` and
-# ``rstd``, writes ``dx`` and keeps its share of ``dw`` in fp32 registers. The loads of the next tile are issued
-# before the current tile is computed (register double buffering), so each program always has a tile of ``x``
-# and ``dout`` in flight: 2 x 16 KiB per SM for bf16, where loads at the top of each iteration left the SM idle
-# on memory while it reduced.
+# The backward walks the row tiles grid-stride with a fixed number of row programs, recomputes ``y`` from ``x``
+# and ``rstd``, writes ``dx`` and keeps its share of ``dw`` in fp32 registers. The loads of the next tile are
+# issued before the current tile is computed (register double buffering), so each program always has a tile of
+# ``x`` and ``dout`` in flight. The dw partials (fp32 [row programs, N]) are summed in the same launch by reducer
+# programs with the highest ids (one per two row programs): each waits until every row program has released its
+# partial (one counter), then sums its share of the columns in a fixed order (deterministic, no float atomics)
+# and casts. Deadlock-free whatever the scheduling: row programs never wait, and reducers are fewer than the
+# resident slots, so a slot always frees for a row program still to start (and Triton's interpreter, which runs
+# programs in id order, runs every row program first). The last reducer to finish resets the counter pair, so
+# the next launch finds zeros without a memset launch. This replaces a separate reduction kernel (a launch gap,
+# 2 us in the model: more than the reduction); one "last program sums everything" would leave one SM reading all
+# ``programs x N x 4`` bytes at the end; atomically added partials would be non-deterministic.
 @triton.jit
-def _rms_norm_bwd_kernel(
-    dout_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
-    stride_dout, stride_x, stride_dx, n_rows, n_cols,
+def _bwd_rows(
+    dout_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, sync_ptr,
+    stride_dout, stride_x, stride_dx, n_rows, n_cols, n_row_programs,
     BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
+    """A row program: ``dx`` of its tiles, then its fp32 dw partial row, then one release on the counter."""
     pid = tl.program_id(0)
-    step = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
     col_mask = cols < n_cols
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK], dtype=tl.float32)
     x, g, rstd = _load_tile(dout_ptr, x_ptr, rstd_ptr, pid, stride_dout, stride_x, n_rows, cols, col_mask, ROWS)
-    for tile in range(pid, tl.cdiv(n_rows, ROWS), step):
-        x_next, g_next, rstd_next = _load_tile(dout_ptr, x_ptr, rstd_ptr, tile + step, stride_dout, stride_x, n_rows,
-                                               cols, col_mask, ROWS)
+    for tile in range(pid, tl.cdiv(n_rows, ROWS), n_row_programs):
+        x_next, g_next, rstd_next = _load_tile(dout_ptr, x_ptr, rstd_ptr, tile + n_row_programs, stride_dout,
+                                               stride_x, n_rows, cols, col_mask, ROWS)
         rows = tile * ROWS + tl.arange(0, ROWS)
         mask = (rows < n_rows)[:, None] & col_mask[None, :]
         xf = x.to(tl.float32)
@@ -141,25 +165,51 @@ def _rms_norm_bwd_kernel(
                  mask=mask)
         x, g, rstd = x_next, g_next, rstd_next
     tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=col_mask)
+    tl.debug_barrier()  # every thread's share of the partial is stored before the release below
+    tl.atomic_add(sync_ptr, 1, sem="release")
 
 
-# The per-program dw partials (fp32 [programs, N]) are summed and cast to the weight's dtype by one small kernel
-# (was ``sum(0)`` plus a cast: two launches): deterministic, no atomics, spread over N / 64 programs. A
-# single-launch variant (the last program to finish, found with an atomic ticket, sums the partials) would save
-# the launch but leave one SM reading all ``programs x N x 4`` bytes (1.6 MB at N = 1536) at the end, longer
-# than the launch it saves; atomically added partials would be non-deterministic.
 @triton.jit
-def _dw_reduce_kernel(partial_ptr, dw_ptr, n_partials, n_cols, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dw[c] = sum_p partial[p, c], cast to dw's dtype, in a fixed order. One program per BLOCK_C columns."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < n_cols
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for start in range(0, n_partials, BLOCK_P):
-        parts = start + tl.arange(0, BLOCK_P)
-        mask = (parts < n_partials)[:, None] & col_mask[None, :]
-        acc += tl.sum(tl.load(partial_ptr + parts.to(tl.int64)[:, None] * n_cols + cols[None, :], mask=mask,
-                              other=0.0), 0)
-    tl.store(dw_ptr + cols, acc.to(dw_ptr.dtype.element_ty), mask=col_mask)
+def _bwd_reduce(dw_partial_ptr, dw_ptr, sync_ptr, n_cols, n_row_programs, BLOCK_P: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """A reducer: once all ``n_row_programs`` partials are released, dw[c] = sum_p partial[p, c] over its own
+    span of columns (an equal share, a multiple of 4: 16-byte aligned), in a fixed order, cast to dw's dtype;
+    the last reducer to finish resets the counters."""
+    reducer = tl.program_id(0) - n_row_programs
+    n_reducers = tl.num_programs(0) - n_row_programs
+    released = tl.atomic_add(sync_ptr, 0, sem="acquire")
+    while released < n_row_programs:
+        released = tl.atomic_add(sync_ptr, 0, sem="acquire")
+    tl.debug_barrier()
+    span = tl.cdiv(tl.cdiv(n_cols, n_reducers), 4) * 4
+    end = tl.minimum(n_cols, (reducer + 1) * span)
+    for first in range(reducer * span, end, BLOCK_C):
+        cols = first + tl.arange(0, BLOCK_C)
+        col_mask = cols < end
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for start in range(0, n_row_programs, BLOCK_P):
+            parts = start + tl.arange(0, BLOCK_P)
+            mask = (parts < n_row_programs)[:, None] & col_mask[None, :]
+            acc += tl.sum(tl.load(dw_partial_ptr + parts.to(tl.int64)[:, None] * n_cols + cols[None, :], mask=mask,
+                                  other=0.0, cache_modifier=".cg"), 0)
+        tl.store(dw_ptr + cols, acc.to(dw_ptr.dtype.element_ty), mask=col_mask)
+    if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == n_reducers - 1:  # every reducer is past its wait
+        tl.atomic_xchg(sync_ptr, 0)
+        tl.atomic_xchg(sync_ptr + 1, 0)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    dout_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, dw_ptr, sync_ptr,
+    stride_dout, stride_x, stride_dx, n_rows, n_cols, n_row_programs,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Programs below ``n_row_programs`` are row programs (``_bwd_rows``), the rest reducers (``_bwd_reduce``)."""
+    if tl.program_id(0) < n_row_programs:
+        _bwd_rows(dout_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, sync_ptr, stride_dout, stride_x,
+                  stride_dx, n_rows, n_cols, n_row_programs, BLOCK, ROWS)
+    else:
+        _bwd_reduce(dw_partial_ptr, dw_ptr, sync_ptr, n_cols, n_row_programs, BLOCK_P, BLOCK_C)
 
 
 # ------------------------------------------------------------------------------ launch arguments, launchers
@@ -171,12 +221,9 @@ def _fwd_args(x2, weight, out, rstd, eps: float, res2=None, sum2=None) -> list:
             *x2.shape, eps]
 
 
-def _bwd_args(dout2, x2, weight, rstd, dx, dw_partial) -> list:
-    return [dout2, x2, weight, rstd, dx, dw_partial, dout2.stride(0), x2.stride(0), dx.stride(0), *x2.shape]
-
-
-def _reduce_args(dw_partial, dw) -> list:
-    return [dw_partial, dw, *dw_partial.shape]
+def _bwd_args(dout2, x2, weight, rstd, dx, dw_partial, dw, sync) -> list:
+    return [dout2, x2, weight, rstd, dx, dw_partial, dw, sync, dout2.stride(0), x2.stride(0), dx.stride(0),
+            *x2.shape, dw_partial.shape[0]]
 
 
 def _fwd_buffers(x2: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,9 +232,25 @@ def _fwd_buffers(x2: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, 
     return out, torch.empty(x2.shape[0], dtype=torch.float32, device=x2.device)
 
 
-def _bwd_programs(x2: torch.Tensor) -> int:
+def _bwd_programs(x2: torch.Tensor) -> tuple[int, int]:
+    """(row programs, reducers) of the backward launch: one reducer per ``_ROW_PROGRAMS_PER_REDUCER`` row
+    programs (always fewer than the resident slots)."""
     rows = _config(x2.shape[1])[1]
-    return persistent_programs(triton.cdiv(x2.shape[0], rows), x2.device, _BWD_PROGRAMS_PER_SM, _CPU_BWD_PROGRAMS)
+    programs = persistent_programs(triton.cdiv(x2.shape[0], rows), x2.device, _BWD_PROGRAMS_PER_SM, _CPU_BWD_PROGRAMS)
+    return programs, max(1, programs // _ROW_PROGRAMS_PER_REDUCER)
+
+
+_SYNC: dict[tuple, torch.Tensor] = {}
+"""(device, stream) -> the backward's two int32 counters, zero between launches (its last reducer resets them):
+allocated once, so no launch zeroes them; one pair per stream, as launches on one stream never overlap."""
+
+
+def _sync_counters(device: torch.device) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (device, stream)
+    if key not in _SYNC:
+        _SYNC[key] = torch.zeros(2, dtype=torch.int32, device=device)
+    return _SYNC[key]
 
 
 def _launch_fwd(x2: torch.Tensor, weight: torch.Tensor, eps: float, res2: torch.Tensor | None = None):
@@ -195,7 +258,7 @@ def _launch_fwd(x2: torch.Tensor, weight: torch.Tensor, eps: float, res2: torch.
     out, rstd = _fwd_buffers(x2, weight)
     sum2 = None if res2 is None else torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
     if x2.shape[0]:
-        block, rows, num_warps = _config(x2.shape[1])
+        block, rows, num_warps, _ = _config(x2.shape[1])
         _rms_norm_fwd_kernel[(triton.cdiv(x2.shape[0], rows),)](
             *_fwd_args(x2, weight, out, rstd, eps, res2, sum2), BLOCK=block, ROWS=rows, RESIDUAL=res2 is not None,
             num_warps=num_warps,
@@ -210,15 +273,13 @@ def _launch_bwd(
     dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
     if not n_rows:
         return dx, torch.zeros_like(weight)
-    block, rows, num_warps = _config(n_cols)
-    programs = _bwd_programs(x2)
+    block, rows, _, num_warps = _config(n_cols)
+    programs, reducers = _bwd_programs(x2)
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
-    _rms_norm_bwd_kernel[(programs,)](
-        *_bwd_args(dout2, x2, weight, rstd, dx, dw_partial), BLOCK=block, ROWS=rows, num_warps=num_warps,
-    )
     dw = torch.empty_like(weight)
-    _dw_reduce_kernel[(triton.cdiv(n_cols, _REDUCE_COLS),)](
-        *_reduce_args(dw_partial, dw), BLOCK_P=_REDUCE_PARTIALS, BLOCK_C=_REDUCE_COLS, num_warps=4,
+    _rms_norm_bwd_kernel[(programs + reducers,)](
+        *_bwd_args(dout2, x2, weight, rstd, dx, dw_partial, dw, _sync_counters(x2.device)), BLOCK=block, ROWS=rows,
+        BLOCK_P=_REDUCE_PARTIALS, BLOCK_C=_REDUCE_COLS, num_warps=num_warps,
     )
     return dx, dw
 
@@ -356,18 +417,19 @@ def kernel_specs(shape: dict) -> list[KernelSpec]:
     x2 = torch.empty(shape["tokens"], shape["hidden"], dtype=dtype, device="meta")
     weight = torch.empty(shape["hidden"], dtype=dtype, device="meta")
     out, rstd = _fwd_buffers(x2, weight)
-    dw_partial = torch.empty(_bwd_programs(x2), shape["hidden"], dtype=torch.float32, device="meta")
-    block, rows, num_warps = _config(shape["hidden"])
+    dw_partial = torch.empty(_bwd_programs(x2)[0], shape["hidden"], dtype=torch.float32, device="meta")
+    sync = torch.empty(2, dtype=torch.int32, device="meta")
+    block, rows, fwd_warps, bwd_warps = _config(shape["hidden"])
     constexprs = {"BLOCK": block, "ROWS": rows}
-    config = f"BLOCK={block} ROWS={rows} warps={num_warps}"
+    config = f"BLOCK={block} ROWS={rows} warps={fwd_warps}"
     reduce = {"BLOCK_P": _REDUCE_PARTIALS, "BLOCK_C": _REDUCE_COLS}
+    bwd_config = f"BLOCK={block} ROWS={rows} BLOCK_P={_REDUCE_PARTIALS} BLOCK_C={_REDUCE_COLS} warps={bwd_warps}"
     return [
         launch_spec("rms_norm_fwd", _rms_norm_fwd_kernel, _fwd_args(x2, weight, out, rstd, 1e-6),
-                    {**constexprs, "RESIDUAL": False}, num_warps, config=config),
+                    {**constexprs, "RESIDUAL": False}, fwd_warps, config=config),
         launch_spec("rms_norm_add_fwd", _rms_norm_fwd_kernel, _fwd_args(x2, weight, out, rstd, 1e-6, x2, x2),
-                    {**constexprs, "RESIDUAL": True}, num_warps, config=config),
-        launch_spec("rms_norm_bwd", _rms_norm_bwd_kernel, _bwd_args(out, x2, weight, rstd, x2, dw_partial),
-                    constexprs, num_warps, config=config),
-        launch_spec("rms_norm_bwd_dw", _dw_reduce_kernel, _reduce_args(dw_partial, weight), reduce, 4,
-                    config=f"BLOCK_P={_REDUCE_PARTIALS} BLOCK_C={_REDUCE_COLS} warps=4"),
+                    {**constexprs, "RESIDUAL": True}, fwd_warps, config=config),
+        launch_spec("rms_norm_bwd", _rms_norm_bwd_kernel,
+                    _bwd_args(out, x2, weight, rstd, x2, dw_partial, weight, sync), {**constexprs, **reduce},
+                    bwd_warps, config=bwd_config),
     ]

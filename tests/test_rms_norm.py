@@ -16,12 +16,19 @@ import importlib
 
 import pytest
 import torch
+from helpers import assert_close, assert_spec_matches_kernel, generator, nan_empty
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
+from s1fast.kernels import (
+    RMSNorm,
+    add_rms_norm,
+    add_rms_norm_reference,
+    force_backend,
+    interpreting,
+    rms_norm,
+    rms_norm_reference,
+)
 from s1fast.model.shapes import QWEN25_SHAPES
-from s1fast.kernels import RMSNorm, add_rms_norm, add_rms_norm_reference, force_backend, interpreting, rms_norm
-from s1fast.kernels import rms_norm_reference
-from helpers import assert_close, assert_spec_matches_kernel, generator, nan_empty
 
 rms_module = importlib.import_module("s1fast.kernels.rms_norm")  # the package attribute is the function
 BACKENDS = ["triton", "torch"]
@@ -196,45 +203,52 @@ def test_eps_is_validated(backend):
             with pytest.raises(ValueError, match=r"rms_norm: eps must be a finite number >= 0, got "):
                 rms_norm(x, weight, eps)
         for eps in (0.0, 0, 1):
-            assert_close(rms_norm(x, weight, eps), rms_norm_reference(x.double(), weight.double(), eps), TOL[torch.float32])
+            assert_close(
+                rms_norm(x, weight, eps), rms_norm_reference(x.double(), weight.double(), eps), TOL[torch.float32]
+            )
     with pytest.raises(ValueError, match=r"RMSNorm: eps must be a finite number >= 0, got -1"):
         RMSNorm(16, eps=-1)
 
 
 def test_kernel_specs_describe_the_launched_kernels():
     kernels = {rms_module._rms_norm_fwd_kernel, rms_module._rms_norm_bwd_kernel}
-    for model, dims in QWEN25_SHAPES.items():
+    for dims in QWEN25_SHAPES.values():
         specs = rms_module.kernel_specs(dict(dims, tokens=4096, dtype=torch.bfloat16))
-        assert [s.name for s in specs] == ["rms_norm_fwd", "rms_norm_add_fwd", "rms_norm_bwd", "rms_norm_bwd_dw"]
+        assert [s.name for s in specs] == ["rms_norm_fwd", "rms_norm_add_fwd", "rms_norm_bwd"]
         for spec in specs:
             assert_spec_matches_kernel(spec)
-            assert set(spec.signature.values()) <= {"*bf16", "*fp32", "i32", "fp32"}
-        block, rows, warps = rms_module._config(dims["hidden"])
+            assert set(spec.signature.values()) <= {"*bf16", "*fp32", "*i32", "i32", "fp32"}
+            assert spec.fn in kernels  # a JITFunction (an InterpretedFunction under TRITON_INTERPRET=1)
+        block, rows, fwd_warps, bwd_warps = rms_module._config(dims["hidden"])
         assert block >= dims["hidden"] and block & (block - 1) == 0
         for spec, residual in zip(specs[:2], (False, True)):
-            assert spec.fn is rms_module._rms_norm_fwd_kernel
+            assert spec.fn is rms_module._rms_norm_fwd_kernel and spec.num_warps == fwd_warps
             assert spec.constexprs == {"BLOCK": block, "ROWS": rows, "RESIDUAL": residual}
-        for spec in specs[:3]:
-            assert spec.fn in kernels  # a JITFunction (an InterpretedFunction under TRITON_INTERPRET=1)
-            assert spec.num_warps == warps
-        assert specs[2].constexprs == {"BLOCK": block, "ROWS": rows}
-        reduce = specs[3]
-        assert reduce.fn is rms_module._dw_reduce_kernel and reduce.signature["dw_ptr"] == "*bf16"
-        assert reduce.constexprs == {"BLOCK_P": rms_module._REDUCE_PARTIALS, "BLOCK_C": rms_module._REDUCE_COLS}
+        bwd = specs[2]
+        assert bwd.num_warps == bwd_warps and bwd.signature["dw_ptr"] == "*bf16" and bwd.signature["sync_ptr"] == "*i32"
+        assert bwd.constexprs == {"BLOCK": block, "ROWS": rows, "BLOCK_P": rms_module._REDUCE_PARTIALS,
+                                  "BLOCK_C": rms_module._REDUCE_COLS}
 
 
-@pytest.mark.parametrize("rows, programs", [(1, 4), (37, 4), (37, 128)])
-def test_backward_launches_two_kernels_for_any_program_count(rows, programs, monkeypatch):
-    """The dw partials of 1 to 128 programs (several BLOCK_P tiles of the reduction, masked tails) sum to the
-    float64 reference, and backward launches exactly the main kernel and the reduction (no torch sum/cast)."""
+@pytest.mark.parametrize("rows, width, programs", [(1, 200, 4), (37, 200, 4), (1100, 200, 128), (9, 3584, 8)])
+def test_backward_is_one_launch_for_any_program_count(rows, width, programs, monkeypatch):
+    """One backward launch (no reduction kernel, no torch sum/cast): its reducers sum the dw partials of 1 to 69
+    row programs (two BLOCK_P tiles at 69, masked tails) with 1 to 34 reducers (some with no columns at width
+    200) to the float64 reference; the sync counters are back to zero afterwards, and a second backward gives
+    the same dw bit for bit (a fixed summation order)."""
     monkeypatch.setattr(rms_module, "_CPU_BWD_PROGRAMS", programs)
-    x, weight, grad = make_case((rows, 200), torch.bfloat16)
+    monkeypatch.setattr(rms_module, "_REDUCE_PARTIALS", 64)  # 69 partials: two tiles of the reduction
+    x, weight, grad = make_case((rows, width), torch.bfloat16)
     launched = []
-    for kernel in (rms_module._rms_norm_bwd_kernel, rms_module._dw_reduce_kernel):
-        monkeypatch.setattr(kernel, "run", _recording(kernel.run, kernel, launched), raising=False)
+    kernel = rms_module._rms_norm_bwd_kernel
+    monkeypatch.setattr(kernel, "run", _recording(kernel.run, kernel, launched), raising=False)
     out, dx, dw = run("triton", x, weight, grad)
-    assert_close(dw, run_float64(x, weight, grad)[2], TOL[torch.bfloat16])
-    assert launched == [rms_module._rms_norm_bwd_kernel, rms_module._dw_reduce_kernel]
+    expected = run_float64(x, weight, grad)
+    assert_close(dx, expected[1], TOL[torch.bfloat16])
+    assert_close(dw, expected[2], TOL[torch.bfloat16])
+    assert launched == [kernel]
+    assert torch.equal(rms_module._sync_counters(x.device), torch.zeros(2, dtype=torch.int32))
+    assert torch.equal(run("triton", x, weight, grad)[2], dw)
 
 
 def _recording(original, kernel, launched):
@@ -265,11 +279,14 @@ def test_rows_past_int32_offsets(device):
 @pytest.mark.parametrize("width", [1536, 3584])
 def test_cuda_backward_at_model_shapes(width, device):
     """On a GPU at Qwen2.5-1.5B / 7B widths and 4,099 rows: the persistent backward with its prefetched tiles
-    (every program runs several, the last partly masked) and the dW reduction kernel against float64."""
+    (every program runs several, the last partly masked) and the in-launch dW reducers against float64; twice,
+    so the second launch relies on the first one's reset of the sync counters."""
     x, weight, grad = make_case((4099, width), torch.bfloat16)
-    results = run("auto", x.to(device), weight.to(device), grad.to(device))
-    for actual, expected in zip(results, run_float64(x, weight, grad)):
-        assert_close(actual.cpu(), expected, TOL[torch.bfloat16])
+    expected = run_float64(x, weight, grad)
+    for _ in range(2):
+        results = run("auto", x.to(device), weight.to(device), grad.to(device))
+        for actual, reference in zip(results, expected):
+            assert_close(actual.cpu(), reference, TOL[torch.bfloat16])
 
 
 # ------------------------------------------------------------------------------------------ add_rms_norm
