@@ -32,7 +32,7 @@ Qwen2.5-1.5B / 7B shapes in bf16, on a modelled H100 SXM (``GPU``):
   Python), clocks. A prediction to rank changes by, checked against ``s1fast bench kernels`` on a GPU.
 
 Also: Triton launches and PyTorch operator calls per decode step per layer, counted on a tiny random Qwen2
-(the difference between a 2- and a 3-layer model and between 3 and 4 new tokens; see ``decode_launches``).
+(``decode_launches``, the counter of ``s1fast bench decode``).
 """
 
 from __future__ import annotations
@@ -131,10 +131,6 @@ launch's totals) are moved by the programs past the kernel's persistent cap afte
 without a launch gap."""
 FROM_ARGS = {"_scale_kernel": _scale_kernel_bytes}
 PER_PROGRAM_LOAD_BYTES = {"_scale_kernel": 4}  # FROM_ARGS kernels: what each program reads besides the data
-_state = {"in_kernel": False}  # True while the interpreter runs a kernel (its own tensor copies are not operators)
-_NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh",
-              "set_", "resize_", "_local_scalar_dense"}
-"""Operators that launch no GPU kernel (allocation, metadata; ``.item()``'s read is a copy, not counted)."""
 """Kernels whose bytes are computed from their launch arguments instead of interpreted (stated per kernel)."""
 
 
@@ -186,11 +182,7 @@ def counting() -> Iterator[list[dict]]:
             launch["load_bytes"] += PER_PROGRAM_LOAD_BYTES[launch["kernel"]] * launch["grid"]
             return None
         sites.clear()
-        _state["in_kernel"] = True
-        try:
-            result = call(self, *args, **kwargs)
-        finally:
-            _state["in_kernel"] = False
+        result = call(self, *args, **kwargs)
         for (_, _, function), (nbytes, low, high) in sites.items():
             counted_bytes = min(nbytes, high - low) if high - low <= L2_RESIDENT_BYTES else nbytes
             launch["load_bytes"] += counted_bytes
@@ -390,44 +382,20 @@ def model_rows(builds: list[dict], counts: list[dict]) -> list[dict]:
     return rows
 
 
-def decode_launches(dtype: torch.dtype = torch.float32) -> dict:
-    """Launches per decode step of ``s1fast.model.Decoder`` on a tiny random Qwen2 on CPU, as
-    ``constant + per_layer x layers`` for Triton launches and for PyTorch operators (views, allocations and the
-    interpreter's own copies excluded: each counted operator is one CUDA kernel on a GPU, all replayed by one
-    CUDA graph there). Fitted on 2 and 3 layers; the constant can be negative when one operator per layer is
-    shared at a layer boundary."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+def decode_launches() -> dict:
+    """Launches per decode step of ``s1fast.decode.Decoder`` on a tiny random Qwen2, as ``constant + per_layer x
+    layers`` for Triton launches and for PyTorch operators (each one CUDA kernel on a GPU, all replayed by one CUDA
+    graph there), from ``s1fast.bench.decode.launches``: the one counter, shared with ``s1fast bench decode``."""
+    from s1fast.bench.decode import launches
 
-    from s1fast.decode import Decoder
-    from s1fast.model.shapes import random_qwen
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            if not (func.is_view or _state["in_kernel"] or name in _NO_LAUNCH):
-                self.count += 1
-            return func(*args, **(kwargs or {}))
-
-    shape = dict(layers=1, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=256, tied=True)
-    counts = {}
-    for layers in (2, 3):
-        decoder = Decoder(random_qwen(shape, device="cpu", layers=layers, dtype=dtype, max_positions=64),
-                          cuda_graphs=False)
-        for new in (3, 4):
-            with counting() as launches, Ops() as ops:
-                decoder.generate([[1, 2, 3, 4, 5]], max_new_tokens=new)
-            counts[layers, new] = (len(launches), ops.count)
-    step = {n: (counts[n, 4][0] - counts[n, 3][0], counts[n, 4][1] - counts[n, 3][1]) for n in (2, 3)}
-    per_layer = (step[3][0] - step[2][0], step[3][1] - step[2][1])
+    row = launches("cpu")[0]
+    layers, triton = row["layers"], row["triton_per_layer"]
+    torch_ops = row["launches_per_layer"] - triton
     return {
-        "triton_launches_per_layer": per_layer[0],
-        "torch_ops_per_layer": per_layer[1],
-        "triton_launches_constant": step[2][0] - 2 * per_layer[0],
-        "torch_ops_constant": step[2][1] - 2 * per_layer[1],
+        "triton_launches_per_layer": triton,
+        "torch_ops_per_layer": torch_ops,
+        "triton_launches_constant": row["triton_per_step"] - layers * triton,
+        "torch_ops_constant": row["launches_per_step"] - row["triton_per_step"] - layers * torch_ops,
     }
 
 
