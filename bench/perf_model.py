@@ -1,38 +1,18 @@
 """Static performance model of the Triton kernels (part of ``s1fast bench inspect``): no GPU needed.
 
 For every kernel family (forward + backward through the public function, as training runs it) at the
-Qwen2.5-1.5B / 7B shapes in bf16, on a modelled H100 SXM (``GPU``):
+Qwen2.5-1.5B / 7B shapes in bf16, on a modelled H100 SXM (``GPU``), each figure documented where it is computed:
 
-- **bytes moved / minimum.** Method: the public function runs under Triton's interpreter with every masked
-  load and store counted (``counting``: each element whose mask is true adds its size; a second load of the
-  same element counts again, so an L2 hit is counted as DRAM traffic: an upper bound) while the launchers
-  size their grids for the modelled GPU (``kernels._common.modelled_gpu``). The minimum is what the bench
-  counts: each input read once and each output written once (``bench.kernels`` ``moved_bytes``); for the
-  fused linear cross-entropy's Triton kernels, one read and one write of each logits chunk. Bytes and grids
-  are counted at two small token counts and extended linearly to 4K-32K tokens (exact for these kernels:
-  per-row work plus a per-program part that no longer grows once a persistent grid is full; the two counts
-  are chosen past that point). The loss kernels are counted on a few full-vocabulary rows (one program per
-  row, so bytes are per row).
-- **grid, waves, occupancy and its limiter.** Programs per SM = the smallest of: the register file
-  (65,536 / (warps x 32 x registers rounded up to 8)), shared memory (228 KiB / (bytes + 1 KiB reserved)),
-  2,048 threads and 32 blocks; registers and shared memory from the sm_90 cubin (``bench.inspect``).
-  waves = grid / (132 x programs per SM).
-- **predicted share of copy bandwidth**::
-
-      t_i   = moved_i / (B x eff_i)         eff_i = waves_i / ceil(waves_i), or min(1, grid_i / 132) below one wave
-      pct   = (minimum / B) / (sum_i t_i + (launches - 1) x gap)
-
-  A kernel's tail phase (``TAIL_PHASES``: work that waits for the rest of its grid) is timed apart, like a
-  launch of its programs without the gap: ``t_i = (moved_i - tail_i) / (B x eff_i) + tail_i / (B x
-  min(1, tail programs / 132))``.
-
-  with B = ``GPU["copy_gbps"]`` (what a large device copy reaches on an H100 SXM) and gap =
-  ``GPU["launch_gap_us"]`` between back-to-back launches. Not modelled: memory latency and bytes in flight
-  (a kernel with too few loads in flight per SM falls short of B), L2 hits, CPU-side overhead (autograd,
-  Python), clocks. A prediction to rank changes by, checked against ``s1fast bench kernels`` on a GPU.
+- bytes moved / minimum: counted under Triton's interpreter (:func:`counting`, :func:`counted`; the method is
+  in the comment above ``L2_RESIDENT_BYTES``);
+- grid, waves, occupancy and its limiter: :func:`occupancy`;
+- predicted share of copy bandwidth: :func:`predict`, a prediction to rank changes by.
 
 Also: Triton launches and PyTorch operator calls per decode step per layer, counted on a tiny random Qwen2
 (``decode_launches``, the counter of ``s1fast bench decode``).
+
+Entry points: :func:`run_counts` (the counts, in a child process: :func:`main`), :func:`model_rows`,
+:func:`format_model`.
 """
 
 from __future__ import annotations
@@ -94,6 +74,15 @@ def _persistent_caps() -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------- counting
+# Bytes moved / minimum. Method: the public function runs under Triton's interpreter with every masked load and store
+# counted (``counting``: each element whose mask is true adds its size; a second load of the same element counts again,
+# so an L2 hit is counted as DRAM traffic: an upper bound) while the launchers size their grids for the modelled GPU
+# (``kernels._common.modelled_gpu``). The minimum is what the bench counts: each input read once and each output written
+# once (``bench.kernels`` ``moved_bytes``); for the fused linear cross-entropy's Triton kernels, one read and one write
+# of each logits chunk. Bytes and grids are counted at two small token counts and extended linearly to 4K-32K tokens
+# (exact for these kernels: per-row work plus a per-program part that no longer grows once a persistent grid is full;
+# the two counts are chosen past that point). The loss kernels are counted on a few full-vocabulary rows (one program
+# per row, so bytes are per row).
 L2_RESIDENT_BYTES = 1 << 20
 """A load site (one ``tl.load`` in the kernel's source) whose whole footprint in a launch is at most this is
 counted once per launch (a weight row, per-row scalars, labels: they stay in the 50 MB L2); every other
@@ -290,7 +279,12 @@ def counted(family: str, model: str, tokens_list=MODEL_TOKENS, sms: int = GPU["s
 # ------------------------------------------------------------------------------------------ the model
 def occupancy(registers: int, shared_bytes: int, num_warps: int, gpu: dict = GPU) -> tuple[int, str]:
     """(resident programs per SM, what limits it: "registers", "shared memory", "threads", "blocks", or several
-    joined by "/" when they tie) for one build on ``gpu``."""
+    joined by "/" when they tie) for one build on ``gpu``.
+
+    Programs per SM = the smallest of: the register file (65,536 / (warps x 32 x registers rounded up to 8)), shared
+    memory (228 KiB / (bytes + 1 KiB reserved)), 2,048 threads and 32 blocks; registers and shared memory from the sm_90
+    cubin (``bench.inspect``). waves = grid / (132 x programs per SM).
+    """
     threads = num_warps * 32
     limits = {
         "registers": gpu["regs_per_sm"] // (threads * (-(-max(registers, 1) // 8) * 8)),
@@ -303,7 +297,21 @@ def occupancy(registers: int, shared_bytes: int, num_warps: int, gpu: dict = GPU
 
 
 def predict(min_bytes: int, launches: list[dict], gpu: dict = GPU) -> dict:
-    """Apply the module docstring's formula to launches carrying ``grid``, bytes and ``programs_per_sm``."""
+    """Apply the model's formula to launches carrying ``grid``, bytes and ``programs_per_sm``: the predicted share
+    of copy bandwidth::
+
+        t_i   = moved_i / (B x eff_i)         eff_i = waves_i / ceil(waves_i), or min(1, grid_i / 132) below one wave
+        pct   = (minimum / B) / (sum_i t_i + (launches - 1) x gap)
+
+    with B = ``GPU["copy_gbps"]`` (what a large device copy reaches on an H100 SXM) and gap = ``GPU["launch_gap_us"]``
+    between back-to-back launches. Not modelled: memory latency and bytes in flight (a kernel with too few loads in
+    flight per SM falls short of B), L2 hits, CPU-side overhead (autograd, Python), clocks. A prediction to rank changes
+    by, checked against ``s1fast bench kernels`` on a GPU.
+
+    A kernel's tail phase (``TAIL_PHASES``: work that waits for the rest of its grid) is timed apart, like a launch of
+    its programs without the gap:
+    ``t_i = (moved_i - tail_i) / (B x eff_i) + tail_i / (B x min(1, tail programs / 132))``.
+    """
     bw = gpu["copy_gbps"] * 1e3  # bytes per microsecond
     total_us = (len(launches) - 1) * gpu["launch_gap_us"]
     for x in launches:

@@ -1,57 +1,15 @@
 """s1 budget forcing, at token level, as a per-row state machine the decoder runs inside its decode loop.
 
-s1 (Muennighoff et al., 2025) controls how long a reasoning model thinks. The prompt ends with the think
-delimiter (``<|im_start|>think``); thinking starts with the first generated token. ``thinking`` counts the
-model's thinking tokens plus the injected wait tokens. At every thinking step:
+s1 (Muennighoff et al., 2025) controls how long a reasoning model thinks: a budget cut ends thinking at
+``max_thinking_tokens``, forced waits ("Wait") make it think on. Entry points:
 
-1. if ``max_thinking_tokens`` is reached (``thinking >= max_thinking_tokens``): the model's token is dropped,
-   ``budget_end`` is appended and thinking is over (``budget_cut``);
-2. else if the token ends thinking (``end_think[0]``, one of ``end_think_tokens``, or a stop token of the
-   request): it is dropped; if fewer than ``num_waits`` waits were injected, or ``thinking <
-   min_thinking_tokens``, ``wait`` is appended (one forced wait; its tokens count as thinking, and those past
-   the budget are cut as in 1, ``budget_end`` following the last one kept); otherwise ``end_think`` is appended
-   and thinking is over;
-3. else the token is a thinking token.
+- :class:`BudgetForcing`: the settings, in token ids (``BudgetForcing.from_tokenizer`` builds them from a
+  reasoning format's texts, ``s1fast.model.chat``).
+- :class:`RowState`: one sequence's state; the decoder feeds it each sampled token (``RowState.step``).
 
-Thinking thus runs in rounds: the first, and one after each forced wait. When waits can be forced
-(``num_waits`` or ``min_thinking_tokens`` > 0), the first token of a round is never one that ends thinking
-(``RowState.mask_enders``: the decoder masks those tokens before sampling), as s1 runs its rounds with vLLM's
-``min_tokens=1``. After thinking the row decodes normally until a stop token or ``max_new_tokens``, which
-bounds generated plus injected tokens: an injection that does not fit is cut, and the row ends.
-
-Which tokens end thinking: s1's thinking phase stops on ``<|im_start|>`` and on the task's stop strings, the
-tokenizer's end of sequence (``<|im_end|>``) among them; it then forces a wait or appends
-``<|im_start|>answer`` and decodes an answer. So a stop token inside thinking ends the thinking, not the row.
-``from_tokenizer`` puts the end-of-turn and end-of-sequence tokens in ``end_think_tokens`` so that this holds
-without stop tokens too (``format="r1"`` / ``"qwen3"`` give those formats' own: ``end_think="</think>"``, their end
-tokens, ``budget_end="</think>\\n\\n"``; ``s1fast.model.chat``).
-
-s1's newline rule ("a newline first if the text does not end with one") at token level: ``newline`` (the ids
-of "\\n") is put before ``budget_end`` unless the last token kept (the prompt's last token when nothing was
-generated yet) is in ``newline_ending``, the ids whose text ends with a newline. ``from_tokenizer`` fills both;
-with ``newline=()`` ``budget_end`` is appended as it is. One difference from s1 is inherent to editing tokens
-instead of text: s1 re-tokenizes the edited text, where a trailing "." and the new "\\n" may merge into one
-token; here the newline is its own token after the "." token.
-
-s1's own code (the thinking branch of ``_model_generate`` in its lm-evaluation-harness fork) runs every round
-as a new vLLM call allowed the whole budget, joins the rounds and cuts them to the budget afterwards. For
-greedy decoding the rules above give the tokens of that algorithm (the tests run it on transformers against
-the decoder), but for two quirks of that code:
-
-(a) when the budget is crossed in a round that then stops by itself (the model ends thinking with no waits
-    left), s1 cuts the tokens to the budget yet appends ``end_think`` (``<|im_start|>answer``): no newline, no
-    "Final Answer:";
-(b) when the last round stops at its length limit (the whole budget in that round, or the sequence filling
-    the model's length, ``max_seq_len`` here), s1's newline rule looks at that round's last token, which the
-    cut removed, instead of the last token kept.
-
-``s1_compat=True`` reproduces both, so that s1's own evaluations can be matched token for token: past the
-budget it decodes on as s1 does (each remaining round may run a whole budget), keeps none of it, and rewinds
-the row to the cut (``RowState.rewind``) once it knows how s1's last round ended. That costs the extra
-decoding and its KV cache (``compat_overshoot``), so it is off by default; the default rule is also the
-cleaner one: a budget cut always ends with ``budget_end``, and the newline rule looks at the text the model
-goes on from. Where a round ends thinking on its last allowed token, it counts as ended: vLLM's V0 engine
-checks stops before lengths (its V1 engine checks the length first for stop token ids, and differs there).
+Each rule is documented next to the code that runs it: a thinking step (``RowState.step``), which tokens end
+thinking (``BudgetForcing.thinking_enders``), s1's newline rule (``BudgetForcing.budget_end_after``), and the
+quirks of s1's own code that ``s1_compat`` reproduces (``RowState._past_budget``).
 """
 
 from __future__ import annotations
@@ -91,10 +49,10 @@ def _count(name: str, value: object, *, optional: bool = False) -> int | None:
 
 @dataclass(frozen=True)
 class BudgetForcing:
-    """s1 budget forcing settings (token ids). See the module docstring for the exact semantics.
+    """s1 budget forcing settings (token ids). ``RowState.step`` has the exact semantics.
 
     ``end_think_tokens``: tokens that end thinking besides ``end_think[0]`` (which always does).
-    ``s1_compat``: reproduce the two quirks of s1's evaluation code (module docstring); off by default.
+    ``s1_compat``: reproduce the two quirks of s1's evaluation code (``RowState._past_budget``); off by default.
     """
 
     end_think: Sequence[int]
@@ -187,7 +145,15 @@ class BudgetForcing:
 
     @property
     def thinking_enders(self) -> frozenset[int]:
-        """The tokens that end thinking (with a request's stop tokens)."""
+        """The tokens that end thinking (with a request's stop tokens).
+
+        s1's thinking phase stops on ``<|im_start|>`` and on the task's stop strings, the tokenizer's end of sequence
+        (``<|im_end|>``) among them; it then forces a wait or appends ``<|im_start|>answer`` and decodes an answer. So a
+        stop token inside thinking ends the thinking, not the row. ``from_tokenizer`` puts the end-of-turn and
+        end-of-sequence tokens in ``end_think_tokens`` so that this holds without stop tokens too (``format="r1"`` /
+        ``"qwen3"`` give those formats' own: ``end_think="</think>"``, their end tokens,
+        ``budget_end="</think>\\n\\n"``; ``s1fast.model.chat``).
+        """
         return self.end_think_tokens | {self.end_think[0]}
 
     @property
@@ -210,7 +176,15 @@ class BudgetForcing:
         return (self.num_waits + 2) * (self.max_thinking_tokens + len(self.wait))
 
     def budget_end_after(self, last_token: int) -> tuple[int, ...]:
-        """``budget_end`` with s1's newline rule applied after ``last_token``."""
+        """``budget_end`` with s1's newline rule applied after ``last_token``.
+
+        s1's newline rule ("a newline first if the text does not end with one") at token level: ``newline`` (the ids
+        of "\\n") is put before ``budget_end`` unless the last token kept (the prompt's last token when nothing was
+        generated yet) is in ``newline_ending``, the ids whose text ends with a newline. ``from_tokenizer`` fills both;
+        with ``newline=()`` ``budget_end`` is appended as it is. One difference from s1 is inherent to editing tokens
+        instead of text: s1 re-tokenizes the edited text, where a trailing "." and the new "\\n" may merge into one
+        token; here the newline is its own token after the "." token.
+        """
         if self.newline and last_token not in self.newline_ending:
             return (*self.newline, *self.budget_end)
         return self.budget_end
@@ -257,6 +231,26 @@ class RowState:
         self.past_last = 0  # ... and the last of them
 
     def step(self, token: int) -> list[int] | None:
+        """Take the model's next ``token``; return the tokens to feed next (class docstring).
+
+        The prompt ends with the think delimiter (``<|im_start|>think``); thinking starts with the first generated
+        token. ``thinking`` counts the model's thinking tokens plus the injected wait tokens. At every thinking step:
+
+        1. if ``max_thinking_tokens`` is reached (``thinking >= max_thinking_tokens``): the model's token is dropped,
+           ``budget_end`` is appended and thinking is over (``budget_cut``);
+        2. else if the token ends thinking (``end_think[0]``, one of ``end_think_tokens``, or a stop token of the
+           request): it is dropped; if fewer than ``num_waits`` waits were injected, or ``thinking <
+           min_thinking_tokens``, ``wait`` is appended (one forced wait; its tokens count as thinking, and those past
+           the budget are cut as in 1, ``budget_end`` following the last one kept); otherwise ``end_think`` is appended
+           and thinking is over;
+        3. else the token is a thinking token.
+
+        Thinking thus runs in rounds: the first, and one after each forced wait. When waits can be forced
+        (``num_waits`` or ``min_thinking_tokens`` > 0), the first token of a round is never one that ends thinking
+        (``RowState.mask_enders``: the decoder masks those tokens before sampling), as s1 runs its rounds with vLLM's
+        ``min_tokens=1``. After thinking the row decodes normally until a stop token or ``max_new_tokens``, which
+        bounds generated plus injected tokens: an injection that does not fit is cut, and the row ends.
+        """
         self.mask_enders, self.rewind = False, 0
         if self.thinking_ended:
             return self._emit([token], stop=token in self.stop)
@@ -289,7 +283,28 @@ class RowState:
 
     def _past_budget(self, token: int) -> list[int] | None:
         """``s1_compat`` past the budget: decode s1's remaining rounds without keeping them, until its last
-        round ends, then rewind to the budget and append what s1 appends."""
+        round ends, then rewind to the budget and append what s1 appends.
+
+        s1's own code (the thinking branch of ``_model_generate`` in its lm-evaluation-harness fork) runs every round as
+        a new vLLM call allowed the whole budget, joins the rounds and cuts them to the budget afterwards. For greedy
+        decoding the rules of ``step`` give the tokens of that algorithm (the tests run it on transformers against the
+        decoder), but for two quirks of that code:
+
+        (a) when the budget is crossed in a round that then stops by itself (the model ends thinking with no waits
+            left), s1 cuts the tokens to the budget yet appends ``end_think`` (``<|im_start|>answer``): no newline, no
+            "Final Answer:";
+        (b) when the last round stops at its length limit (the whole budget in that round, or the sequence filling
+            the model's length, ``max_seq_len`` here), s1's newline rule looks at that round's last token, which the
+            cut removed, instead of the last token kept.
+
+        ``s1_compat=True`` reproduces both, so that s1's own evaluations can be matched token for token: past the
+        budget it decodes on as s1 does (each remaining round may run a whole budget), keeps none of it, and rewinds
+        the row to the cut (``RowState.rewind``) once it knows how s1's last round ended. That costs the extra
+        decoding and its KV cache (``compat_overshoot``), so it is off by default; the default rule is also the
+        cleaner one: a budget cut always ends with ``budget_end``, and the newline rule looks at the text the model
+        goes on from. Where a round ends thinking on its last allowed token, it counts as ended: vLLM's V0 engine
+        checks stops before lengths (its V1 engine checks the length first for stop token ids, and differs there).
+        """
         b = self.budget
         if self.past is None:
             self.past, self.past_waits, self.past_last = 0, 0, self.last

@@ -7,30 +7,9 @@
       "max_thinking_tokens": 512, "num_waits": 1}'
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true``: server-sent events in
-OpenAI's chunk format, then ``data: [DONE]``), ``GET /v1/models``, ``GET /health``. One engine loop
-(``s1fast.decode.engine``, continuous batching) runs in a background thread; each choice of each request is
-one engine request, admitted between two decode steps; a client that goes away (a stream closed, or the
-connection of a request waiting for its whole answer) frees its row at the next step.
-
-Body fields besides OpenAI's (``model``, ``prompt`` / ``messages``, ``max_tokens``, ``temperature`` (default
-1), ``top_p``, ``top_k`` (-1: off), ``seed``, ``n``, ``stream``): ``max_thinking_tokens``, ``num_waits``,
-``min_thinking_tokens`` (budget forcing, ``s1fast.decode.budget``) and ``return_token_ids``. ``stop`` holds
-strings and token ids. A stop string (any length, matched on the decoded answer, never in the thinking) ends
-the choice with ``finish_reason`` "stop" and is not part of the text, as in OpenAI's API; the tokens end with
-the one that completed it, and a stream holds back the text that may begin a stop string until it is settled.
-A token id (an s1fast extension) is added to the format's stop tokens: the engine stops on it and keeps it
-(inside the thinking it ends the thinking, as budget forcing does). ``logprobs`` and ``top_logprobs`` are
-refused (400): the engine samples on the device and returns no log-probabilities.
-Chat renders the messages in the reasoning format (``--format``) and always
-thinks: ``reasoning_content`` carries the thinking, ``content`` the answer. A completion prompt is decoded
-as it is; budget forcing applies to it only when a budget field is given (the prompt then ends where the
-thinking starts). Each choice reports ``thinking_tokens``, ``forced_waits`` and ``budget_cut``; ``usage``
-has ``completion_tokens_details.reasoning_tokens``. ``max_tokens`` counts generated plus injected tokens
-(default: all the room the model's length leaves).
-
-Shutdown (SIGTERM or Ctrl-C): the server stops accepting connections at once, lets the requests in flight
-finish for up to ``--shutdown-timeout`` seconds, then cancels those left (a stream gets an error event, a
-waiting request a 503), stops the engine loop and exits with status 0.
+OpenAI's chunk format, then ``data: [DONE]``), ``GET /v1/models``, ``GET /health``. Bodies take OpenAI's fields plus
+``max_thinking_tokens``, ``num_waits``, ``min_thinking_tokens`` (budget forcing) and ``return_token_ids``
+(``Server.parse`` has every field). SIGTERM or Ctrl-C shuts the server down gracefully (``--shutdown-timeout``).
 """
 
 import argparse
@@ -204,7 +183,12 @@ class _Choice:
 
 class Server:
     """The request handling around one ``Engine``: parsing and checking bodies, posting choices, shaping
-    responses. ``app()`` is the FastAPI application (the engine loop runs for its lifespan)."""
+    responses. ``app()`` is the FastAPI application (the engine loop runs for its lifespan).
+
+    One engine loop (``s1fast.decode.engine``, continuous batching) runs in a background thread; each choice of each
+    request is one engine request, admitted between two decode steps; a client that goes away (a stream closed, or the
+    connection of a request waiting for its whole answer) frees its row at the next step.
+    """
 
     def __init__(
         self, engine, tokenizer, fmt, budget, model_name: str, *, api_key: str | None = None, max_queue: int = 64
@@ -217,7 +201,23 @@ class Server:
 
     # --- parsing -----------------------------------------------------------------------------------------
     def parse(self, body, chat: bool) -> tuple[list[int], dict, dict]:
-        """(prompt ids, engine settings, options) of a request body, or a BadRequest naming the field."""
+        """(prompt ids, engine settings, options) of a request body, or a BadRequest naming the field.
+
+        Body fields besides OpenAI's (``model``, ``prompt`` / ``messages``, ``max_tokens``, ``temperature`` (default 1),
+        ``top_p``, ``top_k`` (-1: off), ``seed``, ``n``, ``stream``): ``max_thinking_tokens``, ``num_waits``,
+        ``min_thinking_tokens`` (budget forcing, ``s1fast.decode.budget``) and ``return_token_ids``. ``stop`` holds
+        strings and token ids. A stop string (any length, matched on the decoded answer, never in the thinking) ends the
+        choice with ``finish_reason`` "stop" and is not part of the text, as in OpenAI's API; the tokens end with the
+        one that completed it, and a stream holds back the text that may begin a stop string until it is settled. A
+        token id (an s1fast extension) is added to the format's stop tokens: the engine stops on it and keeps it (inside
+        the thinking it ends the thinking, as budget forcing does). ``logprobs`` and ``top_logprobs`` are refused (400):
+        the engine samples on the device and returns no log-probabilities. Chat renders the messages in the reasoning
+        format (``--format``) and always thinks: ``reasoning_content`` carries the thinking, ``content`` the answer. A
+        completion prompt is decoded as it is; budget forcing applies to it only when a budget field is given (the
+        prompt then ends where the thinking starts). Each choice reports ``thinking_tokens``, ``forced_waits`` and
+        ``budget_cut``; ``usage`` has ``completion_tokens_details.reasoning_tokens``. ``max_tokens`` counts generated
+        plus injected tokens (default: all the room the model's length leaves).
+        """
         if not isinstance(body, dict):
             raise BadRequest("body", "the request body must be a JSON object")
         if body.get("model") != self.model_name:
@@ -460,7 +460,12 @@ class Server:
         return app
 
     def serve(self, host: str, port: int, shutdown_timeout: float, log_level: str = "info") -> None:
-        """Serve until SIGTERM or Ctrl-C, then shut down as the module docstring says (the exit status stays 0)."""
+        """Serve until SIGTERM or Ctrl-C, then shut down (the exit status stays 0).
+
+        Shutdown (SIGTERM or Ctrl-C): the server stops accepting connections at once, lets the requests in flight finish
+        for up to ``--shutdown-timeout`` seconds, then cancels those left (a stream gets an error event, a waiting
+        request a 503), stops the engine loop and exits with status 0.
+        """
         import uvicorn
 
         engine = self.engine

@@ -1,40 +1,14 @@
 """Answer extraction and grading: math answers with Hugging Face's ``math-verify`` (parse + verify), multiple-choice
 letters (GPQA style), and the answer classes of a majority vote.
 
-Math answers. ``math_verify.parse`` extracts the answer and turns it into sympy, ``math_verify.verify`` compares it
-with the reference, also parsed (numbers, fractions, radicals, sets, intervals, tuples, matrices, equations such as
-``x = 5``, units, degrees, percentages). Extraction rules of our own are kept only where math-verify lacks them:
+- :func:`grade`: extract the answer from a model's output and compare it with the reference;
+  :func:`parse_answer` / :func:`extract_answer` and :func:`is_correct` / :func:`is_equiv` are its two halves.
+- :func:`answer_classes`: the classes of a majority vote.
+- :func:`last_boxed`, :func:`choice_letter`: the extraction rules of our own.
 
-- the boxed answer is the content of the *last complete* ``\\boxed{...}`` / ``\\fbox{...}`` (also ``\\boxed {x}``
-  and ``\\boxed x``), and only that box is given to math-verify: math-verify joins every box of a text into one
-  set (a model that boxes a first guess and then its answer would be graded on both), reads a box cut off by
-  the token limit up to the end of the text, and knows neither ``\\fbox`` nor a space before the brace;
-- without a box the answer must follow an answer phrase: math-verify's own phrases ("Answer:", "final answer
-  is", "the answer is", Minerva's "I hope it is correct"), with its anchor-free fallback (the last number or
-  LaTeX span anywhere in the text) off, so a text without a box or an answer phrase has no answer;
-- an answer phrase followed by plain text without math delimiters (``Final Answer: 2\\sqrt{2}``, ``Answer: (2,3)``,
-  ``The answer is: **-2, 4**``, a ``### Final Answer`` heading with the answer on the next line): math-verify
-  reads only the first number of such text (``2``, ``-2``) or nothing, so the rest of the last such line is the
-  answer, as a box would be, when math-verify can parse it (else math-verify extracts from the text).
-
-Multiple choice (``choices=n``: the letters A, B, ... of n options; the reference is a letter, ``C`` or ``(C)``):
-the last box when it holds a letter (``\\boxed{C}``, ``\\boxed{\\text{(C)}}``), else math-verify's string extraction
-anchored on an answer phrase ("Answer: C", "the answer is **C**"), after ``(C)`` and ``C)`` are rewritten to
-``C`` (math-verify reads bare letters only).
-
-Time. math-verify bounds each parse and each comparison with ``signal.alarm`` (``TIMEOUT_S``, whole seconds; the
-alarm replaces one the caller set). Signals work in the main thread only, and math-verify raises elsewhere, so
-off the main thread the limit is off and size caps bound the work: math-verify sees at most the last
-``MAX_TEXT_CHARS`` characters of a text; a box or answer line longer than ``MAX_ANSWER_CHARS``, or a text with a
-line nested deeper than ``MAX_DEPTH`` brackets (math-verify's LaTeX parser slows down about 1.3x per level), is no
-answer; a parsed value with a power or factorial of more than ``MAX_DIGITS`` digits is never handed to sympy
-(a tower such as ``9^{9^{9^9}}`` overran a 1 s alarm by seconds). ``s1fast eval`` grades in its main
-thread. Grading never raises on malformed input: errors and time-outs inside math-verify mean "no answer" / "not
-equal".
-
-Majority vote: ``answer_classes`` puts each answer in the class of the first earlier answer that math-verify
-finds equal to it (letters: the same letter), so answers written differently (``0.5``, ``\\frac{1}{2}``) vote
-together.
+The rules are documented where they run: math answers in :func:`parse_answer`, multiple choice in
+:func:`choice_letter`, time and size limits above ``TIMEOUT_S``, the vote in :func:`answer_classes`.
+Grading never raises on malformed input: errors and time-outs inside math-verify mean "no answer" / "not equal".
 """
 
 from __future__ import annotations
@@ -47,6 +21,13 @@ from functools import lru_cache
 __all__ = ["Answer", "parse_answer", "parse_reference", "is_correct", "extract_answer", "is_equiv", "grade",
            "answer_classes", "last_boxed", "choice_letter"]
 
+# math-verify bounds each parse and each comparison with ``signal.alarm`` (``TIMEOUT_S``, whole seconds; the alarm
+# replaces one the caller set). Signals work in the main thread only, and math-verify raises elsewhere, so off the main
+# thread the limit is off and size caps bound the work: math-verify sees at most the last ``MAX_TEXT_CHARS`` characters
+# of a text; a box or answer line longer than ``MAX_ANSWER_CHARS``, or a text with a line nested deeper than
+# ``MAX_DEPTH`` brackets (math-verify's LaTeX parser slows down about 1.3x per level), is no answer; a parsed value with
+# a power or factorial of more than ``MAX_DIGITS`` digits is never handed to sympy (a tower such as ``9^{9^{9^9}}``
+# overran a 1 s alarm by seconds). ``s1fast eval`` grades in its main thread.
 TIMEOUT_S = 5  # math-verify's default: a first parse on a busy machine can take a second
 MAX_TEXT_CHARS = 8000
 MAX_ANSWER_CHARS = 1000
@@ -110,7 +91,7 @@ def last_boxed(text: str) -> str | None:
 
 
 def _timeout() -> int | None:
-    """math-verify's time limit: SIGALRM, which only the main thread can set (see the module docstring)."""
+    """math-verify's time limit: SIGALRM, which only the main thread can set (the comment above ``TIMEOUT_S``)."""
     return TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
 
 
@@ -199,7 +180,13 @@ def _answer_line(text: str) -> str | None:
 
 
 def choice_letter(text: str, choices: int) -> str | None:
-    """The letter (of the first ``choices`` letters) that ``text`` answers with, or None."""
+    """The letter (of the first ``choices`` letters) that ``text`` answers with, or None.
+
+    Multiple choice (``choices=n``: the letters A, B, ... of n options; the reference is a letter, ``C`` or ``(C)``):
+    the last box when it holds a letter (``\\boxed{C}``, ``\\boxed{\\text{(C)}}``), else math-verify's string extraction
+    anchored on an answer phrase ("Answer: C", "the answer is **C**"), after ``(C)`` and ``C)`` are rewritten to ``C``
+    (math-verify reads bare letters only).
+    """
     box = last_boxed(text)
     if box is not None:
         inner = re.sub(r"\\text(?:bf|rm|normal)?\s*\{([^{}]*)\}", r"\1", box).strip(" $*.()")
@@ -211,8 +198,25 @@ def choice_letter(text: str, choices: int) -> str | None:
 
 
 def parse_answer(text: str, *, choices: int | None = None) -> Answer:
-    """The answer a model gave in ``text`` (see the module docstring); ``choices``: multiple choice with that
-    many options."""
+    """The answer a model gave in ``text``; ``choices``: multiple choice with that many options
+    (:func:`choice_letter`).
+
+    ``math_verify.parse`` extracts the answer and turns it into sympy, ``math_verify.verify`` compares it with the
+    reference, also parsed (numbers, fractions, radicals, sets, intervals, tuples, matrices, equations such as
+    ``x = 5``, units, degrees, percentages). Extraction rules of our own are kept only where math-verify lacks them:
+
+    - the boxed answer is the content of the *last complete* ``\\boxed{...}`` / ``\\fbox{...}`` (also ``\\boxed {x}``
+      and ``\\boxed x``), and only that box is given to math-verify: math-verify joins every box of a text into one set
+      (a model that boxes a first guess and then its answer would be graded on both), reads a box cut off by the token
+      limit up to the end of the text, and knows neither ``\\fbox`` nor a space before the brace;
+    - without a box the answer must follow an answer phrase: math-verify's own phrases ("Answer:", "final answer is",
+      "the answer is", Minerva's "I hope it is correct"), with its anchor-free fallback (the last number or LaTeX span
+      anywhere in the text) off, so a text without a box or an answer phrase has no answer;
+    - an answer phrase followed by plain text without math delimiters (``Final Answer: 2\\sqrt{2}``, ``Answer: (2,3)``,
+      ``The answer is: **-2, 4**``, a ``### Final Answer`` heading with the answer on the next line): math-verify reads
+      only the first number of such text (``2``, ``-2``) or nothing, so the rest of the last such line is the answer, as
+      a box would be, when math-verify can parse it (else math-verify extracts from the text).
+    """
     if not isinstance(text, str):
         return Answer(None)
     if choices is not None:
@@ -289,7 +293,11 @@ def grade(output: str, reference: str | int | float, *, choices: int | None = No
 def answer_classes(answers: list[Answer]) -> list[int | None]:
     """Class of each answer for a majority vote: answers the same as an earlier one (math-verify, with the
     earlier one as the reference; letters: equal) share its class. Classes are numbered in order of first
-    appearance; None for no answer."""
+    appearance; None for no answer.
+
+    ``answer_classes`` puts each answer in the class of the first earlier answer that math-verify finds equal to it
+    (letters: the same letter), so answers written differently (``0.5``, ``\\frac{1}{2}``) vote together.
+    """
     representatives: list[Answer] = []
     classes: list[int | None] = []
     for answer in answers:

@@ -1,31 +1,11 @@
 """``s1fast eval``: test-time scaling, s1's curve of accuracy against thinking tokens under budget forcing.
 
-For every point of a sweep (a maximum thinking budget and a number of forced "Wait"s), every problem of a
-JSONL / parquet / Hugging Face dataset (MATH-500, AIME, GPQA Diamond: :mod:`s1fast.eval.problems`) is decoded
-``--samples`` times with budget forcing on ``--max-rows`` rows of one reused :class:`s1fast.decode.Decoder`
-(continuous batching), each answer is extracted and graded with math-verify (:mod:`s1fast.eval.grading`), and
-the point is written atomically to ``OUT/points/<point>.json`` with the settings it was computed with. A rerun with the
-same settings skips finished points, so a crashed or extended sweep only computes what is missing; a point
-file computed with other settings is refused, naming it and what differs (the model is known by its path:
-evaluate new weights saved over old ones in a new ``OUT``), as is a corrupt one. One eval at a time holds
-``OUT`` (``OUT/.lock``); temporary files of an interrupted write are removed (at once on Ctrl-C / SIGTERM,
-on the next run after a SIGKILL).
-Then ``OUT/results.json``, ``OUT/results.md`` and ``OUT/scaling.png`` (accuracy against mean thinking tokens,
-log x axis) are rebuilt from every finished point.
-
-Parallel scaling: with ``--samples N`` (seeded; temperature 0.6 and top-p 0.95 unless given, as DeepSeek
-reports pass@1 over samples) a point's accuracy is pass@1, the mean over the N samples; it also holds pass@k
-(Chen et al.'s unbiased estimator) and cons@k (majority vote over the first k samples; answers vote together when
-math-verify finds them equal) for k = 1, 2, 4, ... N. The figure then adds s1's parallel curve: cons@k against k
-times the mean thinking tokens of one sample.
-
-Prompts are those of the reasoning format (``--format``, ``s1fast.model.chat``): s1's by default, the ChatML
-turns followed by ``<|im_start|>think``; ``r1`` / ``qwen3`` (the chat template, the \\boxed{} instruction,
-``<think>\\n``) or ``auto`` (read from the tokenizer); budget cuts append the format's end of thinking.
-The sweep is the product of ``--budgets`` (``none`` = no cap) and ``--waits``. Thinking tokens are the decoder's
-count (the model's thinking plus injected "Wait"s); answer tokens are what the model wrote after the
-end-of-thinking text. The answer is extracted from the text after thinking, or from the whole output when
-thinking never ended (``--max-new-tokens`` hit first).
+For every point of a sweep (``--budgets``: maximum thinking budgets; ``--waits``: numbers of forced "Wait"s),
+every problem of a dataset is decoded with budget forcing, graded with math-verify and written to
+``OUT/points/<point>.json``; reruns resume; ``OUT/results.json``, ``OUT/results.md`` and ``OUT/scaling.png`` are
+rebuilt from every finished point. ``--samples N`` adds parallel scaling (pass@k, cons@k). Entry points:
+:func:`evaluate` (an :class:`EvalConfig`; ``main`` parses one from the command line), :func:`sweep`,
+:func:`decode_batch`, :func:`parallel_metrics`, :func:`write_reports`; each documents its part.
 
     s1fast eval --model ckpt/ --problems eval/data/example_problems.jsonl --out runs/scaling \\
         --budgets 512 1024 2048 4096 --waits 0
@@ -83,7 +63,8 @@ class SweepPoint:
 
 
 def sweep(budgets: list[int | None], waits: list[int]) -> list[SweepPoint]:
-    """Every (budget, waits) pair, in order, without repeats."""
+    """Every (budget, waits) pair, in order, without repeats: the product of ``--budgets`` (``none`` = no cap) and
+    ``--waits``."""
     for b in budgets:
         if b is not None and (not isinstance(b, int) or b < 0):
             raise ValueError(f"budgets: expected non-negative integers or None, got {b!r}")
@@ -95,6 +76,10 @@ def sweep(budgets: list[int | None], waits: list[int]) -> list[SweepPoint]:
 
 # ------------------------------------------------------------------------------------- parallel scaling
 
+# With ``--samples N`` (seeded; temperature 0.6 and top-p 0.95 unless given, as DeepSeek reports pass@1 over samples) a
+# point's accuracy is pass@1, the mean over the N samples; it also holds pass@k (Chen et al.'s unbiased estimator) and
+# cons@k (majority vote over the first k samples; answers vote together when math-verify finds them equal) for k = 1, 2,
+# 4, ... N. The figure then adds s1's parallel curve: cons@k against k times the mean thinking tokens of one sample.
 SAMPLED = {"temperature": 0.6, "top_p": 0.95}  # with --samples > 1, unless given: DeepSeek-R1's recommended sampling
 
 
@@ -144,7 +129,12 @@ def decode_batch(decoder, prompts: list[list[int]], forcing, *, max_new_tokens: 
     """One budget-forced ``Decoder.generate`` call; per row: thinking tokens (the decoder's count: the model's
     plus injected waits), answer tokens (what the model wrote after the end-of-thinking text, stop token
     excluded), forced waits, whether the budget cut thinking / thinking ended at all, the full output text,
-    and the answer text (None when thinking never ended)."""
+    and the answer text (None when thinking never ended).
+
+    Thinking tokens are the decoder's count (the model's thinking plus injected "Wait"s); answer tokens are what the
+    model wrote after the end-of-thinking text. The answer is extracted from the text after thinking, or from the whole
+    output when thinking never ended (``--max-new-tokens`` hit first).
+    """
     # continuous batching on max_rows rows (all at once by default); prompt i samples with seed + i
     from s1fast.decode.engine import Engine
 
@@ -304,7 +294,10 @@ def plot(points: list[dict], path: str, title: str) -> None:
 
 def write_reports(out: str, settings: dict, environment: dict) -> list[dict]:
     """Rebuild results.json / results.md / scaling.png from every finished point in ``out``; returns the
-    point summaries, sorted by waits then budget."""
+    point summaries, sorted by waits then budget.
+
+    ``OUT/scaling.png``: accuracy against mean thinking tokens, log x axis.
+    """
     summaries = [_summary(point) for _, point in _points(out)]
     summaries.sort(key=lambda p: SweepPoint(p["max_thinking_tokens"], p["num_waits"]).sort_key())
     write_atomic(os.path.join(out, "results.json"),
@@ -364,7 +357,11 @@ def _check_settings(out: str, settings: dict) -> None:
 @contextlib.contextmanager
 def _exclusive(out: str) -> Iterator[None]:
     """Hold ``out`` for this run (an flock on OUT/.lock, released when the process ends however it ends),
-    then remove temporary files that a killed run (SIGKILL) left mid-write."""
+    then remove temporary files that a killed run (SIGKILL) left mid-write.
+
+    One eval at a time holds ``OUT`` (``OUT/.lock``); temporary files of an interrupted write are removed (at once on
+    Ctrl-C / SIGTERM, on the next run after a SIGKILL).
+    """
     import fcntl
 
     fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
@@ -384,7 +381,17 @@ def _exclusive(out: str) -> Iterator[None]:
 
 
 def evaluate(cfg: EvalConfig) -> list[dict]:
-    """Run every missing point of the sweep and rebuild the reports; returns the point summaries."""
+    """Run every missing point of the sweep and rebuild the reports; returns the point summaries.
+
+    For every point of a sweep (a maximum thinking budget and a number of forced "Wait"s), every problem of a JSONL /
+    parquet / Hugging Face dataset (MATH-500, AIME, GPQA Diamond: :mod:`s1fast.eval.problems`) is decoded ``--samples``
+    times with budget forcing on ``--max-rows`` rows of one reused :class:`s1fast.decode.Decoder` (continuous batching),
+    each answer is extracted and graded with math-verify (:mod:`s1fast.eval.grading`), and the point is written
+    atomically to ``OUT/points/<point>.json`` with the settings it was computed with. A rerun with the same settings
+    skips finished points, so a crashed or extended sweep only computes what is missing; a point file computed with
+    other settings is refused, naming it and what differs (the model is known by its path: evaluate new weights saved
+    over old ones in a new ``OUT``), as is a corrupt one.
+    """
     if importlib.util.find_spec("matplotlib") is None:  # before hours of decoding, not after
         raise ImportError("s1fast eval draws scaling.png with matplotlib: pip install matplotlib")
     if importlib.util.find_spec("math_verify") is None:
@@ -438,7 +445,12 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
 
 def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: list[dict], device: torch.device,
          dtype: torch.dtype) -> list[dict]:
-    """``evaluate`` once ``cfg.out`` is held: check the finished points, decode the missing ones, report."""
+    """``evaluate`` once ``cfg.out`` is held: check the finished points, decode the missing ones, report.
+
+    Prompts are those of the reasoning format (``--format``, ``s1fast.model.chat``): s1's by default, the ChatML turns
+    followed by ``<|im_start|>think``; ``r1`` / ``qwen3`` (the chat template, the \\boxed{} instruction, ``<think>\\n``)
+    or ``auto`` (read from the tokenizer); budget cuts append the format's end of thinking.
+    """
     from tqdm.auto import tqdm
 
     from s1fast.decode import BudgetForcing, Decoder

