@@ -24,8 +24,8 @@ Budget forcing (batch 1). One thinking run of ``thinking`` tokens with 4 forced 
 - ``s1_reprefill``: s1's way on the same engine: 5 rounds of ``thinking / 5`` tokens, each a new ``generate``
   call on the whole history (one prefill per round), "Wait" appended between rounds.
 
-Mixed workload (``mixed_workload``; issue 12's eval-scale case). 64 requests on 16 rows (8 on 4 with
-``--quick``), prompts of 16..64 tokens, thinking budgets spread over 16..1024 (16..32 quick), 0..2 waits each,
+Mixed workload (``mixed_workload``; issue 12's eval-scale case). 64 requests on 16 rows (32 on 8 with
+``--quick``), prompts of 16..64 tokens, thinking budgets spread over 16..1024 (16..256 quick), 0..2 waits each,
 an answer of up to 16 tokens, on a TINY model (2 layers, hidden 64) so that a step's cost is its per-step overhead, as
 on a GPU where a decode step of a small batch sits on the launch-latency floor; same row cap for every way:
 - ``engine``: ``Engine`` (continuous batching) on the paged cache with a KV budget of half the dense layout;
@@ -225,7 +225,7 @@ def mixed_workload(device: str, quick: bool, peers: list[str]) -> list[dict]:
     from s1fast.decode.decoder import Decoder
     from s1fast.decode.engine import Engine
 
-    n, most, rows = (8, 32, 4) if quick else (64, 1024, 16)
+    n, most, rows = (32, 256, 8) if quick else (64, 1024, 16)
     dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     longest = 64 + most + 22 + 8
     model = build_model(TINY, dtype, device, longest + 64)
@@ -256,6 +256,7 @@ def mixed_workload(device: str, quick: bool, peers: list[str]) -> list[dict]:
     res, engine_s = timed(lambda: engine_run(engine_dec, reqs))
     tokens = sum(map(len, res.tokens))
     static_dec = Decoder(model)
+    engine_run(static_dec, reqs[:rows])  # the same warm-up
     static, static_s = timed(lambda: [engine_run(static_dec, b) for b in batches])
     assert [t for s in static for t in s.tokens] == res.tokens, "the engine and static batching must agree"
     mem = res.memory

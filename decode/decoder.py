@@ -23,12 +23,14 @@ Design:
   (and under ``TRITON_INTERPRET=1``) one-token steps run ``s1fast.kernels.decode_attention``: split over
   the sequence so that batch 1 with 2 kv heads still fills the GPU, per-row lengths read on the device, each
   row's keys read only up to its own length, L (the bucket) fixing the grid. Otherwise, and for multi-token
-  steps, SDPA with a per-row mask, grouped-query heads folded into the query axis (``[rows, kv_heads,
-  group * tokens, head_dim]``) so keys are never repeated; the kernel reads the pages through the page table,
-  SDPA gets each row's pages gathered. The attention path, and what its layers share (page slots, masks,
-  lengths), is chosen once per forward (``_attention``). Rows that finish leave the batch: their pages are
-  freed and the last active row's page-table row moves into the hole (no key moves); later steps run on
-  fewer rows.
+  steps, grouped-query heads are folded into the query axis (``[rows, kv_heads, group * tokens, head_dim]``) so
+  keys are never repeated, and attention reads the pages each row holds (``_paged_attention``: the host's page
+  lists, no padding to the longest row, no dense copy; rows of very different lengths, as continuous batching
+  mixes them, cost what they hold), or, for one row and inside CUDA graphs, SDPA over the rows' pages gathered
+  up to L with a per-row mask; the kernel reads the pages through the page table. The attention path, and what
+  its layers share (page slots, masks, lengths), is chosen once per forward (``_attention``). Rows that finish
+  leave the batch: their pages are freed and the last active row's page-table row moves into the hole (no key
+  moves); later steps run on fewer rows.
 - On CUDA each (rows, L-bucket) decode step is captured once in a CUDA graph (``flash_attn_with_kvcache``,
   when flash-attn is installed, reads per-row lengths and its block table itself, so one graph per row
   count). The page table is a static tensor that the graph reads: new pages are written into it in place
@@ -408,8 +410,10 @@ class Decoder:
                                                       **causal).transpose(1, 2)
 
             return attend
-        # per-row positions: an additive mask, query (t, g) of row r sees keys <= qpos[r, t]; grouped-query heads
-        # folded into the query axis so keys are never repeated
+        # per-row positions: query (t, g) of row r sees keys <= qpos[r, t]; grouped-query heads folded into the
+        # query axis so keys are never repeated
+        if n > 1 and not (T == 1 and self.cuda_graphs):  # one row: nothing to pad, SDPA takes fewer ops
+            return self._paged_attention(n, T, qpos, row0, rope)  # (its page lists: not inside a CUDA graph)
         hidden = self._arange[:kv_len] > qpos[:, :, None]  # [n, T, kv_len]
         mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
         mask = mask[:, None, :, None, :].expand(n, 1, T, G, kv_len).reshape(n, 1, T * G, kv_len)  # T=1: a view
@@ -418,6 +422,36 @@ class Decoder:
             q = rope(i, qkv).view(n, T, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(n, Hkv, T * G, D)
             kc, vc = cache.gather(i, pages)
             out = F.scaled_dot_product_attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], attn_mask=mask)
+            return out.view(n, Hkv, T, G, D).permute(0, 2, 1, 3, 4)
+
+        return attend
+
+    def _paged_attention(self, n: int, T: int, qpos: torch.Tensor, row0: int, rope: Callable) -> Callable:
+        """Attention of rows with per-row positions over the pages each row holds (the host's page lists), not
+        over every row padded to the longest: the J pages of the batch are read once each (no padding, no dense
+        copy), scores [J, Hkv, T * G, page] are computed page by page, softmaxed per row (scattered into
+        [n, pages of the longest row, ...] with -inf in the holes) and the pages' weighted values summed per row."""
+        cache, G, Hkv, D = self.cache, self.group, self.kv_heads, self.head_dim
+        lists = cache.row_pages[row0 : row0 + n]
+        m, dev = max(map(len, lists)), self.device
+        row = torch.tensor([r for r, have in enumerate(lists) for _ in have], device=dev)
+        col = torch.tensor([c for have in lists for c in range(len(have))], device=dev)
+        flat = torch.tensor([page for have in lists for page in have], device=dev)
+        kpos = col[:, None] * cache.page_size + self._arange[: cache.page_size]  # [J, page]
+        hidden = kpos[:, None, None, :] > qpos[row][:, :, None, None]  # [J, T, 1, page]
+        hidden = hidden.expand(-1, T, G, -1).reshape(-1, 1, T * G, cache.page_size)
+        scale = D**-0.5
+
+        def attend(i, qkv):
+            q = rope(i, qkv).view(n, T, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(n, Hkv, T * G, D)
+            keys, values = cache.k[i].index_select(0, flat), cache.v[i].index_select(0, flat)  # [J, Hkv, page, D]
+            scores = torch.matmul(q.index_select(0, row) * scale, keys.transpose(-1, -2))
+            scores.masked_fill_(hidden, -torch.inf)
+            padded = scores.new_full((n, m, Hkv, T * G, cache.page_size), -torch.inf)
+            padded[row, col] = scores
+            probs = padded.permute(0, 2, 3, 1, 4).reshape(n, Hkv, T * G, -1).softmax(-1)
+            probs = probs.view(n, Hkv, T * G, m, cache.page_size).permute(0, 3, 1, 2, 4)[row, col]
+            out = q.new_zeros(q.shape).index_add_(0, row, torch.matmul(probs, values))
             return out.view(n, Hkv, T, G, D).permute(0, 2, 1, 3, 4)
 
         return attend

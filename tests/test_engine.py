@@ -41,10 +41,14 @@ def test_greedy_matches_transformers_and_static(max_rows, seed, page_size):
     order = list(range(len(prompts)))
     rng.shuffle(order)
     dec = Decoder(model, prefill_chunk=4, page_size=page_size)
+    paged = []  # rows of different lengths attend over the pages each holds (Decoder._paged_attention)
+    attention = dec._paged_attention
+    dec._paged_attention = lambda n, *a: (paged.append(n), attention(n, *a))[1]
     engine = Engine(dec, max_rows=max_rows)
     which = submit_all(engine, prompts, settings, order)
     res = engine.run()
     assert len(res.rows) == len(prompts)
+    assert max(paged, default=1) == min(max_rows, len(prompts))  # one row: SDPA
     for r, row in enumerate(res.rows):
         i = which[r]
         assert row.tokens == expected[i], (r, i)
