@@ -31,7 +31,7 @@ from s1fast.bench.common import synchronize
 from s1fast.commands import default_device
 from s1fast.env import environment
 from s1fast.model.patch import patch
-from s1fast.model.shapes import QWEN25_SHAPES, random_qwen
+from s1fast.model.shapes import QWEN25_SHAPES, TINY, random_qwen
 from s1fast.train.data import IGNORE_INDEX, Dataset
 from s1fast.train.trainer import TrainConfig, Trainer, init_distributed
 
@@ -69,7 +69,7 @@ def measure(shape: dict, layers: int, dataset_name: str, patched: bool, device: 
         patch(lm)
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig(
-            output_dir=out, global_batch=global_batch, param_dtype="bfloat16" if cuda else "float32",
+            out=out, global_batch=global_batch, param_dtype="bf16" if cuda else "fp32",
             gradient_checkpointing=cuda, micro_batch_tokens=32768, pack=not cuda, progress=False,
         )
         trainer = Trainer(lm, dataset, config, device=device)
@@ -112,8 +112,7 @@ def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
         cases = [(m, QWEN25_SHAPES[m], QWEN25_SHAPES[m]["layers"], d) for m, d in grid]
         steps = 2 if quick else 3
     else:
-        tiny = dict(hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=151936, tied=True)
-        cases = [("tiny", tiny, 2, "tiny")]
+        cases = [("tiny", dict(TINY, vocab=151936), 2, "tiny")]
         steps = 1 if quick else 2
     rows = []
     for model_name, shape, layers, dataset_name in cases:
