@@ -339,10 +339,10 @@ def launches(device: str) -> list[dict]:
         dec = Decoder(model, cuda_graphs=False)
         steps = []
 
-        def step(n, kv, decode=dec._decode, steps=steps):
+        def step(n, kv, sampling, decode=dec._decode, steps=steps):
             mode.aten = mode.triton = 0
             with mode:
-                decode(n, kv)
+                decode(n, kv, sampling)
             steps.append((mode.aten + mode.triton, mode.triton))
 
         dec._decode = step

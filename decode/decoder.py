@@ -35,9 +35,11 @@ Design:
   when flash-attn is installed, reads per-row lengths and its block table itself, so one graph per row
   count). The page table is a static tensor that the graph reads: new pages are written into it in place
   (one index_put from pinned memory, stream-ordered before the replay), so capture and replay need nothing
-  else; only a new allocation of the cache (a larger run) drops the graphs. Sampling runs after
-  the graph. The host reads each step's tokens one step late: step k+1 is launched with step k's tokens (on
-  the device) before the host looks at them, so the GPU never waits for Python. When the host finds an edit
+  else; only a new allocation of the cache (a larger run) drops the graphs. The step samples inside the
+  graph (``s1fast.decode.sampling``: per-row settings and random keys are static tensors too, one graph per
+  sampling mode) and writes its tokens and positions as the next step's inputs. The host reads each step's
+  tokens one step late: step k+1 is launched with step k's tokens (on the device) before the host looks at
+  them, so the GPU never waits for Python. When the host finds an edit
   (budget forcing, a stop, the length limit), step k+1's guess is discarded for that row: its cache write
   lies past the row's length (in its own pages, or the trash page) and is overwritten by the next step,
   which feeds the edited tokens of every row
@@ -53,6 +55,7 @@ Design:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -64,7 +67,7 @@ from s1fast.decode.engine import Request, check_sampling
 from s1fast.decode.engine import run as engine_run
 from s1fast.decode.kv_cache import KVCache
 from s1fast.decode.results import GenerationResult, GenerationStream, RowResult
-from s1fast.decode.sampling import make_generator
+from s1fast.decode.sampling import Sampling, request_key, sample
 from s1fast.kernels import add_rms_norm, apply_rope, decode_attention, rms_norm, rope_kv_write, swiglu
 from s1fast.kernels._common import FLOAT_DTYPES, interpreting, use_triton
 from s1fast.kernels.decode_attention import supports_head_dim
@@ -289,14 +292,15 @@ class Decoder:
     def memory(self) -> dict:
         """Bytes held: the model's weights the decoder reads (shared tensors once), the KV cache's pages (all of
         them, ``kv_cache_bytes``; those rows hold now and at the run's peak, ``kv_bytes_in_use`` /
-        ``kv_bytes_peak``; page counts), the buffers (rotary table, step inputs, logits, page table). CUDA
+        ``kv_bytes_peak``; page counts), the buffers (rotary table, step inputs, sampling rows, page table). CUDA
         graphs' private pools come on top on CUDA."""
         unique = {t.data_ptr(): t for t in self._weights()}.values()  # a tied lm_head once
         weights = sum(t.numel() * t.element_size() for t in unique)
         cache = self.cache.memory()
         buffers = 0 if self._cos is None else sum(
             t.numel() * t.element_size()
-            for t in (self._cos, self._sin, self._ids, self._pos, self._arange, self._logits, self.cache.table)
+            for t in (self._cos, self._sin, self._ids, self._pos, self._arange, self._sampling, self._keys,
+                      self.cache.table)
         )
         total = weights + cache["kv_cache_bytes"] + buffers
         return {"weights_bytes": weights, **cache, "buffers_bytes": buffers, "total_bytes": total,
@@ -321,9 +325,27 @@ class Decoder:
         self._ids = torch.zeros(rows, 1, dtype=torch.long, device=dev)
         self._pos = torch.zeros(rows, dtype=torch.long, device=dev)
         self._arange = torch.arange(max(rows, positions), device=dev)
-        logit_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
-        self._logits = torch.zeros(rows, self.vocab, dtype=logit_dtype, device=dev)
+        self._sampling = torch.zeros(rows, 3, dtype=torch.float32, device=dev)  # per row: Sampling.row()
+        self._keys = torch.zeros(rows, dtype=torch.long, device=dev)
         self._graphs.clear()
+
+    def set_sampling(self, row0: int, settings: list[Sampling]) -> None:
+        """Cache rows row0.. take these requests' sampling settings and keys."""
+        rows = slice(row0, row0 + len(settings))
+        self._sampling[rows] = torch.tensor([s.row() for s in settings], dtype=torch.float32)
+        self._keys[rows] = torch.tensor([s.key for s in settings])
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Cache row ``src`` (its pages and sampling settings) becomes row ``dst``."""
+        self.cache.move(src, dst)
+        self._sampling[dst] = self._sampling[src]
+        self._keys[dst] = self._keys[src]
+
+    def sample(self, logits: torch.Tensor, row0: int, positions: list[int], mode: int) -> torch.Tensor:
+        """Tokens for cache rows row0.. from their ``logits`` (their tokens going to ``positions``)."""
+        rows = slice(row0, row0 + len(positions))
+        return sample(logits, self._sampling[rows], self._keys[rows], torch.tensor(positions, device=self.device),
+                      mode)
 
     def check_fits(self, fn: str, requests: list[Request]) -> None:
         """With a KV budget: every request fits in it alone (else it could never run), or a ValueError naming it."""
@@ -456,36 +478,44 @@ class Decoder:
 
         return attend
 
-    def _decode_body(self, n: int, kv_len: int) -> None:
-        self._logits[:n] = self._forward(self._ids[:n], self._pos[:n], kv_len, None)
+    def _decode_body(self, n: int, kv_len: int, mode: int) -> None:
+        logits = self._forward(self._ids[:n], self._pos[:n], kv_len, None)
+        self._pos[:n] += 1
+        self._ids[:n, 0] = sample(logits, self._sampling[:n], self._keys[:n], self._pos[:n], mode)
 
-    def _decode(self, n: int, kv_len: int) -> None:
-        """One token for rows 0..n-1 (inputs ``_ids``, ``_pos``) -> ``_logits[:n]``, through a CUDA graph."""
+    def _decode(self, n: int, kv_len: int, mode: int) -> None:
+        """One step for rows 0..n-1: their tokens ``_ids`` at positions ``_pos`` in, the sampled next tokens
+        (``mode``: ``s1fast.decode.sampling``) and their positions out, in place; through a CUDA graph."""
         if not self.cuda_graphs:
-            return self._decode_body(n, kv_len)
-        key = (n, 0 if self.flash else _bucket(kv_len))
+            return self._decode_body(n, kv_len, mode)
+        key = (n, 0 if self.flash else _bucket(kv_len), mode)
         graph = self._graphs.get(key)
         if graph is None:
-            # Warm-up on a side stream (cuBLAS handles, lazy inits), then capture. Both run the real step:
-            # it writes the same keys/values at the same positions again, so it is idempotent.
+            # Warm-up on a side stream (cuBLAS handles, lazy inits), then capture. The warm-ups run the real
+            # step (it writes the same keys/values at the same positions again) and their inputs are put back.
+            inputs = self._ids[:n].clone(), self._pos[:n].clone()
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._decode_body(n, key[1] or kv_len)
+                    self._decode_body(n, key[1] or kv_len, mode)
+                    self._ids[:n].copy_(inputs[0])
+                    self._pos[:n].copy_(inputs[1])
             torch.cuda.current_stream(self.device).wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                self._decode_body(n, key[1] or kv_len)
+                self._decode_body(n, key[1] or kv_len, mode)
             self._graphs[key] = graph
         graph.replay()
 
     def _fetch(self, tokens: torch.Tensor) -> Callable[[], list[int]]:
-        """Start copying ``tokens`` to the host without waiting; the returned call waits and gives the list."""
+        """Start copying ``tokens`` (as they are now) to the host without waiting; the returned call waits and
+        gives the list."""
         if tokens.device.type != "cuda":
-            return tokens.tolist
+            values = tokens.tolist()
+            return lambda: values
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         done = torch.cuda.Event()
@@ -545,8 +575,8 @@ class Decoder:
         prompts, stop, sampling = self.check_requests("Decoder.generate", prompts, max_new_tokens=max_new_tokens,
                                                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                                       stop_token_ids=stop_token_ids, budget=budget)
-        sampling = (*sampling, make_generator(self.device, sampling[0], seed))  # one random stream for the batch
-        requests = [Request(p, max_new_tokens, stop, budget, sampling) for p in prompts]
+        requests = [Request(p, max_new_tokens, stop, budget, replace(sampling, key=request_key(seed, i)))
+                    for i, p in enumerate(prompts)]  # prompt i: stream i of the seed
         self.check_fits("Decoder.generate", requests)
         return GenerationStream(engine_run(self, requests, len(requests)))  # every prompt admitted at once
 
@@ -595,7 +625,7 @@ class Decoder:
     def _prefill(self, prompts: list[list[int]], row0: int = 0) -> torch.Tensor:
         """Fill cache rows row0..row0+n-1 with ``prompts`` (longest first); logits [n, vocab] after each prompt."""
         lengths = [len(p) for p in prompts]
-        logits = torch.empty(len(prompts), self.vocab, dtype=self._logits.dtype, device=self.device)
+        logits = torch.empty(len(prompts), self.vocab, dtype=self.dtype, device=self.device)
         for c in range(0, lengths[0], self.prefill_chunk):
             m = sum(length > c for length in lengths)  # rows reaching this chunk: a prefix (longest first)
             T = min(self.prefill_chunk, lengths[0] - c)

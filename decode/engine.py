@@ -10,12 +10,12 @@ the free rows right there, between two decode steps; their first tokens join the
 full until the queue runs dry, instead of shrinking to the longest trace as a static batch does. Results come
 back per request in submission order (``GenerationResult.rows``), streamed as ``(request, new_token_ids)``.
 
-Each request's tokens do not depend on the other requests: greedy decoding gives what it gives alone, and
-sampling too when each request has its own ``seed`` (requests without one share the engine's draws, so their
-tokens then depend on the admission order). ``Decoder.generate`` / ``stream`` are this engine with every
-prompt admitted at once.
+Each request's tokens do not depend on the other requests: greedy decoding gives what it gives alone, and so does
+sampling (``s1fast.decode.sampling``: a request's noise comes from its own key and positions, so a seeded request
+draws the same tokens in any batch, in any admission order and after a preemption). ``Decoder.generate`` /
+``stream`` are this engine with every prompt admitted at once.
 
-Cache: the decoder's dense row cache, ``max_rows`` rows of the longest position any request may reach.
+Cache: the decoder's paged KV cache; ``run`` says how requests are admitted into its pages and preempted.
 
 Serving (``s1fast.decode.serve``): ``loop()`` runs in a thread of its own; other threads ``post`` requests
 (with callbacks for their tokens and their end) and ``cancel`` them. The loop takes the posted requests
@@ -29,13 +29,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from s1fast.decode.budget import BudgetForcing, RowState
 from s1fast.decode.results import GenerationStream, RowResult
-from s1fast.decode.sampling import group_sample, make_generator
+from s1fast.decode.sampling import Sampling, request_key
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Request:
     max_new_tokens: int
     stop: frozenset[int]
     budget: BudgetForcing | None
-    sampling: tuple  # (temperature, top_k, top_p, generator); greedy: (0.0, None, None, None)
+    sampling: Sampling
 
     def positions(self, max_seq_len: int) -> int:
         """Cache positions the request may touch: prompt, new tokens (with s1_compat's overshoot), one edit."""
@@ -56,8 +56,8 @@ class Request:
 
 
 def check_sampling(fn: str, decoder, *, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, budget):
-    """The settings of a request, checked (one line naming the argument); returns (stop set, sampling tuple
-    without the generator)."""
+    """The settings of a request, checked (one line naming the argument); returns (stop set, ``Sampling`` without
+    its key)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"{fn}: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
@@ -75,7 +75,7 @@ def check_sampling(fn: str, decoder, *, max_new_tokens, temperature, top_k, top_
         if not isinstance(budget, BudgetForcing):
             raise TypeError(f"{fn}: budget must be None or a BudgetForcing, got {type(budget).__name__}")
         decoder._check_ids("budget token ids", sorted(budget.token_ids()))
-    return stop, ((0.0, None, None) if temperature == 0 else (float(temperature), top_k, top_p))
+    return stop, Sampling() if temperature == 0 else Sampling(float(temperature), top_k, top_p)
 
 
 class Engine:
@@ -110,14 +110,13 @@ class Engine:
         stop_token_ids: Sequence[int] = (),
         budget: BudgetForcing | None = None,
     ) -> int:
-        """Queue one request (arguments as ``Decoder.generate``'s, for one prompt; ``seed`` gives the request
-        its own random stream). Returns its index in the results."""
+        """Queue one request (arguments as ``Decoder.generate``'s, for one prompt: with ``seed``, the tokens of
+        ``Decoder.generate([prompt], seed=seed)``). Returns its index in the results."""
         dec = self.decoder
         (prompt,), stop, sampling = dec.check_requests("Engine.submit", [prompt], max_new_tokens=max_new_tokens,
                                                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                                        stop_token_ids=stop_token_ids, budget=budget)
-        generator = make_generator(dec.device, sampling[0], seed)
-        request = Request(prompt, max_new_tokens, stop, budget, (*sampling, generator))
+        request = Request(prompt, max_new_tokens, stop, budget, replace(sampling, key=request_key(seed)))
         dec.check_fits("Engine.submit", [request])
         self.queue.append(request)
         return len(self.queue) - 1
@@ -148,7 +147,7 @@ class Engine:
         dec = self.decoder
         (prompt,), stop, sampling = dec.check_requests("Engine.post", [prompt], **settings)
         request = Request(prompt, settings["max_new_tokens"], stop, settings.get("budget"),
-                          (*sampling, make_generator(dec.device, sampling[0], settings.get("seed"))))
+                          replace(sampling, key=request_key(settings.get("seed"))))
         dec.check_fits("Engine.post", [request])
         with self._inbox_lock:
             self._listeners[id(request)] = (request, on_tokens, on_done)
@@ -261,14 +260,14 @@ def run(dec, reqs: list[Request], max_rows: int, inbox: Engine | None = None) ->
     emitted = steps = preempted = 0
     admit_s = 0.0
 
-    def sample(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """Tokens for ``rows`` (requests); the first token of a thinking round is never one that ends thinking
-        (s1: vLLM's min_tokens=1)."""
+    def sample(logits: torch.Tensor, row0: int, rows: list[int], positions: list[int]) -> torch.Tensor:
+        """Tokens for ``rows`` (requests, on cache rows row0...) going to ``positions``; the first token of a
+        thinking round is never one that ends thinking (s1: vLLM's min_tokens=1)."""
         masked = [(s, t) for s, r in enumerate(rows) if states[r].mask_enders for t in sorted(states[r].enders)]
         if masked:
             at = torch.tensor(masked, device=device)
             logits[at[:, 0], at[:, 1]] = float("-inf")
-        return group_sample(logits, [reqs[r].sampling for r in rows])
+        return dec.sample(logits, row0, positions, max(reqs[r].sampling.mode for r in rows))
 
     def fits(request: Request) -> bool:  # a posted request this run's cache can hold
         positions = request.positions(dec.max_seq_len)
@@ -306,7 +305,8 @@ def run(dec, reqs: list[Request], max_rows: int, inbox: Engine | None = None) ->
         cache.reserve([(row0 + j, min(len(seqs[r]) + 1, most[r])) for j, r in enumerate(new)])
         slots.extend(new)
         pos.extend(len(seqs[r]) for r in new)
-        return sample(dec._prefill([seqs[r] for r in new], row0), new)
+        dec.set_sampling(row0, [reqs[r].sampling for r in new])
+        return sample(dec._prefill([seqs[r] for r in new], row0), row0, new, pos[row0:])
 
     def decide(slot: int, token: int) -> list[int] | None:
         nonlocal emitted
@@ -343,7 +343,7 @@ def run(dec, reqs: list[Request], max_rows: int, inbox: Engine | None = None) ->
         cache.free(s)
         last = len(slots) - 1
         if s != last:
-            cache.move(last, s)
+            dec.move_row(last, s)
             slots[s], pos[s], feeds[s] = slots[last], pos[last], feeds[last]
         del slots[last], pos[last], feeds[last]
 
@@ -362,11 +362,8 @@ def run(dec, reqs: list[Request], max_rows: int, inbox: Engine | None = None) ->
         launched = cache.missing(step_needs) <= cache.pages_free
         if launched:
             cache.reserve(step_needs)
-            dec._decode(n, max(pos) + 1)
-            guess = group_sample(dec._logits[:n], [reqs[r].sampling for r in slots])
-            dec._ids[:n, 0] = guess
-            dec._pos[:n] += 1
-            speculative = dec._fetch(guess)
+            dec._decode(n, max(pos) + 1, max(reqs[r].sampling.mode for r in slots))  # samples into dec._ids
+            speculative = dec._fetch(dec._ids[:n, 0])
             steps += 1
         # ... and meanwhile decide on the pending tokens.
         before = [len(states[r].tokens) for r in slots]
@@ -409,7 +406,8 @@ def run(dec, reqs: list[Request], max_rows: int, inbox: Engine | None = None) ->
             ids = torch.tensor([f + f[-1:] * (width - len(f)) for f in feeds], device=device)
             last = torch.tensor([len(f) - 1 for f in feeds], device=device)
             start = torch.tensor(pos, device=device)
-            parts.append(sample(dec._forward(ids, start, max(pos) + width, last), slots))
+            parts.append(sample(dec._forward(ids, start, max(pos) + width, last), 0, slots,
+                                [p + len(f) for p, f in zip(pos, feeds)]))
             steps += 1
             pos = [p + len(f) for p, f in zip(pos, feeds)]
         ta = time.perf_counter()

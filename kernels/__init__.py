@@ -14,6 +14,7 @@ from s1fast.kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
 )
+from s1fast.kernels.gumbel_argmax import gumbel_argmax, gumbel_argmax_reference
 from s1fast.kernels.rms_norm import RMSNorm, add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from s1fast.kernels.rope import apply_rope, apply_rope_reference
 from s1fast.kernels.rope_kv_write import rope_kv_write, rope_kv_write_reference
@@ -32,6 +33,8 @@ __all__ = [
     "force_backend",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_reference",
+    "gumbel_argmax",
+    "gumbel_argmax_reference",
     "interpreting",
     "rms_norm",
     "rms_norm_reference",

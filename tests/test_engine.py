@@ -66,7 +66,7 @@ def test_batch_stays_full_and_streams_in_order():
     dec = Decoder(model)
     rows_per_step = []
     decode = dec._decode
-    dec._decode = lambda n, kv: (rows_per_step.append(n), decode(n, kv))[1]
+    dec._decode = lambda n, kv, mode: (rows_per_step.append(n), decode(n, kv, mode))[1]
     engine = Engine(dec, max_rows=2)
     for p, k in zip(prompts, lengths):
         engine.submit(p, max_new_tokens=k)
@@ -123,10 +123,10 @@ def test_page_budget_waits_preempts_and_matches_unconstrained():
     rows_per_step, in_use = [], []
     decode = dec._decode
 
-    def spy(n, kv):
+    def spy(n, kv, mode):
         rows_per_step.append(n)
         in_use.append(dec.cache.pages_in_use)
-        return decode(n, kv)
+        return decode(n, kv, mode)
 
     dec._decode = spy
     engine = Engine(dec, max_rows=3)
@@ -154,7 +154,7 @@ def test_request_longer_than_the_page_budget():
     engine.submit([7] * 3, max_new_tokens=9)
     rows_per_step = []
     decode = dec._decode
-    dec._decode = lambda n, kv: (rows_per_step.append(n), decode(n, kv))[1]
+    dec._decode = lambda n, kv, mode: (rows_per_step.append(n), decode(n, kv, mode))[1]
     res = engine.run()
     assert res.tokens == [hf_generate(model, [5] * 17, 2), hf_generate(model, [7] * 3, 9)]
     assert set(rows_per_step) == {1} and res.preemptions == 0
