@@ -2,8 +2,8 @@
 with top-k / top-p (transformers' rules: temperature, then top-k, then top-p on what is left), every row with its
 own settings and its own random stream.
 
-A request's settings are a ``Sampling``; on the device, per cache row, they are one fp32 row ``(1 / temperature
-or 0 for greedy, top_k or 0, 1 - top_p or 0)`` and an int64 key. Draws are ``s1fast.kernels.gumbel_argmax``:
+A request's settings are a ``Sampling``; on the device, per cache row, they are one fp32 row ``(temperature,
+0 for greedy; top_k or 0; 1 - top_p or 0)`` and an int64 key. Draws are ``s1fast.kernels.gumbel_argmax``:
 counter-based noise hashed from (key, position of the token, token id), so a request's tokens depend on its
 seed only, never on the batch, the admission order or a preemption, and there is no generator state for a graph
 to capture. ``request_key(seed, stream)`` makes the key: ``Decoder.generate`` gives prompt ``i`` stream ``i``;
@@ -51,10 +51,10 @@ class Sampling:
         return FILTERED if self.top_k is not None or (self.top_p is not None and self.top_p < 1) else TEMPERATURE
 
     def row(self) -> tuple[float, float, float]:
-        """The device row: (inverse temperature, 0: greedy; top_k, 0: off; 1 - top_p, 0: off)."""
+        """The device row: (temperature, 0: greedy; top_k, 0: off; 1 - top_p, 0: off)."""
         if self.temperature == 0:
             return 0.0, 0.0, 0.0
-        return 1.0 / self.temperature, float(self.top_k or 0), 0.0 if self.top_p is None else 1.0 - self.top_p
+        return self.temperature, float(self.top_k or 0), 0.0 if self.top_p is None else 1.0 - self.top_p
 
 
 def sample(logits: torch.Tensor, params: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
@@ -66,7 +66,8 @@ def sample(logits: torch.Tensor, params: torch.Tensor, keys: torch.Tensor, posit
         return logits.argmax(-1)
     if mode == FILTERED:
         logits = _top_k_top_p(logits, params)
-    return gumbel_argmax(logits, params[:, 0], keys, positions)
+    temperature = params[:, 0]
+    return gumbel_argmax(logits, torch.where(temperature > 0, 1 / temperature, 0.0), keys, positions)
 
 
 def _top_k_top_p(logits: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -75,8 +76,8 @@ def _top_k_top_p(logits: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     set to -inf. Greedy rows and rows without a filter keep every token."""
     x = logits if logits.dtype == torch.float64 else logits.float()
     V = x.shape[-1]
-    beta = params[:, 0:1].to(x.dtype)
-    ordered, order = (x * torch.where(beta > 0, beta, 1.0)).sort(dim=-1)  # ascending
+    temperature = params[:, 0:1].to(x.dtype)
+    ordered, order = (x / torch.where(temperature > 0, temperature, 1.0)).sort(dim=-1)  # ascending
     k = params[:, 1:2].long()
     kth = ordered.gather(1, V - torch.where((k < 1) | (k > V), V, k))
     ordered = ordered.masked_fill(ordered < kth, -torch.inf)

@@ -536,6 +536,13 @@ def test_sampling_reproducible_with_seed():
     c = dec.generate(prompts, seed=8, **kw)
     assert a.tokens == b.tokens and a.tokens != c.tokens
     assert a.tokens != [hf_generate(model, p, 20) for p in prompts]  # it really samples
+    # prompt i draws from stream i of the seed: its tokens do not depend on the other prompts, and equal prompts
+    # in one batch draw differently
+    other = make_prompts((3, 8), seed=9)
+    assert dec.generate([other[0], prompts[1]], seed=7, **kw).tokens[1] == a.tokens[1]
+    assert dec.generate([prompts[0]], seed=7, **kw).tokens[0] == a.tokens[0]
+    twice = dec.generate([prompts[0]] * 2, seed=7, **kw).tokens
+    assert twice[0] == a.tokens[0] != twice[1]
     # top_k=1 (or a tiny top_p) leaves one candidate: sampling is greedy
     greedy = [hf_generate(model, p, 20) for p in prompts]
     assert dec.generate(prompts, max_new_tokens=20, temperature=0.7, top_k=1, seed=1).tokens == greedy
@@ -708,7 +715,8 @@ def test_decoder_rejects_bad_arguments():
 
 @pytest.mark.gpu
 def test_cuda_graphs_match_eager_and_transformers():
-    """On CUDA: graph-captured decode steps give the eager path's tokens, and fp32 matches transformers."""
+    """On CUDA: graph-captured decode steps (sampling inside the graph) give the eager path's tokens, greedy and
+    sampled, and fp32 matches transformers."""
     prompts = make_prompts((5, 17, 1, 40))
     model = tiny_model("qwen2", dtype=torch.float32).eval().cuda()
     refs = [hf_generate(model, p, 24) for p in prompts]
@@ -718,6 +726,10 @@ def test_cuda_graphs_match_eager_and_transformers():
     graphs = Decoder(model, cuda_graphs=True).generate(prompts, max_new_tokens=30, budget=bf)
     eager = Decoder(model, cuda_graphs=False).generate(prompts, max_new_tokens=30, budget=bf)
     assert graphs.tokens == eager.tokens
+    for kw in (dict(temperature=0.8), dict(temperature=1.0, top_p=0.9, top_k=50)):  # sampling inside the graph
+        graphs = Decoder(model, cuda_graphs=True).generate(prompts, max_new_tokens=30, budget=bf, seed=3, **kw)
+        eager = Decoder(model, cuda_graphs=False).generate(prompts, max_new_tokens=30, budget=bf, seed=3, **kw)
+        assert graphs.tokens == eager.tokens
 
 
 def test_decode_bench_rows():

@@ -107,15 +107,19 @@ def test_mixed_budgets_match_s1_reference(max_rows):
     assert waits > 0 and cuts > 0  # both paths taken
 
 
-def test_page_budget_waits_preempts_and_matches_unconstrained():
+@pytest.mark.parametrize("sampled", [False, True])
+def test_page_budget_waits_preempts_and_matches_unconstrained(sampled):
     """A KV budget of 20 pages of 4 positions for 5 requests of up to 16 + 40 positions on 3 rows, mixed budgets
     and waits: running rows that cannot grow preempt the newest (recomputed later from what it fed), the pages
     in use never pass the budget, and every request's tokens equal the unconstrained engine's (itself s1's
-    algorithm, above)."""
+    algorithm, above). Sampled with seeds (temperature, top-p), a preempted request draws the same tokens again:
+    its noise comes from its key and positions."""
     model = model_for(tied=False)
     prompts = make_prompts((6, 13, 3, 9, 16), seed=1)
     base = budget(model, prompts)
-    settings = [dict(max_new_tokens=40, budget=dataclasses.replace(base, **c)) for c in MIXED]
+    sampling = [dict(temperature=1.0, seed=i, top_p=0.95 if i % 2 else None) if sampled else {} for i in range(5)]
+    settings = [dict(max_new_tokens=40, budget=dataclasses.replace(base, **c), **sampling[i])
+                for i, c in enumerate(MIXED)]
     free = Engine(Decoder(model), max_rows=3)
     submit_all(free, prompts, settings, range(5))
     expected = free.run().tokens
@@ -133,6 +137,10 @@ def test_page_budget_waits_preempts_and_matches_unconstrained():
     submit_all(engine, prompts, settings, range(5))
     res = engine.run()
     assert res.tokens == expected
+    if sampled:  # each request alone draws the same tokens; greedy would not
+        assert [Decoder(model).generate([p], **kw).tokens[0] for p, kw in zip(prompts, settings)] == expected
+        greedy = {k: v for k, v in settings[0].items() if k in ("max_new_tokens", "budget")}
+        assert Decoder(model).generate([prompts[0]], **greedy).tokens[0] != expected[0]
     assert res.preemptions > 0 and max(in_use) <= 20 == res.memory["kv_pages_total"]
     assert res.memory["kv_pages_peak"] <= 20 and res.memory["kv_pages_in_use"] == 0
     assert 3 in rows_per_step and sum(map(len, expected)) > 100
