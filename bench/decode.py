@@ -5,8 +5,9 @@ Throughput. Decode tokens/s of a random-initialised model (Qwen2.5-1.5B shape in
 in fp32 on CPU) for every (context, batch): the median wall time of ``generate`` for N new tokens minus that
 for 1 new token (so the prefill cancels), the same way for every implementation:
 - ``s1fast``: ``Decoder.generate`` (CUDA graphs on GPU); its graphs are captured by a first, untimed call;
-- ``s1fast_sampled``: the same, sampling at temperature 0.6 with top-p 0.95 (``s1fast eval --samples``' default,
-  DeepSeek's pass@1 setting; the top-p sort and the Gumbel-max kernel run inside the step): the cost of sampling;
+- ``s1fast_sampled`` (batch 1): the same, sampling at temperature 0.6 with top-p 0.95 (``s1fast eval
+  --samples``' default, DeepSeek's pass@1 setting; the top-p sort and the Gumbel-max kernel run inside the step,
+  inside its CUDA graph on GPU): what sampling costs against greedy decoding;
 - ``s1fast_sdpa`` (GPU, when ``s1fast`` runs another attention): the same decoder with ``attention="sdpa"``,
   to show what the decode-attention kernel buys;
 - ``hf_dynamic`` (peer ``hf``): transformers ``generate`` with its default cache (DynamicCache);
@@ -124,9 +125,10 @@ def throughput(model, decoder, p: dict, device: str, peers: list[str], copy_gbps
             limit = batch * copy_gbps * 1e9 / step_bytes
             base = dict(case="decode", model=p["shape"], dtype=str(p["dtype"]).replace("torch.", ""), context=context,
                         batch=batch, new_tokens=n, bw_limit_tokens_per_s=limit, step_mib=step_bytes / 2**20)
-            impls = {"s1fast": lambda k, prompts=prompts: decoder.generate(prompts, max_new_tokens=k),
-                     "s1fast_sampled": lambda k, prompts=prompts: decoder.generate(
-                         prompts, max_new_tokens=k, temperature=0.6, top_p=0.95, seed=0)}
+            impls = {"s1fast": lambda k, prompts=prompts: decoder.generate(prompts, max_new_tokens=k)}
+            if batch == 1:
+                impls["s1fast_sampled"] = lambda k, prompts=prompts: decoder.generate(
+                    prompts, max_new_tokens=k, temperature=0.6, top_p=0.95, seed=0)
             paths = dict.fromkeys(impls, decoder.decode_attention_path)
             if sdpa is not None:
                 impls["s1fast_sdpa"] = lambda k, prompts=prompts: sdpa.generate(prompts, max_new_tokens=k)

@@ -25,10 +25,15 @@ def generator(seed: int | None = None) -> torch.Generator:
 
 @contextlib.contextmanager
 def nan_empty(monkeypatch) -> Iterator[None]:
-    """Inside the block ``torch.empty`` returns NaN-filled tensors: a kernel that leaves an element of a buffer
-    it allocated unwritten shows up as NaN."""
+    """Inside the block ``torch.empty`` returns NaN-filled tensors (signed integers: -1): a kernel that leaves an
+    element of a buffer it allocated unwritten shows up as NaN (or an impossible index)."""
     empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: empty(*args, **kwargs).fill_(float("nan")))
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1) if t.dtype.is_signed else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
     try:
         yield
     finally:

@@ -307,7 +307,9 @@ def test_kit_targets_met_and_not_met(tmp_path):
             dict(impl="liger", model="1.5B", tokens=32768, tokens_per_s=90.0),
         ],
         "decode": [
-            dict(case="decode", impl="s1fast", context=8192, batch=1, pct_of_bw_limit=75.0, speedup_vs_hf=5.0),
+            dict(case="decode", impl="s1fast", context=8192, batch=1, pct_of_bw_limit=75.0, speedup_vs_hf=5.0,
+                 tokens_per_s=200.0),
+            dict(case="decode", impl="s1fast_sampled", context=8192, batch=1, tokens_per_s=170.0),
             dict(case="budget_forcing", impl="in_loop", overhead_pct=3.5),
         ],
     }
@@ -330,6 +332,8 @@ def test_kit_targets_met_and_not_met(tmp_path):
     assert status["training step ahead of Liger (0.5B/1.5B)"] == "met"
     assert status["decode 1.5B bf16 batch 1 at 8K: >= 70% of the bandwidth limit"] == "met"
     assert got["budget forcing overhead <= 2%"] == ("not met", "+3.5%")
+    assert got["decode 1.5B bf16 batch 1 at 8K, sampled (T 0.6, top-p 0.95): >= 90% of greedy tokens/s"] == (
+        "not met", "85.0% of greedy")
     assert status["5 epochs of s1K on Qwen2.5-1.5B on one GPU in < 26 min"] == "not measured"  # no sft rows
 
 

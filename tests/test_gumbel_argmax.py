@@ -15,7 +15,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import assert_spec_matches_kernel, generator
+from helpers import assert_spec_matches_kernel, generator, nan_empty
 
 from s1fast.kernels import force_backend, gumbel_argmax, gumbel_argmax_reference
 from s1fast.model.shapes import QWEN25_SHAPES
@@ -45,6 +45,24 @@ def test_kernel_matches_reference(dtype, V):
     greedy = beta == 0
     assert torch.equal(got[greedy], logits[greedy].float().argmax(-1))
     assert not torch.equal(got[~greedy], logits[~greedy].float().argmax(-1))  # it really samples
+
+
+def test_every_partial_written_and_bytes_at_the_minimum(monkeypatch):
+    """With NaN-poisoned partials (torch.argmax would pick a NaN) the tokens still equal the reference, so every
+    tile writes its partial; the kernel reads the logits once (the minimum: 2 V bytes per bf16 row), plus 20 bytes
+    of settings per row, and writes 16 bytes per tile."""
+    from s1fast.bench.perf_model import counting
+
+    rows, V = 5, 2500
+    logits, beta, keys, positions = make_case(rows, V, torch.bfloat16)
+    with force_backend("triton"), nan_empty(monkeypatch), counting() as launches:
+        got = gumbel_argmax(logits, beta, keys, positions)
+    assert torch.equal(got, gumbel_argmax_reference(logits, beta, keys, positions))
+    (launch,) = launches
+    tiles = -(-V // gumbel._BLOCK)
+    assert launch["kernel"] == "_gumbel_argmax_kernel" and launch["grid"] == rows * tiles
+    assert launch["load_bytes"] == rows * V * 2 + rows * (4 + 8 + 8)
+    assert launch["store_bytes"] == rows * tiles * (4 + 8)
 
 
 def test_every_tile_competes_and_filtered_tokens_never_win():
