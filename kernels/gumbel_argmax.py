@@ -21,9 +21,9 @@ preemption (a recomputed token gets the same noise), and there is no generator s
 
 Plan: grid ``(rows, ceil(V / BLOCK))``; each program hashes its tile, takes the best ``(value, index)`` and writes
 it to ``[rows, tiles]`` partials; the winner per row is one ``argmax`` + ``gather`` over the partials (first index
-on ties, as ``torch.argmax``). Bytes: the logits read once (``2 V`` per bf16 row) plus 16 per tile; the noise
-is computed, not read. The reference computes the same words in int64 (a 32-bit product split in 16-bit halves
-so that nothing overflows).
+on ties, as ``torch.argmax``). Bytes: the logits read once (``2 V`` per bf16 row; the minimum) plus 20 per row of
+settings, and 12 written per tile; the noise is computed, not read. The reference computes the same words in
+int64 (a 32-bit product split in 16-bit halves so that nothing overflows).
 """
 
 from __future__ import annotations

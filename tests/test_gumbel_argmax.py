@@ -120,6 +120,19 @@ def test_noise_uniform():
         assert float(((counts - expected) ** 2 / expected).sum()) < CHI2_1E6[63]
 
 
+@pytest.mark.gpu
+def test_cuda_kernel_matches_the_cpu_reference(device):
+    """Compiled, with logits past 2^31 elements (64-bit row offsets): the same tokens as the int64 reference on
+    CPU (the noise words are integer arithmetic, the same bits on both)."""
+    rows, V = 14_200, 151_936  # 2.16e9 logits in bf16: 4.3 GB
+    _, beta, keys, positions = make_case(rows, 1, torch.bfloat16, seed=5)
+    logits = (torch.randn(rows, V, device=device) * 3).to(torch.bfloat16)
+    got = gumbel_argmax(logits, beta.to(device), keys.to(device), positions.to(device)).cpu()
+    for part in (slice(0, 64), slice(rows - 64, rows)):
+        ref = gumbel_argmax_reference(logits[part].cpu(), beta[part], keys[part], positions[part])
+        assert torch.equal(got[part], ref)
+
+
 def test_bad_arguments():
     logits, beta, keys, positions = make_case(3, 10, torch.float32, seed=0)
     cases = [
