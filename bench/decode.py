@@ -36,8 +36,10 @@ on a GPU where a decode step of a small batch sits on the launch-latency floor; 
   run to its longest request (``Engine`` runs of one batch each, which is what ``Decoder.generate`` does);
 - ``hf_static`` (peer ``hf``): transformers ``generate`` on the same batches (left-padded), each batch
   for as many tokens as its longest request produced (no budget forcing: the cost of a static batch).
-Tokens/s count the tokens each request produced; ``kv_peak_mib`` is the KV memory the engine's rows held at
-the peak (pages in use), ``kv_dense_mib`` the dense layout's ``rows x (longest prompt + max_new_tokens)``.
+Engine and static runs alternate ``MIXED_REPS`` times after a warm-up and report their median times
+(transformers runs once). Tokens/s count the tokens each request produced; ``kv_peak_mib`` is the KV memory the
+engine's rows held at the peak (pages in use), ``kv_dense_mib`` the dense layout's ``rows x (longest prompt +
+max_new_tokens)``.
 
 Launches (``launches``): device launches per decode step, counted on any machine through the public API:
 ``Decoder.generate`` on 2- and 4-layer TINY models under a ``TorchDispatchMode`` that counts the aten ops that
@@ -53,6 +55,7 @@ import argparse
 import collections
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -68,6 +71,7 @@ SUMMARY_COLUMNS = ("case", "impl", "attention", "context", "batch", "new_tokens"
                    "pct_of_bw_limit", "overhead_pct", "seconds", "speedup_vs_static", "kv_peak_mib", "kv_dense_mib",
                    "kv_peak_vs_dense", "preemptions", "launches_per_step", "launches_per_layer")
 PEERS = ("hf", "compile")
+MIXED_REPS = 3  # interleaved engine / static runs of the mixed workload; the medians are reported
 SMALL = dict(layers=4, hidden=256, heads=4, kv_heads=2, head_dim=64, intermediate=768, vocab=8192, tied=True)
 TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=512, tied=True)
 
@@ -257,13 +261,17 @@ def mixed_workload(device: str, quick: bool, peers: list[str]) -> list[dict]:
         return out, time.perf_counter() - t
 
     batches = [reqs[i : i + rows] for i in range(0, n, rows)]
-    engine_dec = Decoder(model, kv_cache_bytes=dense // 2)
-    engine_run(engine_dec, reqs[:rows])  # warm-up (allocations, lazy inits)
-    res, engine_s = timed(lambda: engine_run(engine_dec, reqs))
+    engine_dec, static_dec = Decoder(model, kv_cache_bytes=dense // 2), Decoder(model)
+    for dec in (engine_dec, static_dec):
+        engine_run(dec, reqs[:rows])  # warm-up (allocations, lazy inits)
+    times = collections.defaultdict(list)
+    for _ in range(MIXED_REPS):  # interleaved, so that a slower spell of the machine hits both ways alike
+        res, seconds = timed(lambda: engine_run(engine_dec, reqs))
+        times["engine"].append(seconds)
+        static, seconds = timed(lambda: [engine_run(static_dec, b) for b in batches])
+        times["static"].append(seconds)
+    engine_s, static_s = (statistics.median(times[k]) for k in ("engine", "static"))
     tokens = sum(map(len, res.tokens))
-    static_dec = Decoder(model)
-    engine_run(static_dec, reqs[:rows])  # the same warm-up
-    static, static_s = timed(lambda: [engine_run(static_dec, b) for b in batches])
     assert [t for s in static for t in s.tokens] == res.tokens, "the engine and static batching must agree"
     mem = res.memory
     out = [
@@ -286,7 +294,7 @@ def mixed_workload(device: str, quick: bool, peers: list[str]) -> list[dict]:
                 with torch.inference_mode():
                     model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
 
-        _, hf_s = timed(hf_batches)
+        _, hf_s = timed(hf_batches)  # once: the slowest way, there for scale
         out.append(dict(base, impl="hf_static", seconds=hf_s, tokens_per_s=tokens / hf_s, tokens=tokens))
         out[0]["speedup_vs_hf"] = hf_s / engine_s
     return out

@@ -543,7 +543,8 @@ class Decoder:
         stream: Callable[[int, list[int]], object] | None = None,
     ) -> GenerationResult:
         """Generate for a batch of prompts (token-id lists, any lengths). ``max_new_tokens`` bounds generated
-        plus injected tokens per row; ``temperature=0`` is greedy; ``seed`` makes sampling reproducible;
+        plus injected tokens per row; ``temperature=0`` is greedy; ``seed`` makes sampling reproducible (prompt
+        ``i`` draws from stream ``i`` of the seed, whatever the other prompts; ``s1fast.decode.sampling``);
         ``stop_token_ids`` end a row (the stop token is kept), or its thinking while it thinks, as in s1;
         ``budget`` applies s1 budget forcing (every prompt must end with the think delimiter);
         ``stream(row, new_token_ids)`` is called as tokens are decided. Returns a ``GenerationResult``."""
