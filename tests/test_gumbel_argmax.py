@@ -43,8 +43,7 @@ def test_kernel_matches_reference(dtype, V):
     assert got.dtype == torch.int64 and got.shape == (9,)
     assert torch.equal(got, gumbel_argmax_reference(logits, beta, keys, positions))
     greedy = beta == 0
-    assert torch.equal(got[greedy], logits[greedy].float().argmax(-1))
-    assert not torch.equal(got[~greedy], logits[~greedy].float().argmax(-1))  # it really samples
+    assert torch.equal(got[greedy], logits[greedy].float().argmax(-1))  # (that the others sample: the tests below)
 
 
 def test_every_partial_written_and_bytes_at_the_minimum(monkeypatch):
