@@ -142,35 +142,38 @@ def gumbel_argmax(logits: torch.Tensor, beta: torch.Tensor, keys: torch.Tensor,
 _M32 = 0xFFFFFFFF
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``x * c mod 2^32`` for words ``x`` in int64, without overflow (c split in 16-bit halves)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+def _mul32_(x: torch.Tensor, c: int, tmp: torch.Tensor) -> None:
+    """``x <- x * c mod 2^32`` in place for words ``x`` in int64, without overflow (c split in 16-bit halves)."""
+    torch.mul(x, c >> 16, out=tmp).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    x.mul_(c & 0xFFFF).add_(tmp).bitwise_and_(_M32)
 
 
-def _mix_reference(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = _mul32(x, _MIX[0])
-    x = x ^ (x >> 15)
-    x = _mul32(x, _MIX[1])
-    return x ^ (x >> 15)
+def _mix_(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int64 words, in place (in place: 4x faster on CPU than fresh tensors per step)."""
+    tmp = torch.empty_like(x)
+    for shift, c in ((16, _MIX[0]), (15, _MIX[1]), (15, None)):
+        x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=tmp))
+        if c is not None:
+            _mul32_(x, c, tmp)
+    return x
 
 
 def gumbel_noise_reference(keys: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
     """The uniform noise ``U`` [rows, vocab] (fp32, in (0, 1)) of the module docstring."""
-    s = _mix_reference(_mix_reference(keys & _M32) ^ (keys >> 32))
-    s = _mix_reference(s ^ (positions & _M32))[:, None]
-    weyl = (torch.arange(vocab, device=keys.device) * _WEYL) & _M32
-    h = _mix_reference((_mix_reference(s ^ weyl) + s) & _M32)
-    return ((h >> 9).to(torch.float32) + 0.5) * _UNIT
+    s = _mix_(_mix_(keys & _M32) ^ (keys >> 32))
+    s = _mix_(s ^ (positions & _M32))[:, None]
+    h = (torch.arange(vocab, device=keys.device) * _WEYL).bitwise_and_(_M32) ^ s
+    _mix_(_mix_(h).add_(s).bitwise_and_(_M32))
+    return h.bitwise_right_shift_(9).to(torch.float32).add_(0.5).mul_(_UNIT)
 
 
 def gumbel_argmax_reference(logits: torch.Tensor, beta: torch.Tensor, keys: torch.Tensor,
                             positions: torch.Tensor) -> torch.Tensor:
     """``gumbel_argmax`` in plain PyTorch (fp32, or fp64 for fp64 logits)."""
     x = logits if logits.dtype == torch.float64 else logits.float()
-    g = -torch.log(-torch.log(gumbel_noise_reference(keys, positions, x.shape[1])))
     sampled = (beta > 0)[:, None]
-    return (x * torch.where(sampled, beta[:, None], 1.0).to(x.dtype) + torch.where(sampled, g, 0.0)).argmax(-1)
+    g = gumbel_noise_reference(keys, positions, x.shape[1]).log_().neg_().log_().neg_().masked_fill_(~sampled, 0.0)
+    return (x * torch.where(sampled, beta[:, None], 1.0).to(x.dtype)).add_(g).argmax(-1)
 
 
 # ------------------------------------------------------------------------------------------ inspection
