@@ -19,6 +19,7 @@ other step settings. Results in OUTPUT_DIR/results.json.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import re
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--scale", metavar="MODEL_DIR", help="the scaling run (see the module docstring)")
     args = p.parse_args(argv)
+    faulthandler.enable()  # a crash in native code (SIGABRT, SIGSEGV) prints every thread's Python stack to stderr
     torch.set_num_threads(1)
     init_distributed("cpu")
     if args.scale:
