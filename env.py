@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{'GPUs':<{width}}  none visible (CPU only)")
     print(f"{'platform':<{width}}  {platform.platform()}, {os.cpu_count()} CPUs")
-    print(f"\nkernels (RMSNorm, RoPE, cross-entropy, fused linear CE, SwiGLU, decode attention) on {device.type}: "
-          f"{kernel_path(device)}")
+    print(f"\nkernels (RMSNorm, RoPE, cross-entropy, fused linear CE, SwiGLU; decoding: decode attention, RoPE + KV "
+          f"write, add + RMSNorm, Gumbel-max sampling) on {device.type}: {kernel_path(device)}")
     print(f"decoder attention of one-token steps: {decode_path(device)}")
     problem = check_patch(device)
     transformers = found["transformers"]
