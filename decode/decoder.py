@@ -573,17 +573,15 @@ class Decoder:
     ) -> GenerationStream:
         """``generate`` as an iterator of ``(row, new_token_ids)``; the result is ``.result`` at the end.
         Arguments are checked here, before anything runs."""
-        prompts, stop, sampling = self.check_requests("Decoder.generate", prompts, max_new_tokens=max_new_tokens,
-                                                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                                      stop_token_ids=stop_token_ids, budget=budget)
-        requests = [Request(p, max_new_tokens, stop, budget, replace(sampling, key=request_key(seed, i)))
-                    for i, p in enumerate(prompts)]  # prompt i: stream i of the seed
-        self.check_fits("Decoder.generate", requests)
+        requests = self.check_requests("Decoder.generate", prompts, max_new_tokens=max_new_tokens,
+                                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                       stop_token_ids=stop_token_ids, budget=budget)
         return GenerationStream(engine_run(self, requests, len(requests)))  # every prompt admitted at once
 
-    def check_requests(self, fn: str, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, **settings):
-        """Checked ``(prompts, stop_token_ids, sampling)`` for prompts that share ``generate``'s other arguments
-        (``settings``); errors name ``fn``."""
+    def check_requests(self, fn: str, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                       **settings) -> list[Request]:
+        """The checked ``Request`` of each prompt, the prompts sharing ``generate``'s other arguments (``settings``;
+        prompt ``i`` draws from stream ``i`` of the seed); errors name ``fn``."""
         prompts = self._check_prompts(prompts)
         stop, sampling = check_sampling(fn, self, max_new_tokens=max_new_tokens, **settings)
         longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -593,7 +591,11 @@ class Decoder:
                 f"{fn}: {which} has {len(prompts[longest])} tokens; with max_new_tokens={max_new_tokens} that "
                 f"exceeds max_seq_len={self.max_seq_len} (shorten the prompt or max_new_tokens, or raise max_seq_len)"
             )
-        return prompts, stop, sampling
+        seed, budget = settings["seed"], settings["budget"]
+        requests = [Request(p, max_new_tokens, stop, budget, replace(sampling, key=request_key(seed, i)))
+                    for i, p in enumerate(prompts)]
+        self.check_fits(fn, requests)
+        return requests
 
     def _check_ids(self, name: str, ids: Sequence[int]) -> list[int]:
         out = []

@@ -29,13 +29,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from s1fast.decode.budget import BudgetForcing, RowState
 from s1fast.decode.results import GenerationStream, RowResult
-from s1fast.decode.sampling import Sampling, request_key
+from s1fast.decode.sampling import Sampling
 
 
 @dataclass(frozen=True)
@@ -112,12 +112,9 @@ class Engine:
     ) -> int:
         """Queue one request (arguments as ``Decoder.generate``'s, for one prompt: with ``seed``, the tokens of
         ``Decoder.generate([prompt], seed=seed)``). Returns its index in the results."""
-        dec = self.decoder
-        (prompt,), stop, sampling = dec.check_requests("Engine.submit", [prompt], max_new_tokens=max_new_tokens,
-                                                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                                       stop_token_ids=stop_token_ids, budget=budget)
-        request = Request(prompt, max_new_tokens, stop, budget, replace(sampling, key=request_key(seed)))
-        dec.check_fits("Engine.submit", [request])
+        (request,) = self.decoder.check_requests("Engine.submit", [prompt], max_new_tokens=max_new_tokens,
+                                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                                 stop_token_ids=stop_token_ids, budget=budget)
         self.queue.append(request)
         return len(self.queue) - 1
 
@@ -144,11 +141,7 @@ class Engine:
         admits it between two decode steps. ``on_tokens(new_ids, row_state)`` is called for each step's news and
         ``on_done(row)`` once (a ``RowResult``, ``finish_reason`` "cancelled" after ``cancel``; None when the
         engine failed), both on the loop's thread. Returns the request, the handle for ``cancel``."""
-        dec = self.decoder
-        (prompt,), stop, sampling = dec.check_requests("Engine.post", [prompt], **settings)
-        request = Request(prompt, settings["max_new_tokens"], stop, settings.get("budget"),
-                          replace(sampling, key=request_key(settings.get("seed"))))
-        dec.check_fits("Engine.post", [request])
+        (request,) = self.decoder.check_requests("Engine.post", [prompt], **settings)
         with self._inbox_lock:
             self._listeners[id(request)] = (request, on_tokens, on_done)
             self._inbox.append(request)
