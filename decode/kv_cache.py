@@ -28,15 +28,14 @@ class KVCache:
 
     Args:
         page_size: positions per page.
-        pages: the page budget (None: sized by ``ensure`` for each run).
         flash: flash-attn's page layout (``[.., page_size, kv_heads, head_dim]`` per page).
     """
 
     def __init__(self, *, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device, page_size: int,
-                 pages: int | None = None, flash: bool = False):
+                 flash: bool = False):
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.dtype, self.device, self.page_size, self.flash = dtype, torch.device(device), page_size, flash
-        self.budget_pages = pages
+        self.budget_pages: int | None = None  # the page budget, set by the owner (None: sized by ``ensure`` per run)
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.table: torch.Tensor | None = None
