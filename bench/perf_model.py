@@ -327,10 +327,6 @@ def predict(min_bytes: int, launches: list[dict], gpu: dict = GPU) -> dict:
             "predicted_us": round(total_us, 2), "predicted_pct_of_copy_bw": round(100 * min_bytes / bw / total_us, 1)}
 
 
-def _function_name(fn) -> str:
-    return getattr(fn, "fn", fn).__name__
-
-
 def _build_for(launch: dict, builds: list[dict]) -> dict | None:
     """The sm_90 build of a launch: same kernel function and the launch's constexprs."""
     for b in builds:
