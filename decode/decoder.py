@@ -329,19 +329,19 @@ class Decoder:
         self._keys = torch.zeros(rows, dtype=torch.long, device=dev)
         self._graphs.clear()
 
-    def set_sampling(self, row0: int, settings: list[Sampling]) -> None:
+    def _set_sampling(self, row0: int, settings: list[Sampling]) -> None:
         """Cache rows row0.. take these requests' sampling settings and keys."""
         rows = slice(row0, row0 + len(settings))
         self._sampling[rows] = torch.tensor([s.row() for s in settings], dtype=torch.float32)
         self._keys[rows] = torch.tensor([s.key for s in settings])
 
-    def move_row(self, src: int, dst: int) -> None:
+    def _move_row(self, src: int, dst: int) -> None:
         """Cache row ``src`` (its pages and sampling settings) becomes row ``dst``."""
         self.cache.move(src, dst)
         self._sampling[dst] = self._sampling[src]
         self._keys[dst] = self._keys[src]
 
-    def sample(self, logits: torch.Tensor, row0: int, positions: list[int], mode: int) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, row0: int, positions: list[int], mode: int) -> torch.Tensor:
         """Tokens for cache rows row0.. from their ``logits`` (their tokens going to ``positions``)."""
         rows = slice(row0, row0 + len(positions))
         return sample(logits, self._sampling[rows], self._keys[rows], torch.tensor(positions, device=self.device),

@@ -260,7 +260,7 @@ def run(dec, reqs: list[Request], max_rows: int, inbox: Engine | None = None) ->
         if masked:
             at = torch.tensor(masked, device=device)
             logits[at[:, 0], at[:, 1]] = float("-inf")
-        return dec.sample(logits, row0, positions, max(reqs[r].sampling.mode for r in rows))
+        return dec._sample(logits, row0, positions, max(reqs[r].sampling.mode for r in rows))
 
     def fits(request: Request) -> bool:  # a posted request this run's cache can hold
         positions = request.positions(dec.max_seq_len)
@@ -298,7 +298,7 @@ def run(dec, reqs: list[Request], max_rows: int, inbox: Engine | None = None) ->
         cache.reserve([(row0 + j, min(len(seqs[r]) + 1, most[r])) for j, r in enumerate(new)])
         slots.extend(new)
         pos.extend(len(seqs[r]) for r in new)
-        dec.set_sampling(row0, [reqs[r].sampling for r in new])
+        dec._set_sampling(row0, [reqs[r].sampling for r in new])
         return sample(dec._prefill([seqs[r] for r in new], row0), row0, new, pos[row0:])
 
     def decide(slot: int, token: int) -> list[int] | None:
@@ -336,7 +336,7 @@ def run(dec, reqs: list[Request], max_rows: int, inbox: Engine | None = None) ->
         cache.free(s)
         last = len(slots) - 1
         if s != last:
-            dec.move_row(last, s)
+            dec._move_row(last, s)
             slots[s], pos[s], feeds[s] = slots[last], pos[last], feeds[last]
         del slots[last], pos[last], feeds[last]
 
