@@ -8,8 +8,13 @@ behaviour, and ``unpatch`` deletes those attributes to restore the original code
 ``fully_shard``, gradient checkpointing and ``torch.compile`` see the same model.
 
 Entry points: :func:`patch` / :func:`unpatch` (switches ``rms_norm``, ``rope``, ``swiglu`` and ``loss``, each
-described at its forward below; packed sequences: :func:`patch`), :func:`load` (``from_pretrained``, then ``patch``),
-:func:`causal_lm`, :func:`causal_lm_loss`.
+described at its forward below; packed sequences: :func:`patch`), :func:`patched` (which kernels run now),
+:func:`load` (``from_pretrained``, then ``patch``), :func:`causal_lm`, :func:`causal_lm_loss`.
+
+transformers >= 5.25 with the ``kernels`` package: ``from_pretrained`` kernelizes models (``use_kernels``) and
+re-kernelizes them at each ``train()`` / ``eval()`` switch, which would remove the RMSNorm instance forwards;
+``patch`` turns ``use_kernels`` off, and a kernelization forced afterwards is reported by a warning at the next
+patched forward.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import logging
+import sys
 import types
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -32,6 +40,7 @@ from transformers.utils.generic import can_return_tuple
 
 from s1fast.kernels import apply_rope, fused_linear_cross_entropy, rms_norm, swiglu
 
+logger = logging.getLogger(__name__)
 CAUSAL_LMS = (qwen2.Qwen2ForCausalLM, qwen3.Qwen3ForCausalLM)
 _RMS_NORMS = (qwen2.Qwen2RMSNorm, qwen3.Qwen3RMSNorm)
 _ATTENTIONS = (qwen2.Qwen2Attention, qwen3.Qwen3Attention)
@@ -55,19 +64,24 @@ def causal_lm(model: nn.Module) -> nn.Module:
 # --- the instance-level forwards ---------------------------------------------------------------------------
 
 
-def _ours(fn: Callable) -> Callable:
-    fn._s1fast_patch = True
-    return fn
+def _ours(kernel: str) -> Callable[[Callable], Callable]:
+    """Marks an instance forward as s1fast's, under the name of the ``patch`` switch that installs it."""
+
+    def mark(fn: Callable) -> Callable:
+        fn._s1fast_patch = kernel
+        return fn
+
+    return mark
 
 
-@_ours
+@_ours("rms_norm")
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """``rms_norm``: every ``Qwen2RMSNorm`` / ``Qwen3RMSNorm`` (layer norms, the final norm, Qwen3's q/k norms) runs
     ``s1fast.kernels.rms_norm`` with its own weight and epsilon."""
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
-@_ours
+@_ours("swiglu")
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``swiglu``: every MLP computes ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` through its own Linears."""
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -93,7 +107,7 @@ def _rebind(fn: types.FunctionType, name: str, value: object) -> types.FunctionT
                 "patch it with rope=False"
             )
         copy = types.FunctionType(
-            fn.__code__, dict(fn.__globals__, **{name: value}), fn.__name__, fn.__defaults__, fn.__closure__
+            fn.__code__, _namespace(fn, name, value), fn.__name__, fn.__defaults__, fn.__closure__
         )
     else:
         cells = fn.__closure__ or ()
@@ -113,6 +127,17 @@ def _rebind(fn: types.FunctionType, name: str, value: object) -> types.FunctionT
     return copy
 
 
+def _namespace(fn: types.FunctionType, name: str, value: object) -> dict:
+    """``fn``'s globals with ``name`` bound to ``value``, as the namespace of a module of its own registered in
+    ``sys.modules``. torch.compile finds a function's globals through ``sys.modules[globals["__name__"]]`` when it
+    guards them; with the original module's name it would guard transformers' own ``apply_rotary_pos_emb`` (a ``Func``
+    module when the ``kernels`` package is installed, which has no ``__defaults__``) instead of the one called."""
+    module = types.ModuleType(f"{__name__}.{fn.__module__}.{fn.__qualname__}")
+    vars(module).update(fn.__globals__, __name__=module.__name__, __spec__=None, **{name: value})
+    sys.modules[module.__name__] = module
+    return vars(module)
+
+
 def _cell_holds(cell: types.CellType, value: object) -> bool:
     try:
         return cell.cell_contents is value
@@ -129,7 +154,7 @@ def _rope_forward(forward: types.FunctionType) -> types.FunctionType:
     object keeps attention exactly as the installed transformers version wrote it (KV cache, attention backends, Qwen3's
     q/k norms); only that one global name differs.
     """
-    return _ours(_rebind(forward, "apply_rotary_pos_emb", _apply_rotary_pos_emb))
+    return _ours("rope")(_rebind(forward, "apply_rotary_pos_emb", _apply_rotary_pos_emb))
 
 
 def _check_labels(name: str, labels: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -187,7 +212,7 @@ def _positional_names(cls: type) -> tuple[str, ...]:
     return tuple(p.name for p in params if p.kind in kinds)[1:]
 
 
-@_ours
+@_ours("loss")
 @can_return_tuple
 def _causal_lm_forward(self, *args, **kwargs) -> CausalLMOutputWithPast:
     """The causal LM's forward with the fused loss. Arguments are named as the installed class's forward names
@@ -202,6 +227,8 @@ def _causal_lm_forward(self, *args, **kwargs) -> CausalLMOutputWithPast:
     tensor ``logits_to_keep``, a custom ``loss_function`` or a wrapped (e.g. LoRA) ``lm_head``, the class's own forward
     runs: logits come back as before and ``generate()`` works.
     """
+    if getattr(self, "use_kernels", False):  # transformers re-kernelized the model after patch()
+        _warn_if_dropped(self)
     names = _POSITIONAL_NAMES[type(self).forward]
     if len(args) > len(names):
         raise TypeError(f"{type(self).__name__}.forward takes {len(names)} positional arguments, got {len(args)}")
@@ -236,9 +263,57 @@ _causal_lm_forward.__signature__ = inspect.signature(inspect.unwrap(qwen2.Qwen2F
 # --- patch / unpatch ---------------------------------------------------------------------------------------
 
 
-def _is_ours(module: nn.Module) -> bool:
+def _kernel_of(module: nn.Module) -> str | None:
+    """The switch whose s1fast forward ``module`` runs, or None."""
     forward = vars(module).get("forward")
-    return getattr(getattr(forward, "__func__", None), "_s1fast_patch", False)
+    return getattr(getattr(forward, "__func__", None), "_s1fast_patch", None)
+
+
+def _is_ours(module: nn.Module) -> bool:
+    return _kernel_of(module) is not None
+
+
+def patched(model: nn.Module) -> dict[str, int]:
+    """How many modules of ``model`` run each of s1fast's kernels now, by ``patch`` switch, e.g.
+    ``{"rms_norm": 5, "rope": 2, "swiglu": 2, "loss": 1}`` for a 2-layer Qwen2 (0 for a switch that is off)."""
+    counts = dict.fromkeys(("rms_norm", "rope", "swiglu", "loss"), 0)
+    for module in causal_lm(model).modules():
+        kernel = _kernel_of(module)
+        if kernel is not None:
+            counts[kernel] += 1
+    return counts
+
+
+def _warn_if_dropped(lm: nn.Module) -> None:
+    """Warn once if Hub kernelization after ``patch`` (``model.use_kernels = True``, ``kernelize(model)``, or a
+    ``train()`` / ``eval()`` switch of a model with ``use_kernels`` on) replaced s1fast forwards."""
+    installed, now = vars(lm).get("_s1fast_patched", {}), patched(lm)
+    lost = {kernel: n - now[kernel] for kernel, n in installed.items() if now[kernel] < n}
+    if lost and not vars(lm).get("_s1fast_warned"):
+        lm._s1fast_warned = True
+        warnings.warn(
+            f"s1fast.model.patch: transformers' Hub kernelization (use_kernels=True) replaced s1fast forwards after "
+            f"patch(): {lost} modules lost; call s1fast.model.patch(model) again, which turns use_kernels off",
+            stacklevel=3,
+        )
+
+
+def _turn_off_hub_kernels(lm: nn.Module) -> None:
+    """transformers >= 5.25 kernelizes a model in ``from_pretrained`` by default (``use_kernels``) and kernelizes it
+    again at every ``train()`` / ``eval()`` mode switch, which removes instance forwards of the layers the Hub kernels
+    name (``RMSNorm``). ``patch`` supersedes Hub kernels for the layers it patches: it resets them and turns
+    ``use_kernels`` off, so a later ``model.train()`` keeps s1fast's forwards. Hub kernels that were really loaded
+    (not the torch fallback) are named in a warning."""
+    if not getattr(lm, "use_kernels", False):
+        return
+    loaded = sorted({type(m).__name__ for m in lm.modules() if "_kernel_repo" in vars(m)})
+    if loaded:
+        warnings.warn(
+            f"s1fast.model.patch: the model ran Hub kernels for {loaded} (use_kernels=True); patch() resets them and "
+            "turns use_kernels off",
+            stacklevel=3,
+        )
+    lm.reset_kernels()
 
 
 def _targets(
@@ -273,6 +348,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
             f"s1fast.model.patch: swiglu=True needs config.hidden_act in {_SWIGLU_ACTS}, got "
             f"{lm.config.hidden_act!r}; pass swiglu=False"
         )
+    _turn_off_hub_kernels(lm)
     targets = list(_targets(lm, rms_norm, rope, swiglu, loss))
     names = {module: name for name, module in lm.named_modules()}
     for module, _ in targets:
@@ -284,14 +360,19 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     unpatch(model)
     for module, forward in targets:
         module.forward = types.MethodType(forward, module)
+    lm._s1fast_patched = patched(lm)
+    lm._s1fast_warned = False
+    logger.info("s1fast.model.patch: %s", lm._s1fast_patched)
     return model
 
 
 def unpatch(model: nn.Module):
     """Undo ``patch``: every module runs its class's forward again (bit-identical outputs). Returns ``model``."""
-    for module in causal_lm(model).modules():
+    lm = causal_lm(model)
+    for module in lm.modules():
         if _is_ours(module):
             del module.forward
+    vars(lm).pop("_s1fast_patched", None)
     return model
 
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +43,7 @@ COPY_MODULE = textwrap.dedent('''
         ]
 ''')
 
+ROOT = Path(__file__).resolve().parents[1]
 MEMORY_BOUND = ("rms_norm", "rope", "swiglu", "cross_entropy", "decode_attn")
 KEYS = {"kernel", "arch", "config", "registers", "spill_bytes", "shared_bytes", "widest_global_load_bits",
         "widest_global_store_bits"}
@@ -49,7 +51,8 @@ KEYS = {"kernel", "arch", "config", "registers", "spill_bytes", "shared_bytes", 
 
 def _inspect(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-m", "s1fast.cli", "bench", "inspect", *args],
+    # Started in the repository root, where `-m` puts the root on sys.path (it shadowed the `kernels` package).
+    return subprocess.run([sys.executable, "-m", "s1fast.cli", "bench", "inspect", *args], cwd=ROOT,
                           capture_output=True, text=True, env=env, timeout=900)
 
 

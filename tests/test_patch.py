@@ -333,6 +333,58 @@ def test_torch_compile():
     assert_same_training(ref, compiled, input_ids, labels)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_torch_compile_fullgraph_without_recompiles(arch):
+    """fullgraph torch.compile of a patched model, in eval (logits) and in training (the fused loss), with the
+    installed transformers: on 5.25 with the `kernels` package, transformers' apply_rotary_pos_emb is a Hub-kernel
+    `Func` module, and Dynamo must guard the rope that the patched attention really calls. A second batch of the
+    same shape must reuse the graph (error_on_recompile)."""
+    ref, model = patched_pair(arch, layers=1)
+    batches = [random_batch(2, 12, seed=seed) for seed in (1, 2)]
+    torch._dynamo.reset()  # graphs of other tests share transformers' wrapper code objects
+    ref.eval()
+    model.eval()
+    forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        for input_ids, _ in batches:
+            assert_rel(forward(input_ids).logits, ref(input_ids).logits, FP32_REL, "compiled logits")
+    torch._dynamo.reset()  # the training graph is a new compilation, not a recompile of the no-grad one
+    ref.train()
+    model.train()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for input_ids, labels in batches:
+            assert_same_training(ref, compiled, input_ids, labels)
+
+
+def test_patches_survive_transformers_rekernelization_and_report(tmp_path, monkeypatch):
+    """transformers >= 5.25 kernelizes every model in from_pretrained (use_kernels defaults on when the `kernels`
+    package is installed) and again at each train()/eval() switch, which pops the RMSNorm instance forwards. Load
+    weights through s1fast.model.load, switch to training, and count the RMSNorm kernel calls of one forward: every
+    norm must still run s1fast's kernel. A kernelization forced after patch() is reported, not silent."""
+    tiny_model("qwen2", layers=2).save_pretrained(tmp_path)
+    model = load(str(tmp_path), dtype=torch.float32)
+    installed = patch_module.patched(model)
+    assert installed == {"rms_norm": 5, "rope": 2, "swiglu": 2, "loss": 1}, installed  # 2 layers x 2 + final
+    model.train()
+    calls = []
+    kernel = patch_module.rms_norm
+    monkeypatch.setattr(patch_module, "rms_norm", lambda *a: calls.append(1) or kernel(*a))
+    input_ids, labels = random_batch(2, 12)
+    model(input_ids=input_ids, labels=labels)
+    assert len(calls) == 5, f"{len(calls)} of 5 RMSNorm modules ran s1fast's kernel"
+    assert patch_module.patched(model) == installed
+    if importlib.util.find_spec("kernels") is None or not hasattr(model, "reset_kernels"):
+        return  # transformers without Hub kernels: nothing can re-kernelize the model
+    model.use_kernels = True  # the user turns Hub kernels back on: the RMSNorm forwards go, and it is said
+    model.eval()
+    model.train()
+    with pytest.warns(UserWarning, match=r"replaced s1fast forwards after patch\(\): \{'rms_norm': 5\}"):
+        model(input_ids=input_ids, labels=labels)
+    patch(model)
+    assert patch_module.patched(model) == installed and not model.use_kernels
+
+
 def test_peft_lora_on_patched_model():
     peft = pytest.importorskip("peft")
     config = dict(
