@@ -432,7 +432,9 @@ def test_cuda_weight_gradient_gemm_path_is_recorded(monkeypatch):
 @pytest.mark.parametrize("beta", [0, 1])
 def test_cuda_fp32_out_gemm_call_is_well_formed_on_meta_tensors(beta):
     """The CUDA-only weight-gradient GEMM (bf16 operands into the fp32 accumulator, beta = 0 for the first chunk)
-    cannot run here; on meta tensors PyTorch still checks its arguments, shapes and dtypes."""
+    cannot run here; on meta tensors PyTorch still checks its arguments, shapes and dtypes. Only a check of this
+    torch's meta kernel (torch 2.11's raises TypeError for this call): which GEMM really runs on a GPU is
+    test_cuda_weight_gradient_gemm_path_is_recorded's question, and every bench row's (``weight_grad_gemm``)."""
     acc = torch.empty(300, 16, device="meta")
     a, b = (
         torch.empty(300, 7, dtype=torch.bfloat16, device="meta"),
