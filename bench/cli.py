@@ -91,6 +91,7 @@ def _run_suite(suite: str, args, peers: list[str], result: dict, save) -> tuple 
         return None
     t0 = time.perf_counter()
     result.update(unfinished=UNFINISHED, rows=[])
+    save()  # the environment and the ceilings, before the first row
 
     def measure() -> None:
         for row in module.run(device=args.device, quick=args.quick, peers=peers, headline=args.headline):

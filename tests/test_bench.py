@@ -166,6 +166,7 @@ def test_rows_are_written_as_they_are_measured(tmp_path, monkeypatch):
     class Slow:
         @staticmethod
         def run(*, device, quick, peers, headline):
+            on_disk.append(json.loads((out / "results.json").read_text())["suites"]["slow"])
             for tokens in (8, 16):
                 yield {"impl": "x", "tokens": tokens, "median_ms": 1.0}
                 on_disk.append(json.loads((out / "results.json").read_text())["suites"]["slow"])
@@ -174,8 +175,8 @@ def test_rows_are_written_as_they_are_measured(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "SUITES", ("slow",))
     monkeypatch.setattr(cli, "_load", lambda suite: Slow)
     assert cli.main(["all", "--quick", "--device", "cpu", "--out", str(out)]) == 0
-    assert [s["unfinished"] for s in on_disk] == [cli.UNFINISHED] * 2
-    assert [[r["tokens"] for r in s["rows"]] for s in on_disk] == [[8], [8, 16]]
+    assert [s["unfinished"] for s in on_disk] == [cli.UNFINISHED] * 3
+    assert [[r["tokens"] for r in s["rows"]] for s in on_disk] == [[], [8], [8, 16]]
     final = json.loads((out / "results.json").read_text())["suites"]["slow"]
     assert "unfinished" not in final and final["wall_s"] > 0 and len(final["rows"]) == 2
 
