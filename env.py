@@ -49,7 +49,15 @@ def versions() -> dict[str, str | None]:
     return {**found, "python": platform.python_version(), "cuda": torch.version.cuda}
 
 
+def release(version: str) -> str:
+    """``version`` without its local suffix: ``2.11.0+cu130`` -> ``2.11.0``. Compare versions this way: a PyPI
+    CUDA wheel's metadata says ``2.11.0`` where its ``torch.__version__`` says ``2.11.0+cu130``."""
+    return version.split("+", 1)[0]
+
+
 def git_commit() -> str:
+    """The commit of this tree: ``git rev-parse HEAD`` in it, else ``$S1FAST_COMMIT`` (a copy without ``.git``, e.g.
+    the GPU kit's, gets it from ``bench/gpu_kit.sh --prepare``, run where ``.git`` is), else "unknown"."""
     try:
         out = subprocess.run(
             ["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
@@ -57,9 +65,10 @@ def git_commit() -> str:
             text=True,
             timeout=5,
         )
-        return out.stdout.strip() or "unknown"
+        commit = out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        commit = ""
+    return commit or os.environ.get("S1FAST_COMMIT") or "unknown"
 
 
 def environment(device: str | torch.device) -> dict:

@@ -1,15 +1,18 @@
 """``s1fast bench``: one command for every benchmark.
 
-    s1fast bench kernels|train|decode|sft|serve|all [--device D] [--quick] [--out DIR] [--peers LIST] [--profile]
+    s1fast bench kernels|train|decode|sft|serve|all [--device D] [--quick | --headline] [--out DIR] [--peers LIST]
+                                                    [--profile]
     s1fast bench inspect [--json] [--models 0.5B,...] [--arch sm_90,sm_80] [--no-model]
-    s1fast bench kit [--dry-run] [--out DIR] [--budget-s S]     (the GPU kit, see bench/kit.py)
+    s1fast bench kit [--dry-run] [--out DIR] [--minutes M]     (the GPU kit, see bench/kit.py)
 
 Every run first records the environment (device, versions, git commit) and measures the device's ceilings
 (copy bandwidth, matmul TFLOP/s), then runs the suites, each a module ``s1fast.bench.<suite>`` exposing
-``run(*, device, quick, peers) -> list[dict]``. A suite whose module is not there (yet) is reported as
-skipped with the reason; one that fails is reported with its error and the run goes on (exit status 1).
-Prints each suite's main columns; writes every figure to ``results.json``, ``results.md`` and PNG plots to
-``--out`` (and with ``--profile`` a Chrome / Perfetto trace per suite, with the top operators printed).
+``run(*, device, quick, peers, headline) -> Iterable[dict]`` (``bench/common.py``). A suite whose module is not
+there (yet) is reported as skipped with the reason; one that fails is reported with its error and the rows it
+measured, and the run goes on (exit status 1). Prints each suite's main columns; writes every figure to
+``results.json``, ``results.md`` and PNG plots to ``--out`` (and with ``--profile`` a Chrome / Perfetto trace per
+suite, with the top operators printed). ``results.json`` and ``results.md`` are rewritten (atomically) after every
+row a suite yields, so a run stopped at any point keeps what it measured: its suite then says ``unfinished``.
 """
 
 from __future__ import annotations
@@ -49,7 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("suite", choices=(*SUITES, "all"), help="what to run; `all` runs every suite")
     add_device_arguments(p, dtypes=())  # each suite runs the dtypes it measures
-    p.add_argument("--quick", action="store_true", help="small shapes and few repetitions (CPU CI mode)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small shapes and few repetitions (CPU CI mode)")
+    size.add_argument("--headline", action="store_true",
+                      help="only the sizes of the headline figures (the GPU kit's plan, bench/README.md)")
     p.add_argument(
         "--out", default="bench-out", help="directory for JSON, markdown, plots, traces (default: %(default)s)"
     )
@@ -72,26 +78,40 @@ def _load(suite: str):
         return f"needs the missing module {e.name!r}"
 
 
-def _run_suite(suite: str, args, peers: list[str]) -> tuple[dict, tuple | None]:
-    """The suite's results and the columns to print (its ``SUMMARY_COLUMNS``, if it has them)."""
+UNFINISHED = "rows measured so far: the suite had not finished when this was written"
+
+
+def _run_suite(suite: str, args, peers: list[str], result: dict, save) -> tuple | None:
+    """Runs the suite into ``result`` (``rows``, then ``wall_s`` and the rest), calling ``save()`` after every row
+    it yields; returns the columns to print (its ``SUMMARY_COLUMNS``, if it has them). On an error ``result`` keeps
+    the rows measured before it."""
     module = _load(suite)
     if isinstance(module, str):
-        return {"skipped": module}, None
+        result["skipped"] = module
+        return None
     t0 = time.perf_counter()
-    result: dict = {}
+    result.update(unfinished=UNFINISHED, rows=[])
+    save()  # the environment and the ceilings, before the first row
+
+    def measure() -> None:
+        for row in module.run(device=args.device, quick=args.quick, peers=peers, headline=args.headline):
+            result["rows"].append(row)
+            save()
+
     if args.profile:
         from s1fast.bench.profiling import format_summary, profiled
 
         with profiled(Path(args.out) / f"trace_{suite}.json", device=args.device) as summary:
-            rows = module.run(device=args.device, quick=args.quick, peers=peers)
+            measure()
         result["profile"] = summary
         print(format_summary(summary, suite))
     else:
-        rows = module.run(device=args.device, quick=args.quick, peers=peers)
-    result.update(rows=rows, wall_s=time.perf_counter() - t0)
+        measure()
+    del result["unfinished"]
+    result["wall_s"] = time.perf_counter() - t0
     if hasattr(module, "backend_note"):
         result["note"] = module.backend_note()
-    return result, getattr(module, "SUMMARY_COLUMNS", None)
+    return getattr(module, "SUMMARY_COLUMNS", None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,10 +147,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from s1fast.bench.report import markdown_table, write
 
-    print(f"s1fast bench {args.suite}: device={args.device} quick={args.quick} peers={','.join(peers)}")
+    print(f"s1fast bench {args.suite}: device={args.device} quick={args.quick} headline={args.headline} "
+          f"peers={','.join(peers)}")
     results = {
         "environment": environment(args.device),
-        "arguments": {"suite": args.suite, "device": args.device, "quick": args.quick, "peers": peers},
+        "arguments": {"suite": args.suite, "device": args.device, "quick": args.quick, "headline": args.headline,
+                      "peers": peers},
         "ceilings": device_ceilings(args.device, quick=args.quick),
         "suites": {},
     }
@@ -139,18 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for suite in SUITES if args.suite == "all" else (args.suite,):
         print(f"\n== {suite}", flush=True)
+        outcome = results["suites"][suite] = {}
         try:
-            outcome, columns = _run_suite(suite, args, peers)
-        except Exception as e:  # one broken suite must not hide the others' results
+            columns = _run_suite(suite, args, peers, outcome, lambda: write(results, args.out, plots=False))
+        except Exception as e:  # one broken suite must not hide the others' results (nor its own rows so far)
             traceback.print_exc()
-            outcome, columns = {"error": f"{type(e).__name__}: {e}"}, None
+            outcome.pop("unfinished", None)
+            outcome["error"], columns = f"{type(e).__name__}: {e}", None
             failed = True
-        results["suites"][suite] = outcome
-        if "rows" in outcome:
-            if outcome.get("note"):
-                print(outcome["note"])
+        if outcome.get("note"):
+            print(outcome["note"])
+        if outcome.get("rows"):
             print(markdown_table(outcome["rows"], columns))
-        else:
+        if "rows" not in outcome or "error" in outcome:
             print(f"skipped: {outcome['skipped']}" if "skipped" in outcome else f"error: {outcome['error']}")
     written = write(results, args.out)
     print("\nwrote " + ", ".join(written))

@@ -1,8 +1,12 @@
 """Shared benchmark plumbing: timing (medians after warm-up), device ceilings, environment.
 
 Every bench module (``kernels``, ``train``, ``decode``, ...) exposes
-``run(*, device: str, quick: bool, peers: list[str]) -> list[dict]``: one flat dict per measurement, units
-in the key names (``median_ms``, ``tokens_per_s``, ``peak_mem_mib``, ``gbps``, ``pct_of_copy_bw``).
+``run(*, device: str, quick: bool, peers: list[str], headline: bool = False) -> Iterable[dict]``: one flat dict per
+measurement, units in the key names (``median_ms``, ``tokens_per_s``, ``peak_mem_mib``, ``gbps``,
+``pct_of_copy_bw``). Suites that measure for long are generators that yield each row as soon as it is measured
+(``s1fast bench`` writes its results after every row, so a run stopped midway keeps what it measured); a row may
+still gain comparison fields (``speedup_vs_eager``...) when its peers are measured, so callers keep the dicts.
+``quick``: CPU-CI sizes; ``headline``: only the sizes of the GPU kit's headline figures (bench/README.md).
 """
 
 from __future__ import annotations
@@ -154,3 +158,16 @@ def device_ceilings(device: str | torch.device, *, quick: bool = False) -> dict:
         "matmul_n": n,
         "matmul_dtype": str(dtype).replace("torch.", ""),
     }
+
+
+def weight_grad_gemm() -> dict:
+    """How fused linear cross-entropy accumulated its fp32 weight gradient on CUDA so far (the fused ``out_dtype``
+    GEMM, or the fallback and why; ``kernels.fused_linear_cross_entropy.WEIGHT_GRAD_GEMM``), for a bench row: the
+    fallback's [V, H] temporary shows in the memory figures. Empty before any such call (and on CPU)."""
+    import importlib
+
+    # the module (the package's attribute of that name is the function)
+    found = importlib.import_module("s1fast.kernels.fused_linear_cross_entropy").WEIGHT_GRAD_GEMM
+    if found["path"] is None:
+        return {}
+    return {"weight_grad_gemm": found["path"], **({"weight_grad_gemm_why": found["why"]} if found["why"] else {})}

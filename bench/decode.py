@@ -58,6 +58,7 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -76,8 +77,14 @@ SMALL = dict(layers=4, hidden=256, heads=4, kv_heads=2, head_dim=64, intermediat
 TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=512, tied=True)
 
 
-def plan(device: str, quick: bool) -> dict:
+def plan(device: str, quick: bool, headline: bool = False) -> dict:
+    """Sizes. ``headline`` (GPU): the GPU kit's figures only: batch 1 at 8K context (no ``s1fast_sdpa`` row), budget
+    forcing over 1,024 thinking tokens, the mixed workload at its quick size without transformers (bench/README.md,
+    "GPU kit", has the arithmetic of its time)."""
     gpu = torch.device(device).type == "cuda"
+    if gpu and headline:
+        return dict(shape="1.5B", dtype=torch.bfloat16, contexts=(8192,), batches=(1,), new_tokens=128,
+                    bf_prompt=1024, bf_thinking=1024, reps=2)
     if gpu:
         return dict(shape="1.5B", dtype=torch.bfloat16, contexts=(1024,) if quick else (1024, 8192, 32768),
                     batches=(1,) if quick else (1, 16), new_tokens=64 if quick else 256,
@@ -108,12 +115,14 @@ def _decode_rate(generate, batch: int, new_tokens: int, device: str, reps: int) 
     return batch * (new_tokens - 1) / seconds, seconds
 
 
-def throughput(model, decoder, p: dict, device: str, peers: list[str], copy_gbps: float) -> list[dict]:
+def throughput(model, decoder, p: dict, device: str, peers: list[str], copy_gbps: float,
+               headline: bool = False) -> Iterator[dict]:
+    """Yields each row as it is measured; the earlier rows of a (context, batch) gain ``speedup_vs_hf`` when
+    ``hf_dynamic`` is measured."""
     from s1fast.decode.decoder import Decoder
 
-    rows = []
     sdpa = None
-    if torch.device(device).type == "cuda" and decoder.decode_attention_path != "sdpa":
+    if torch.device(device).type == "cuda" and decoder.decode_attention_path != "sdpa" and not headline:
         sdpa = Decoder(model, max_seq_len=decoder.max_seq_len, attention="sdpa")
     g = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
@@ -148,7 +157,7 @@ def throughput(model, decoder, p: dict, device: str, peers: list[str], copy_gbps
                 try:
                     rate, seconds = _decode_rate(fn, batch, n, device, p["reps"])
                 except torch.OutOfMemoryError:
-                    rows.append(dict(base, impl=name, skipped="out of memory"))
+                    yield dict(base, impl=name, skipped="out of memory")
                     continue
                 finally:
                     if gpu:
@@ -158,17 +167,16 @@ def throughput(model, decoder, p: dict, device: str, peers: list[str], copy_gbps
                 )
                 if name in paths:
                     found[name]["attention"] = paths[name]
-            for row in found.values():
-                if "hf_dynamic" in found:
+                for row in found.values() if "hf_dynamic" in found else ():
                     row["speedup_vs_hf"] = row["tokens_per_s"] / found["hf_dynamic"]["tokens_per_s"]
-                rows.append(row)
+                yield found[name]
             for dec in (decoder, sdpa):  # the next (context, batch) allocates its own cache
                 if dec is not None:
                     dec.release()
-    return rows
 
 
-def budget_forcing(model, decoder, p: dict, device: str) -> list[dict]:
+def budget_forcing(model, decoder, p: dict, device: str) -> Iterator[dict]:
+    """Yields the plain, in-loop and re-prefill rows as each is measured."""
     from s1fast.decode.budget import BudgetForcing
 
     g = torch.Generator().manual_seed(2)
@@ -203,13 +211,15 @@ def budget_forcing(model, decoder, p: dict, device: str) -> list[dict]:
     rows = {}
     for name, fn in runs.items():
         ms = measure(fn, device=device, warmup=1, reps=p["reps"])["median_ms"]
-        rows[name] = dict(base, impl=name, seconds=ms / 1e3, tokens_per_s=n / (ms / 1e3))
-    forced = decoder.generate([prompt], max_new_tokens=n, budget=forcing)
-    rows["in_loop"].update(forced_waits=forced.forced_waits[0], thinking_ended=forced.thinking_ended[0],
-                           overhead_pct=100 * (rows["in_loop"]["seconds"] / rows["plain"]["seconds"] - 1))
-    rows["s1_reprefill"].update(rounds=5, in_loop_speedup=rows["s1_reprefill"]["seconds"] / rows["in_loop"]["seconds"])
+        row = rows[name] = dict(base, impl=name, seconds=ms / 1e3, tokens_per_s=n / (ms / 1e3))
+        if name == "in_loop":
+            forced = decoder.generate([prompt], max_new_tokens=n, budget=forcing)
+            row.update(forced_waits=forced.forced_waits[0], thinking_ended=forced.thinking_ended[0],
+                       overhead_pct=100 * (row["seconds"] / rows["plain"]["seconds"] - 1))
+        elif name == "s1_reprefill":
+            row.update(rounds=5, in_loop_speedup=row["seconds"] / rows["in_loop"]["seconds"])
+        yield row
     decoder.release()
-    return list(rows.values())
 
 
 def _workload(n: int, most: int, vocab: int, seed: int = 3) -> list[dict]:
@@ -228,14 +238,15 @@ def _workload(n: int, most: int, vocab: int, seed: int = 3) -> list[dict]:
     return [out[i] for i in order]
 
 
-def mixed_workload(device: str, quick: bool, peers: list[str]) -> list[dict]:
-    """Engine vs static batching vs transformers on the mixed workload (module docstring)."""
+def mixed_workload(device: str, quick: bool, peers: list[str], headline: bool = False) -> list[dict]:
+    """Engine vs static batching vs transformers on the mixed workload (module docstring); ``headline``: the quick
+    size, without transformers."""
     import time
 
     from s1fast.decode.decoder import Decoder
     from s1fast.decode.engine import Engine
 
-    n, most, rows = (32, 256, 8) if quick else (64, 1024, 16)
+    n, most, rows = (32, 256, 8) if quick or headline else (64, 1024, 16)
     dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     longest = 64 + most + 22 + 8
     model = build_model(TINY, dtype, device, longest + 64)
@@ -282,7 +293,7 @@ def mixed_workload(device: str, quick: bool, peers: list[str]) -> list[dict]:
         dict(base, impl="static", seconds=static_s, tokens_per_s=tokens / static_s, tokens=tokens,
              kv_peak_mib=max(s.memory["kv_bytes_peak"] for s in static) / 2**20),
     ]
-    if "hf" in peers:
+    if "hf" in peers and not headline:
         made = iter(res.tokens)
 
         def hf_batches():
@@ -377,14 +388,14 @@ def launches(device: str) -> list[dict]:
                  layers=4)]
 
 
-def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
-    """Bench-suite entry point (see the module docstring)."""
+def run(*, device: str, quick: bool, peers: list[str], headline: bool = False) -> Iterator[dict]:
+    """Bench-suite entry point (see the module docstring): yields each row as it is measured."""
     unknown = [x for x in peers if x not in PEERS + ("eager", "liger")]
     if unknown:
         raise ValueError(f"bench decode: unknown peers {unknown}; expected some of {PEERS}")
     from s1fast.decode.decoder import Decoder, set_cpu_threads
 
-    p = plan(device, quick)
+    p = plan(device, quick, headline)
     shape = QWEN25_SHAPES[p["shape"]] if p["shape"] in QWEN25_SHAPES else SMALL
     ceilings = device_ceilings(device, quick=quick)
     longest = max(max(p["contexts"]) + p["new_tokens"], p["bf_prompt"] + p["bf_thinking"] + 16)
@@ -393,14 +404,13 @@ def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
     threads = torch.get_num_threads()
     set_cpu_threads(model)  # as `s1fast generate` decodes (one thread for a small model on CPU), for every impl
     try:
-        rows = [dict(case="environment", **environment(device), **ceilings, torch_threads=torch.get_num_threads())]
-        rows += throughput(model, decoder, p, device, peers, ceilings["copy_gbps"])
-        rows += budget_forcing(model, decoder, p, device)
-        rows += mixed_workload(device, quick, peers)
-        rows += launches(device)
+        yield dict(case="environment", **environment(device), **ceilings, torch_threads=torch.get_num_threads())
+        yield from throughput(model, decoder, p, device, peers, ceilings["copy_gbps"], headline)
+        yield from budget_forcing(model, decoder, p, device)
+        yield from mixed_workload(device, quick, peers, headline)
+        yield from launches(device)
     finally:
         torch.set_num_threads(threads)  # the suites after this one run as before
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", default="hf,compile", help=f"comma-separated subset of {','.join(PEERS)}")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    rows = run(device=args.device, quick=args.quick, peers=[x for x in args.peers.split(",") if x])
+    rows = list(run(device=args.device, quick=args.quick, peers=[x for x in args.peers.split(",") if x]))
     for row in rows:
         print(
             {

@@ -22,14 +22,14 @@ apply_rotary_pos_emb).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
 
 from s1fast import kernels as K
-from s1fast.bench.common import device_ceilings, memory_profile, time_ms
+from s1fast.bench.common import device_ceilings, memory_profile, time_ms, weight_grad_gemm
 from s1fast.bench.profiling import region
 from s1fast.kernels._common import interpreting, use_triton
 from s1fast.model.shapes import QWEN25_SHAPES
@@ -55,11 +55,13 @@ class Case:
     flops: dict[str, int] = field(default_factory=dict)  # phase -> floating-point operations
 
 
-def shapes(device: str, quick: bool) -> dict[str, list[tuple[str, int]]]:
-    """kernel -> [(model, tokens)]. GPU: Qwen2.5-1.5B and 7B at 4K..32K tokens (quick: 1.5B at 4K).
-    CPU: Qwen2.5-0.5B widths at small token counts (the loss kernels with the full 151,936 vocabulary)."""
+def shapes(device: str, quick: bool, headline: bool = False) -> dict[str, list[tuple[str, int]]]:
+    """kernel -> [(model, tokens)]. GPU: Qwen2.5-1.5B and 7B at 4K..32K tokens (quick: 1.5B at 4K; headline:
+    1.5B at 8K and 32K). CPU: Qwen2.5-0.5B widths at small token counts (the loss kernels with the full 151,936
+    vocabulary; headline as the full run)."""
     if torch.device(device).type == "cuda":
-        grid = [("1.5B", 4096)] if quick else [(m, t) for m in ("1.5B", "7B") for t in (4096, 8192, 16384, 32768)]
+        grid = ([("1.5B", 4096)] if quick else [("1.5B", 8192), ("1.5B", 32768)] if headline
+                else [(m, t) for m in ("1.5B", "7B") for t in (4096, 8192, 16384, 32768)])
         return {k: grid for k in KERNELS}
     small = [256] if quick else [512, 2048]
     return {
@@ -244,8 +246,19 @@ def _measure(case: Case, name: str, fn: Callable, device: str, quick: bool, ceil
     return row
 
 
-def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
-    """Bench-suite entry point (see the module docstring for every figure)."""
+def _compare(case_rows: list[dict]) -> None:
+    """Speed and memory against the eager row of the same shape, on every measured row, once eager is measured."""
+    eager = next((r for r in case_rows if r["impl"] == "eager" and "fwd_bwd_ms" in r), None)
+    for r in case_rows if eager else ():
+        if "fwd_bwd_ms" in r:
+            r["fwd_bwd_speedup_vs_eager"] = eager["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        if eager.get("peak_mem_mib") and "peak_mem_mib" in r:
+            r["peak_mem_ratio_vs_eager"] = r["peak_mem_mib"] / eager["peak_mem_mib"]
+
+
+def run(*, device: str, quick: bool, peers: list[str], headline: bool = False) -> Iterator[dict]:
+    """Bench-suite entry point (see the module docstring for every figure): yields each row as it is measured
+    (earlier rows of a shape gain ``*_vs_eager`` when its eager row is measured)."""
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         raise ValueError(f"bench kernels: unknown peers {unknown}; expected some of {PEERS}")
@@ -253,8 +266,7 @@ def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
 
     ceilings = device_ceilings(device, quick=quick)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    work = [(k, m, t) for k, grid in shapes(device, quick).items() for m, t in grid]
-    rows = []
+    work = [(k, m, t) for k, grid in shapes(device, quick, headline).items() for m, t in grid]
     for kernel, model, tokens in tqdm(work, desc="kernels", unit="shape", leave=False):
         case = _build(kernel, model, tokens, dtype, device, peers)
         base = {"suite": "kernels", "kernel": kernel, "model": model, "tokens": tokens,
@@ -264,27 +276,24 @@ def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
         case_rows = []
         for name, impl in case.impls.items():
             if isinstance(impl, str):
-                case_rows.append(dict(base, impl=name, skipped=impl))
-                continue
-            try:
-                case_rows.append(dict(base, impl=name, backend=_backend(name, case),
-                                      **_measure(case, name, impl, device, quick, ceilings)))
-            except torch.OutOfMemoryError:
-                case_rows.append(dict(base, impl=name, skipped="out of memory"))
-            finally:
-                for t in case.leaves:
-                    t.grad = None
-                if torch.device(device).type == "cuda":
-                    torch.cuda.empty_cache()
-        eager = next((r for r in case_rows if r["impl"] == "eager" and "fwd_bwd_ms" in r), None)
-        for r in case_rows:
-            if eager and "fwd_bwd_ms" in r:
-                r["fwd_bwd_speedup_vs_eager"] = eager["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-            if eager and eager.get("peak_mem_mib") and "peak_mem_mib" in r:
-                r["peak_mem_ratio_vs_eager"] = r["peak_mem_mib"] / eager["peak_mem_mib"]
-        rows += case_rows
+                row = dict(base, impl=name, skipped=impl)
+            else:
+                try:
+                    row = dict(base, impl=name, backend=_backend(name, case),
+                               **_measure(case, name, impl, device, quick, ceilings))
+                    if kernel == "fused_linear_cross_entropy" and name == "s1fast":
+                        row.update(weight_grad_gemm())  # the GEMM path behind its memory figure
+                except torch.OutOfMemoryError:
+                    row = dict(base, impl=name, skipped="out of memory")
+                finally:
+                    for t in case.leaves:
+                        t.grad = None
+                    if torch.device(device).type == "cuda":
+                        torch.cuda.empty_cache()
+            case_rows.append(row)
+            _compare(case_rows)
+            yield row
         del case
-    return rows
 
 
 def backend_note() -> str:

@@ -1,40 +1,86 @@
 """``s1fast bench kit``: the GPU kit. One prepared command for a lent GPU machine (15 minutes of device time in
-all, a machine that starts in minutes, no network): the GPU-marked tests and every GPU suite of ``s1fast bench
-all`` at the real shapes in at most ``--budget-s`` (default 480 s), results into ``bench/results/<device>/``,
-then every target of bench/README.md printed as met / not met with the measured figure (``targets.md``).
+all, starts included; no network): the headline figures first, each step in its own process under a time cap, in
+the order of issue 24: kernels at 8K and 32K tokens, decode at 8K context (greedy, sampled, transformers, budget
+forcing, the mixed workload), one training step at 32K tokens, the GPU-marked tests, then the SFT projection if
+time is left. Results go to ``bench/results/<device>/<step>/``; at the end, every target of bench/README.md is
+printed as met / not met with the measured figure (``targets.md``).
 
-On the device machine (see bench/README.md, "GPU kit"): ``bash bench/gpu_kit.sh`` (installs the carried wheels
-of ``.whl/`` and s1fast itself without network, then runs this). Each step runs in its own process under a
-time cap (``STEPS``), in priority order, never past the overall deadline, so one slow suite cannot take the
-others' results down. Left out on purpose: the ``compile`` peer (a per-shape ``torch.compile`` would take the
-whole budget) and the ``inspect`` suite (ahead-of-time compilation, which CI runs on CPU).
+On the device machine (bench/README.md, "GPU kit"): ``bash bench/gpu_kit.sh`` (installs the carried wheels and
+s1fast, falling back to the tree on PYTHONPATH, then runs this). Nothing measured is lost to a cap: every suite
+writes its rows as it measures them (``s1fast bench`` rewrites ``results.json`` after each row), a step past its
+cap is stopped (its whole process group) with its rows kept, and the kit re-packs ``--pack`` (default ``$OUT``,
+what the device tool brings back: ``bench-results.tgz``, ``kit.json``, ``targets.md``) before the first step,
+every ``PACK_EVERY_S`` during a step and after every step, so even a device call cut at its limit returns what
+was measured until shortly before.
 
-``--dry-run`` prints the plan and evaluates the targets of an existing results folder (``--out``) without
-running anything: what CI checks on CPU.
+Each step's cap is ``MARGIN`` x an estimate of its time on an H100 computed in ``PLAN`` (the arithmetic is in
+bench/README.md); ``--minutes`` (default ``DEFAULT_MINUTES``) is the budget for all steps and scales every cap by
+``minutes / DEFAULT_MINUTES``. A step starts only while half its cap is left in the budget. ``--dry-run`` prints
+the plan and evaluates the targets of an existing results folder (``--out``) without running anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from s1fast.files import atomic_output
 
-BUDGET_S = 480
-RESERVE_S = 15  # kept for the target table at the end
-# name, command (after ``python -m``), cap in seconds; {out} is the step's results folder
-STEPS = (
-    ("pytest-gpu", ["pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 80),
-    ("kernels", ["s1fast.cli", "bench", "kernels", "--peers", "eager,liger,hf", "--out", "{out}"], 150),
-    ("decode", ["s1fast.cli", "bench", "decode", "--peers", "hf", "--out", "{out}"], 70),
-    ("train", ["s1fast.cli", "bench", "train", "--peers", "liger", "--out", "{out}"], 90),
-    ("sft", ["s1fast.cli", "bench", "sft", "--out", "{out}"], 60),
+DEFAULT_MINUTES = 6.0  # + about 0.5 min of install (gpu_kit.sh) = the 7-minute command bench/README.md plans for
+RESERVE_S = 15  # of the budget, kept for the last packing and the target table
+MARGIN = 1.25  # cap = MARGIN x estimate
+PACK_EVERY_S = 20
+START_S = 12  # a step's process: Python + torch + transformers imports, CUDA context, the device ceilings
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    argv: tuple[str, ...]  # after ``python``; ``{out}``: the step's results folder
+    estimate_s: float  # its time on an H100, computed (bench/README.md, "GPU kit")
+
+    @property
+    def cap_s(self) -> float:
+        return MARGIN * self.estimate_s
+
+
+def _bench(suite: str, *args: str) -> tuple[str, ...]:
+    return ("-m", "s1fast.cli", "bench", suite, "--headline", *args, "--out", "{out}")
+
+
+# Estimates (seconds on an H100; bench/README.md has the figures behind each term). TRITON: a cold Triton compile.
+TRITON = 1.5
+PLAN = (
+    # 20 compiles (s1fast's and Liger's); 24 memory-bound rows (4 families x 2 sizes x 3 impls) at ~0.8 s (three
+    # do_bench timings of ~0.15 s + the backward loop + one memory pass); cross-entropy at 32K (10 GB of logits,
+    # eager ~60 ms a call x ~25 calls) 3 s; fused linear CE, ~21 calls a row of 6NHV = 4.6e13 FLOP at 32K:
+    # 1.7 + 2.1 + 5.3 s (s1fast, eager, Liger 2-4x slower), a quarter of that at 8K: 11 s
+    Step("kernels", _bench("kernels", "--peers", "eager,liger"), START_S + 20 * TRITON + 24 * 0.8 + 3 + 11),
+    # model build 2 s; 7 compiles + graph capture; greedy + sampled: 3 x 128 steps of ~1.5 ms + 3 x 8K prefills
+    # (~50 ms) each, 2 s; transformers generate ~25 ms a token: 3 x 3.2 s + prefills, 10 s; budget forcing: 3
+    # ways x 3 runs x 1,024 tokens x 1.5 ms + probes and re-prefills, 17 s; mixed workload (quick size, host-bound:
+    # 15 s, the CPU figure of bench/README.md); launch count on the TINY models 7 s
+    Step("decode", _bench("decode", "--peers", "hf"), START_S + 2 + 7 * TRITON + 2 + 2 + 10 + 17 + 15 + 7),
+    # one step of 1.5B at 32K: 5.8e14 FLOP + 1.9e14 recomputed under checkpointing at ~350 TFLOP/s: 2.2 s;
+    # 5 steps (warm-up, memory, 3 timed) + a 3 s build per implementation, unpatched and s1fast; 10 compiles
+    Step("train", _bench("train", "--peers", ""), START_S + 2 * (3 + 5 * 2.2) + 10 * TRITON),
+    # collection (every test module's imports) 15 s; 23 GPU tests at ~2 s (compiles, allocations past 2^31)
+    Step("pytest-gpu", ("-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"), 5 + 15 + 23 * 2),
+    # if time is left: 1.5B on s1K, 3 steps (warm-up + 2 timed) of 16 examples (~75K tokens, ~1e15 FLOP: 3 s) + a
+    # 5 s FSDP build, unpatched and s1fast; 10 compiles
+    Step("sft", _bench("sft"), START_S + 2 * (5 + 3 * 3) + 10 * TRITON),
 )
 
 
@@ -47,28 +93,118 @@ def device_slug() -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
 
 
-def run_steps(out: Path, budget_s: float, steps=STEPS, python: str = sys.executable) -> list[dict]:
-    """Run ``steps`` in order, each capped by its own limit and by what is left of ``budget_s``; the log of each
-    goes to ``out/<name>.log``. Returns one record per step: name, seconds, exit status or why it did not run."""
+def _command(step: Step, out: Path) -> list[str]:
+    return [a.replace("{out}", str(out / step.name)) for a in step.argv]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """The step's whole process group (a suite's own children too, which could hold the GPU): SIGTERM, then
+    SIGKILL for whatever is left after 5 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group is gone
+        pass
+    proc.wait()
+
+
+def run_steps(out: Path, budget_s: float, steps: list[tuple[Step, float]], save=lambda records: None,
+              python: str = sys.executable) -> list[dict]:
+    """Runs ``steps`` ((step, cap in seconds)) in order, each in its own process group under its cap and what is
+    left of ``budget_s`` (a step starts only while half its cap is left), its log in ``out/<name>.log``.
+    ``save(records)`` runs before the first step, every ``PACK_EVERY_S`` during a step and after each. Returns one
+    record per step: name, command, estimate and cap, status, seconds."""
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + budget_s - RESERVE_S
-    records = []
-    for name, command, cap in steps:
-        left = deadline - time.monotonic()
-        if left < 10:
-            records.append({"step": name, "status": "not run: budget spent"})
+    records = [{"step": s.name, "command": shlex.join(_command(s, out)), "estimate_s": round(s.estimate_s, 1),
+                "cap_s": round(cap, 1), "status": "pending"} for s, cap in steps]
+    # the kit's environment for every step: gloo (the one-rank FSDP group of bench sft) on the loopback interface
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    save(records)
+    for (step, cap), record in zip(steps, records):
+        limit = min(cap, deadline - time.monotonic())
+        if limit < cap / 2:
+            record["status"] = "not run: budget spent"
             continue
-        argv = [python, "-m", *(c.format(out=out / name) for c in command)]
+        shutil.rmtree(out / step.name, ignore_errors=True)  # this run's rows only
         t0 = time.monotonic()
-        with open(out / f"{name}.log", "w") as log:
+        with open(out / f"{step.name}.log", "w") as log:
+            proc = subprocess.Popen([python, *_command(step, out)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+            record["status"] = "running"
             try:
-                rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, timeout=min(cap, left)).returncode
-                status = "passed" if rc == 0 else f"exit {rc}"
-            except subprocess.TimeoutExpired:
-                status = f"stopped at its {min(cap, left):.0f} s cap"
-        records.append({"step": name, "status": status, "seconds": round(time.monotonic() - t0, 1)})
-        print(f"kit: {name}: {status} ({records[-1]['seconds']} s)", flush=True)
+                while True:
+                    try:
+                        rc = proc.wait(min(PACK_EVERY_S, max(0.0, t0 + limit - time.monotonic())))
+                        record["status"] = "passed" if rc == 0 else f"exit {rc}"
+                        break
+                    except subprocess.TimeoutExpired:
+                        if time.monotonic() >= t0 + limit:
+                            _stop(proc)
+                            record["status"] = f"stopped at its {limit:.0f} s cap"
+                            break
+                        record["seconds"] = round(time.monotonic() - t0, 1)
+                        save(records)
+            except KeyboardInterrupt:  # Ctrl-C: stop the step, keep and pack what it measured
+                _stop(proc)
+                record["status"] = "interrupted"
+                record["seconds"] = round(time.monotonic() - t0, 1)
+                save(records)
+                raise
+        record["seconds"] = round(time.monotonic() - t0, 1)
+        print(f"kit: {step.name}: {record['status']} ({record['seconds']} s)", flush=True)
+        save(records)
+    save(records)  # with the steps the budget left out
     return records
+
+
+def pack(out: Path, records: list[dict], meta: dict, pack_dir: Path | None) -> None:
+    """``kit.json`` (``meta`` + the step records) and ``targets.md`` into ``out``; with ``pack_dir``, those two and
+    ``bench-results.tgz`` (``out``, under its path in the repository when it is inside it) there. Every file is
+    replaced atomically."""
+    kit = {**meta, "steps": records}
+    table = format_targets(evaluate(out))
+    unfinished = [r["step"] for r in records if r["status"] not in ("passed", "pending")]
+    if unfinished:
+        table += "\n\nSteps that did not pass (the rows they measured count above; kit.json, <step>.log): " + ", ".join(
+            f"{r['step']} ({r['status']})" for r in records if r["step"] in unfinished)
+    texts = {"kit.json": json.dumps(kit, indent=1) + "\n", "targets.md": table + "\n"}
+    for folder in (out, pack_dir) if pack_dir else (out,):
+        for name, text in texts.items():
+            with atomic_output(str(folder / name)) as f:
+                f.write(text)
+    if pack_dir:
+        repo = Path(__file__).resolve().parent.parent
+        try:
+            arcname = str(out.resolve().relative_to(repo))
+        except ValueError:
+            arcname = out.name
+        _archive(out, arcname, pack_dir / "bench-results.tgz")
+
+
+def _archive(folder: Path, arcname: str, dest: Path) -> None:
+    """``folder``'s files as they are now (a running step keeps writing: each file is read whole first, atomic
+    writes' temporary files and files gone meanwhile are left out) into a .tgz at ``dest``, replaced atomically."""
+    partial = dest.with_name(f".{dest.name}.partial")
+    with tarfile.open(partial, "w:gz") as tar:
+        for root, dirs, files in os.walk(folder):
+            dirs.sort()
+            for name in sorted(files):
+                path = Path(root, name)
+                if name.startswith(".tmp-"):
+                    continue
+                try:
+                    data = path.read_bytes()
+                except FileNotFoundError:
+                    continue
+                info = tarfile.TarInfo(str(Path(arcname, path.relative_to(folder))))
+                info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+                tar.addfile(info, io.BytesIO(data))
+    os.replace(partial, dest)
 
 
 # ------------------------------------------------------------------------------------------------ targets
@@ -172,6 +308,12 @@ def evaluate(out: Path) -> list[dict]:
         lambda v: v >= 0.9, share and f"{100 * share[0]:.1f}% of greedy")
     bf = [r["overhead_pct"] for r in _rows(out, "decode") if r.get("impl") == "in_loop" and "overhead_pct" in r]
     add("budget forcing overhead <= 2%", bf, lambda v: v <= 2, bf and f"{bf[0]:+.1f}%")
+    mixed = [r for r in _rows(out, "decode") if r.get("case") == "mixed" and r.get("impl") == "engine"]
+    add("decode engine, mixed workload: tokens/s >= 1.5x static batching", [r["speedup_vs_static"] for r in mixed],
+        lambda v: v >= 1.5, mixed and f"{mixed[0]['speedup_vs_static']:.2f}x ({mixed[0]['requests']} requests, "
+        f"budgets {mixed[0]['budgets']}, {mixed[0]['batch']} rows)")
+    add("decode engine, mixed workload: peak KV <= 1/2 the dense layout", [r["kv_peak_vs_dense"] for r in mixed],
+        lambda v: v <= 0.5, mixed and f"{mixed[0]['kv_peak_vs_dense']:.3f} of dense")
     sft = [r for r in _rows(out, "sft") if r.get("impl") == "s1fast" and r.get("model") == "1.5B"
            and r.get("dataset") == "s1K" and "projected_5_epochs_min" in r]
     add("5 epochs of s1K on Qwen2.5-1.5B on one GPU in < 26 min", [r["projected_5_epochs_min"] for r in sft],
@@ -188,37 +330,53 @@ def format_targets(targets: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from s1fast.env import git_commit
+
     p = argparse.ArgumentParser(prog="s1fast bench kit", description=__doc__.splitlines()[0])
     p.add_argument("--out", help="results folder (default: bench/results/<device> in the repository)")
-    p.add_argument(
-        "--budget-s", type=float, default=BUDGET_S, help="wall-clock budget for all steps (default %(default)s)"
-    )
+    p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
+                   help="wall-clock budget for all steps; scales every step's cap (default %(default)s)")
+    p.add_argument("--budget-s", type=float, help="the same budget in seconds (overrides --minutes)")
+    p.add_argument("--pack", default=os.environ.get("OUT"),
+                   help="folder for bench-results.tgz, kit.json and targets.md, re-packed as the kit goes "
+                   "(default: $OUT, the device tool's; none when unset)")
     p.add_argument(
         "--dry-run", action="store_true", help="print the plan and evaluate the targets of --out; run nothing"
     )
     args = p.parse_args(argv)
-    if args.budget_s < 60:
+    if args.budget_s is not None and args.budget_s < 60:
         p.error(f"--budget-s must be at least 60 seconds, got {args.budget_s:g}")
+    if args.budget_s is None and not args.minutes >= 1:
+        p.error(f"--minutes must be at least 1, got {args.minutes:g}")
+    budget = args.budget_s if args.budget_s is not None else 60 * args.minutes
+    pack_dir = Path(args.pack) if args.pack else None
+    if pack_dir and not pack_dir.is_dir():
+        p.error(f"--pack {str(pack_dir)!r} is not a directory")
     repo = Path(__file__).resolve().parent.parent
     out = Path(args.out) if args.out else repo / "bench" / "results" / device_slug()
     if out.exists() and not out.is_dir():
         p.error(f"--out {str(out)!r} is a file; give a directory")
-    print(f"kit: results in {out}; budget {args.budget_s:.0f} s; steps:")
-    for name, command, cap in STEPS:
-        print(f"  {name} (cap {cap} s): python -m {' '.join(command).format(out=out / name)}")
+    if args.dry_run and not out.is_dir():
+        p.error(f"--dry-run evaluates an existing results folder; {str(out)!r} is not one")
+    scale = budget / (60 * DEFAULT_MINUTES)
+    steps = [(step, step.cap_s * scale) for step in PLAN]
+    meta = {"commit": git_commit(), "device": device_slug(), "budget_s": budget, "cap_scale": round(scale, 3)}
+    print(f"kit: commit {meta['commit']}; results in {out}; budget {budget:.0f} s (caps x {scale:.2f}); steps:")
+    for step, cap in steps:
+        print(f"  {step.name} (estimate {step.estimate_s:.0f} s, cap {cap:.0f} s): python "
+              f"{shlex.join(_command(step, out))}")
     if args.dry_run:
-        if not out.is_dir():
-            p.error(f"--dry-run evaluates an existing results folder; {str(out)!r} is not one")
-    else:
-        os.chdir(repo)  # pytest's tests/ and relative paths
-        records = run_steps(out, args.budget_s)
-        with atomic_output(str(out / "kit.json")) as f:
-            f.write(json.dumps(records, indent=1) + "\n")
-    table = format_targets(evaluate(out))
-    if not args.dry_run:
-        with atomic_output(str(out / "targets.md")) as f:
-            f.write(table + "\n")
-    print("\n" + table)
+        print("\n" + format_targets(evaluate(out)))
+        return 0
+    os.chdir(repo)  # pytest's tests/ and relative paths
+    try:
+        run_steps(out, budget, steps, lambda records: pack(out, records, meta, pack_dir))
+    except KeyboardInterrupt:
+        print("kit: interrupted; what was measured is packed", file=sys.stderr)
+        return 130
+    print(f"\n{(out / 'targets.md').read_text()}", end="")
+    if pack_dir:
+        print(f"kit: packed into {pack_dir}: bench-results.tgz (tar -xzf it in the repository), kit.json, targets.md")
     return 0
 
 

@@ -58,13 +58,14 @@ def markdown_report(results: dict) -> str:
         if "skipped" in suite:
             lines.append(f"skipped: {suite['skipped']}")
             continue
-        if "error" in suite:
-            lines.append(f"error: {suite['error']}")
-            continue
+        for key in ("error", "unfinished"):  # with the rows measured before the error, or so far
+            if key in suite:
+                lines += [f"{key}: {suite[key]}", ""]
         if suite.get("note"):
             lines += [suite["note"], ""]
-        lines.append(markdown_table(suite["rows"]))
-        lines += ["", f"wall time: {suite['wall_s']:.1f} s"]
+        lines.append(markdown_table(suite.get("rows", [])))
+        if "wall_s" in suite:
+            lines += ["", f"wall time: {suite['wall_s']:.1f} s"]
     return "\n".join(lines) + "\n"
 
 
@@ -114,8 +115,8 @@ def plot_suite(name: str, rows: list[dict], out: Path) -> list[str]:
     return files
 
 
-def write(results: dict, out: str | Path) -> list[str]:
-    """Write ``results.json``, ``results.md`` and the plots to ``out``; return the paths written."""
+def write(results: dict, out: str | Path, plots: bool = True) -> list[str]:
+    """Write ``results.json``, ``results.md`` and (``plots``) the plots to ``out``; return the paths written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json", out / "results.md"]
@@ -123,6 +124,6 @@ def write(results: dict, out: str | Path) -> list[str]:
         with atomic_output(str(path)) as f:  # a crash never leaves a half-written report over an older one
             f.write(text)
     written = [str(p) for p in paths]
-    for name, suite in results["suites"].items():
+    for name, suite in results["suites"].items() if plots else ():
         written += plot_suite(name, suite.get("rows", []), out)
     return written

@@ -94,8 +94,9 @@ async def load(url: str, body: dict, clients: int, per_client: int) -> tuple[flo
         return time.perf_counter() - t0, [r for rs in done for r in rs]
 
 
-def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
-    """Bench-suite entry point (see the module docstring); ``peers`` has none here."""
+def run(*, device: str, quick: bool, peers: list[str], headline: bool = False) -> list[dict]:
+    """Bench-suite entry point (see the module docstring); ``peers`` has none here, ``headline`` sizes are the full
+    run's (the GPU kit does not serve)."""
     p = plan(device, quick)
     server = build_server(p, device)
     prompt = list(range(1000, 1000 + p["prompt"]))

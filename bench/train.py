@@ -27,11 +27,12 @@ import gc
 import json
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 from transformers import Qwen2ForCausalLM
 
-from s1fast.bench.common import device_ceilings, memory_profile, synchronize
+from s1fast.bench.common import device_ceilings, memory_profile, synchronize, weight_grad_gemm
 from s1fast.bench.profiling import region
 from s1fast.commands import default_device
 from s1fast.env import environment
@@ -41,10 +42,12 @@ from s1fast.model.shapes import QWEN25_SHAPES, random_qwen
 IMPLS = ("unpatched", "s1fast", "liger")
 
 
-def grid(device: str, quick: bool) -> list[dict]:
-    """The configurations to run: model shape name, layers, tokens per step, dtype, gradient checkpointing."""
+def grid(device: str, quick: bool, headline: bool = False) -> list[dict]:
+    """The configurations to run: model shape name, layers, tokens per step, dtype, gradient checkpointing
+    (``headline``: 1.5B at 32K tokens on GPU; the full run on CPU)."""
     if torch.device(device).type == "cuda":
-        models = [("0.5B", 4096)] if quick else [(m, t) for m in ("0.5B", "1.5B") for t in (4096, 16384, 32768)]
+        models = ([("0.5B", 4096)] if quick else [("1.5B", 32768)] if headline
+                  else [(m, t) for m in ("0.5B", "1.5B") for t in (4096, 16384, 32768)])
         return [dict(model=m, layers=QWEN25_SHAPES[m]["layers"], tokens=t, dtype=torch.bfloat16, grad_ckpt=True)
                 for m, t in models]
     layers, tokens = (1, 512) if quick else (2, 1024)
@@ -94,7 +97,9 @@ def _liger_missing(device: str) -> str | None:
     return None
 
 
-def measure_step(impl: str, cfg: dict, device: str, quick: bool) -> dict:
+def measure_step(impl: str, cfg: dict, device: str, quick: bool, timed: int = 5) -> dict:
+    """One configuration: a warm-up step, one under the memory profile, then ``timed`` steps on CUDA (on CPU 3, or 1
+    with ``quick``)."""
     lm = build(cfg["model"], cfg["layers"], device, cfg["dtype"], cfg["grad_ckpt"])
     apply(impl, lm)
     # fused AdamW (transformers' Trainer default): no optimizer temporaries of the parameters' size, which on
@@ -119,7 +124,7 @@ def measure_step(impl: str, cfg: dict, device: str, quick: bool) -> dict:
         static = _static_bytes(lm, opt)
         peak = memory_profile(step, device=device)["peak_mib"]
         times = []
-        for _ in range((1 if quick else 3) if torch.device(device).type == "cpu" else 5):
+        for _ in range((1 if quick else 3) if torch.device(device).type == "cpu" else timed):
             synchronize(device)
             t0 = time.perf_counter()
             step()
@@ -137,34 +142,37 @@ def measure_step(impl: str, cfg: dict, device: str, quick: bool) -> dict:
     row = {"median_ms": ms, "tokens_per_s": cfg["tokens"] / ms * 1e3, "model_tflops": tflops}
     if torch.device(device).type == "cuda":  # a shared CPU's matmul ceiling is too noisy to divide by
         row["mfu_pct"] = 100 * tflops / device_ceilings(device, quick=quick)["matmul_tflops"]
+    if impl == "s1fast":
+        row.update(weight_grad_gemm())  # the fused loss's GEMM path, behind the peak memory
     return {**row, "static_mib": static / 2**20, "step_peak_mib": peak, "peak_mem_mib": static / 2**20 + peak}
 
 
-def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
+def run(*, device: str, quick: bool, peers: list[str], headline: bool = False) -> Iterator[dict]:
+    """Bench-suite entry point: yields each row as it is measured (every unpatched row before the others, which
+    carry their ratios to it). ``headline``: 3 timed steps instead of 5."""
     impls = [i for i in IMPLS if i != "liger" or "liger" in peers]  # liger last: it patches classes globally
     env = environment(device)
-    rows = []
+    base = {}
     for impl in impls:
         skipped = _liger_missing(device) if impl == "liger" else None
-        for cfg in grid(device, quick):
+        for cfg in grid(device, quick, headline):
             row = {"bench": "train", "impl": impl, **cfg, "dtype": str(cfg["dtype"]).replace("torch.", "")}
             if skipped:
                 row["skipped"] = skipped
             else:
                 try:
-                    row.update(measure_step(impl, cfg, device, quick))
+                    row.update(measure_step(impl, cfg, device, quick, timed=3 if headline else 5))
                 except Exception as e:  # a peer built for other transformers versions must not end the run
                     if impl != "liger":
                         raise
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
-            rows.append({**row, **env})
-    base = {(r["model"], r["tokens"]): r for r in rows if r["impl"] == "unpatched" and "median_ms" in r}
-    for r in rows:
-        ref = base.get((r["model"], r["tokens"]))
-        if r["impl"] != "unpatched" and ref and "median_ms" in r:
-            r["speedup_vs_unpatched"] = ref["median_ms"] / r["median_ms"]
-            r["peak_mem_vs_unpatched"] = r["peak_mem_mib"] / ref["peak_mem_mib"]
-    return rows
+            ref = base.get((row["model"], row["tokens"]))
+            if impl == "unpatched" and "median_ms" in row:
+                base[(row["model"], row["tokens"])] = row
+            elif ref and "median_ms" in row:
+                row["speedup_vs_unpatched"] = ref["median_ms"] / row["median_ms"]
+                row["peak_mem_vs_unpatched"] = row["peak_mem_mib"] / ref["peak_mem_mib"]
+            yield {**row, **env}
 
 
 COLUMNS = ("impl", "model", "layers", "tokens", "dtype", "grad_ckpt", "median_ms", "tokens_per_s", "mfu_pct",
@@ -182,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if torch.device(args.device).type == "cuda":
         torch.cuda.set_device(args.device)  # Triton launches on the current device, not on its arguments' device
-    rows = run(device=args.device, quick=args.quick, peers=[x for x in args.peers.split(",") if x])
+    rows = list(run(device=args.device, quick=args.quick, peers=[x for x in args.peers.split(",") if x]))
     print(json.dumps(rows, indent=1) if args.json else markdown_table(rows, COLUMNS))
     return 0
 

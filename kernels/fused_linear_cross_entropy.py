@@ -17,6 +17,7 @@ GEMMs are cuBLAS; the only Triton kernels are the cross-entropy's and ``kernels.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
@@ -46,7 +47,11 @@ DEFAULT_CHUNK_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 1 << 27}
 """Per-chunk memory budget by device type when ``chunk_budget_bytes`` is not given: 1 GiB on CUDA, 128 MiB on
 CPU (the PyTorch path also counts its two fp32 row temporaries)."""
 
-_fp32_out_gemm = [True]  # cleared if this torch's CUDA addmm rejects out_dtype=float32 for bf16/fp16 inputs
+WEIGHT_GRAD_GEMM = {"path": None, "why": None}
+"""How CUDA calls with bf16/fp16 operands accumulate the fp32 weight gradient: ``path`` "out_dtype" (one cuBLAS GEMM
+writing fp32, no temporary) or "fallback" (a [V, H] product in the input dtype per chunk, added to the accumulator),
+None before the first such call; ``why``: the error that made it fall back (also warned once). The benchmarks record
+it next to the memory it explains."""
 
 
 def chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, triton_path: bool, budget_bytes: int) -> int:
@@ -70,15 +75,19 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: b
     beta = 0 if first else 1
     if a.dtype == acc.dtype:
         acc.addmm_(a, b, beta=beta)
-    elif acc.is_cuda and _fp32_out_gemm[0]:
+    elif acc.is_cuda and WEIGHT_GRAD_GEMM["path"] != "fallback":
         try:  # cuBLAS with bf16 operands, fp32 accumulator and fp32 C
             _fp32_out_addmm(acc, a, b, beta)
+            WEIGHT_GRAD_GEMM["path"] = "out_dtype"
         except torch.OutOfMemoryError:
             raise  # not a missing feature: keep the fast path for later calls
-        except (RuntimeError, TypeError):  # torch without addmm(out_dtype=) (TypeError) or one whose CUDA addmm
-            # wants C in the operands' dtype (RuntimeError): its argument checks fail before any work, so acc
-            # is untouched; fall back for good
-            _fp32_out_gemm[0] = False
+        except (RuntimeError, TypeError) as e:  # torch without addmm(out_dtype=) (TypeError) or one whose CUDA
+            # addmm wants C in the operands' dtype (RuntimeError): its argument checks fail before any work, so
+            # acc is untouched; fall back for good, and say so
+            why = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            WEIGHT_GRAD_GEMM.update(path="fallback", why=why)
+            warnings.warn(f"{_FN}: torch {torch.__version__} refused the fp32-output weight-gradient GEMM ({why}); "
+                          "falling back to one [V, H] product in the input dtype per chunk", stacklevel=2)
             _add_product(acc, a @ b, first)
     elif acc.is_cuda:
         _add_product(acc, a @ b, first)  # one [V, H] temporary in the input dtype per chunk

@@ -17,8 +17,11 @@ patch_module = importlib.import_module("s1fast.model.patch")
 def test_env_reports_versions_paths_and_a_working_patch(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
-    assert f"torch               {torch.__version__}" in out
-    assert f"transformers        {transformers.__version__}" in out
+    printed = dict(line.split(None, 1) for line in out.splitlines() if line.strip() and " " in line.strip())
+    # the installed version (package metadata) against the imported module's, without local suffixes: a PyPI CUDA
+    # wheel's metadata says 2.11.0 where torch.__version__ says 2.11.0+cu130
+    for name, module in (("torch", torch), ("transformers", transformers)):
+        assert env.release(printed[name].strip()) == env.release(module.__version__), (name, printed[name])
     assert "flash-attn" in out and "GPUs" in out
     assert "kernels (RMSNorm" in out and "decoder attention of one-token steps: " in out
     assert f"patch(): works with transformers {transformers.__version__}" in out

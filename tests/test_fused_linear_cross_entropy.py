@@ -404,10 +404,37 @@ def test_cuda_grad_output_scaling(go):
     check((loss.cpu(), [x.cpu() for x in grads]), reference64(hidden, weight, bias, labels, g), torch.bfloat16)
 
 
+@pytest.mark.gpu
+def test_cuda_weight_gradient_gemm_path_is_recorded(monkeypatch):
+    """On a GPU, bf16: the weight gradient accumulates through addmm(out_dtype=float32), no [V, H] bf16 temporary,
+    and WEIGHT_GRAD_GEMM says so (the benchmarks record it); a torch that refuses that GEMM falls back with the
+    reason recorded and warned, and the gradients stay right."""
+    hidden, weight, bias, labels = make_case((2, 150), 64, 4096, torch.bfloat16)
+    cuda = [t.cuda() for t in (hidden, weight, bias, labels)]
+    want = reference64(hidden, weight, bias, labels)
+    monkeypatch.setattr(flce_module, "WEIGHT_GRAD_GEMM", {"path": None, "why": None})
+    loss, grads = run("auto", *cuda, chunk_budget_bytes=128 * 4096 * 2)
+    assert flce_module.WEIGHT_GRAD_GEMM["path"] == "out_dtype", flce_module.WEIGHT_GRAD_GEMM["why"]
+    check((loss.cpu(), [x.cpu() for x in grads]), want, torch.bfloat16)
+
+    def refuse(*args):
+        raise TypeError("addmm() got an unexpected keyword argument 'out_dtype'")
+
+    monkeypatch.setattr(flce_module, "WEIGHT_GRAD_GEMM", {"path": None, "why": None})
+    monkeypatch.setattr(flce_module, "_fp32_out_addmm", refuse)
+    with pytest.warns(UserWarning, match="falling back"):
+        loss, grads = run("auto", *cuda, chunk_budget_bytes=128 * 4096 * 2)
+    assert flce_module.WEIGHT_GRAD_GEMM == {"path": "fallback",
+                                            "why": "TypeError: addmm() got an unexpected keyword argument 'out_dtype'"}
+    check((loss.cpu(), [x.cpu() for x in grads]), want, torch.bfloat16)
+
+
 @pytest.mark.parametrize("beta", [0, 1])
 def test_cuda_fp32_out_gemm_call_is_well_formed_on_meta_tensors(beta):
     """The CUDA-only weight-gradient GEMM (bf16 operands into the fp32 accumulator, beta = 0 for the first chunk)
-    cannot run here; on meta tensors PyTorch still checks its arguments, shapes and dtypes."""
+    cannot run here; on meta tensors PyTorch still checks its arguments, shapes and dtypes. Only a check of this
+    torch's meta kernel (torch 2.11's raises TypeError for this call): which GEMM really runs on a GPU is
+    test_cuda_weight_gradient_gemm_path_is_recorded's question, and every bench row's (``weight_grad_gemm``)."""
     acc = torch.empty(300, 16, device="meta")
     a, b = (
         torch.empty(300, 7, dtype=torch.bfloat16, device="meta"),
