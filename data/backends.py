@@ -1,0 +1,77 @@
+"""Where ``distill`` and ``attempt`` get their answers: OpenAI-compatible servers (:class:`s1fast.client.Client`) or a
+local model directory decoded by s1fast's request engine (:class:`LocalModel`). Both turn questions into
+:class:`s1fast.client.Reply` objects, ``(key, reply)`` as each finishes, so a stage writes every answer the moment
+it exists."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+from s1fast.client import Client, Reply
+
+
+def ask_endpoints(client: Client, questions: dict, *, max_tokens: int, temperature: float, seed: int | None = None,
+                  max_thinking_tokens: int | None = None, num_waits: int | None = None) -> Iterator[tuple]:
+    """``(key, Reply)`` for ``questions`` (key -> question text; a key ending in an int, the sample, adds it to
+    ``seed``) asked as one user message each; budget forcing fields go in the body (``s1fast serve`` reads them,
+    other servers ignore or refuse them: leave them unset there)."""
+    extra = dict(max_thinking_tokens=max_thinking_tokens, num_waits=num_waits)
+    by_seed: dict[int | None, dict] = {}  # the OpenAI API takes one seed per request: samples differ by their seed
+    for key, text in questions.items():
+        by_seed.setdefault(None if seed is None else seed + _sample(key), {})[key] = [{"role": "user", "content": text}]
+    for s, group in by_seed.items():
+        yield from client.map(group, max_tokens=max_tokens, temperature=temperature, seed=s, **extra)
+
+
+def _sample(key) -> int:
+    return key[-1] if isinstance(key, tuple) and isinstance(key[-1], int) else 0
+
+
+class LocalModel:
+    """A local model directory served in this process: ``s1fast.decode``'s ``Decoder`` and ``Engine`` (continuous
+    batching over ``max_rows`` rows) with budget forcing in the model's reasoning format."""
+
+    def __init__(self, path: str, *, format: str = "s1", device: str = "cpu", dtype=None, max_rows: int = 16,
+                 max_thinking_tokens: int | None = None, num_waits: int = 0):
+        from s1fast.commands import load_model
+        from s1fast.decode import BudgetForcing, Decoder, Engine
+        from s1fast.decode.decoder import set_cpu_threads
+        from s1fast.model.chat import load_tokenizer, resolve_format
+
+        self.tokenizer = load_tokenizer(path, None, format)
+        self.fmt = resolve_format(format, self.tokenizer)
+        self.budget = BudgetForcing.from_tokenizer(self.tokenizer, max_thinking_tokens=max_thinking_tokens,
+                                                   num_waits=num_waits, format=self.fmt)
+        model = load_model(path, dtype=dtype, device=device)
+        set_cpu_threads(model)
+        self.engine = Engine(Decoder(model, tokenizer=self.tokenizer), max_rows=max_rows)
+
+    def ask(self, questions: dict, *, max_tokens: int, temperature: float, seed: int | None = None,
+            **_) -> Iterator[tuple]:
+        """``(key, Reply)`` as each request finishes (the engine's loop runs on a thread; requests are posted
+        to it and their results come back through a queue)."""
+        done: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        worker = threading.Thread(target=self.engine.loop, args=(stop,), name="s1fast-data-engine", daemon=True)
+        worker.start()
+        try:
+            for key, text in questions.items():
+                prompt = self.tokenizer(self.fmt.think_prompt(text, self.tokenizer), add_special_tokens=False)
+                self.engine.post(prompt["input_ids"], on_tokens=lambda new, state: None,
+                                 on_done=lambda row, key=key: done.put((key, row)), max_new_tokens=max_tokens,
+                                 temperature=temperature, top_k=None, top_p=None,
+                                 seed=None if seed is None else seed + _sample(key),
+                                 stop_token_ids=self.fmt.stop_ids(self.tokenizer), budget=self.budget)
+            for _ in questions:
+                key, row = done.get()
+                if row is None:
+                    yield key, Reply(error="the local engine failed", tries=1)
+                    continue
+                yield key, Reply(thinking=row.thinking, answer=row.answer, tokens=len(row.tokens),
+                                 reasoning_tokens=row.thinking_tokens, finish_reason=row.finish_reason,
+                                 source="engine", tries=1)
+        finally:
+            stop.set()
+            worker.join()
