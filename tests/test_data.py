@@ -380,3 +380,25 @@ def test_select_ablations():
     assert "difficulty_removed" not in counts
     diverse, _ = select(items, method="diversity", size=100, seed=2)
     assert len(set(diverse)) == len(diverse) == min(100, len(ok)) and set(diverse) <= {it.id for it in ok}
+
+
+def test_layering():
+    """data may import kernels, model, decode, train, eval and the top-level modules (client included); nothing
+    imports data but the router cli.py; client.py imports no room (eval can use it later without importing data)."""
+    from test_layout import ALLOWED, _imports
+
+    rooms = set(ALLOWED) | {"data"}
+    found = {}
+    for folder, _, files in os.walk(ROOT):
+        for name in files:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, ROOT)
+            if not name.endswith(".py") or rel.startswith(("tests", ".")):
+                continue
+            imports = _imports(path)
+            if rel.startswith("data" + os.sep):
+                assert imports <= rooms - {"bench"} | {"files", "commands", "env", "client"}, (rel, imports)
+            elif "data" in imports and rel != "cli.py":
+                found[rel] = imports
+    assert found == {}
+    assert _imports(os.path.join(ROOT, "client.py")) == set()
