@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import queue
 import random
 import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -158,21 +158,29 @@ class Client:
 
     def map(self, jobs: dict | Iterable[tuple], **params) -> Iterator[tuple]:
         """``(key, Reply)`` for each ``(key, messages)`` of ``jobs`` (a dict or pairs), as they finish, with at most
-        ``concurrency`` requests in flight; stopping the iteration (Ctrl-C) cancels the requests not yet sent."""
+        ``concurrency`` requests in flight. The requests run on daemon threads: stopping the iteration (Ctrl-C)
+        sends no new request and does not wait for those in flight, whose replies are dropped."""
         pending = iter(jobs.items() if isinstance(jobs, dict) else jobs)
-        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="s1fast-client")
-        running = {}
-        try:
-            while True:
-                for key, messages in itertools.islice(pending, self.concurrency - len(running)):
-                    running[pool.submit(self.chat, messages, **params)] = key
-                if not running:
-                    return
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    yield running.pop(future), future.result()
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+        done: queue.Queue = queue.Queue()
+
+        def work(key, messages):
+            try:
+                done.put((key, self.chat(messages, **params), None))
+            except BaseException as e:  # noqa: BLE001  (a bug, not a server failure: raised in the caller's thread)
+                done.put((key, None, e))
+
+        running = 0
+        while True:
+            for key, messages in itertools.islice(pending, self.concurrency - running):
+                threading.Thread(target=work, args=(key, messages), daemon=True, name="s1fast-client").start()
+                running += 1
+            if not running:
+                return
+            key, reply, error = done.get()
+            running -= 1
+            if error is not None:
+                raise error
+            yield key, reply
 
 
 def check_client_settings(endpoints: list[str], *, concurrency: int, timeout: float, retries: int,

@@ -49,11 +49,12 @@ def write_jsonl(path, rows) -> str:
 class StandIn:
     """An OpenAI-compatible stand-in on a free loopback port. ``script[question]`` lists what the successive
     requests of that question get: ``429`` (Retry-After: ``retry_after``), ``500``, ``hang`` (no reply for 3 s),
-    ``malformed`` (a 200 whose body is cut JSON), ``400``; then ``ok``: thinking in ``<think>`` tags, the answer
-    ``Answer: 42``. Every request is logged as (time, question, action)."""
+    ``malformed`` (a 200 whose body is cut JSON), ``400``; then ``ok``: ``content(question)``, by default thinking
+    in ``<think>`` tags and the answer ``Answer: 42``. Every request is logged as (time, question, action)."""
 
-    def __init__(self, script=None, delay: float = 0.0, retry_after: str = "1"):
+    def __init__(self, script=None, delay: float = 0.0, retry_after: str = "1", content=None):
         self.script, self.delay, self.retry_after = dict(script or {}), delay, retry_after
+        self.content = content or (lambda q: f"<think>\nthinking about: {q}\n</think>\n\nAnswer: 42")
         self.log: list[tuple[float, str, str]] = []
         self.lock = threading.Lock()
         standin = self
@@ -93,7 +94,7 @@ class StandIn:
                     return
                 if action == "malformed":
                     return self.reply(200, b'{"id": "x", "choices": [{"message": ')
-                content = f"<think>\nthinking about: {question}\n</think>\n\nAnswer: 42"
+                content = standin.content(question)
                 self.reply(200, json.dumps({
                     "id": "x", "object": "chat.completion", "created": 0, "model": "stand-in",
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
@@ -222,9 +223,21 @@ def test_kill_9_mid_distill_then_rerun(standin, tmp_path):
     args = [sys.executable, "-m", "s1fast", "data", "distill", "--out", out, "--endpoint", s.url, "--concurrency",
             "2", "--no-progress"]
     path = os.path.join(out, "distill.jsonl")
+
+    def lines():
+        return len(open(path).readlines()) if os.path.exists(path) else 0
+
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while lines() < 2:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # as Ctrl-C: exit 130 at once, records kept
+    assert proc.wait(20) == 130 and "interrupted" in proc.stderr.read().decode()
+    assert 2 <= lines() < len(questions)
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (os.path.exists(path) and len(open(path).readlines()) >= 4):
+    while lines() < 4:
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -402,3 +415,43 @@ def test_layering():
                 found[rel] = imports
     assert found == {}
     assert _imports(os.path.join(ROOT, "client.py")) == set()
+
+
+def test_classify_with_a_model_retries_then_unknown(standin, tmp_path):
+    replies = {QUESTIONS[0]: "It counts primes.\nDomain: 11", QUESTIONS[1]: "Domain: 05, or maybe 11"}
+    s = standin(content=lambda prompt: next((r for q, r in replies.items() if q in prompt), "no idea"))
+    out = pipeline_dir(tmp_path, QUESTIONS[:3])
+    assert main(["classify", "--out", out, "--endpoint", s.url, "--tries", "2", "--backoff", "0"]) == 0
+    got = {r["id"]: r for r in read(os.path.join(out, "classify.jsonl"))}
+    assert got[question_id(QUESTIONS[0])]["domain"] == "11" and got[question_id(QUESTIONS[0])]["tries"] == 1
+    assert got[question_id(QUESTIONS[1])]["domain"] == "05"  # the Domain: mark wins
+    assert got[question_id(QUESTIONS[2])]["domain"] == "unknown" and got[question_id(QUESTIONS[2])]["tries"] == 2
+    assert sum(s.asked().values()) == 4  # 3, then the one that did not parse once more
+    assert main(["classify", "--out", out, "--endpoint", s.url]) == 0 and sum(s.asked().values()) == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["collect", "--pool", "missing.jsonl"], "pool missing 'missing.jsonl': no such file"),
+    (["collect", "--pool", "POOL", "--near-dup", "0"], "--near-dup must be in (0, 1]"),
+    (["distill"], "give --endpoint URL or --teacher PATH"),
+    (["distill", "--endpoint", "ftp://x"], "--endpoint 'ftp://x': expected an http(s) URL"),
+    (["distill", "--endpoint", "http://127.0.0.1:9/v1", "--concurrency", "0"], "--concurrency must be >= 1"),
+    (["distill", "--endpoint", "http://127.0.0.1:9/v1", "--teacher", "."], "give --endpoint or --teacher, not both"),
+    (["attempt", "--student", "nowhere"], "--student: 'nowhere' is not a directory"),
+    (["distill", "--endpoint", "http://127.0.0.1:9/v1", "--retries", "0", "--timeout", "2"],
+     "--endpoint http://127.0.0.1:9/v1: cannot list its models"),
+    (["select", "--high-quality", ":3"], "--high-quality ':3': expected SOURCE or SOURCE:MIN_TOKENS"),
+    (["select"], "holds no distilled traces; run `s1fast data distill` first"),
+    (["classify", "--field", "x", "--endpoint", "http://h/v1"], "give --field or --endpoint, not both"),
+])
+def test_bad_input_is_one_line(argv, message, tmp_path, capsys):
+    pool = write_jsonl(tmp_path / "pool.jsonl", [{"question": QUESTIONS[0], "answer": "1"}])
+    out = str(tmp_path / "run")
+    if argv[0] != "collect":
+        assert main(["collect", "--out", out, "--pool", pool]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([argv[0], "--out", out, *[pool if a == "POOL" else a for a in argv[1:]], "--no-progress"])
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"s1fast data {argv[0]}: error: ") and message in last, last
