@@ -38,7 +38,7 @@ _THINK = re.compile(r"^\s*<think>(.*?)(?:</think>|$)(.*)$", re.DOTALL)
 class Reply:
     """One request's outcome: the thinking and the answer (None when ``error``), completion tokens and, where the
     server reports them, reasoning tokens; ``source``: where the thinking came from (``reasoning_content`` or
-    ``think_tags``, None when there was none); ``tries``: requests sent."""
+    ``think_tags``, None when there was none); ``tries``: requests sent; ``extra``: the choice's other fields."""
 
     thinking: str | None = None
     answer: str | None = None
@@ -48,6 +48,7 @@ class Reply:
     source: str | None = None
     error: str | None = None
     tries: int = 0
+    extra: dict | None = None  # the choice's fields beyond OpenAI's (s1fast serve: forced_waits, budget_cut, ...)
 
 
 def split_thinking(message) -> tuple[str | None, str, str | None]:
@@ -140,7 +141,8 @@ class Client:
                 details = getattr(usage, "completion_tokens_details", None) if usage is not None else None
                 return Reply(thinking=thinking, answer=answer, tokens=usage.completion_tokens if usage else None,
                              reasoning_tokens=getattr(details, "reasoning_tokens", None),
-                             finish_reason=choice.finish_reason, source=source, tries=attempt + 1)
+                             finish_reason=choice.finish_reason, source=source, tries=attempt + 1,
+                             extra=dict(choice.model_extra or {}))
             except openai.APIStatusError as e:
                 error = f"{self.endpoints[i]}: HTTP {e.status_code}: {str(e)[:200]}"
                 if e.status_code not in RETRY_STATUS:

@@ -59,15 +59,18 @@ class LocalModel:
         try:
             for key, text in questions.items():
                 prompt = self.tokenizer(self.fmt.think_prompt(text, self.tokenizer), add_special_tokens=False)
-                self.engine.post(prompt["input_ids"], on_tokens=lambda new, state: None,
-                                 on_done=lambda row, key=key: done.put((key, row)), max_new_tokens=max_tokens,
-                                 temperature=temperature, top_k=None, top_p=None,
-                                 seed=None if seed is None else seed + _sample(key),
-                                 stop_token_ids=self.fmt.stop_ids(self.tokenizer), budget=self.budget)
+                try:
+                    self.engine.post(prompt["input_ids"], on_tokens=lambda new, state: None,
+                                     on_done=lambda row, key=key: done.put((key, row)), max_new_tokens=max_tokens,
+                                     temperature=temperature, top_k=None, top_p=None,
+                                     seed=None if seed is None else seed + _sample(key),
+                                     stop_token_ids=self.fmt.stop_ids(self.tokenizer), budget=self.budget)
+                except ValueError as e:  # e.g. prompt + max_tokens longer than the model's positions
+                    done.put((key, str(e)))
             for _ in questions:
                 key, row = done.get()
-                if row is None:
-                    yield key, Reply(error="the local engine failed", tries=1)
+                if row is None or isinstance(row, str):
+                    yield key, Reply(error=row or "the local engine failed", tries=1)
                     continue
                 yield key, Reply(thinking=row.thinking, answer=row.answer, tokens=len(row.tokens),
                                  reasoning_tokens=row.thinking_tokens, finish_reason=row.finish_reason,

@@ -153,9 +153,9 @@ def collect_stage(args, parser) -> int:
         _check_dir(args.out, create=True)
         kept, report = collect(pools, eval_sets=args.eval_set or list(DEFAULT_EVAL_SETS), near_dup=args.near_dup,
                                question_field=args.question_field, answer_field=args.answer_field)
+        os.makedirs(args.out, exist_ok=True)  # with its parents
     except (ValueError, OSError, ImportError) as e:
         parser.error(str(e))
-    os.makedirs(args.out, exist_ok=True)
     write_atomic(os.path.join(args.out, QUESTIONS), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     write_atomic(os.path.join(args.out, "collect_report.json"), json.dumps(report, indent=1) + "\n")
     print(f"{'source':<24}{'read':>8}{'contaminated':>14}{'duplicate':>11}{'near dup':>10}{'kept':>8}")
@@ -175,20 +175,32 @@ def _check_dir(path: str, create: bool = False) -> None:
         raise ValueError(f"--out {path!r} is a file; give a directory")
     if not create:
         raise ValueError(f"--out {path!r} does not exist; run `s1fast data collect --out {path}` first")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ValueError(f"--out {path!r}: the directory {parent!r} does not exist; create it first")
 
 
-def _questions(out: str) -> list[dict]:
-    _check_dir(out)
-    path = os.path.join(out, QUESTIONS)
-    if not os.path.exists(path):
-        raise ValueError(f"--out {out!r} holds no {QUESTIONS}; run `s1fast data collect --out {out}` first")
-    return Records(path).values()
+def _questions(args, parser) -> dict[str, dict]:
+    """The collected questions by id, or the stage's one-line error when there are none."""
+    try:
+        _check_dir(args.out)
+        path = os.path.join(args.out, QUESTIONS)
+        if not os.path.exists(path):
+            raise ValueError(f"--out {args.out!r} holds no {QUESTIONS}; run `s1fast data collect --out {args.out}` "
+                             "first")
+        return {q["id"]: q for q in Records(path).values()}
+    except ValueError as e:
+        parser.error(str(e))
 
 
 # ------------------------------------------------------------------------------------------- distill, attempt
+
+
+def _writer(path: str, key: tuple[str, ...], parser) -> Records:
+    """The stage's record file, locked against a second run writing it, or the stage's one-line error."""
+    try:
+        records = Records(path, key=key)
+        records.lock()
+        return records
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def _backend(args, parser, local: str | None):
@@ -268,13 +280,10 @@ def _grade(reply, question: dict) -> tuple[str | None, bool]:
 
 
 def distill_stage(args, parser) -> int:
-    try:
-        questions = {q["id"]: q for q in _questions(args.out)}
-    except ValueError as e:
-        parser.error(str(e))
+    questions = _questions(args, parser)
     ask, model_name, local_format = _backend(args, parser, "teacher")
     teacher = args.name or model_name
-    records = Records(os.path.join(args.out, DISTILL), key=("id", "sample"))
+    records = _writer(os.path.join(args.out, DISTILL), ("id", "sample"), parser)
     done = {k for k, r in records.latest.items() if r["error"] is None}
     todo = {(i, s): q["question"] for i, q in questions.items() for s in range(args.samples) if (i, s) not in done}
     print(f"distill: {len(todo)} request(s) to send, {len(done)} finished before", file=sys.stderr)
@@ -295,13 +304,10 @@ def distill_stage(args, parser) -> int:
 
 
 def attempt_stage(args, parser) -> int:
-    try:
-        questions = {q["id"]: q for q in _questions(args.out)}
-    except ValueError as e:
-        parser.error(str(e))
+    questions = _questions(args, parser)
     ask, model_name, _ = _backend(args, parser, "student")
     student = args.name or model_name
-    records = Records(os.path.join(args.out, ATTEMPT), key=("id", "student"))
+    records = _writer(os.path.join(args.out, ATTEMPT), ("id", "student"), parser)
     todo = {(i, student): q["question"] for i, q in questions.items()
             if (r := records.get(i, student)) is None or r["error"] is not None}
     print(f"attempt ({student}): {len(todo)} question(s) to ask", file=sys.stderr)
@@ -309,7 +315,8 @@ def attempt_stage(args, parser) -> int:
     def make(key, reply):
         predicted, correct = _grade(reply, questions[key[0]])
         return {"id": key[0], "student": student, "answer": reply.answer, "tokens": reply.tokens,
-                "predicted": predicted, "correct": correct, "tries": reply.tries, "error": reply.error}
+                "thinking_tokens": reply.reasoning_tokens, "predicted": predicted, "correct": correct,
+                "tries": reply.tries, "error": reply.error}
 
     failed = _run(records, todo, ask, make, args, f"attempt {student}")
     solved = sum(bool((r := records.get(i, student)) and r["correct"]) for i in questions)
@@ -324,13 +331,10 @@ def attempt_stage(args, parser) -> int:
 def classify_stage(args, parser) -> int:
     from s1fast.data.classify import UNKNOWN, field_domain, parse_domain, rubric
 
-    try:
-        questions = {q["id"]: q for q in _questions(args.out)}
-        if args.field is not None and args.endpoint:
-            raise ValueError("give --field or --endpoint, not both")
-    except ValueError as e:
-        parser.error(str(e))
-    records = Records(os.path.join(args.out, CLASSIFY))
+    if args.field is not None and args.endpoint:
+        parser.error("give --field or --endpoint, not both")
+    questions = _questions(args, parser)
+    records = _writer(os.path.join(args.out, CLASSIFY), ("id",), parser)
     todo = {i: q for i, q in questions.items() if not records.has(i)}
     if args.field is not None:
         with records:
@@ -362,8 +366,8 @@ def select_stage(args, parser) -> int:
     from s1fast.data.report import write_report
     from s1fast.data.select import Item, formatting_problems, select
 
+    questions = _questions(args, parser).values()
     try:
-        questions = _questions(args.out)
         high_quality = {}
         for value in args.high_quality:
             source, _, minimum = value.partition(":")

@@ -69,10 +69,23 @@ class Records:
     def values(self) -> list[dict]:
         return list(self.latest.values())
 
-    def add(self, record: dict) -> None:
-        """Append ``record`` and fsync it: once this returns the record survives a crash."""
+    def lock(self) -> None:
+        """Open the file for appending and hold an exclusive lock on it until :meth:`close` (the process's end,
+        however it ends): a second writer of the same file is refused with a ValueError."""
+        import fcntl
+
         if self._file is None:
             self._file = open(self.path, "a", encoding="utf-8")
+            try:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.close()
+                raise ValueError(f"{self.path} is being written by another process (one run per stage and directory "
+                                 "at a time)") from None
+
+    def add(self, record: dict) -> None:
+        """Append ``record`` and fsync it: once this returns the record survives a crash."""
+        self.lock()
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
