@@ -31,16 +31,6 @@ from s1fast.model.chat import FORMAT_CHOICES
 QUESTIONS, DISTILL, ATTEMPT, CLASSIFY = "questions.jsonl", "distill.jsonl", "attempt.jsonl", "classify.jsonl"
 
 
-def _positive(kind):
-    def parse(value: str):
-        number = kind(value)
-        if not number > 0:
-            raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
-        return number
-
-    return parse
-
-
 def _client_arguments(p, local: str | None) -> None:
     g = p.add_argument_group("model: OpenAI-compatible servers" + (f" or a local model ({local})" if local else ""))
     g.add_argument("--endpoint", action="append", default=[], metavar="URL",
@@ -214,6 +204,9 @@ def _backend(args, parser, local: str | None):
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if getattr(args, "temperature", 0.0) < 0:
             raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+        for name in ("max_thinking_tokens", "num_waits"):
+            if getattr(args, name, None) is not None and getattr(args, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
         if path is not None:
             if args.endpoint:
                 raise ValueError(f"give --endpoint or --{local}, not both")

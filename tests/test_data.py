@@ -298,6 +298,12 @@ def test_records_drop_a_partial_last_line(tmp_path):
     r.add({"id": "c", "v": 4})
     r.close()
     assert read(path)[-1] == {"id": "c", "v": 4} and len(read(path)) == 4
+    first = Records(str(path))
+    first.lock()
+    with pytest.raises(ValueError, match="being written by another process"):
+        Records(str(path)).lock()
+    first.close()
+    Records(str(path)).lock()  # free again
 
 
 def test_formatting_problems_and_domains():
