@@ -159,22 +159,25 @@ class Client:
         return Reply(error=f"{self.retries + 1} tries failed; last: {error}", tries=self.retries + 1)
 
     def map(self, jobs: dict | Iterable[tuple], **params) -> Iterator[tuple]:
-        """``(key, Reply)`` for each ``(key, messages)`` of ``jobs`` (a dict or pairs), as they finish, with at most
-        ``concurrency`` requests in flight. The requests run on daemon threads: stopping the iteration (Ctrl-C)
-        sends no new request and does not wait for those in flight, whose replies are dropped."""
+        """``(key, Reply)`` for each ``(key, request)`` of ``jobs`` (a dict or pairs; a request is the messages, or a
+        dict of :meth:`chat`'s arguments: ``messages`` and fields of its own, e.g. ``seed``), as they finish, with
+        at most ``concurrency`` requests in flight; ``params``: fields of every request. The requests run on
+        daemon threads: stopping the iteration (Ctrl-C) sends no new request and does not wait for those in
+        flight, whose replies are dropped."""
         pending = iter(jobs.items() if isinstance(jobs, dict) else jobs)
         done: queue.Queue = queue.Queue()
 
-        def work(key, messages):
+        def work(key, request):
+            request = request if isinstance(request, dict) else {"messages": request}
             try:
-                done.put((key, self.chat(messages, **params), None))
+                done.put((key, self.chat(**{**params, **request}), None))
             except BaseException as e:  # noqa: BLE001  (a bug, not a server failure: raised in the caller's thread)
                 done.put((key, None, e))
 
         running = 0
         while True:
-            for key, messages in itertools.islice(pending, self.concurrency - running):
-                threading.Thread(target=work, args=(key, messages), daemon=True, name="s1fast-client").start()
+            for key, request in itertools.islice(pending, self.concurrency - running):
+                threading.Thread(target=work, args=(key, request), daemon=True, name="s1fast-client").start()
                 running += 1
             if not running:
                 return

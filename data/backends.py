@@ -5,6 +5,7 @@ it exists."""
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from collections.abc import Iterator
@@ -14,19 +15,22 @@ from s1fast.client import Client, Reply
 
 def ask_endpoints(client: Client, questions: dict, *, max_tokens: int, temperature: float, seed: int | None = None,
                   max_thinking_tokens: int | None = None, num_waits: int | None = None) -> Iterator[tuple]:
-    """``(key, Reply)`` for ``questions`` (key -> question text; a key ending in an int, the sample, adds it to
-    ``seed``) asked as one user message each; budget forcing fields go in the body (``s1fast serve`` reads them,
-    other servers ignore or refuse them: leave them unset there)."""
-    extra = dict(max_thinking_tokens=max_thinking_tokens, num_waits=num_waits)
-    by_seed: dict[int | None, dict] = {}  # the OpenAI API takes one seed per request: samples differ by their seed
-    for key, text in questions.items():
-        by_seed.setdefault(None if seed is None else seed + _sample(key), {})[key] = [{"role": "user", "content": text}]
-    for s, group in by_seed.items():
-        yield from client.map(group, max_tokens=max_tokens, temperature=temperature, seed=s, **extra)
+    """``(key, Reply)`` for ``questions`` (key -> question text) asked as one user message each, with the seed
+    :func:`request_seed`; budget forcing fields go in the body (``s1fast serve`` reads them, other servers ignore or
+    refuse them: leave them unset there)."""
+    jobs = ((key, {"messages": [{"role": "user", "content": text}], "seed": request_seed(seed, key)})
+            for key, text in questions.items())
+    yield from client.map(jobs, max_tokens=max_tokens, temperature=temperature,
+                          max_thinking_tokens=max_thinking_tokens, num_waits=num_waits)
 
 
-def _sample(key) -> int:
-    return key[-1] if isinstance(key, tuple) and isinstance(key[-1], int) else 0
+def request_seed(seed: int | None, key) -> int | None:
+    """The seed of one request: ``seed`` mixed with the request's key (question id, sample), so that no two
+    requests share their sampling noise (s1fast's engine draws it from the seed, the position and the token, so
+    equal seeds would sample different questions alike); None without a seed."""
+    if seed is None:
+        return None
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{key!r}".encode()).digest()[:6], "big")
 
 
 class LocalModel:
@@ -63,7 +67,7 @@ class LocalModel:
                     self.engine.post(prompt["input_ids"], on_tokens=lambda new, state: None,
                                      on_done=lambda row, key=key: done.put((key, row)), max_new_tokens=max_tokens,
                                      temperature=temperature, top_k=None, top_p=None,
-                                     seed=None if seed is None else seed + _sample(key),
+                                     seed=request_seed(seed, key),
                                      stop_token_ids=self.fmt.stop_ids(self.tokenizer), budget=self.budget)
                 except ValueError as e:  # e.g. prompt + max_tokens longer than the model's positions
                     done.put((key, str(e)))

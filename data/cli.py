@@ -57,7 +57,8 @@ def _generation_arguments(p) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--max-tokens", type=int, default=32768, help="new tokens per answer (default: %(default)s)")
     g.add_argument("--temperature", type=float, default=0.0, help="default: %(default)s")
-    g.add_argument("--seed", type=int, help="sampling seed (sample k of a question uses seed + k)")
+    g.add_argument("--seed", type=int, help="sampling seed (each request samples with a seed made of it, the question "
+                   "and the sample)")
     g.add_argument("--max-thinking-tokens", type=int, help="budget forcing (s1fast serve and local models only)")
     g.add_argument("--num-waits", type=int, help="budget forcing: forced 'Wait's (s1fast serve and local models)")
 
@@ -194,7 +195,8 @@ def _writer(path: str, key: tuple[str, ...], parser) -> Records:
 
 
 def _backend(args, parser, local: str | None):
-    """(ask function, model name) of the stage's model, every argument checked before anything loads."""
+    """(ask function, model name, the local model's reasoning format or None) of the stage's model, every argument
+    checked before anything loads or is sent."""
     from s1fast.client import Client, check_client_settings
 
     path = getattr(args, local, None) if local else None
