@@ -61,9 +61,10 @@ def _histogram(path: str, pool: list[int], picked: list[int], method: str) -> No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    bins = 30 if pool else 1
+    bins = np.histogram_bin_edges(pool + picked or [0], 30)  # the same bins for both
     ax.hist(pool, bins=bins, alpha=0.5, label=f"passed quality ({len(pool)})")
     ax.hist(picked, bins=bins, alpha=0.7, label=f"selected, {method} ({len(picked)})")
     ax.set_xlabel("teacher thinking tokens")
