@@ -20,6 +20,7 @@ choice), ``solution`` (the pool's ``solution`` field, else the answer), ``cot_ty
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, defaultdict
 
 from s1fast.data.store import normalise, question_id, words
@@ -74,43 +75,55 @@ def read_pool(source: str, path: str, *, question_field: str | None = None, answ
 def collect(pools: list[tuple[str, str]], *, eval_sets: list[str] = DEFAULT_EVAL_SETS, near_dup: float = 0.8,
             question_field: str | None = None, answer_field: str | None = None) -> tuple[list[dict], dict]:
     """(kept question records, report) for ``pools``, ``(source name, path)`` pairs; the report has counts per
-    source and reason and each dropped question with its reason and what it matched."""
+    source and reason and each dropped question with its reason and what it matched.
+
+    Near duplicates are found without comparing every pair (prefix filtering, Chaudhuri et al. 2006): with the
+    8-grams of each question ordered rarest first over all pools, two questions whose Jaccard similarity is at least
+    ``t`` share one of the first ``n - ceil(t * n) + 1`` 8-grams of each (``n`` its number of 8-grams); only kept
+    questions sharing such a gram are compared, and exactly."""
     if not 0 < near_dup <= 1:
         raise ValueError(f"--near-dup must be in (0, 1], got {near_dup}")
     contamination = eval_ngrams(list(eval_sets))
+    read = [(source, record, ngrams(record["question"])) for source, path in pools
+            for record in read_pool(source, path, question_field=question_field, answer_field=answer_field)]
+    frequency = Counter(g for _, _, grams in read for g in grams)
+
+    def prefix(grams: set) -> list:
+        n = len(grams)
+        return sorted(grams, key=lambda g: (frequency[g], g))[: n - math.ceil(near_dup * n - 1e-9) + 2]  # +1 spare
+
     kept: list[dict] = []
     grams_of: list[set] = []
     by_gram: dict[tuple, list[int]] = defaultdict(list)
-    seen: dict[str, str] = {}
-    counts: dict[str, Counter] = {}
+    seen: set[str] = set()
+    counts: dict[str, Counter] = {source: Counter() for source, _ in pools}
     dropped = []
-    for source, path in pools:
-        c = counts.setdefault(source, Counter())
-        for record in read_pool(source, path, question_field=question_field, answer_field=answer_field):
-            c["read"] += 1
-            grams = ngrams(record["question"])
-            hit = next((contamination[g] for g in grams if g in contamination), None)
-            reason, match = None, None
-            if hit is not None:
-                reason, match = "contaminated", hit
-            elif record["id"] in seen:
-                reason, match = "duplicate", seen[record["id"]]
-            else:
-                shared = Counter(j for g in grams for j in by_gram.get(g, ()))
-                for j, n in shared.most_common():
-                    if n / (len(grams) + len(grams_of[j]) - n) >= near_dup:
-                        reason, match = "near_duplicate", kept[j]["id"]
-                        break
-            if reason is not None:
-                c[reason] += 1
-                dropped.append({"id": record["id"], "source": source, "reason": reason, "match": match})
-                continue
-            c["kept"] += 1
-            seen[record["id"]] = record["id"]
-            for g in grams:
-                by_gram[g].append(len(kept))
-            grams_of.append(grams)
-            kept.append(record)
+    for source, record, grams in read:
+        c = counts[source]
+        c["read"] += 1
+        hit = next((contamination[g] for g in grams if g in contamination), None)
+        reason, match = None, None
+        if hit is not None:
+            reason, match = "contaminated", hit
+        elif record["id"] in seen:
+            reason, match = "duplicate", record["id"]
+        else:
+            head = prefix(grams)
+            for j in sorted({j for g in head for j in by_gram.get(g, ())}):
+                shared = len(grams & grams_of[j])
+                if shared / (len(grams) + len(grams_of[j]) - shared) >= near_dup:
+                    reason, match = "near_duplicate", kept[j]["id"]
+                    break
+        if reason is not None:
+            c[reason] += 1
+            dropped.append({"id": record["id"], "source": source, "reason": reason, "match": match})
+            continue
+        c["kept"] += 1
+        seen.add(record["id"])
+        for g in head:
+            by_gram[g].append(len(kept))
+        grams_of.append(grams)
+        kept.append(record)
     report = {"eval_sets": list(eval_sets), "near_dup": near_dup,
               "sources": {s: {k: c.get(k, 0) for k in ("read", *REASONS, "kept")} for s, c in counts.items()},
               "kept": len(kept), "dropped": dropped}

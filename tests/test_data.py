@@ -290,6 +290,34 @@ def test_collect_decontaminates_with_8_grams_and_deduplicates(tmp_path):
     assert report["sources"]["p"]["near_duplicate"] == 0
 
 
+@pytest.mark.parametrize("threshold", [0.5, 0.8])
+def test_near_duplicates_as_every_pair_compared(tmp_path, threshold):
+    """The prefix-filtered search keeps exactly what comparing every pair keeps (templated questions with a few
+    words changed, so similarities spread around the threshold)."""
+    from s1fast.data.collect import ngrams
+
+    rng = random.Random(5)
+    words = "the a number of ways to pick ball red blue from bag find value sum integer prime".split()
+    base = [" ".join(rng.choice(words) for _ in range(rng.randrange(6, 20))) for _ in range(6)]
+    rows = []
+    for _ in range(150):
+        w = rng.choice(base).split()
+        for _ in range(rng.randrange(0, 4)):
+            w[rng.randrange(len(w))] = rng.choice(words + ["7", "11", "x"])
+        rows.append({"question": " ".join(w) + "?", "answer": "1"})
+    pool = write_jsonl(tmp_path / "pool.jsonl", rows)
+    kept, report = collect([("p", pool)], eval_sets=[], near_dup=threshold)
+    expected, seen = [], set()
+    for r in rows:
+        g, key = ngrams(r["question"]), question_id(r["question"])
+        if key in seen or any(len(g & h) / len(g | h) >= threshold for h in expected):
+            continue
+        seen.add(key)
+        expected.append(g)
+    assert [ngrams(r["question"]) for r in kept] == expected
+    assert 0 < report["sources"]["p"]["near_duplicate"] and len(kept) > 6
+
+
 def test_records_drop_a_partial_last_line(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"id": "a", "v": 1}\n{"id": "b", "v": 2}\n{"id": "a", "v": 3}\n{"id": "c", "v"')
