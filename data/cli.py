@@ -98,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="s1 (default) or the paper's ablations")
     s.add_argument("--size", type=int, default=1000, help="questions to select (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    s.add_argument("--no-quality", action="store_true", help="skip the quality filter")
+    s.add_argument("--no-quality", action="store_true",
+                   help="skip the formatting checks (failed requests and missing traces are always removed)")
     s.add_argument("--no-difficulty", action="store_true", help="skip the difficulty filter (method s1)")
     s.add_argument("--high-quality", action="append", default=[], metavar="SOURCE[:MIN_TOKENS]",
                    help="select the teacher-correct questions of SOURCE first (with at least MIN_TOKENS of "

@@ -6,7 +6,8 @@ quality problems) and then, in order, each step switchable and counted:
 1. **quality**: out go questions whose teacher request failed (``error``), that lack a trace or an answer
    (``missing_fields``), or whose question shows a formatting problem s1 removed (:data:`FORMATTING`):
    ``ascii_art`` (two or more lines made only of drawing characters), ``missing_image`` (a reference to a figure,
-   image or diagram that is not in the text), ``numbering`` (numbered lines that skip or repeat a number).
+   image or diagram that is not in the text), ``numbering`` (numbered lines that skip or repeat a number). With the
+   step off (``--no-quality``) only the first two reasons remove a question: it could not be a training example.
 2. **difficulty**: out go questions that any student solved, and those a student has not attempted.
 3. **high-quality sources** (``--high-quality SOURCE[:MIN_TOKENS]``): the remaining questions of those sources that
    the teacher answered correctly (with at least MIN_TOKENS of thinking) are selected first. s1 took AIME and GPQA
@@ -29,6 +30,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 METHODS = ("s1", "random", "longest", "diversity")
+UNUSABLE = ("error", "missing_fields")  # removed even when the quality step is off
 _DRAWING = re.compile(r"^[ \t]*[-+|=_*#/\\.:'`~<>^]{4,}[-+|=_*#/\\.:'`~<>^ \t]*$")
 _IMAGE = re.compile(
     r"!\[|<img\b|\b(?:figure|diagram|image|picture|graph|table)s?\s+(?:below|above|shown)\b"
@@ -102,12 +104,12 @@ def select(items: list[Item], *, method: str = "s1", size: int = 1000, seed: int
     rng = random.Random(seed)
     items = sorted(items, key=lambda it: it.id)
     counts: dict = {"questions": len(items)}
-    pool = items
-    if quality:
-        reasons = Counter(it.problems[0] for it in pool if it.problems)
-        pool = [it for it in pool if not it.problems]
-        counts["quality_removed"] = dict(sorted(reasons.items()))
-        counts["after_quality"] = len(pool)
+    # without the quality step, only what cannot be a training example (a failed request, no trace) is removed
+    removed = [bool(it.problems) and (quality or bool(set(it.problems) & set(UNUSABLE))) for it in items]
+    out = [it for it, r in zip(items, removed) if r]
+    pool = [it for it, r in zip(items, removed) if not r]
+    counts["quality_removed"] = dict(sorted(Counter(it.problems[0] for it in out).items()))
+    counts["after_quality"] = len(pool)
     if method == "random":
         chosen = [it.id for it in rng.sample(pool, min(size, len(pool)))]
     elif method == "longest":

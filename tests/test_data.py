@@ -417,6 +417,14 @@ def test_diversity_draw_probabilities():
         assert abs(firsts[k] / n - p) < 4 * (p * (1 - p) / n) ** 0.5, (k, firsts[k] / n, p)
 
 
+def test_select_without_quality_still_removes_what_cannot_be_trained_on():
+    items = synthetic_pool()
+    items[0].problems, items[1].problems = ["error"], ["missing_fields", "ascii_art"]
+    chosen, counts = select(items, size=len(items), quality=False, difficulty=False)
+    assert counts["quality_removed"] == {"error": 1, "missing_fields": 1}
+    assert set(chosen) == {it.id for it in items[2:]}  # formatting problems are kept without the quality step
+
+
 def test_select_ablations():
     items = synthetic_pool()
     ok = [it for it in items if not it.problems]
