@@ -13,6 +13,7 @@ COMMANDS = {
     "train": ("s1fast.train.cli", "fine-tune a Qwen model with the s1 SFT recipe (no arguments: the CPU demo)"),
     "generate": ("s1fast.decode.generate", "budget-forced decoding with the KV-cache decoder"),
     "eval": ("s1fast.eval.scaling", "test-time scaling evaluation: accuracy against thinking budget"),
+    "data": ("s1fast.data.cli", "the s1K curation pipeline: collect, distill, attempt, classify, select"),
     "bench": ("s1fast.bench.cli", "benchmarks and kernel inspection (kernels | train | decode | inspect | all)"),
     "serve": ("s1fast.decode.serve", "an OpenAI-compatible server with budget forcing per request (extra: serve)"),
     "env": ("s1fast.env", "versions, GPU, kernel paths and whether patch() supports the installed transformers"),

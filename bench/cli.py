@@ -31,7 +31,7 @@ from s1fast.bench.common import device_ceilings
 from s1fast.commands import add_device_arguments, check_device
 from s1fast.env import environment
 
-SUITES = ("kernels", "train", "decode", "sft", "serve", "inspect")
+SUITES = ("kernels", "train", "decode", "sft", "serve", "data", "inspect")
 PEERS = ("eager", "compile", "liger", "hf")
 
 

@@ -1,0 +1,103 @@
+"""The record files of ``s1fast data``: one JSON object per line, appended and fsynced one at a time, keyed by the
+question's hash (and the sample, student, ...), the last record of a key winning.
+
+A run killed in the middle of a write (``kill -9``, a power cut) leaves at most a partial last line: opening the file
+cuts it off, so every record whose line ended is kept and the one being written is done again. Finished work is
+never redone: each stage asks :meth:`Records.has` before sending a request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import unicodedata
+
+
+def normalise(text: str) -> str:
+    """The question as stored: Unicode NFKC, Windows and old Mac line ends as ``\\n``, trailing spaces of each
+    line and blank lines at both ends removed."""
+    text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
+    return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n").strip()
+
+
+def question_id(question: str) -> str:
+    """The key of a question: 16 hex digits of the SHA-256 of its lowercased words (:func:`words`), so that
+    questions differing only in case, spacing or punctuation share one key (exact duplicates)."""
+    return hashlib.sha256(" ".join(words(question)).encode()).hexdigest()[:16]
+
+
+def words(text: str) -> list[str]:
+    """Lowercased words (runs of letters and digits) of ``text`` after NFKC: the units of keys and n-grams."""
+    return re.findall(r"\w+", unicodedata.normalize("NFKC", text).lower())
+
+
+class Records:
+    """An append-only JSONL file of records; ``key`` names the fields that identify one (the last record of a
+    key is the one that counts)."""
+
+    def __init__(self, path: str, key: tuple[str, ...] = ("id",)):
+        self.path, self.key = path, key
+        self.latest: dict[tuple, dict] = {}
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                raw = f.read()
+            end = raw.rfind(b"\n") + 1
+            if end < len(raw):  # a write cut short: drop its partial line
+                with open(path, "r+b") as f:
+                    f.truncate(end)
+                    f.flush()
+                    os.fsync(f.fileno())
+            for n, line in enumerate(raw[:end].decode("utf-8").splitlines(), 1):
+                try:
+                    record = json.loads(line)
+                    self.latest[self._key(record)] = record
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}: line {n} is not one of this stage's records ({e})") from e
+        self._file = None
+
+    def _key(self, record: dict) -> tuple:
+        return tuple(record[k] for k in self.key)
+
+    def has(self, *key) -> bool:
+        return tuple(key) in self.latest
+
+    def get(self, *key) -> dict | None:
+        return self.latest.get(tuple(key))
+
+    def values(self) -> list[dict]:
+        return list(self.latest.values())
+
+    def lock(self) -> None:
+        """Open the file for appending and hold an exclusive lock on it until :meth:`close` (the process's end,
+        however it ends): a second writer of the same file is refused with a ValueError."""
+        import fcntl
+
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")
+            try:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.close()
+                raise ValueError(f"{self.path} is being written by another process (one run per stage and directory "
+                                 "at a time)") from None
+
+    def add(self, record: dict) -> None:
+        """Append ``record`` and fsync it: once this returns the record survives a crash."""
+        self.lock()
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.latest[self._key(record)] = record
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> Records:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
