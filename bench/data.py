@@ -20,8 +20,9 @@ SUMMARY_COLUMNS = ("case", "concurrency", "requests", "requests_per_s", "tokens_
 CONCURRENCY = (1, 4, 16)
 
 
-def run(*, device: str, quick: bool, peers: list[str]) -> list[dict]:
-    """Bench-suite entry point (module docstring); ``peers`` has none here."""
+def run(*, device: str, quick: bool, peers: list[str], headline: bool = False) -> list[dict]:
+    """Bench-suite entry point (module docstring); ``peers`` has none here, ``headline`` sizes are the full run's
+    (the GPU kit does not curate data)."""
     p = plan(device, quick)
     requests = 16 if quick else 48
     server = build_server(p, device)
