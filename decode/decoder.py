@@ -9,12 +9,16 @@ q/k/v), SwiGLU, down_proj, and the residual add fused into the next layer's inpu
 final norm); lm_head (tied or not). The kernels are ``s1fast.kernels`` (Triton on CUDA; their PyTorch paths on CPU
 and for fp64): a one-token step on the Triton attention path is 10 device launches per layer.
 
+The decoder is the engine's runner (``s1fast.decode.engine``): its public runner methods (``start``, ``prefill``,
+``step``, ``feed``, ``load``, ``move_row``) run what the engine's ``Scheduler`` decides; ``generate`` and
+``stream`` submit their prompts to an ``Engine`` and return what it gives.
+
 Design:
 - KV cache: ``s1fast.decode.kv_cache.KVCache``, paged: keys and values live in fixed-size pages, and a page
   table per cache row (``[rows, width]`` int32 on the device) says where each position is. Rows take pages
   as their tokens arrive and give them back when their request ends; a memory budget (``kv_cache_bytes``)
-  fixes how many pages exist, and the engine (``s1fast.decode.engine``) admits and preempts requests so that
-  they fit. Without a budget a run gets as many pages as its rows could fill.
+  fixes how many pages exist, and the engine's scheduler (``s1fast.decode.scheduler``) admits and preempts
+  requests so that they fit. Without a budget a run gets as many pages as its rows could fill.
 - Prefill: the prompts, longest first, in chunks of ``prefill_chunk`` positions; a chunk covers the same
   positions in every row, so attention is causal with a lower-right offset (no materialised mask, flash
   kernels on CUDA). Only each row's last position goes through the lm_head.
@@ -55,6 +59,7 @@ Design:
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -108,6 +113,14 @@ def set_cpu_threads(model, threads: int | None = None) -> str | None:
     return f"decoding on {threads} CPU thread{'s' if threads > 1 else ''} ({why})"
 
 
+def _generation_eos(lm) -> frozenset[int]:
+    """The eos ids of the model's generation config (``generation_config.json``; transformers derives it from
+    ``config.json`` when the file is missing, as vLLM does): every request stops on them, as vLLM adds them to
+    each request's stop token ids."""
+    eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    return frozenset() if eos is None else frozenset([eos] if isinstance(eos, int) else eos)
+
+
 def _bucket(length: int) -> int:
     """``length`` rounded up to one of 8 steps per octave (at least 64): attention reads at most 12.5% more
     keys than used, and a decode from 8K to 16K needs 8 CUDA graphs, not 8K."""
@@ -138,6 +151,9 @@ class Decoder:
             budget; each run gets as many pages as its rows could ever fill (a dense cache's worth).
         kv_cache_fraction: on CUDA, the budget as a share of the GPU memory free when the decoder is built
             (vLLM's ``gpu_memory_utilization``, counted on what is free). Not with ``kv_cache_bytes``.
+
+    ``eos_token_ids``: the eos ids of the model's generation config (``generation_config.json``); they end every
+    request (and, in budget forcing, a thinking round), added to its ``stop_token_ids`` as vLLM adds them.
     """
 
     def __init__(
@@ -167,6 +183,7 @@ class Decoder:
             )
         self.config = cfg
         self.tokenizer = tokenizer
+        self.eos_token_ids = _generation_eos(lm)
         self.embed = core.embed_tokens.weight
         self.dtype, self.device = self.embed.dtype, self.embed.device
         if self.dtype not in SUPPORTED_DTYPES:
@@ -592,8 +609,9 @@ class Decoder:
         """Generate for a batch of prompts (token-id lists, any lengths). ``max_new_tokens`` bounds generated
         plus injected tokens per row; ``temperature=0`` is greedy; ``seed`` makes sampling reproducible (prompt
         ``i`` draws from stream ``i`` of the seed, whatever the other prompts; ``s1fast.decode.sampling``);
-        ``stop_token_ids`` end a row (the stop token is kept), or its thinking while it thinks, as in s1;
-        ``budget`` applies s1 budget forcing (every prompt must end with the think delimiter);
+        ``stop_token_ids`` (with the model's ``eos_token_ids``) end a row (the stop token is kept), or its thinking
+        while it thinks, as in s1; ``budget`` applies s1 budget forcing (every prompt must end with the think
+        delimiter);
         ``stream(row, new_token_ids)`` is called as tokens are decided; at most ``max_rows`` prompts are decoded
         at once (the engine refills a row as soon as its prompt finishes; a KV budget, ``kv_cache_bytes``, may
         hold fewer). The settings make a ``SamplingParams``. Returns a ``GenerationResult``."""
@@ -655,6 +673,8 @@ class Decoder:
                 f"{fn}: {which} has {len(prompts[longest])} tokens; with max_new_tokens={max_new_tokens} that "
                 f"exceeds max_seq_len={self.max_seq_len} (shorten the prompt or max_new_tokens, or raise max_seq_len)"
             )
+        if not self.eos_token_ids <= params.stop_token_ids:  # the model's eos ids stop every request (vLLM)
+            params = replace(params, stop_token_ids=params.stop_token_ids | self.eos_token_ids)
         requests = [Request(p, params, params.sampling(i)) for i, p in enumerate(prompts)]
         self.check_fits(fn, requests)
         return requests

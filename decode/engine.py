@@ -57,6 +57,7 @@ class Inbox:
         self.cancelled: set[int] = set()
 
     def post(self, request: Request, on_tokens: Callable, on_done: Callable) -> None:
+        """Hand ``request`` to the loop, with its listeners."""
         with self.lock:
             self.listeners[id(request)] = (request, on_tokens, on_done)
             self.posted.append(request)
@@ -164,10 +165,10 @@ class Engine:
 
     def post(self, prompt: Sequence[int], *, on_tokens, on_done, **settings) -> Request:
         """Thread-safe: hand a request (``submit``'s arguments, or ``params=SamplingParams(...)``, checked here) to
-        the running ``loop()``, which
-        admits it between two decode steps. ``on_tokens(new_ids, row_state)`` is called for each step's news and
-        ``on_done(row)`` once (a ``RowResult``, ``finish_reason`` "cancelled" after ``cancel``; None when the
-        engine failed), both on the loop's thread. Returns the request, the handle for ``cancel``."""
+        the running ``loop()``, which admits it between two decode steps. ``on_tokens(new_ids, row_state)`` is
+        called for each step's news and ``on_done(row)`` once (a ``RowResult``, ``finish_reason`` "cancelled"
+        after ``cancel``; None when the engine failed), both on the loop's thread. Returns the request, the handle
+        for ``cancel``."""
         (request,) = self.decoder.check_requests("Engine.post", [prompt], **settings)
         self.inbox.post(request, on_tokens, on_done)
         return request
