@@ -37,11 +37,13 @@ def test_admission_in_submission_order_into_free_rows():
     assert s.rows == [1, 0] and s.admit() is None  # no free row
     # each row got the pages of its prompt and one step
     assert s.cache.row_pages[0] and len(s.cache.row_pages[0]) == s.cache.pages_for(10)
-    s.decided(0, [7])
-    s.decided(1, None)  # request 0 finished
-    assert s.leave_finished() == [] and s.rows == [1]
+    pages = s.cache.row_pages[1]
+    s.decided(0, None)  # request 1 finished: the last row (request 0) moves into its place, pages and all
+    s.decided(1, [7])
+    assert s.leave_finished() == [(1, 0)] and s.rows == [0] and s.pos == [3] and s.feeds == [[7]]
+    assert s.cache.row_pages[0] == pages and s.cache.row_pages[1] == [] and s.cache.pages_in_use == len(pages)
     plan = s.admit()
-    assert plan.requests == [2] and plan.row0 == 1 and s.rows == [1, 2]
+    assert plan.requests == [2] and plan.row0 == 1 and s.rows == [0, 2]
 
 
 def test_page_exhaustion_blocks_the_queue_head_and_those_behind():
