@@ -14,7 +14,6 @@ import contextlib
 import os
 import signal
 import threading
-import types
 from collections.abc import Iterator
 
 import torch
@@ -108,13 +107,12 @@ def check_dtype(value: str | None, device: str | torch.device, name: str = "--dt
 
 def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int | None = None, top_p: float | None = None,
                    seed: int | None = None) -> None:
-    """The sampling arguments of a command, checked before any model loads by the engine's own check
-    (``s1fast.decode.engine.check_sampling``, which every request passes), or its one-line ValueError."""
-    from s1fast.decode.engine import check_sampling as check
+    """The sampling arguments of a command, checked before any model loads by the object every request is built
+    into (``s1fast.decode.params.SamplingParams``), or its one-line ValueError."""
+    from s1fast.decode.params import SamplingParams
 
-    no_model = types.SimpleNamespace(_check_ids=lambda name, ids: list(ids))  # no vocabulary yet: no ids to check
-    check("sampling", no_model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-          seed=seed, stop_token_ids=(), budget=None)
+    SamplingParams.of("sampling", max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      seed=seed)
 
 
 def check_model_dir(path: str, name: str = "--model") -> None:

@@ -22,7 +22,8 @@ from s1fast.model.chat import FORMATS, ReasoningFormat, resolve_format
 
 _S1 = FORMATS["s1"]
 S1_END_THINK, S1_WAIT, S1_BUDGET_END = _S1.end_think, _S1.wait, _S1.budget_end
-# s1 also ends thinking on the end of the turn / of the text (plus the tokenizer's eos_token, see from_tokenizer)
+# s1 also ends thinking on the end of the turn (plus the tokenizer's eos_token, see from_tokenizer, and the model's
+# generation-config eos ids, which the decoder adds to every request's stop tokens as vLLM does)
 S1_END_THINK_TOKENS = _S1.end_think_tokens
 
 
@@ -105,7 +106,8 @@ class BudgetForcing:
         "<|im_start|>answer\\nFinal Answer:"; r1's and qwen3's end_think "</think>", wait "Wait", budget_end
         "</think>\\n\\n"; with the newline rule (scans the vocabulary once, about a second for Qwen's 151K
         tokens). ``end_think_tokens``: the texts of single tokens that also end thinking; default: the format's
-        (s1: ``S1_END_THINK_TOKENS``) and the tokenizer's ``eos_token``, those the vocabulary has."""
+        (s1: ``S1_END_THINK_TOKENS``) and the tokenizer's ``eos_token``, those the vocabulary has (the model's
+        generation-config eos ids end thinking too, as stop tokens of every request: ``Decoder.eos_token_ids``)."""
         fmt = resolve_format(format, tokenizer if format == "auto" else None)  # the prompt's tokens are not needed
         end_think = fmt.end_think if end_think is None else end_think
         wait = fmt.wait if wait is None else wait
@@ -195,7 +197,8 @@ class RowState:
 
     ``step(token)`` takes the model's next token and returns the tokens to feed the model next (``[token]``
     when nothing is edited, the injected tokens otherwise, None when the row is finished); the emitted tokens
-    are appended to ``tokens`` (cut at ``max_new_tokens``). After each step, ``mask_enders`` says whether the
+    are appended to ``tokens`` (cut at ``max_new_tokens``), and what budget forcing put there (waits, the
+    delimiter, the budget's end) to ``injected``. After each step, ``mask_enders`` says whether the
     next token must not be one that ends thinking (the first of a round), and ``rewind`` how many fed tokens
     the returned ones replace (``s1_compat`` dropping what it decoded past the budget; 0 otherwise).
     ``room``: the tokens the sequence may hold after the prompt (``max_seq_len`` minus the prompt).
@@ -204,7 +207,7 @@ class RowState:
     __slots__ = (
         "budget", "max_new_tokens", "room", "stop", "enders", "tokens", "last", "thinking", "waits", "round_len",
         "budget_cut", "thinking_ended", "think_end", "answer_start", "finish_reason", "mask_enders", "rewind",
-        "past", "past_waits", "past_last",
+        "past", "past_waits", "past_last", "injected",
     )
 
     def __init__(self, last_prompt_token: int, budget: BudgetForcing | None, max_new_tokens: int, stop: frozenset,
@@ -229,6 +232,7 @@ class RowState:
         self.past: int | None = None  # s1_compat, past the budget: tokens fed beyond the kept ones
         self.past_waits = 0
         self.past_last = 0  # ... and the last of them
+        self.injected: list[tuple[int, list[int]]] = []  # (index in tokens, the tokens budget forcing put there)
 
     def step(self, token: int) -> list[int] | None:
         """Take the model's next ``token``; return the tokens to feed next (class docstring).
@@ -274,7 +278,7 @@ class RowState:
         self.thinking += len(kept)
         if len(kept) < len(b.wait) and not b.s1_compat:
             return self._cut(kept[-1], kept)
-        if self._emit(kept) is None:
+        if self._inject(kept) is None:
             return None
         if len(kept) < len(b.wait):  # s1_compat: the whole wait goes on to the model, the cut comes later
             self.past, self.past_waits, self.past_last = len(b.wait) - len(kept), 0, b.wait[-1]
@@ -302,8 +306,10 @@ class RowState:
         the row to the cut (``RowState.rewind``) once it knows how s1's last round ended. That costs the extra
         decoding and its KV cache (``compat_overshoot``), so it is off by default; the default rule is also the
         cleaner one: a budget cut always ends with ``budget_end``, and the newline rule looks at the text the model
-        goes on from. Where a round ends thinking on its last allowed token, it counts as ended: vLLM's V0 engine
-        checks stops before lengths (its V1 engine checks the length first for stop token ids, and differs there).
+        goes on from. Where a round ends thinking on its last allowed token, it counts as ended (stopped), as in vLLM,
+        which checks a stop token before the length limit (V0's stop checker; V1's ``check_stop`` in current
+        releases, 0.32 among them: eos, then stop token ids, then the length; some early V1 releases checked the
+        length first).
         """
         b = self.budget
         if self.past is None:
@@ -340,7 +346,15 @@ class RowState:
         self.thinking_ended = True
         self.think_end = min(len(self.tokens) + len(kept), self.max_new_tokens)
         self.answer_start = min(self.think_end + delimiter_len, self.max_new_tokens)
-        return self._emit([*kept, *inject])
+        return self._inject([*kept, *inject])
+
+    def _inject(self, tokens: list[int]) -> list[int] | None:
+        """``_emit`` of tokens budget forcing puts in the text, recorded in ``injected`` (as far as they fit)."""
+        start = len(self.tokens)
+        feed = self._emit(tokens)
+        if len(self.tokens) > start:
+            self.injected.append((start, self.tokens[start:]))
+        return feed
 
     def _emit(self, tokens: list[int], *, stop: bool = False) -> list[int] | None:
         room = self.max_new_tokens - len(self.tokens)

@@ -9,12 +9,16 @@ q/k/v), SwiGLU, down_proj, and the residual add fused into the next layer's inpu
 final norm); lm_head (tied or not). The kernels are ``s1fast.kernels`` (Triton on CUDA; their PyTorch paths on CPU
 and for fp64): a one-token step on the Triton attention path is 10 device launches per layer.
 
+The decoder is the engine's runner (``s1fast.decode.engine``): its public runner methods (``start``, ``prefill``,
+``step``, ``feed``, ``load``, ``move_row``) run what the engine's ``Scheduler`` decides; ``generate`` and
+``stream`` submit their prompts to an ``Engine`` and return what it gives.
+
 Design:
 - KV cache: ``s1fast.decode.kv_cache.KVCache``, paged: keys and values live in fixed-size pages, and a page
   table per cache row (``[rows, width]`` int32 on the device) says where each position is. Rows take pages
   as their tokens arrive and give them back when their request ends; a memory budget (``kv_cache_bytes``)
-  fixes how many pages exist, and the engine (``s1fast.decode.engine``) admits and preempts requests so that
-  they fit. Without a budget a run gets as many pages as its rows could fill.
+  fixes how many pages exist, and the engine's scheduler (``s1fast.decode.scheduler``) admits and preempts
+  requests so that they fit. Without a budget a run gets as many pages as its rows could fill.
 - Prefill: the prompts, longest first, in chunks of ``prefill_chunk`` positions; a chunk covers the same
   positions in every row, so attention is causal with a lower-right offset (no materialised mask, flash
   kernels on CUDA). Only each row's last position goes through the lm_head.
@@ -54,7 +58,7 @@ Design:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -62,12 +66,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from s1fast.decode.budget import BudgetForcing, RowState
-from s1fast.decode.engine import Request, check_sampling
-from s1fast.decode.engine import run as engine_run
+from s1fast.decode.budget import BudgetForcing
+from s1fast.decode.engine import Engine
 from s1fast.decode.kv_cache import KVCache
-from s1fast.decode.results import GenerationResult, GenerationStream, RowResult
-from s1fast.decode.sampling import Sampling, request_key, sample
+from s1fast.decode.params import Request, SamplingParams
+from s1fast.decode.results import GenerationResult, GenerationStream
+from s1fast.decode.sampling import Sampling, sample
 from s1fast.kernels import add_rms_norm, apply_rope, decode_attention, rms_norm, rope_kv_write, swiglu
 from s1fast.kernels._common import FLOAT_DTYPES, interpreting, use_triton
 from s1fast.kernels.decode_attention import supports_head_dim
@@ -82,6 +86,7 @@ except ImportError:  # pragma: no cover - flash-attn is not installed on CI
 SUPPORTED_DTYPES = (torch.float64, *FLOAT_DTYPES)  # model dtypes the decoder runs
 PAGE_SIZE = 16  # KV positions per page (a power of two): a bf16 Qwen2.5-1.5B page is 448 KiB, waste < 1 page per row
 FLASH_PAGE = 256  # flash-attn's paged KV needs pages of a multiple of 256 positions
+MAX_ROWS = 64  # Decoder.generate's default row cap: prompts decoded at once (the rest wait for free rows)
 SMALL_CPU_MODEL = 100_000_000  # parameters: below, CPU decoding runs on one thread unless told otherwise
 
 
@@ -106,6 +111,14 @@ def set_cpu_threads(model, threads: int | None = None) -> str | None:
         threads, why = torch.get_num_threads(), "torch's default; --threads N to change"
     torch.set_num_threads(threads)
     return f"decoding on {threads} CPU thread{'s' if threads > 1 else ''} ({why})"
+
+
+def _generation_eos(lm) -> frozenset[int]:
+    """The eos ids of the model's generation config (``generation_config.json``; transformers derives it from
+    ``config.json`` when the file is missing, as vLLM does): every request stops on them, as vLLM adds them to
+    each request's stop token ids."""
+    eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    return frozenset() if eos is None else frozenset([eos] if isinstance(eos, int) else eos)
 
 
 def _bucket(length: int) -> int:
@@ -138,6 +151,9 @@ class Decoder:
             budget; each run gets as many pages as its rows could ever fill (a dense cache's worth).
         kv_cache_fraction: on CUDA, the budget as a share of the GPU memory free when the decoder is built
             (vLLM's ``gpu_memory_utilization``, counted on what is free). Not with ``kv_cache_bytes``.
+
+    ``eos_token_ids``: the eos ids of the model's generation config (``generation_config.json``); they end every
+    request (and, in budget forcing, a thinking round), added to its ``stop_token_ids`` as vLLM adds them.
     """
 
     def __init__(
@@ -167,6 +183,7 @@ class Decoder:
             )
         self.config = cfg
         self.tokenizer = tokenizer
+        self.eos_token_ids = _generation_eos(lm)
         self.embed = core.embed_tokens.weight
         self.dtype, self.device = self.embed.dtype, self.embed.device
         if self.dtype not in SUPPORTED_DTYPES:
@@ -329,20 +346,66 @@ class Decoder:
         self._keys = torch.zeros(rows, dtype=torch.long, device=dev)
         self._graphs.clear()
 
-    def _set_sampling(self, row0: int, settings: list[Sampling]) -> None:
-        """Cache rows row0.. take these requests' sampling settings and keys."""
+    # --- the runner: what ``s1fast.decode.engine`` runs, rows and positions chosen by its scheduler ----------
+
+    def start(self, rows: int, positions: int) -> KVCache:
+        """A new run of up to ``rows`` rows of up to ``positions`` positions: the cache (emptied; its pages are the
+        scheduler's to hand out) and the buffers. Returns the cache."""
+        self._ensure_cache(rows, _bucket(positions))
+        return self.cache
+
+    def prefill(self, row0: int, prompts: list[list[int]], settings: list[Sampling], positions: list[int],
+                banned: list[Collection[int]]) -> torch.Tensor:
+        """Fill cache rows row0.. with ``prompts`` (longest first; the rows hold their pages) whose requests
+        sample with ``settings``; their first tokens (going to ``positions``, never one of ``banned``)."""
         rows = slice(row0, row0 + len(settings))
         self._sampling[rows] = torch.tensor([s.row() for s in settings], dtype=torch.float32)
         self._keys[rows] = torch.tensor([s.key for s in settings])
+        logits = self._prefill(prompts, row0)
+        return self._sample(logits, row0, positions, banned, max(s.mode for s in settings))
 
-    def _move_row(self, src: int, dst: int) -> None:
-        """Cache row ``src`` (its pages and sampling settings) becomes row ``dst``."""
-        self.cache.move(src, dst)
+    def load(self, tokens: torch.Tensor, positions: list[int]) -> Callable[[], list[int]]:
+        """The next step's inputs: ``tokens`` [n] going to ``positions`` on rows 0..n-1; their ``fetch``."""
+        n = len(positions)
+        self._ids[:n, 0] = tokens
+        self._pos[:n] = torch.tensor(positions)
+        return self._fetch(tokens)
+
+    def step(self, n: int, kv_len: int, mode: int) -> Callable[[], list[int]]:
+        """One decode step of rows 0..n-1 (attention over cache positions ``< kv_len``, sampling ``mode``): each
+        row's loaded token goes in, its next token is sampled and loaded for the step after; that token's
+        ``fetch`` (the host reads it without making the device wait)."""
+        self._decode(n, kv_len, mode)
+        return self._fetch(self._ids[:n, 0])
+
+    def feed(self, tokens: list[list[int]], starts: list[int], banned: list[Collection[int]],
+             mode: int) -> torch.Tensor:
+        """Feed rows 0..n-1 their ``tokens`` (one or several each, an edit) from positions ``starts`` in one
+        forward, padded to the longest; each row's next token (never one of ``banned``)."""
+        width = max(map(len, tokens))
+        ids = torch.tensor([f + f[-1:] * (width - len(f)) for f in tokens], device=self.device)
+        last = torch.tensor([len(f) - 1 for f in tokens], device=self.device)
+        logits = self._forward(ids, torch.tensor(starts, device=self.device), max(starts) + width, last)
+        return self._sample(logits, 0, [p + len(f) for p, f in zip(starts, tokens)], banned, mode)
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Row ``src``'s sampling settings become row ``dst``'s (the scheduler moved its pages)."""
         self._sampling[dst] = self._sampling[src]
         self._keys[dst] = self._keys[src]
 
-    def _sample(self, logits: torch.Tensor, row0: int, positions: list[int], mode: int) -> torch.Tensor:
-        """Tokens for cache rows row0.. from their ``logits`` (their tokens going to ``positions``)."""
+    def synchronize(self) -> None:
+        """Wait for the device (for timings)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _sample(self, logits: torch.Tensor, row0: int, positions: list[int], banned: list[Collection[int]],
+                mode: int) -> torch.Tensor:
+        """Tokens for cache rows row0.. from their ``logits`` (their tokens going to ``positions``), each row's
+        ``banned`` tokens masked (the first token of a thinking round never ends it: s1's vLLM min_tokens=1)."""
+        masked = [(s, t) for s, ban in enumerate(banned) for t in sorted(ban)]
+        if masked:
+            at = torch.tensor(masked, device=self.device)
+            logits[at[:, 0], at[:, 1]] = float("-inf")
         rows = slice(row0, row0 + len(positions))
         return sample(logits, self._sampling[rows], self._keys[rows], torch.tensor(positions, device=self.device),
                       mode)
@@ -541,19 +604,23 @@ class Decoder:
         stop_token_ids: Sequence[int] = (),
         budget: BudgetForcing | None = None,
         stream: Callable[[int, list[int]], object] | None = None,
+        max_rows: int = MAX_ROWS,
     ) -> GenerationResult:
         """Generate for a batch of prompts (token-id lists, any lengths). ``max_new_tokens`` bounds generated
         plus injected tokens per row; ``temperature=0`` is greedy; ``seed`` makes sampling reproducible (prompt
         ``i`` draws from stream ``i`` of the seed, whatever the other prompts; ``s1fast.decode.sampling``);
-        ``stop_token_ids`` end a row (the stop token is kept), or its thinking while it thinks, as in s1;
-        ``budget`` applies s1 budget forcing (every prompt must end with the think delimiter);
-        ``stream(row, new_token_ids)`` is called as tokens are decided. Returns a ``GenerationResult``."""
+        ``stop_token_ids`` (with the model's ``eos_token_ids``) end a row (the stop token is kept), or its thinking
+        while it thinks, as in s1; ``budget`` applies s1 budget forcing (every prompt must end with the think
+        delimiter);
+        ``stream(row, new_token_ids)`` is called as tokens are decided; at most ``max_rows`` prompts are decoded
+        at once (the engine refills a row as soon as its prompt finishes; a KV budget, ``kv_cache_bytes``, may
+        hold fewer). The settings make a ``SamplingParams``. Returns a ``GenerationResult``."""
         if stream is not None and not callable(stream):
             raise TypeError(
                 f"Decoder.generate: stream must be None or a callable (row, new_token_ids), got {type(stream).__name__}"
             )
         run = self.stream(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          seed=seed, stop_token_ids=stop_token_ids, budget=budget)
+                          seed=seed, stop_token_ids=stop_token_ids, budget=budget, max_rows=max_rows)
         for row, new in run:
             if stream is not None:
                 stream(row, new)
@@ -570,20 +637,35 @@ class Decoder:
         seed: int | None = None,
         stop_token_ids: Sequence[int] = (),
         budget: BudgetForcing | None = None,
+        max_rows: int = MAX_ROWS,
     ) -> GenerationStream:
         """``generate`` as an iterator of ``(row, new_token_ids)``; the result is ``.result`` at the end.
         Arguments are checked here, before anything runs."""
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise ValueError(f"Decoder.generate: max_rows must be an int >= 1, got {max_rows!r}")
         requests = self.check_requests("Decoder.generate", prompts, max_new_tokens=max_new_tokens,
                                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                        stop_token_ids=stop_token_ids, budget=budget)
-        return GenerationStream(engine_run(self, requests, len(requests)))  # every prompt admitted at once
+        engine = Engine(self, max_rows=max_rows)
+        engine.enqueue(requests)
+        return engine.stream()
 
-    def check_requests(self, fn: str, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+    def check_requests(self, fn: str, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,
                        **settings) -> list[Request]:
-        """The checked ``Request`` of each prompt, the prompts sharing ``generate``'s other arguments (``settings``;
-        prompt ``i`` draws from stream ``i`` of the seed); errors name ``fn``."""
+        """The checked ``Request`` of each prompt, the prompts sharing ``params`` (or a ``SamplingParams`` of
+        ``generate``'s other arguments, ``settings``; prompt ``i`` draws from stream ``i`` of the seed); its token ids
+        are checked against the vocabulary and the requests against ``max_seq_len`` and the KV budget; errors name
+        ``fn``."""
         prompts = self._check_prompts(prompts)
-        stop, sampling = check_sampling(fn, self, max_new_tokens=max_new_tokens, **settings)
+        if params is None:
+            params = SamplingParams.of(fn, **settings)
+        elif settings or not isinstance(params, SamplingParams):
+            raise TypeError(f"{fn}: params must be a SamplingParams, given without its settings as keywords "
+                            f"(got {type(params).__name__}{' and ' + ', '.join(settings) if settings else ''})")
+        self._check_ids("stop_token_ids", sorted(params.stop_token_ids))
+        if params.budget is not None:
+            self._check_ids("budget token ids", sorted(params.budget.token_ids()))
+        max_new_tokens = params.max_new_tokens
         longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
         if len(prompts[longest]) + max_new_tokens > self.max_seq_len:
             which = f"prompts[{longest}]" if len(prompts) > 1 else "the prompt"
@@ -591,9 +673,9 @@ class Decoder:
                 f"{fn}: {which} has {len(prompts[longest])} tokens; with max_new_tokens={max_new_tokens} that "
                 f"exceeds max_seq_len={self.max_seq_len} (shorten the prompt or max_new_tokens, or raise max_seq_len)"
             )
-        seed, budget = settings["seed"], settings["budget"]
-        requests = [Request(p, max_new_tokens, stop, budget, replace(sampling, key=request_key(seed, i)))
-                    for i, p in enumerate(prompts)]
+        if not self.eos_token_ids <= params.stop_token_ids:  # the model's eos ids stop every request (vLLM)
+            params = replace(params, stop_token_ids=params.stop_token_ids | self.eos_token_ids)
+        requests = [Request(p, params, params.sampling(i)) for i, p in enumerate(prompts)]
         self.check_fits(fn, requests)
         return requests
 
@@ -638,8 +720,3 @@ class Decoder:
             ends = [r for r in range(m) if lengths[r] <= c + T]
             logits[ends] = out[ends].to(logits.dtype)
         return logits
-
-    def _result(self, states: list[RowState], prefill_s: float, decode_s: float, emitted: int, steps: int,
-                preemptions: int = 0) -> GenerationResult:
-        rows = [RowResult.from_state(st, self.tokenizer) for st in states]
-        return GenerationResult(rows, prefill_s, decode_s, emitted, steps, self.memory(), preemptions)

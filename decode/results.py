@@ -12,7 +12,10 @@ from s1fast.decode.budget import RowState
 @dataclass
 class RowResult:
     """One prompt's output. ``tokens[:think_end]`` is the thinking, ``tokens[answer_start:]`` the answer (the
-    delimiter lies between; both are 0 without budget forcing, ``len(tokens)`` if thinking never ended)."""
+    delimiter lies between; both are 0 without budget forcing, ``len(tokens)`` if thinking never ended).
+    ``injected``: what budget forcing put in ``tokens``, as ``(index in tokens, token ids)`` in order: each forced
+    wait, the delimiter appended when the model ended thinking, or the budget's end (s1: newline, delimiter,
+    "Final Answer:") at a cut."""
 
     tokens: list[int]
     thinking_tokens: int
@@ -25,6 +28,7 @@ class RowResult:
     text: str | None = None
     thinking: str | None = None
     answer: str | None = None
+    injected: list[tuple[int, list[int]]] = field(default_factory=list)
 
     @classmethod
     def from_state(cls, st: RowState, tokenizer=None) -> RowResult:
@@ -32,7 +36,7 @@ class RowResult:
         think_end, answer_start = (st.think_end, st.answer_start) if st.thinking_ended else (end, end)
         row = cls(tokens=st.tokens, thinking_tokens=st.thinking, forced_waits=st.waits, budget_cut=st.budget_cut,
                   thinking_ended=st.thinking_ended, finish_reason=st.finish_reason, think_end=think_end,
-                  answer_start=answer_start)
+                  answer_start=answer_start, injected=list(st.injected))
         if tokenizer is not None:
             dec = tokenizer.decode
             row.text, row.thinking = dec(st.tokens), dec(st.tokens[:think_end])
@@ -72,6 +76,7 @@ class GenerationResult:
     text = _PerRow()
     thinking = _PerRow()
     answer = _PerRow()
+    injected = _PerRow()
 
     @property
     def decode_tokens_per_s(self) -> float:

@@ -43,8 +43,10 @@ class ReasoningFormat:
     single tokens that end thinking (with the tokenizer's eos token); ``wait``: the forced-wait text;
     ``budget_end``: appended at a budget cut (after s1's newline rule). ``no_think``: what a prompt without
     thinking ends with (Qwen3's own non-thinking prompt for the think-tag formats). ``stop``: single tokens
-    that end the answer (with the eos token). ``completion``: the trained text, from ``{thinking}`` and
-    ``{answer}``; the answer gets ``answer_prefix`` unless it contains it. ``tokens``: texts that must be single tokens.
+    that end the answer (with the eos token). The end of the text (``<|endoftext|>``) is no stop of its own: as in
+    vLLM, the model's generation config names its eos ids, and the decoder stops on those (``Decoder.eos_token_ids``).
+    ``completion``: the trained text, from ``{thinking}`` and ``{answer}``; the answer gets ``answer_prefix`` unless
+    it contains it. ``tokens``: texts that must be single tokens.
     """
 
     name: str
@@ -146,9 +148,9 @@ FORMATS = {
         False,
         think_prefix=THINK,
         end_think=IM_START + "answer",
-        end_think_tokens=(IM_END, "<|endoftext|>"),
+        end_think_tokens=(IM_END,),
         budget_end=IM_START + "answer\nFinal Answer:",
-        stop=(IM_END, "<|endoftext|>"),
+        stop=(IM_END,),
         completion=THINK + "\n{thinking}\n" + IM_START + "answer\n{answer}" + IM_END + "\n",
         tokens=(IM_START, IM_END),
         answer_prefix="Answer: ",
@@ -167,8 +169,8 @@ FORMATS = {
         "qwen3",
         None,
         True,
-        end_think_tokens=(IM_END, "<|endoftext|>"),
-        stop=(IM_END, "<|endoftext|>"),
+        end_think_tokens=(IM_END,),
+        stop=(IM_END,),
         completion="<think>\n{thinking}\n</think>\n\n{answer}" + IM_END + "\n",
         tokens=("<think>", "</think>", IM_START, IM_END),
         template_kwargs=(("enable_thinking", True),),

@@ -1,6 +1,7 @@
 """The commands share one CLI style (``s1fast.commands``): the same flags for the same things, one ``--dtype``
-spelling, ``--device`` / ``--dtype`` defaults from one place, the engine's sampling check, and every argument
-error as ``s1fast <command>: error: ...`` with exit status 2 before anything loads. No model is loaded here."""
+spelling, ``--device`` / ``--dtype`` defaults from one place, the requests' sampling check (``SamplingParams``), and
+every argument error as ``s1fast <command>: error: ...`` with exit status 2 before anything loads.
+No model is loaded here."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from s1fast import commands
 from s1fast.cli import main as s1fast_main
 
-engine = importlib.import_module("s1fast.decode.engine")
+params = importlib.import_module("s1fast.decode.params")
 patch_module = importlib.import_module("s1fast.model.patch")  # the package attribute is the function
 
 # command -> (module with _parser(), the shared flags it must have)
@@ -88,18 +89,19 @@ def test_device_and_dtype_defaults():
         commands.check_dtype("float32", "cpu")
 
 
-def test_sampling_arguments_are_checked_by_the_engine(monkeypatch):
-    """``commands.check_sampling`` is the engine's check (the one every request passes), before a model exists."""
-    calls = []
-    real = engine.check_sampling
-    monkeypatch.setattr(engine, "check_sampling", lambda *a, **k: calls.append(k) or real(*a, **k))
+def test_sampling_arguments_are_checked_by_sampling_params(monkeypatch):
+    """``commands.check_sampling`` builds the ``SamplingParams`` every request is built into, before a model
+    exists."""
+    calls, expected = [], params.SamplingParams(max_new_tokens=8, temperature=0.7, top_k=5, top_p=0.9, seed=3)
+    real = params.SamplingParams.__post_init__
+    monkeypatch.setattr(params.SamplingParams, "__post_init__", lambda self: calls.append(self) or real(self))
     commands.check_sampling(max_new_tokens=8, temperature=0.7, top_k=5, top_p=0.9, seed=3)
-    assert calls == [dict(max_new_tokens=8, temperature=0.7, top_k=5, top_p=0.9, seed=3, stop_token_ids=(),
-                          budget=None)]
+    assert calls == [expected]
     for bad, message in [
         (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1, got 0"),
         (dict(temperature=-0.5), "temperature must be a number >= 0, got -0.5"),
         (dict(temperature=float("nan")), "temperature must be a number >= 0, got nan"),
+        (dict(temperature=float("inf")), "temperature must be finite, got inf"),
         (dict(top_k=0), "top_k must be None or an int >= 1, got 0"),
         (dict(top_p=0.0), "top_p must be None or a number in (0, 1], got 0.0"),
         (dict(top_p=1.5), "top_p must be None or a number in (0, 1], got 1.5"),

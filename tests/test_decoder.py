@@ -510,6 +510,87 @@ def test_delimiter_never_emitted():
     assert res.rows[0].tokens[5:7] == [t, 7] and res.rows[1].tokens[5:8] == [NEWLINE, t, 7]
 
 
+def test_results_say_what_was_injected():
+    """``RowResult.injected``: every forced wait and the final delimiter or budget end, where they are in the tokens;
+    the last one spans the delimiter (the answer starts at its end, or inside it at a cut: s1's "Final Answer:"
+    belongs to the answer)."""
+    model = model_for(tied=False)
+    prompts = make_prompts((6, 13, 3), seed=1)
+    bf = budget(model, prompts, num_waits=2, max_thinking_tokens=30)
+    res = assert_matches_s1(model, prompts, bf, 40)
+    for row in res.rows:
+        for at, ids in row.injected:
+            assert ids and row.tokens[at : at + len(ids)] == ids
+        assert [at for at, _ in row.injected] == sorted(at for at, _ in row.injected)
+        *waits, (at, last) = row.injected
+        assert all(ids == list(bf.wait) for _, ids in waits) and len(waits) <= row.forced_waits
+        assert row.thinking_ended and at <= row.think_end < row.answer_start <= at + len(last)
+        assert row.budget_cut or (at, at + len(last)) == (row.think_end, row.answer_start)
+        assert last[-len(bf.budget_end) :] == list(bf.budget_end) if row.budget_cut else last == list(bf.end_think)
+    assert sum(r.forced_waits for r in res.rows) > 0 and any(r.budget_cut for r in res.rows)
+    assert Decoder(model).generate(prompts, max_new_tokens=5).injected == [[], [], []]  # no budget forcing
+
+
+def test_generation_config_eos_ids_stop_as_in_vllm(tmp_path):
+    """The eos ids of a model's generation_config.json end every request (and a thinking round), as vLLM adds them
+    to each request's stop token ids: a model whose generation config names a token E (as Qwen2.5-Instruct's names
+    <|endoftext|>) stops on E as with stop_token_ids=[E]; one whose config names no eos does not."""
+    from s1fast.model.patch import load
+
+    model = tiny_model(tied=False, dtype=torch.float64).eval()
+    prompt = make_prompts((6,), seed=1)
+    free = Decoder(model).generate(prompt, max_new_tokens=30).rows[0]
+    eos = free.tokens[6]
+    k = free.tokens.index(eos)
+    assert free.finish_reason == "length" and Decoder(model).eos_token_ids == frozenset()
+    model.generation_config.eos_token_id = [eos]
+    model.save_pretrained(tmp_path)
+    named = Decoder(load(str(tmp_path), dtype=torch.float64, device="cpu").eval())
+    assert named.eos_token_ids == {eos}
+    row = named.generate(prompt, max_new_tokens=30).rows[0]
+    assert row.tokens == free.tokens[: k + 1] and row.finish_reason == "stop"
+    model.generation_config.eos_token_id = None  # the same weights, a config without eos: E is a token like others
+    bf = budget(model, prompt, num_waits=1, max_thinking_tokens=20)
+    forced = named.generate(prompt, max_new_tokens=30, budget=bf).tokens
+    assert forced == Decoder(model).generate(prompt, max_new_tokens=30, budget=bf, stop_token_ids=[eos]).tokens
+    assert forced[0] == s1_reference(model, prompt[0], bf, 30, stop=[eos])[0]
+
+
+def test_generate_bounds_its_rows():
+    """``Decoder.generate`` decodes at most ``max_rows`` prompts at once (default ``MAX_ROWS``), the engine
+    refilling rows; the tokens do not change."""
+    from s1fast.decode.decoder import MAX_ROWS
+
+    model = model_for()
+    prompts = make_prompts([3 + i % 5 for i in range(MAX_ROWS + 6)], seed=4)
+    dec = Decoder(model)
+    rows_per_step = []
+    decode = dec._decode
+    dec._decode = lambda n, kv, mode: (rows_per_step.append(n), decode(n, kv, mode))[1]
+    res = dec.generate(prompts, max_new_tokens=3)
+    assert max(rows_per_step) == MAX_ROWS and dec.memory()["cache_rows"] == MAX_ROWS
+    rows_per_step.clear()
+    few = dec.generate(prompts[:7], max_new_tokens=3, max_rows=2)
+    assert max(rows_per_step) == 2 and few.tokens == res.tokens[:7]
+    assert few.tokens == [hf_generate(model, p, 3) for p in prompts[:7]]
+    with pytest.raises(ValueError, match="Decoder.generate: max_rows must be an int >= 1, got 0"):
+        dec.generate(prompts, max_new_tokens=3, max_rows=0)
+
+
+def test_moved_names_warn_and_still_work():
+    """``from s1fast.model import Decoder`` / ``BudgetForcing`` (their home before s1fast.decode) work for a
+    release, with a DeprecationWarning naming the new place."""
+    import s1fast.model
+
+    with pytest.warns(DeprecationWarning, match=r"s1fast.model.Decoder moved to s1fast.decode.Decoder"):
+        from s1fast.model import Decoder as old
+    assert old is Decoder
+    with pytest.warns(DeprecationWarning, match=r"s1fast.model.BudgetForcing moved to s1fast.decode.BudgetForcing"):
+        assert s1fast.model.BudgetForcing is BudgetForcing
+    with pytest.raises(AttributeError, match="has no attribute 'Nothing'"):
+        s1fast.model.Nothing  # noqa: B018
+
+
 def test_budget_beyond_max_new_tokens():
     """A budget larger than max_new_tokens never fires: thinking is cut by the length limit."""
     model = model_for()
@@ -607,8 +688,9 @@ def test_tokenizer_text_and_split():
         *bf.budget_end,
     )
     assert tok.convert_tokens_to_ids(".Ċ") in bf.newline_ending  # ".\n" ends with a newline
-    # thinking also ends on <|im_end|> (the tokenizer's eos_token) and <|endoftext|>, as s1's stop strings
-    assert bf.thinking_enders == {151644, 151645, 151643} and not bf.s1_compat
+    # thinking also ends on <|im_end|> (the tokenizer's eos_token), not on <|endoftext|>: that one only where the
+    # model's generation config names it (Decoder.eos_token_ids, test_generation_config_eos_ids_stop_as_in_vllm)
+    assert bf.thinking_enders == {151644, 151645} and not bf.s1_compat
     r1 = BudgetForcing.from_tokenizer(tok, end_think="</think>", end_think_tokens=["<|im_end|>"], s1_compat=True)
     assert r1.end_think == (151668,) and r1.thinking_enders == {151668, 151645} and r1.s1_compat
     with pytest.raises(ValueError, match="end_think_tokens must be texts of single tokens, 'Final Answer' is 2"):
@@ -621,6 +703,7 @@ def test_tokenizer_text_and_split():
     res = Decoder(model, tokenizer=tok).generate(make_prompts((4,)), max_new_tokens=10, budget=small)
     row = res.rows[0]
     assert row.budget_cut and row.tokens[3:7] == [9, 5, 6, 8] and (row.think_end, row.answer_start) == (3, 6)
+    assert row.injected == [(3, [9, 5, 6, 8])] and res.injected == [row.injected]  # newline, then budget_end
     assert row.text == tok.decode(row.tokens) and row.thinking == tok.decode(row.tokens[:3])
     assert row.answer == tok.decode(row.tokens[6:]) and row.answer.startswith(tok.decode([8]))
     assert res.text == [row.text] and res.thinking == [row.thinking] and res.answer == [row.answer]

@@ -11,6 +11,7 @@ from test_decoder import budget, hf_generate, make_prompts, model_for, one_threa
 
 from s1fast.decode.decoder import Decoder
 from s1fast.decode.engine import Engine
+from s1fast.decode.params import SamplingParams
 
 MIXED = [dict(max_thinking_tokens=30, num_waits=2), dict(max_thinking_tokens=None, num_waits=2),
          dict(max_thinking_tokens=4, num_waits=0), dict(max_thinking_tokens=12, num_waits=1),
@@ -213,3 +214,28 @@ def test_engine_rejects_bad_arguments():
     with pytest.raises(ValueError, match="prompts\\[0\\] is empty"):
         engine.submit([], max_new_tokens=3)
     assert engine.queue == []
+
+
+def test_sampling_params_is_one_checked_frozen_object():
+    """A request's settings: ``SamplingParams`` checks itself when built (errors naming the function it came to,
+    through ``of``), is frozen, and a request built from it is the request the same keywords build."""
+    params = SamplingParams(max_new_tokens=5, temperature=1.0, top_p=0.9, seed=7, stop_token_ids=[3, 3, 5])
+    assert params.stop_token_ids == frozenset({3, 5})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.temperature = 0.5
+    with pytest.raises(ValueError, match=r"^SamplingParams: temperature must be finite, got inf$"):
+        SamplingParams(max_new_tokens=1, temperature=float("inf"))
+    with pytest.raises(ValueError, match=r"^Engine.post: top_k must be None or an int >= 1, got 0$"):
+        SamplingParams.of("Engine.post", max_new_tokens=1, top_k=0)
+    with pytest.raises(TypeError, match=r"^SamplingParams: budget must be None or a BudgetForcing, got dict$"):
+        SamplingParams(max_new_tokens=1, budget={})
+    dec = Decoder(model_for())
+    prompts = make_prompts((4, 6), seed=2)
+    built = dec.check_requests("Decoder.generate", prompts, params=params)
+    keywords = dec.check_requests("Decoder.generate", prompts, max_new_tokens=5, temperature=1.0, top_p=0.9, seed=7,
+                                  stop_token_ids=[3, 5])
+    assert built == keywords and built[0].sampling.key != built[1].sampling.key  # prompt i: stream i of the seed
+    with pytest.raises(TypeError, match="params must be a SamplingParams, given without its settings"):
+        dec.check_requests("Engine.post", prompts, params=params, seed=3)
+    with pytest.raises(ValueError, match="stop_token_ids must be ints in"):
+        dec.check_requests("Engine.post", prompts, params=SamplingParams(max_new_tokens=2, stop_token_ids=[10**6]))

@@ -133,11 +133,13 @@ def test_delimiters_token_exact(tokenizers, forcings):
     s1, r1 = tokenizers["s1"], tokenizers["r1"]
     eos_r1 = r1.convert_tokens_to_ids("<｜end▁of▁sentence｜>")
     assert eos_r1 >= 151669  # added after Qwen's vocabulary
-    expected = {  # end_think, budget_end, thinking enders, stop ids
-        "s1": ((151644, 9217), tuple(ids(s1, S("<|im_start|>"), "answer\nFinal Answer:")), {151644, 151645, 151643},
-               [151645, 151643]),
+    # end_think, budget_end, thinking enders, stop ids: the end of the turn and the tokenizer's eos, never
+    # <|endoftext|> (151643) of its own (the model's generation config names it where it is an eos: the decoder's)
+    expected = {
+        "s1": ((151644, 9217), tuple(ids(s1, S("<|im_start|>"), "answer\nFinal Answer:")), {151644, 151645},
+               [151645]),
         "r1": ((151668,), (151668, 271), {151668, eos_r1}, [eos_r1]),
-        "qwen3": ((151668,), (151668, 271), {151668, 151645, 151643}, [151645, 151643]),
+        "qwen3": ((151668,), (151668, 271), {151668, 151645}, [151645]),
     }
     dot = s1.convert_tokens_to_ids(".")
     for name, tok in tokenizers.items():

@@ -357,11 +357,11 @@ def test_disconnect_frees_the_row(served, monkeypatch, stream):
     server, url, _ = served
     engine = server.engine
     finished = []
-    done = engine._finished
+    done = engine.inbox.finished
     monkeypatch.setattr(
-        engine,
-        "_finished",
-        lambda req, state: (finished.append((state.finish_reason, len(state.tokens))), done(req, state)),
+        engine.inbox,
+        "finished",
+        lambda req, row: (finished.append((row.finish_reason, len(row.tokens))), done(req, row)),
     )
     body = {"model": server.model_name, "prompt": "go on", "max_tokens": 190, "temperature": 0, "stream": stream}
     if stream:
