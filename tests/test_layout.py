@@ -18,14 +18,15 @@ from collections.abc import Iterator
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = {"files", "commands", "env"}
+SHARED = {"files", "commands", "env", "client"}
 ALLOWED = {
     "kernels": {"kernels"},
     "model": {"kernels", "model"} | SHARED,
     "decode": {"kernels", "model", "decode"} | SHARED,
     "train": {"kernels", "model", "decode", "train"} | SHARED,  # the CPU demo decodes what it trained
     "eval": {"kernels", "model", "decode", "train", "eval"} | SHARED,
-    "bench": {"kernels", "model", "decode", "train", "eval", "bench"} | SHARED,
+    "data": {"kernels", "model", "decode", "train", "eval", "data"} | SHARED,
+    "bench": {"kernels", "model", "decode", "train", "eval", "data", "bench"} | SHARED,
 }
 
 SHIMS = {"model/__init__.py": {"decode"}}  # ``from s1fast.model import Decoder, BudgetForcing``: deprecated, lazy
