@@ -66,11 +66,48 @@ def kv_cache_budget(value: str) -> dict:
         f"got {value!r}")
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free for a new allocation on ``device``: the GPU's free memory (``torch.cuda.mem_get_info``), or the
+    host's available memory (``MemAvailable`` in /proc/meminfo, else its free pages)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _size(n: int) -> str:
+    """``n`` bytes in the largest binary unit of :data:`_UNITS` that fits (``10 TiB``, ``1 KiB``)."""
+    unit = next((u for u in reversed(_UNITS) if n >= _UNITS[u]), "KiB")
+    return f"{n / _UNITS[unit]:.3g} {unit}"
+
+
 def check_kv_cache(budget: dict, device: torch.device) -> None:
-    """A ``--kv-cache`` share of free GPU memory needs a CUDA device: refused on the CPU before anything loads."""
+    """A ``--kv-cache`` budget, checked before anything loads: a share of free GPU memory needs a CUDA device, and a
+    size must fit in the memory free on ``device`` now (:func:`free_memory`)."""
     if "kv_cache_fraction" in budget and device.type != "cuda":
         raise ValueError(f"--kv-cache {budget['kv_cache_fraction']:g}: a share of free GPU memory needs a CUDA device; "
                          "give a size instead (e.g. 1GiB)")
+    size, free = budget.get("kv_cache_bytes"), None
+    if size is not None and size > (free := free_memory(device)):
+        raise ValueError(f"--kv-cache {_size(size)} is more than the {_size(free)} free on {device} now; give a "
+                         "smaller size")
+
+
+def check_kv_pages(budget: dict, config, dtype: torch.dtype) -> None:
+    """A ``--kv-cache`` size against the model's ``config`` (:func:`read_model_config`) in the compute ``dtype``,
+    before the weights load: it must hold two KV pages of the decoder's smallest size (its trash page and one
+    page for a row; the decoder checks its own page size again once the model is loaded)."""
+    from s1fast.decode.decoder import PAGE_SIZE
+
+    size = budget.get("kv_cache_bytes")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    page = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize * PAGE_SIZE
+    if size is not None and size < 2 * page:
+        raise ValueError(f"--kv-cache {_size(size)} holds fewer than 2 KV pages of this model ({_size(page)} each: "
+                         f"{PAGE_SIZE} tokens in {str(dtype).removeprefix('torch.')}); raise it")
 
 
 def add_kv_cache_argument(parser) -> None:
@@ -123,6 +160,83 @@ def check_model_dir(path: str, name: str = "--model") -> None:
         raise ValueError(f"{name}: {path!r} is not a directory")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{name}: {path!r} holds no config.json, so it is not a transformers model directory")
+
+
+def read_model_config(path: str, name: str = "--model"):
+    """The transformers config of the model ``path`` (a directory, or a Hugging Face name that
+    :func:`check_hub_model` accepted), read without its weights: a Qwen2 / Qwen2.5 / Qwen3 causal LM, or a one-line
+    ValueError naming ``name``."""
+    from transformers import AutoConfig
+
+    from s1fast.model.patch import CAUSAL_LMS
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{name} {path!r}: its config.json does not load ({type(e).__name__}: {reason})") from e
+    supported = sorted(cls.config_class.model_type for cls in CAUSAL_LMS)
+    if config.model_type not in supported:
+        raise ValueError(f"{name} {path!r}: model_type {config.model_type!r}; s1fast runs Qwen2, Qwen2.5 and Qwen3 "
+                         f"({', '.join(supported)})")
+    return config
+
+
+def check_positions(config, prompts: list[list[int]], max_new_tokens: int, max_seq_len: int | None) -> None:
+    """Tokenised prompts against the model's positions, before it loads: none empty, ``--max-seq-len`` (None: the
+    model's ``max_position_embeddings``) at most the model's, and the longest prompt plus ``--max-new-tokens``
+    within it; one-line ValueErrors naming the argument."""
+    positions = config.max_position_embeddings
+    empty = next((i for i, p in enumerate(prompts) if not p), None)
+    if empty is not None:
+        which = f"prompt {empty}" if len(prompts) > 1 else "the prompt"
+        raise ValueError(f"{which} is empty (no tokens): give text to decode from")
+    if max_seq_len is not None and max_seq_len > positions:
+        raise ValueError(f"--max-seq-len {max_seq_len} is more than the model's {positions} positions "
+                         "(max_position_embeddings in its config.json)")
+    longest = max(map(len, prompts))
+    if max_seq_len is not None and longest + max_new_tokens > max_seq_len:
+        raise ValueError(f"--max-seq-len {max_seq_len}: the longest prompt ({longest} tokens) plus --max-new-tokens "
+                         f"{max_new_tokens} exceeds it (raise --max-seq-len or lower --max-new-tokens)")
+    if longest + max_new_tokens > positions:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: the longest prompt ({longest} tokens) plus "
+                         f"{max_new_tokens} new tokens exceeds the model's {positions} positions "
+                         "(max_position_embeddings); lower --max-new-tokens or shorten the prompt")
+
+
+HUB_PROBE_S = 10.0  # how long check_hub_model waits for the Hugging Face Hub
+
+
+def check_hub_model(name: str, flag: str = "--model") -> None:
+    """``name`` as a local directory, or a Hugging Face name (owner/name) in the local cache or known to the Hub,
+    which is asked once with a :data:`HUB_PROBE_S`-second timeout; anything else is a one-line ValueError naming
+    ``flag``, at once (a download offline would retry for minutes before failing)."""
+    if os.path.isdir(name):
+        return
+    if os.path.exists(name):
+        raise ValueError(f"{flag} {name!r} is a file; expected a directory or a Hugging Face name (owner/name)")
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise ValueError(f"{flag} {name!r}: no such directory, and not a Hugging Face name (owner/name)")
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except HFValidationError as e:
+        raise ValueError(f"{flag} {name!r}: not a valid Hugging Face name ({str(e).splitlines()[0]})") from e
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"{flag} {name!r}: no such directory, and not in the Hugging Face cache (HF_HUB_OFFLINE is "
+                         "set); give a local directory")
+    try:
+        HfApi().model_info(name, timeout=HUB_PROBE_S)
+    except RepositoryNotFoundError as e:
+        raise ValueError(f"{flag} {name!r}: no such directory, and no such model on the Hugging Face Hub (or a "
+                         "private one: log in with `hf auth login`)") from e
+    except Exception as e:  # no network, a timeout, a proxy's error page: httpx's and the hub's many errors
+        raise ValueError(f"{flag} {name!r}: no such directory, not in the Hugging Face cache, and the Hub did not "
+                         f"answer within {HUB_PROBE_S:g} s ({type(e).__name__}); give a local directory, or set "
+                         "HF_HUB_OFFLINE=1 to use the cache only") from e
 
 
 def load_model(path: str, *, dtype: torch.dtype, device: str | torch.device):

@@ -70,12 +70,12 @@ def read_records(source: str, *, split: str = "train", what: str = "data") -> li
             with open(source, "rb") as f:
                 if ext == ".jsonl":
                     items = [
-                        (f"{source}: line {n}", _json(line, f"{source}: line {n}"))
+                        (f"{source}: line {n}", parse_json(line, f"{source}: line {n}"))
                         for n, line in enumerate(f, 1)
                         if line.strip()
                     ]
                 else:
-                    rows = _json(f.read(), source)
+                    rows = parse_json(f.read(), source)
                     if not isinstance(rows, list):
                         raise ValueError(f"{source}: expected a JSON array of records, got a JSON {_json_type(rows)}")
                     items = [(f"{source}: item {n}", row) for n, row in enumerate(rows, 1)]
@@ -96,8 +96,9 @@ def read_records(source: str, *, split: str = "train", what: str = "data") -> li
     return datasets.load_dataset(source, split=split).to_list()
 
 
-def _json(raw: bytes, where: str):
-    """``raw`` parsed as UTF-8 JSON; errors name ``where`` (a file, or a file and line)."""
+def parse_json(raw: bytes, where: str):
+    """``raw`` parsed as UTF-8 JSON (a BOM allowed); a one-line ValueError naming ``where`` (a file, or a file and
+    line) when it is not UTF-8 or not JSON."""
     try:
         return json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as e:

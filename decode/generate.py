@@ -27,12 +27,15 @@ from s1fast.commands import (
     check_device,
     check_dtype,
     check_kv_cache,
+    check_kv_pages,
     check_model_dir,
+    check_positions,
     check_sampling,
     load_model,
+    read_model_config,
     sigterm_as_interrupt,
 )
-from s1fast.files import atomic_output, check_output_file
+from s1fast.files import atomic_output, check_output_file, parse_json
 from s1fast.model.chat import FORMAT_CHOICES
 
 
@@ -87,14 +90,11 @@ def _questions(args) -> list[str]:
     if not os.path.isfile(args.prompts):
         raise ValueError(f"--prompts: no such file {args.prompts!r}")
     questions = []
-    with open(args.prompts, encoding="utf-8") as f:
+    with open(args.prompts, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--prompts: line {n} of {args.prompts} is not JSON ({e})") from None
+            row = parse_json(line, f"--prompts: line {n} of {args.prompts}")  # not UTF-8 (a binary file), not JSON
             text = (
                 row
                 if isinstance(row, str)
@@ -130,6 +130,8 @@ def main(argv: list[str]) -> int:
         check_kv_cache(args.kv_cache, device)
         dtype = check_dtype(args.dtype, device)
         check_model_dir(args.model, "--model (s1fast generate loads local models only)")
+        config = read_model_config(args.model)
+        check_kv_pages(args.kv_cache, config, dtype)
         if args.out is not None:
             check_output_file(args.out)
         questions = _questions(args)
@@ -161,10 +163,10 @@ def main(argv: list[str]) -> int:
     texts = questions if args.raw else [fmt.prompt_text(q, tokenizer) + ending for q in questions]
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     stop = fmt.stop_ids(tokenizer)
-    longest = max(map(len, prompts))
-    if args.max_seq_len is not None and longest + args.max_new_tokens > args.max_seq_len:
-        parser.error(f"--max-seq-len {args.max_seq_len}: the longest prompt ({longest} tokens) plus --max-new-tokens "
-                     f"{args.max_new_tokens} exceeds it (raise --max-seq-len or lower --max-new-tokens)")
+    try:  # what the config and the tokenizer tell, before the weights load
+        check_positions(config, prompts, args.max_new_tokens, args.max_seq_len)
+    except ValueError as e:
+        parser.error(str(e))
 
     try:
         model = load_model(args.model, dtype=dtype, device=device)
