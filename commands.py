@@ -1,6 +1,8 @@
-"""What every command (train, generate, eval, serve, bench) shares: the ``--device`` and ``--dtype`` arguments
-(their defaults and parsing), the sampling-argument check, the model directory check and load, and SIGTERM
-handled as Ctrl-C.
+"""What every command (train, generate, eval, serve, bench) shares: the checkers of numeric options
+(:class:`Range`), the ``--device`` and ``--dtype`` arguments (their defaults and parsing), ``--kv-cache`` (checked
+against free memory and the model's page size), the sampling-argument check, the model checks that need no
+weights (a directory or a Hugging Face name probed with a short timeout, its config: architecture and positions
+against the prompts), the model load, and SIGTERM handled as Ctrl-C.
 
 The commands spell the same things the same way: ``--model PATH``, ``--out``, ``--no-progress``, ``--max-rows``
 (rows decoded at once), ``--device`` and ``--dtype`` (:func:`add_device_arguments`); every argument problem,
@@ -10,14 +12,70 @@ then ``s1fast <command>: error: ...``, exit status 2.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import math
 import os
 import signal
 import threading
 import types
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class Range:
+    """Which values an argument or setting takes: a finite int or float ``>= low`` (``> low`` when ``strict``; any
+    when ``low`` is None), ``< below`` when given; or, for ``kind=str``, any non-empty string. The one checker of
+    every command's numeric options (an argparse ``type``) and of the same settings given through the Python API
+    (:meth:`check`)."""
+
+    kind: type
+    low: float | None = 0
+    strict: bool = False
+    below: float | None = None
+
+    def describe(self) -> str:
+        if self.kind is str:
+            return "a path or a name"
+        rule = "" if self.low is None else f" {'>' if self.strict else '>='} {self.low:g}"
+        rule += f" and < {self.below:g}" if self.below is not None else ""
+        return f"{'an integer' if self.kind is int else 'a finite number'}{rule}"
+
+    def holds(self, value) -> bool:
+        if self.kind is str:
+            return isinstance(value, str) and bool(value.strip())
+        kinds = (int, float) if self.kind is float else (int,)
+        return (isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+                and (self.low is None or (value > self.low if self.strict else value >= self.low))
+                and (self.below is None or value < self.below))
+
+    def check(self, name: str, value) -> None:
+        """A ValueError ``NAME must be ..., got VALUE`` unless ``value`` holds."""
+        if not self.holds(value):
+            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+
+    def __call__(self, text: str):
+        """An argparse type: the value of ``text``, or ArgumentTypeError (nothing silently means a default)."""
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = None
+        if value is None or not self.holds(value):
+            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}")
+        return value
+
+
+COUNT, AT_LEAST_0, TEXT = Range(int, 1), Range(int, 0), Range(str)
+POSITIVE, NON_NEGATIVE, FRACTION = Range(float, 0, strict=True), Range(float, 0), Range(float, 0, below=1)
+
+
+def budget_or_none(text: str) -> int | None:
+    """An argparse type: a thinking budget, an integer >= 0 (:data:`AT_LEAST_0`), or ``none`` (no cap)."""
+    return None if text.strip().lower() == "none" else AT_LEAST_0(text)
+
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}  # --dtype
 
@@ -49,8 +107,6 @@ def kv_cache_budget(value: str) -> dict:
     (a size with a binary unit) -> ``kv_cache_bytes``; a number in (0, 1] -> ``kv_cache_fraction``, that share of
     the GPU memory free when the model is loaded (CUDA only; vLLM's ``gpu_memory_utilization``). An argparse type:
     anything else is refused at parsing."""
-    import argparse
-
     text = value.strip()
     unit = next((u for u in _UNITS if text.endswith(u)), None)
     try:
@@ -182,18 +238,23 @@ def read_model_config(path: str, name: str = "--model"):
     return config
 
 
+def check_max_seq_len(config, max_seq_len: int | None) -> None:
+    """``--max-seq-len`` at most the model's positions (``max_position_embeddings`` of its ``config``)."""
+    if max_seq_len is not None and max_seq_len > config.max_position_embeddings:
+        raise ValueError(f"--max-seq-len {max_seq_len} is more than the model's {config.max_position_embeddings} "
+                         "positions (max_position_embeddings in its config.json)")
+
+
 def check_positions(config, prompts: list[list[int]], max_new_tokens: int, max_seq_len: int | None) -> None:
     """Tokenised prompts against the model's positions, before it loads: none empty, ``--max-seq-len`` (None: the
     model's ``max_position_embeddings``) at most the model's, and the longest prompt plus ``--max-new-tokens``
-    within it; one-line ValueErrors naming the argument."""
+    within it (:func:`check_max_seq_len`); one-line ValueErrors naming the argument."""
     positions = config.max_position_embeddings
     empty = next((i for i, p in enumerate(prompts) if not p), None)
     if empty is not None:
         which = f"prompt {empty}" if len(prompts) > 1 else "the prompt"
         raise ValueError(f"{which} is empty (no tokens): give text to decode from")
-    if max_seq_len is not None and max_seq_len > positions:
-        raise ValueError(f"--max-seq-len {max_seq_len} is more than the model's {positions} positions "
-                         "(max_position_embeddings in its config.json)")
+    check_max_seq_len(config, max_seq_len)
     longest = max(map(len, prompts))
     if max_seq_len is not None and longest + max_new_tokens > max_seq_len:
         raise ValueError(f"--max-seq-len {max_seq_len}: the longest prompt ({longest} tokens) plus --max-new-tokens "

@@ -30,15 +30,21 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from s1fast.commands import (
+    AT_LEAST_0,
+    COUNT,
     add_device_arguments,
     add_kv_cache_argument,
+    budget_or_none,
     check_device,
     check_dtype,
+    check_hub_model,
     check_kv_cache,
+    check_kv_pages,
     check_model_dir,
     check_sampling,
     default_device,
     load_model,
+    read_model_config,
     sigterm_as_interrupt,
 )
 from s1fast.eval.grading import answer_classes, is_correct, parse_answer
@@ -80,6 +86,7 @@ def sweep(budgets: list[int | None], waits: list[int]) -> list[SweepPoint]:
 # point's accuracy is pass@1, the mean over the N samples; it also holds pass@k (Chen et al.'s unbiased estimator) and
 # cons@k (majority vote over the first k samples; answers vote together when math-verify finds them equal) for k = 1, 2,
 # 4, ... N. The figure then adds s1's parallel curve: cons@k against k times the mean thinking tokens of one sample.
+MAX_POINT_ROWS = 1_000_000  # decodes (problems x samples) of one point: each is a request held in memory
 SAMPLED = {"temperature": 0.6, "top_p": 0.95}  # with --samples > 1, unless given: DeepSeek-R1's recommended sampling
 
 
@@ -238,6 +245,11 @@ def markdown_table(points: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _waits(n: int) -> str:
+    """``1 forced wait``, ``2 forced waits``: the legend's count."""
+    return f"{n} forced wait" if n == 1 else f"{n} forced waits"
+
+
 def plot(points: list[dict], path: str, title: str) -> None:
     """s1's figure of sequential against parallel scaling: accuracy (pass@1) against mean thinking tokens per
     problem (log x), one solid line per number of waits over the budgets (or one line over the waits when the
@@ -252,7 +264,7 @@ def plot(points: list[dict], path: str, title: str) -> None:
     one_budget = len({p["max_thinking_tokens"] for p in points}) == 1
     groups: dict[str, list[dict]] = {}
     for p in points:
-        name = "budget forcing" if one_budget else f"budget forcing, {p['num_waits']} forced waits"
+        name = "budget forcing" if one_budget else f"budget forcing, {_waits(p['num_waits'])}"
         groups.setdefault(name, []).append(p)
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=150)
     for name, group in groups.items():
@@ -273,7 +285,7 @@ def plot(points: list[dict], path: str, title: str) -> None:
         ys = [100 * p["cons_at_k"][str(k)] for k in ks]
         accuracies += ys
         budget = "no cap" if p["max_thinking_tokens"] is None else p["max_thinking_tokens"]
-        ax.plot(xs, ys, marker=".", linestyle="--", label=f"majority vote (budget {budget}, {p['num_waits']} waits)")
+        ax.plot(xs, ys, marker=".", linestyle="--", label=f"majority vote (budget {budget}, {_waits(p['num_waits'])})")
         for k, x, y in zip(ks, xs, ys):
             ax.annotate(f"@{k}", (x, y), textcoords="offset points", xytext=(-14, 4), fontsize=6)
     ax.set_xscale("log", base=2)  # ticks at powers of two, like s1's figure (512, 1K, 2K, ...)
@@ -396,34 +408,33 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         raise ImportError("s1fast eval draws scaling.png with matplotlib: pip install matplotlib")
     if importlib.util.find_spec("math_verify") is None:
         raise ImportError("s1fast eval grades answers with math-verify: pip install math-verify")
-    if isinstance(cfg.samples, bool) or not isinstance(cfg.samples, int) or cfg.samples < 1:
-        raise ValueError(f"samples: expected a positive integer, got {cfg.samples!r}")
+    COUNT.check("samples", cfg.samples)
     sampled = cfg.samples > 1
     temperature = cfg.temperature if cfg.temperature is not None else SAMPLED["temperature"] if sampled else 0.0
     top_p = cfg.top_p if cfg.top_p is not None else SAMPLED["top_p"] if sampled else None
     if sampled and temperature == 0:
         raise ValueError(f"samples: {cfg.samples} greedy samples (temperature 0) would all be the same; "
                          "give --temperature > 0 or leave it to the default")
-    if cfg.max_rows < 1:
-        raise ValueError(f"max_rows: expected a positive integer, got {cfg.max_rows!r}")
-    if cfg.threads is not None and (
-        isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 1
-    ):
-        raise ValueError(f"threads: expected None or a positive integer, got {cfg.threads!r}")
+    COUNT.check("max_rows", cfg.max_rows)
+    if cfg.threads is not None:
+        COUNT.check("threads", cfg.threads)
     check_sampling(max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_k=cfg.top_k, top_p=top_p,
                    seed=cfg.seed)
     device = check_device(cfg.device)
     check_kv_cache(cfg.kv_cache, device)
     dtype = check_dtype(cfg.dtype, device)
-    if cfg.max_answer_tokens < 1:
-        raise ValueError(f"max_answer_tokens: expected a positive integer, got {cfg.max_answer_tokens!r}")
-    if not os.path.isdir(cfg.model) and (cfg.model.count("/") != 1 or cfg.model.startswith((".", "/", "~"))):
-        raise FileNotFoundError(f"--model {cfg.model!r}: no such directory, and not a Hugging Face name (owner/name)")
+    COUNT.check("max_answer_tokens", cfg.max_answer_tokens)
+    check_hub_model(cfg.model)  # a local directory, or a Hugging Face name the cache or the Hub knows
     if os.path.isdir(cfg.model):
         check_model_dir(cfg.model)
+    check_kv_pages(cfg.kv_cache, read_model_config(cfg.model), dtype)
     points = sweep(cfg.budgets, cfg.waits)
     problems = load_problems(cfg.problems, question_field=cfg.question_field, answer_field=cfg.answer_field,
                              limit=cfg.limit, split=cfg.split, choice_seed=cfg.choice_seed)
+    if len(problems) * cfg.samples > MAX_POINT_ROWS:
+        raise ValueError(f"samples: {cfg.samples:,} samples of {len(problems):,} problems are "
+                         f"{len(problems) * cfg.samples:,} decodes per point, more than s1fast eval holds "
+                         f"({MAX_POINT_ROWS:,}); lower --samples or --limit")
     def where(name: str | None) -> str | None:  # local paths absolute, so a rerun from elsewhere matches
         return os.path.abspath(name) if name is not None and os.path.exists(name) else name
 
@@ -462,7 +473,9 @@ def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: li
     if len(pending) < len(points):
         print(f"s1fast eval: {len(points) - len(pending)} of {len(points)} points already in {cfg.out}, skipped")
 
-    if pending:
+    if pending:  # a first line at once: loading a large model takes a while
+        print(f"s1fast eval: {len(pending)} point(s) of {len(problems)} problem(s) x {settings.get('samples', 1)} "
+              f"sample(s) to decode; loading {cfg.model}", flush=True)
         tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, cfg.format)
         fmt = resolve_format(cfg.format, tokenizer)
         model = load_model(cfg.model, dtype=dtype, device=device)
@@ -541,35 +554,6 @@ def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: li
     return write_reports(cfg.out, settings, environment(device))
 
 
-def _budget(value: str) -> int | None:
-    if value.lower() == "none":
-        return None
-    try:
-        budget = int(value)
-    except ValueError:
-        budget = -1
-    if budget < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer or 'none', got {value!r}")
-    return budget
-
-
-def _non_negative(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
-    return n
-
-
-def _positive(value: str) -> int:
-    n = _non_negative(value)
-    if n == 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="s1fast eval", description=__doc__.split("\n\n")[0],
                                 epilog="example:\n" + __doc__.split("\n\n")[-1].rstrip(),
@@ -579,9 +563,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"problems: .jsonl/.json/.parquet, or a dataset name; MATH-500, AIME and GPQA Diamond "
                         f"fields are recognised (samples of each: {os.path.dirname(EXAMPLE_PROBLEMS)})")
     p.add_argument("--out", required=True, help="output directory (reruns resume in it)")
-    p.add_argument("--budgets", nargs="+", type=_budget, default=[],
+    p.add_argument("--budgets", nargs="+", type=budget_or_none, default=[],
                    help="maximum thinking tokens per point ('none' = no cap); default: no cap")
-    p.add_argument("--waits", nargs="+", type=_non_negative, default=[],
+    p.add_argument("--waits", nargs="+", type=AT_LEAST_0, default=[],
                    help="numbers of forced 'Wait's when the model ends thinking early; default: 0")
     p.add_argument("--tokenizer", help="tokenizer path or name (default: the model's, else Qwen's)")
     p.add_argument("--format", choices=FORMAT_CHOICES, default="s1",
@@ -589,14 +573,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--question-field", help="field of the question (default: question or problem, in any case)")
     p.add_argument("--answer-field", help="field of the answer (default: answer, in any case; GPQA's own fields)")
     p.add_argument("--choice-seed", type=int, default=0, help="seed of the shuffle of GPQA's options")
-    p.add_argument("--limit", type=_positive, help="use only the first N problems")
+    p.add_argument("--limit", type=COUNT, help="use only the first N problems")
     p.add_argument("--split", default="test", help="split of a dataset given by name")
-    p.add_argument("--max-rows", type=_positive, default=16, help="problems (samples) decoded at once (default 16)")
-    p.add_argument("--max-new-tokens", type=_positive, default=32768,
+    p.add_argument("--max-rows", type=COUNT, default=16, help="problems (samples) decoded at once (default 16)")
+    p.add_argument("--max-new-tokens", type=COUNT, default=32768,
                    help="cap on generated tokens (thinking, injected and answer) for every point")
-    p.add_argument("--max-answer-tokens", type=_positive, default=2048,
+    p.add_argument("--max-answer-tokens", type=COUNT, default=2048,
                    help="answer tokens allowed after a capped thinking budget")
-    p.add_argument("--samples", type=_positive, default=1,
+    p.add_argument("--samples", type=COUNT, default=1,
                    help="samples per problem and point: accuracy is pass@1 (their mean), with cons@k (majority vote) "
                         "and pass@k for k = 1, 2, 4, ... N")
     p.add_argument(
@@ -604,7 +588,7 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         help=f"0 = greedy; default: 0 (as s1 evaluates) for one sample, {SAMPLED['temperature']} for several",
     )
-    p.add_argument("--top-k", type=_positive)
+    p.add_argument("--top-k", type=COUNT)
     p.add_argument("--top-p", type=float, help=f"default: none for one sample, {SAMPLED['top_p']} for several")
     p.add_argument("--seed", type=int, default=0)
     add_device_arguments(p)
@@ -612,7 +596,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--s1-compat", action="store_true",
                    help="budget forcing exactly as s1's evaluation code, its two quirks included (see the README)")
     p.add_argument(
-        "--threads", type=_positive, help="CPU threads (default on CPU: 1 for a model under 100M parameters)"
+        "--threads", type=COUNT, help="CPU threads (default on CPU: 1 for a model under 100M parameters)"
     )
     add_kv_cache_argument(p)
     return p

@@ -834,9 +834,9 @@ def test_cli_bad_model_tokenizer_data_or_output_dir(tmp_path, capsys, monkeypatc
         ),
         (
             broken("llama", lambda p: (p / "config.json").write_text('{"model_type": "llama"}')),
-            "model_type 'llama'; s1fast trains Qwen2, Qwen2.5 and Qwen3 (qwen2, qwen3)",
+            "model_type 'llama'; s1fast runs Qwen2, Qwen2.5 and Qwen3 (qwen2, qwen3)",
         ),
-        (broken("bad-config", lambda p: (p / "config.json").write_text("{")), "config.json': not a model config"),
+        (broken("bad-config", lambda p: (p / "config.json").write_text("{")), "config.json does not load (OSError: "),
         (broken("no-config", lambda p: (p / "config.json").unlink()), "no config.json"),
         (broken("no-weights", lambda p: (p / "model.safetensors").unlink()), "no weights in it"),
     ]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import signal
@@ -24,7 +23,19 @@ import time
 
 import torch
 
-from s1fast.commands import add_device_arguments, check_device, check_model_dir, default_dtype, sigterm_as_interrupt
+from s1fast.commands import (
+    AT_LEAST_0,
+    COUNT,
+    POSITIVE,
+    TEXT,
+    add_device_arguments,
+    check_device,
+    check_hub_model,
+    check_model_dir,
+    default_dtype,
+    read_model_config,
+    sigterm_as_interrupt,
+)
 from s1fast.model.chat import FORMAT_CHOICES, load_tokenizer, resolve_format
 from s1fast.model.fsdp import safetensors_whole
 from s1fast.train.checkpoint import (
@@ -34,7 +45,7 @@ from s1fast.train.checkpoint import (
     read_checkpoint,
     resume_path,
 )
-from s1fast.train.config import AT_LEAST_0, COUNT, POSITIVE, TEXT, TrainConfig, run_settings, schedule_steps
+from s1fast.train.config import TrainConfig, run_settings, schedule_steps
 from s1fast.train.data import DEFAULT_BLOCK_SIZE, SAMPLE_PATH, TRAJECTORY_SOURCES, load_dataset
 from s1fast.train.packing import FLEX_ATTENTION, use_flex_attention
 from s1fast.train.trainer import Trainer, init_distributed
@@ -205,23 +216,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 
 def _model_dir_problem(path: str) -> str | None:
     """What is wrong with the model directory ``path``, found without loading it: no or a bad config.json, an
-    architecture s1fast does not train, no weights, a truncated or garbage safetensors file."""
-    from s1fast.model.patch import CAUSAL_LMS
-
-    supported = sorted(cls.config_class.model_type for cls in CAUSAL_LMS)
-    config_path = os.path.join(path, "config.json")
+    architecture s1fast does not train (``commands.read_model_config``), no weights, a truncated or garbage
+    safetensors file."""
     try:
         check_model_dir(path, "--model")
+        read_model_config(path)
     except ValueError as e:
         return str(e)
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            model_type = json.load(f).get("model_type")
-    except (ValueError, AttributeError) as e:
-        return f"--model {config_path!r}: not a model config ({type(e).__name__}: {e})"
-    if model_type not in supported:
-        return (f"--model {path!r}: model_type {model_type!r}; s1fast trains Qwen2, Qwen2.5 and Qwen3 "
-                f"({', '.join(supported)})")
     names = os.listdir(path)
     if not any(n.endswith(".safetensors") for n in names):  # each rank reads its shards from safetensors files
         return (f"--model {path!r}: no weights in it (model.safetensors or model-*-of-*.safetensors; .bin weights: "
@@ -236,12 +237,11 @@ def _model_dir_problem(path: str) -> str | None:
 def _argument_problem(args) -> str | None:
     """The first problem with the arguments that shows without loading anything, or None."""
     for flag, value in (("--model", args.model), ("--tokenizer", args.tokenizer)):
-        if value is None or os.path.isdir(value):
-            continue
-        if os.path.exists(value):
-            return f"{flag} {value!r} is a file; expected a directory or a Hugging Face name (owner/name)"
-        if value.count("/") != 1 or value.startswith((".", "/", "~")):
-            return f"{flag} {value!r}: no such directory, and not a Hugging Face name (owner/name)"
+        try:  # a local directory, or a Hugging Face name the cache or the Hub knows (asked with a short timeout)
+            if value is not None:
+                check_hub_model(value, flag)
+        except ValueError as e:
+            return str(e)
     if args.model is not None and os.path.isdir(args.model):
         problem = _model_dir_problem(args.model)
         if problem is not None:
