@@ -17,6 +17,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import threading
 import types
 from collections.abc import Iterator
@@ -312,6 +313,39 @@ def load_model(path: str, *, dtype: torch.dtype, device: str | torch.device):
     except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as e:
         reason = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(f"model {path!r} does not load: {type(e).__name__}: {reason}") from e
+
+
+class DeferredInterrupt:
+    """Ctrl-C and SIGTERM held until a safe point: inside :meth:`deferred` the first one only sets
+    :attr:`signum`, so that the loop can finish its step, save and stop (``raise self.interrupt()``); a second one
+    interrupts at once, as usual."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def interrupt(self) -> KeyboardInterrupt:
+        """What :func:`sigterm_as_interrupt`'s handler raises for the held signal."""
+        return KeyboardInterrupt(f"signal {self.signum}")
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[DeferredInterrupt]:
+        if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
+            yield self
+            return
+
+        def hold(signum, frame):
+            if self.signum is not None:
+                raise KeyboardInterrupt(f"signal {signum}")
+            self.signum = signum
+            print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+                  "(again: stop at once)", file=sys.stderr, flush=True)
+
+        previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 @contextlib.contextmanager

@@ -321,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
                                                     else args.model)
     config = train_config(args, param_dtype=args.dtype or default_dtype(device), pack=pack,
                           model_name=f"{model_name} ({'unpatched' if args.no_patch else 'patched'}, {attn})")
+    if args.model is None and args.resume is None and not hasattr(args, "out") and latest_checkpoint(config.out):
+        # the demo's own directory (no --out) holds an earlier demo run: continue it, so that the README's command
+        # can be run again; its settings must match (read_checkpoint refuses others), so two runs never mix
+        args.resume = "latest"
+        _log(rank, f"s1fast train: {config.out} holds the demo run of an earlier call: continuing it (--out DIR "
+                   "for a new run)")
     try:
         check_writable(config.out, "--out")  # before the model loads, as the claim below
         with sigterm_as_interrupt(), claim_output_dir(config.out, resume=args.resume is not None, enabled=rank == 0,

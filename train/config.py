@@ -56,7 +56,8 @@ class TrainConfig:
     param_dtype: str = setting("bf16", "compute dtype; master weights, optimizer state and reductions stay fp32",
                                choices=PARAM_DTYPES, flag=False)
     seed: int = setting(0, "initialisation (the demo) and data order", range=Range(int, None))
-    save_every: int = setting(0, "checkpoint every N optimizer steps (0: only at the end)", range=AT_LEAST_0)
+    save_every: int = setting(0, "also checkpoint every N optimizer steps (checkpoints are saved at the end of every "
+                              "epoch, on Ctrl-C / SIGTERM and at the end in any case; 0: no more)", range=AT_LEAST_0)
     keep_checkpoints: int = setting(2, "complete checkpoints kept", range=COUNT)
     log_every: int = setting(1, "steps between loss syncs / log lines", range=COUNT)
     max_steps: int | None = setting(None, "stop after this many steps (the schedule still spans the whole run)",
