@@ -219,3 +219,28 @@ def test_a_hub_name_that_cannot_be_found_fails_at_once(name, offline, silent_hub
     reason = ("and not in the Hugging Face cache (HF_HUB_OFFLINE is set)" if offline
               else "not in the Hugging Face cache, and the Hub did not answer within 0.5 s")
     assert f"s1fast {name}: error: --model 'nobody/none': no such directory, {reason}" in err, err
+
+
+def test_bench_help_names_only_choices_that_exist(capsys):
+    """`s1fast bench --help` points to `s1fast bench kit --help`: kit is a choice, and that help exists."""
+    with pytest.raises(SystemExit) as e:
+        s1fast_main(["bench", "--help"])
+    usage = capsys.readouterr().out
+    assert e.value.code == 0 and "`s1fast bench kit --help`" in usage and ",all,kit}" in usage
+    with pytest.raises(SystemExit) as e:
+        s1fast_main(["bench", "kit", "--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: s1fast bench kit")
+
+
+def test_the_profiler_prints_no_usdt_lines():
+    """`s1fast bench` measures CPU memory under torch.profiler, whose Kineto printed `USDT: ... profiler_start` at
+    every shape. A fresh process (Kineto reads its log level once)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from s1fast.cli import quiet_profiler_logs; quiet_profiler_logs(); import torch\n"
+            "with torch.profiler.profile():\n    torch.ones(4) + 1\n")
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "profiler_start" not in done.stderr, done.stderr
