@@ -36,8 +36,8 @@ from s1fast.commands import (
     read_model_config,
     sigterm_as_interrupt,
 )
+from s1fast.files import safetensors_whole
 from s1fast.model.chat import FORMAT_CHOICES, load_tokenizer, resolve_format
-from s1fast.model.fsdp import safetensors_whole
 from s1fast.train.checkpoint import (
     check_writable,
     claim_output_dir,
