@@ -22,6 +22,8 @@ import sys
 import time
 
 from s1fast.commands import (
+    COUNT,
+    Range,
     add_device_arguments,
     add_kv_cache_argument,
     check_device,
@@ -74,11 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("runtime")
     add_device_arguments(g)
-    g.add_argument("--max-rows", type=int, default=16, help="prompts decoded at once (continuous batching)")
-    g.add_argument("--max-seq-len", type=int, help="longest prompt + max-new-tokens allowed (default: the model's)")
+    g.add_argument("--max-rows", type=COUNT, default=16, help="prompts decoded at once (continuous batching)")
+    g.add_argument("--max-seq-len", type=Range(int, 2),
+                   help="longest prompt + max-new-tokens allowed, at least 2: a prompt token and a new one (default "
+                        "and most: the model's)")
     add_kv_cache_argument(g)
     g.add_argument("--no-cuda-graphs", action="store_true")
-    g.add_argument("--threads", type=int, help="CPU threads (default on CPU: 1 for a model under 100M parameters)")
+    g.add_argument("--threads", type=COUNT, help="CPU threads (default on CPU: 1 for a model under 100M parameters)")
     g.add_argument("--out", help="write one JSON object per prompt to this JSONL file (instead of printing them)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
@@ -113,16 +117,10 @@ def _questions(args) -> list[str]:
 def main(argv: list[str]) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.max_rows < 1:
-        parser.error(f"--max-rows must be >= 1, got {args.max_rows}")
     if args.no_think and (args.max_thinking_tokens is not None or args.num_waits or args.min_thinking_tokens):
         parser.error(
             "--no-think turns budget forcing off: drop --max-thinking-tokens / --num-waits / --min-thinking-tokens"
         )
-    if args.max_seq_len is not None and args.max_seq_len < 2:
-        parser.error(f"--max-seq-len must be >= 2 (a prompt token and a new one), got {args.max_seq_len}")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
     try:
         check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed)

@@ -120,18 +120,18 @@ def test_generate_kv_cache_budget_keeps_the_tokens(model_dir, capsys, tmp_path):
         (["--prompt", "x", "--temperature", "-1"], "sampling: temperature must be a number >= 0, got -1.0"),
         (["--prompt", "x", "--top-p", "1.5"], "sampling: top_p must be None or a number in (0, 1], got 1.5"),
         (["--prompt", "x", "--top-k", "0"], "sampling: top_k must be None or an int >= 1, got 0"),
-        (["--prompt", "x", "--max-rows", "0"], "--max-rows must be >= 1, got 0"),
+        (["--prompt", "x", "--max-rows", "0"], "argument --max-rows: expected an integer >= 1, got '0'"),
         (["--prompt", "x", "--dtype", "bfloat16"], "argument --dtype: invalid choice: 'bfloat16'"),
         (["--prompt", "x", "--no-think", "--num-waits", "2"], "--no-think turns budget forcing off"),
         (
             ["--prompt", "x", "--device", "cpu", "--tokenizer", "/nonexistent-tokenizer"],
             "tokenizer (/nonexistent-tokenizer)",
         ),
-        (["--prompt", "x", "--max-seq-len", "1"], "--max-seq-len must be >= 2 (a prompt token and a new one), got 1"),
-        (["--prompt", "x", "--max-seq-len", "-5"], "--max-seq-len must be >= 2 (a prompt token and a new one), got -5"),
+        (["--prompt", "x", "--max-seq-len", "1"], "argument --max-seq-len: expected an integer >= 2, got '1'"),
+        (["--prompt", "x", "--max-seq-len", "-5"], "argument --max-seq-len: expected an integer >= 2, got '-5'"),
         (["--prompt", "x", "--device", "bogus"], "--device must be cuda[:N] or cpu, got 'bogus'"),
         (["--prompt", "x", "--device", "meta"], "--device must be cuda[:N] or cpu, got 'meta'"),
-        (["--prompt", "x", "--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--prompt", "x", "--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
     ],
 )
 def test_generate_rejects_bad_arguments(model_dir, capsys, argv, match):
