@@ -623,6 +623,26 @@ def test_a_full_disk_says_so_and_removes_the_partial_files(tmp_path, monkeypatch
     assert sorted(os.listdir(out)) == [".lock", "checkpoint-000001", "log.jsonl"]
 
 
+def _signalled(main, argv: list[str], sig: signal.Signals, ready) -> int:
+    """``main(argv)``, while a thread sends ``sig`` to this process once ``ready()`` holds (never after main()
+    returned): real signals, as a user's Ctrl-C or a scheduler's SIGTERM."""
+    done = threading.Event()
+
+    def send():
+        while not ready() and not done.is_set():
+            time.sleep(0.01)
+        if not done.is_set():
+            os.kill(os.getpid(), sig)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        return main(argv)
+    finally:
+        done.set()
+        sender.join()
+
+
 def test_sigterm_and_sigint_end_with_one_line_and_a_resumable_state(tmp_path, capsys):
     """`s1fast train` stopped by SIGTERM once it has a checkpoint, resumed, stopped by SIGINT (Ctrl-C): each time
     one line (no traceback) and 128 + the signal; no partial checkpoint is left, and the run resumes from the last
@@ -639,21 +659,7 @@ def test_sigterm_and_sigint_end_with_one_line_and_a_resumable_state(tmp_path, ca
         return int(last[-6:]) if last else 0
 
     def stop(extra: list[str], sig: signal.Signals, after: int) -> int:
-        done = threading.Event()
-
-        def send():  # once a checkpoint past `after` exists; never after main() returned
-            while step() <= after and not done.is_set():
-                time.sleep(0.02)
-            if not done.is_set():
-                os.kill(os.getpid(), sig)
-
-        sender = threading.Thread(target=send)
-        sender.start()
-        try:
-            rc = main([*args, *extra])
-        finally:
-            done.set()
-            sender.join()
+        rc = _signalled(main, [*args, *extra], sig, lambda: step() > after)  # once a checkpoint past `after` exists
         err = capsys.readouterr().err
         assert rc == 128 + sig, err
         assert re.fullmatch(  # the step under way finishes and is saved (the signal's note), then one line
@@ -684,22 +690,8 @@ def test_a_signal_saves_a_checkpoint_that_resumes_to_the_same_losses(tmp_path, c
     args = ["--data", data, "--global-batch", "1", "--epochs", "50", "--no-progress", "--no-decode"]
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
     assert main([*args, "--out", whole, "--max-steps", "5"]) == 0
-    done = threading.Event()
-
-    def send():  # once the first step is logged
-        log = os.path.join(cut, "log.jsonl")
-        while not (os.path.isfile(log) and os.path.getsize(log)) and not done.is_set():
-            time.sleep(0.01)
-        if not done.is_set():
-            os.kill(os.getpid(), sig)
-
-    sender = threading.Thread(target=send)
-    sender.start()
-    try:
-        rc = main([*args, "--out", cut])
-    finally:
-        done.set()
-        sender.join()
+    log = os.path.join(cut, "log.jsonl")
+    rc = _signalled(main, [*args, "--out", cut], sig, lambda: os.path.isfile(log) and os.path.getsize(log) > 0)
     assert rc == 128 + sig
     stopped = latest_checkpoint(cut)
     assert stopped is not None and 1 <= int(stopped[-6:]) < 5, os.listdir(cut)
