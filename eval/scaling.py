@@ -185,15 +185,15 @@ def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: li
               f"sample(s) to decode; loading {cfg.model}", flush=True)
         tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, cfg.format)
         fmt = resolve_format(cfg.format, tokenizer)
+        prompts = [tokenizer(fmt.think_prompt(p["question"], tokenizer), add_special_tokens=False)["input_ids"]
+                   for p in problems]
+        stop_ids = fmt.stop_ids(tokenizer)
+        base = BudgetForcing.from_tokenizer(tokenizer, s1_compat=cfg.s1_compat, format=fmt)  # before the weights
+        room = base.longest_injection()  # the injected end of thinking (with s1's newline) on top of the budget
         model = load_model(cfg.model, dtype=dtype, device=device)
         note = set_cpu_threads(model, cfg.threads)
         if note:
             print(f"s1fast eval: {note}", file=sys.stderr)
-        prompts = [tokenizer(fmt.think_prompt(p["question"], tokenizer), add_special_tokens=False)["input_ids"]
-                   for p in problems]
-        stop_ids = fmt.stop_ids(tokenizer)
-        base = BudgetForcing.from_tokenizer(tokenizer, s1_compat=cfg.s1_compat, format=fmt)
-        room = base.longest_injection()  # the injected end of thinking (with s1's newline) on top of the budget
 
         def new_tokens(point: SweepPoint) -> int:
             if point.max_thinking_tokens is None:
