@@ -7,6 +7,7 @@ importing the command's module lazily so ``s1fast --help`` stays fast.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -27,8 +28,16 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def quiet_profiler_logs() -> None:
+    """torch.profiler's Kineto prints ``USDT: ... profiler_start`` / ``profiler_stop`` on stderr at every profile
+    (the benchmarks' CPU memory measurements run one per shape): keep those lines out of the commands' output,
+    unless ``KINETO_LOG_LEVEL`` is set (read when the first profile starts; 6 is past Kineto's highest level)."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_profiler_logs()
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0

@@ -1,6 +1,8 @@
-"""What every command (train, generate, eval, serve, bench) shares: the ``--device`` and ``--dtype`` arguments
-(their defaults and parsing), the sampling-argument check, the model directory check and load, and SIGTERM
-handled as Ctrl-C.
+"""What every command (train, generate, eval, serve, bench) shares: the checkers of numeric options
+(:class:`Range`), the ``--device`` and ``--dtype`` arguments (their defaults and parsing), ``--kv-cache`` (checked
+against free memory and the model's page size), the sampling-argument check, the model checks that need no
+weights (a directory or a Hugging Face name probed with a short timeout, its config: architecture and positions
+against the prompts), the model load, and SIGTERM handled as Ctrl-C.
 
 The commands spell the same things the same way: ``--model PATH``, ``--out``, ``--no-progress``, ``--max-rows``
 (rows decoded at once), ``--device`` and ``--dtype`` (:func:`add_device_arguments`); every argument problem,
@@ -10,13 +12,70 @@ then ``s1fast <command>: error: ...``, exit status 2.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import math
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class Range:
+    """Which values an argument or setting takes: a finite int or float ``>= low`` (``> low`` when ``strict``; any
+    when ``low`` is None), ``< below`` when given; or, for ``kind=str``, any non-empty string. The one checker of
+    every command's numeric options (an argparse ``type``) and of the same settings given through the Python API
+    (:meth:`check`)."""
+
+    kind: type
+    low: float | None = 0
+    strict: bool = False
+    below: float | None = None
+
+    def describe(self) -> str:
+        if self.kind is str:
+            return "a path or a name"
+        rule = "" if self.low is None else f" {'>' if self.strict else '>='} {self.low:g}"
+        rule += f" and < {self.below:g}" if self.below is not None else ""
+        return f"{'an integer' if self.kind is int else 'a finite number'}{rule}"
+
+    def holds(self, value) -> bool:
+        if self.kind is str:
+            return isinstance(value, str) and bool(value.strip())
+        kinds = (int, float) if self.kind is float else (int,)
+        return (isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+                and (self.low is None or (value > self.low if self.strict else value >= self.low))
+                and (self.below is None or value < self.below))
+
+    def check(self, name: str, value) -> None:
+        """A ValueError ``NAME must be ..., got VALUE`` unless ``value`` holds."""
+        if not self.holds(value):
+            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+
+    def __call__(self, text: str):
+        """An argparse type: the value of ``text``, or ArgumentTypeError (nothing silently means a default)."""
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = None
+        if value is None or not self.holds(value):
+            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}")
+        return value
+
+
+COUNT, AT_LEAST_0, TEXT = Range(int, 1), Range(int, 0), Range(str)
+POSITIVE, NON_NEGATIVE, FRACTION = Range(float, 0, strict=True), Range(float, 0), Range(float, 0, below=1)
+
+
+def budget_or_none(text: str) -> int | None:
+    """An argparse type: a thinking budget, an integer >= 0 (:data:`AT_LEAST_0`), or ``none`` (no cap)."""
+    return None if text.strip().lower() == "none" else AT_LEAST_0(text)
+
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}  # --dtype
 
@@ -48,8 +107,6 @@ def kv_cache_budget(value: str) -> dict:
     (a size with a binary unit) -> ``kv_cache_bytes``; a number in (0, 1] -> ``kv_cache_fraction``, that share of
     the GPU memory free when the model is loaded (CUDA only; vLLM's ``gpu_memory_utilization``). An argparse type:
     anything else is refused at parsing."""
-    import argparse
-
     text = value.strip()
     unit = next((u for u in _UNITS if text.endswith(u)), None)
     try:
@@ -65,11 +122,48 @@ def kv_cache_budget(value: str) -> dict:
         f"got {value!r}")
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free for a new allocation on ``device``: the GPU's free memory (``torch.cuda.mem_get_info``), or the
+    host's available memory (``MemAvailable`` in /proc/meminfo, else its free pages)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _size(n: int) -> str:
+    """``n`` bytes in the largest binary unit of :data:`_UNITS` that fits (``10 TiB``, ``1 KiB``)."""
+    unit = next((u for u in reversed(_UNITS) if n >= _UNITS[u]), "KiB")
+    return f"{n / _UNITS[unit]:.3g} {unit}"
+
+
 def check_kv_cache(budget: dict, device: torch.device) -> None:
-    """A ``--kv-cache`` share of free GPU memory needs a CUDA device: refused on the CPU before anything loads."""
+    """A ``--kv-cache`` budget, checked before anything loads: a share of free GPU memory needs a CUDA device, and a
+    size must fit in the memory free on ``device`` now (:func:`free_memory`)."""
     if "kv_cache_fraction" in budget and device.type != "cuda":
         raise ValueError(f"--kv-cache {budget['kv_cache_fraction']:g}: a share of free GPU memory needs a CUDA device; "
                          "give a size instead (e.g. 1GiB)")
+    size, free = budget.get("kv_cache_bytes"), None
+    if size is not None and size > (free := free_memory(device)):
+        raise ValueError(f"--kv-cache {_size(size)} is more than the {_size(free)} free on {device} now; give a "
+                         "smaller size")
+
+
+def check_kv_pages(budget: dict, config, dtype: torch.dtype) -> None:
+    """A ``--kv-cache`` size against the model's ``config`` (:func:`read_model_config`) in the compute ``dtype``,
+    before the weights load: it must hold two KV pages of the decoder's smallest size (its trash page and one
+    page for a row; the decoder checks its own page size again once the model is loaded)."""
+    from s1fast.decode.decoder import PAGE_SIZE
+
+    size = budget.get("kv_cache_bytes")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    page = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize * PAGE_SIZE
+    if size is not None and size < 2 * page:
+        raise ValueError(f"--kv-cache {_size(size)} holds fewer than 2 KV pages of this model ({_size(page)} each: "
+                         f"{PAGE_SIZE} tokens in {str(dtype).removeprefix('torch.')}); raise it")
 
 
 def add_kv_cache_argument(parser) -> None:
@@ -123,6 +217,88 @@ def check_model_dir(path: str, name: str = "--model") -> None:
         raise ValueError(f"{name}: {path!r} holds no config.json, so it is not a transformers model directory")
 
 
+def read_model_config(path: str, name: str = "--model"):
+    """The transformers config of the model ``path`` (a directory, or a Hugging Face name that
+    :func:`check_hub_model` accepted), read without its weights: a Qwen2 / Qwen2.5 / Qwen3 causal LM, or a one-line
+    ValueError naming ``name``."""
+    from transformers import AutoConfig
+
+    from s1fast.model.patch import CAUSAL_LMS
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{name} {path!r}: its config.json does not load ({type(e).__name__}: {reason})") from e
+    supported = sorted(cls.config_class.model_type for cls in CAUSAL_LMS)
+    if config.model_type not in supported:
+        raise ValueError(f"{name} {path!r}: model_type {config.model_type!r}; s1fast runs Qwen2, Qwen2.5 and Qwen3 "
+                         f"({', '.join(supported)})")
+    return config
+
+
+def check_max_seq_len(config, max_seq_len: int | None) -> None:
+    """``--max-seq-len`` at most the model's positions (``max_position_embeddings`` of its ``config``)."""
+    if max_seq_len is not None and max_seq_len > config.max_position_embeddings:
+        raise ValueError(f"--max-seq-len {max_seq_len} is more than the model's {config.max_position_embeddings} "
+                         "positions (max_position_embeddings in its config.json)")
+
+
+def check_positions(config, prompts: list[list[int]], max_new_tokens: int, max_seq_len: int | None) -> None:
+    """Tokenised prompts against the model's positions, before it loads: none empty, ``--max-seq-len`` (None: the
+    model's ``max_position_embeddings``) at most the model's, and the longest prompt plus ``--max-new-tokens``
+    within it (:func:`check_max_seq_len`); one-line ValueErrors naming the argument."""
+    positions = config.max_position_embeddings
+    empty = next((i for i, p in enumerate(prompts) if not p), None)
+    if empty is not None:
+        which = f"prompt {empty}" if len(prompts) > 1 else "the prompt"
+        raise ValueError(f"{which} is empty (no tokens): give text to decode from")
+    check_max_seq_len(config, max_seq_len)
+    longest = max(map(len, prompts))
+    if max_seq_len is not None and longest + max_new_tokens > max_seq_len:
+        raise ValueError(f"--max-seq-len {max_seq_len}: the longest prompt ({longest} tokens) plus --max-new-tokens "
+                         f"{max_new_tokens} exceeds it (raise --max-seq-len or lower --max-new-tokens)")
+    if longest + max_new_tokens > positions:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: the longest prompt ({longest} tokens) plus "
+                         f"{max_new_tokens} new tokens exceeds the model's {positions} positions "
+                         "(max_position_embeddings); lower --max-new-tokens or shorten the prompt")
+
+
+HUB_PROBE_S = 10.0  # how long check_hub_model waits for the Hugging Face Hub
+
+
+def check_hub_model(name: str, flag: str = "--model") -> None:
+    """``name`` as a local directory, or a Hugging Face name (owner/name) in the local cache or known to the Hub,
+    which is asked once with a :data:`HUB_PROBE_S`-second timeout; anything else is a one-line ValueError naming
+    ``flag``, at once (a download offline would retry for minutes before failing)."""
+    if os.path.isdir(name):
+        return
+    if os.path.exists(name):
+        raise ValueError(f"{flag} {name!r} is a file; expected a directory or a Hugging Face name (owner/name)")
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise ValueError(f"{flag} {name!r}: no such directory, and not a Hugging Face name (owner/name)")
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except HFValidationError as e:
+        raise ValueError(f"{flag} {name!r}: not a valid Hugging Face name ({str(e).splitlines()[0]})") from e
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"{flag} {name!r}: no such directory, and not in the Hugging Face cache (HF_HUB_OFFLINE is "
+                         "set); give a local directory")
+    try:
+        HfApi().model_info(name, timeout=HUB_PROBE_S)
+    except RepositoryNotFoundError as e:
+        raise ValueError(f"{flag} {name!r}: no such directory, and no such model on the Hugging Face Hub (or a "
+                         "private one: log in with `hf auth login`)") from e
+    except Exception as e:  # no network, a timeout, a proxy's error page: httpx's and the hub's many errors
+        raise ValueError(f"{flag} {name!r}: no such directory, not in the Hugging Face cache, and the Hub did not "
+                         f"answer within {HUB_PROBE_S:g} s ({type(e).__name__}); give a local directory, or set "
+                         "HF_HUB_OFFLINE=1 to use the cache only") from e
+
+
 def load_model(path: str, *, dtype: torch.dtype, device: str | torch.device):
     """``s1fast.model.load`` in eval mode; a directory that does not load (garbage or truncated config or
     weights, another architecture) gives a one-line ValueError naming it instead of a traceback."""
@@ -135,6 +311,39 @@ def load_model(path: str, *, dtype: torch.dtype, device: str | torch.device):
     except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as e:
         reason = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(f"model {path!r} does not load: {type(e).__name__}: {reason}") from e
+
+
+class DeferredInterrupt:
+    """Ctrl-C and SIGTERM held until a safe point: inside :meth:`deferred` the first one only sets
+    :attr:`signum`, so that the loop can finish its step, save and stop (``raise self.interrupt()``); a second one
+    interrupts at once, as usual."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def interrupt(self) -> KeyboardInterrupt:
+        """What :func:`sigterm_as_interrupt`'s handler raises for the held signal."""
+        return KeyboardInterrupt(f"signal {self.signum}")
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[DeferredInterrupt]:
+        if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
+            yield self
+            return
+
+        def hold(signum, frame):
+            if self.signum is not None:
+                raise KeyboardInterrupt(f"signal {signum}")
+            self.signum = signum
+            print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+                  "(again: stop at once)", file=sys.stderr, flush=True)
+
+        previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 @contextlib.contextmanager

@@ -1,14 +1,19 @@
-"""Files every room reads and writes: atomic text output and the record files (parquet, JSONL, JSON, a Hugging Face
-dataset name) that training data and evaluation problems come in."""
+"""Files every room reads and writes: atomic text output, fsync, the record files (parquet, JSONL, JSON, a Hugging
+Face dataset name) that training data and evaluation problems come in, and safetensors checkpoints (headers,
+whole-file checks, the index, reading row ranges of a tensor, writing files synced); ``s1fast.model.fsdp`` shards
+around them."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import uuid
 from collections.abc import Iterator
 from typing import TextIO
+
+import torch
 
 
 def check_output_file(path: str, name: str = "--out") -> None:
@@ -45,6 +50,15 @@ def atomic_output(path: str) -> Iterator[TextIO]:
         raise
 
 
+def fsync_path(path: str) -> None:
+    """fsync a file or a directory (a directory: so that the names in it, renames included, are on disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` so that a crash leaves the old file or the new one, never a partial one
     (:func:`atomic_output`: a temporary file with the umask's permissions, fsynced, renamed)."""
@@ -70,12 +84,12 @@ def read_records(source: str, *, split: str = "train", what: str = "data") -> li
             with open(source, "rb") as f:
                 if ext == ".jsonl":
                     items = [
-                        (f"{source}: line {n}", _json(line, f"{source}: line {n}"))
+                        (f"{source}: line {n}", parse_json(line, f"{source}: line {n}"))
                         for n, line in enumerate(f, 1)
                         if line.strip()
                     ]
                 else:
-                    rows = _json(f.read(), source)
+                    rows = parse_json(f.read(), source)
                     if not isinstance(rows, list):
                         raise ValueError(f"{source}: expected a JSON array of records, got a JSON {_json_type(rows)}")
                     items = [(f"{source}: item {n}", row) for n, row in enumerate(rows, 1)]
@@ -96,8 +110,9 @@ def read_records(source: str, *, split: str = "train", what: str = "data") -> li
     return datasets.load_dataset(source, split=split).to_list()
 
 
-def _json(raw: bytes, where: str):
-    """``raw`` parsed as UTF-8 JSON; errors name ``where`` (a file, or a file and line)."""
+def parse_json(raw: bytes, where: str):
+    """``raw`` parsed as UTF-8 JSON (a BOM allowed); a one-line ValueError naming ``where`` (a file, or a file and
+    line) when it is not UTF-8 or not JSON."""
     try:
         return json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
@@ -109,4 +124,120 @@ def _json(raw: bytes, where: str):
 def _json_type(value) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
         type(value), "null"
+    )
+
+
+# --- safetensors checkpoints: a transformers model directory's weight files, read in row ranges and written
+# whole (the sharding around them is s1fast.model.fsdp's) ------------------------------------------------------
+
+SAFE_INDEX = "model.safetensors.index.json"
+# safetensors' dtype names (the format is little-endian, as the hosts torch runs on)
+_SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+READ_CHUNK_BYTES = 64 * 2**20  # the most one read holds, whatever the tensor's size
+
+
+def safetensors_header(file: str) -> tuple[dict, int]:
+    """(``{name: {"dtype", "shape", "data_offsets"}}``, offset of the data) of a safetensors file, reading only its
+    header; a ``ValueError`` naming the file when it is not one."""
+    size = os.path.getsize(file)
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"header length {n} in a file of {size} bytes")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for info in header.values():
+            if not (
+                isinstance(info["shape"], list) and len(info["data_offsets"]) == 2 and info["dtype"] in _SAFE_DTYPES
+            ):
+                raise ValueError(f"entry {info!r:.80}")
+        return header, 8 + n
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{file}: not a safetensors file ({type(e).__name__}: {e})") from e
+
+
+def safetensors_whole(file: str) -> bool:
+    """Whether ``file`` is a whole safetensors file, checked without reading the tensors: 8 bytes of header length,
+    a JSON header, then exactly the bytes up to its last tensor's end (a truncated or garbage file fails)."""
+    try:
+        header, base = safetensors_header(file)
+        return os.path.getsize(file) == base + max((info["data_offsets"][1] for info in header.values()), default=0)
+    except ValueError:
+        return False
+
+
+def weight_files(path: str) -> dict[str, str]:
+    """``{tensor name: safetensors file}`` of a transformers checkpoint directory (sharded with an index, or one
+    ``model.safetensors``); a ``ValueError`` naming the directory or file when it holds none or a broken one."""
+    index = os.path.join(path, SAFE_INDEX)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            return {name: os.path.join(path, file) for name, file in weight_map.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise ValueError(f"{single} is missing (no {SAFE_INDEX} either): no safetensors weights")
+    return dict.fromkeys(safetensors_header(single)[0], single)
+
+
+def read_rows(fd: int, info: dict, base: int, start: int, end: int, out: torch.Tensor) -> None:
+    """Rows ``[start, end)`` (dim 0) of the tensor ``info`` of an open safetensors file into ``out``, converted to
+    its dtype and device, through buffers of at most ``READ_CHUNK_BYTES`` (plain reads, no memory map). A 0-d
+    tensor is one row."""
+    dtype, shape = _SAFE_DTYPES[info["dtype"]], info["shape"]
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    step = max(1, READ_CHUNK_BYTES // max(row_bytes, 1))
+    for r in range(start, end, step):
+        stop = min(end, r + step)
+        buf = torch.empty((stop - r) * row_bytes, dtype=torch.uint8)
+        view, done, offset = memoryview(buf.numpy()), 0, base + info["data_offsets"][0] + r * row_bytes
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise ValueError(f"ends at byte {offset + done}, inside the data of a tensor")
+            done += n
+        if shape:
+            out[r - start:stop - start].copy_(buf.view(dtype).view(stop - r, *shape[1:]))
+        else:
+            out.copy_(buf.view(dtype).view(()))
+
+
+def write_safetensors(file: str, tensors: dict[str, torch.Tensor]) -> None:
+    """``tensors`` as the safetensors file ``file`` (metadata ``format: pt``, as transformers writes), with the mode
+    ``open`` gives new files (safetensors itself writes 0600), fsynced."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, file, metadata={"format": "pt"})
+    os.chmod(file, _file_mode())
+    fsync_path(file)
+
+
+def _file_mode() -> int:
+    """The mode ``open`` gives a new file under the current umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_json_synced(path: str, obj) -> None:
+    """``obj`` as indented JSON (keys sorted) in ``path``, fsynced."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def is_model_file(name: str) -> bool:
+    """Whether ``name`` is one of the files ``s1fast.model.fsdp.save_weights`` writes (weights, index, configs)."""
+    return (name.startswith("model") and name.endswith(".safetensors")) or name in (
+        SAFE_INDEX,
+        "config.json",
+        "generation_config.json",
     )

@@ -50,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
         "`s1fast bench inspect --help` for the ahead-of-time kernel inspection and the static performance model, "
         "`s1fast bench kit --help` for the GPU kit.",
     )
-    p.add_argument("suite", choices=(*SUITES, "all"), help="what to run; `all` runs every suite")
+    p.add_argument("suite", choices=(*SUITES, "all", "kit"),  # kit: handled by main before parsing
+                   help="the suite to run; `all` runs every suite; `inspect` and `kit` take their own options "
+                        "(`s1fast bench inspect --help`, `s1fast bench kit --help`)")
     add_device_arguments(p, dtypes=())  # each suite runs the dtypes it measures
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small shapes and few repetitions (CPU CI mode)")

@@ -22,17 +22,22 @@ import sys
 import time
 
 from s1fast.commands import (
+    COUNT,
+    Range,
     add_device_arguments,
     add_kv_cache_argument,
     check_device,
     check_dtype,
     check_kv_cache,
+    check_kv_pages,
     check_model_dir,
+    check_positions,
     check_sampling,
     load_model,
+    read_model_config,
     sigterm_as_interrupt,
 )
-from s1fast.files import atomic_output, check_output_file
+from s1fast.files import atomic_output, check_output_file, parse_json
 from s1fast.model.chat import FORMAT_CHOICES
 
 
@@ -71,11 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("runtime")
     add_device_arguments(g)
-    g.add_argument("--max-rows", type=int, default=16, help="prompts decoded at once (continuous batching)")
-    g.add_argument("--max-seq-len", type=int, help="longest prompt + max-new-tokens allowed (default: the model's)")
+    g.add_argument("--max-rows", type=COUNT, default=16, help="prompts decoded at once (continuous batching)")
+    g.add_argument("--max-seq-len", type=Range(int, 2),
+                   help="longest prompt + max-new-tokens allowed, at least 2: a prompt token and a new one (default "
+                        "and most: the model's)")
     add_kv_cache_argument(g)
     g.add_argument("--no-cuda-graphs", action="store_true")
-    g.add_argument("--threads", type=int, help="CPU threads (default on CPU: 1 for a model under 100M parameters)")
+    g.add_argument("--threads", type=COUNT, help="CPU threads (default on CPU: 1 for a model under 100M parameters)")
     g.add_argument("--out", help="write one JSON object per prompt to this JSONL file (instead of printing them)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
@@ -87,14 +94,11 @@ def _questions(args) -> list[str]:
     if not os.path.isfile(args.prompts):
         raise ValueError(f"--prompts: no such file {args.prompts!r}")
     questions = []
-    with open(args.prompts, encoding="utf-8") as f:
+    with open(args.prompts, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--prompts: line {n} of {args.prompts} is not JSON ({e})") from None
+            row = parse_json(line, f"--prompts: line {n} of {args.prompts}")  # not UTF-8 (a binary file), not JSON
             text = (
                 row
                 if isinstance(row, str)
@@ -113,16 +117,10 @@ def _questions(args) -> list[str]:
 def main(argv: list[str]) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.max_rows < 1:
-        parser.error(f"--max-rows must be >= 1, got {args.max_rows}")
     if args.no_think and (args.max_thinking_tokens is not None or args.num_waits or args.min_thinking_tokens):
         parser.error(
             "--no-think turns budget forcing off: drop --max-thinking-tokens / --num-waits / --min-thinking-tokens"
         )
-    if args.max_seq_len is not None and args.max_seq_len < 2:
-        parser.error(f"--max-seq-len must be >= 2 (a prompt token and a new one), got {args.max_seq_len}")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
     try:
         check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed)
@@ -130,6 +128,8 @@ def main(argv: list[str]) -> int:
         check_kv_cache(args.kv_cache, device)
         dtype = check_dtype(args.dtype, device)
         check_model_dir(args.model, "--model (s1fast generate loads local models only)")
+        config = read_model_config(args.model)
+        check_kv_pages(args.kv_cache, config, dtype)
         if args.out is not None:
             check_output_file(args.out)
         questions = _questions(args)
@@ -161,10 +161,10 @@ def main(argv: list[str]) -> int:
     texts = questions if args.raw else [fmt.prompt_text(q, tokenizer) + ending for q in questions]
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     stop = fmt.stop_ids(tokenizer)
-    longest = max(map(len, prompts))
-    if args.max_seq_len is not None and longest + args.max_new_tokens > args.max_seq_len:
-        parser.error(f"--max-seq-len {args.max_seq_len}: the longest prompt ({longest} tokens) plus --max-new-tokens "
-                     f"{args.max_new_tokens} exceeds it (raise --max-seq-len or lower --max-new-tokens)")
+    try:  # what the config and the tokenizer tell, before the weights load
+        check_positions(config, prompts, args.max_new_tokens, args.max_seq_len)
+    except ValueError as e:
+        parser.error(str(e))
 
     try:
         model = load_model(args.model, dtype=dtype, device=device)

@@ -30,8 +30,11 @@ from s1fast.commands import (
     check_device,
     check_dtype,
     check_kv_cache,
+    check_kv_pages,
+    check_max_seq_len,
     check_model_dir,
     load_model,
+    read_model_config,
 )
 from s1fast.model.chat import FORMAT_CHOICES, IM_END, IM_START
 
@@ -618,6 +621,9 @@ def main(argv: list[str]) -> int:
         check_kv_cache(args.kv_cache, device)
         dtype = check_dtype(args.dtype, device)
         check_model_dir(args.model, "--model (s1fast serve loads local models only)")
+        config = read_model_config(args.model)  # what the config tells, before the weights load
+        check_kv_pages(args.kv_cache, config, dtype)
+        check_max_seq_len(config, args.max_seq_len)
     except ValueError as e:
         parser.error(str(e))
     try:

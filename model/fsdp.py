@@ -1,4 +1,5 @@
-"""FSDP2 sharding of a (patched or not) Qwen causal LM, and loading / saving it shard by shard.
+"""FSDP2 sharding of a (patched or not) Qwen causal LM, and loading / saving it shard by shard (the safetensors
+files themselves are read and written by ``s1fast.files``).
 
 Layout: one ``fully_shard`` unit per decoder layer plus the root (s1's recipe: full shard, each decoder layer
 wrapped). The root unit holds the embedding, the final norm and ``lm_head`` (tied or not), so the fused loss
@@ -18,17 +19,23 @@ them, rank 0 the index and config: a standard transformers checkpoint (sharded s
 from __future__ import annotations
 
 import copy
-import json
-import math
 import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from s1fast.files import (
+    SAFE_INDEX,
+    fsync_path,
+    read_rows,
+    safetensors_header,
+    weight_files,
+    write_json_synced,
+    write_safetensors,
+)
 from s1fast.model.patch import CAUSAL_LMS, causal_lm, patch
 
-SAFE_INDEX = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' usual largest file
 
 
@@ -147,90 +154,13 @@ def _shard_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return local, start, end
 
 
-# safetensors' dtype names (the format is little-endian, as the hosts torch runs on)
-_SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                "BOOL": torch.bool}
-READ_CHUNK_BYTES = 64 * 2**20  # the most one read holds, whatever the tensor's size
-
-
-def safetensors_header(file: str) -> tuple[dict, int]:
-    """(``{name: {"dtype", "shape", "data_offsets"}}``, offset of the data) of a safetensors file, reading only its
-    header; a ``ValueError`` naming the file when it is not one."""
-    size = os.path.getsize(file)
-    try:
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n > size - 8:
-                raise ValueError(f"header length {n} in a file of {size} bytes")
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        for info in header.values():
-            if not (
-                isinstance(info["shape"], list) and len(info["data_offsets"]) == 2 and info["dtype"] in _SAFE_DTYPES
-            ):
-                raise ValueError(f"entry {info!r:.80}")
-        return header, 8 + n
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise ValueError(f"{file}: not a safetensors file ({type(e).__name__}: {e})") from e
-
-
-def safetensors_whole(file: str) -> bool:
-    """Whether ``file`` is a whole safetensors file, checked without reading the tensors: 8 bytes of header length,
-    a JSON header, then exactly the bytes up to its last tensor's end (a truncated or garbage file fails)."""
-    try:
-        header, base = safetensors_header(file)
-        return os.path.getsize(file) == base + max((info["data_offsets"][1] for info in header.values()), default=0)
-    except ValueError:
-        return False
-
-
-def weight_files(path: str) -> dict[str, str]:
-    """``{tensor name: safetensors file}`` of a transformers checkpoint directory (sharded with an index, or one
-    ``model.safetensors``); a ``ValueError`` naming the directory or file when it holds none or a broken one."""
-    index = os.path.join(path, SAFE_INDEX)
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            return {name: os.path.join(path, file) for name, file in weight_map.items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(single):
-        raise ValueError(f"{single} is missing (no {SAFE_INDEX} either): no safetensors weights")
-    return dict.fromkeys(safetensors_header(single)[0], single)
-
-
-def _read_rows(fd: int, info: dict, base: int, start: int, end: int, out: torch.Tensor) -> None:
-    """Rows ``[start, end)`` (dim 0) of the tensor ``info`` of an open safetensors file into ``out``, converted to
-    its dtype and device, through buffers of at most ``READ_CHUNK_BYTES`` (plain reads, no memory map). A 0-d
-    tensor is one row."""
-    dtype, shape = _SAFE_DTYPES[info["dtype"]], info["shape"]
-    row_bytes = math.prod(shape[1:]) * dtype.itemsize
-    step = max(1, READ_CHUNK_BYTES // max(row_bytes, 1))
-    for r in range(start, end, step):
-        stop = min(end, r + step)
-        buf = torch.empty((stop - r) * row_bytes, dtype=torch.uint8)
-        view, done, offset = memoryview(buf.numpy()), 0, base + info["data_offsets"][0] + r * row_bytes
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                raise ValueError(f"ends at byte {offset + done}, inside the data of a tensor")
-            done += n
-        if shape:
-            out[r - start:stop - start].copy_(buf.view(dtype).view(stop - r, *shape[1:]))
-        else:
-            out.copy_(buf.view(dtype).view(()))
-
-
 @torch.no_grad()
 def load_weights(model: nn.Module, path: str) -> None:
     """Fill ``model``'s parameters and persistent buffers (sharded with FSDP2 or not) from the safetensors
     checkpoint directory ``path``: each rank reads only the rows of its shards, in the stored dtype, in pieces of at
-    most ``READ_CHUNK_BYTES``, and converts them into its shards. Tied weights are read once (from whichever name
-    the checkpoint holds). A missing tensor or one of another shape is a ``ValueError`` naming it; tensors the
-    model lacks are ignored. No collective: ranks load independently."""
+    most ``s1fast.files.READ_CHUNK_BYTES``, and converts them into its shards. Tied weights are read once (from
+    whichever name the checkpoint holds). A missing tensor or one of another shape is a ``ValueError`` naming it;
+    tensors the model lacks are ignored. No collective: ranks load independently."""
     files = weight_files(path)
     by_file: dict[str, list[tuple[str, torch.Tensor]]] = {}
     missing = []
@@ -253,7 +183,7 @@ def load_weights(model: nn.Module, path: str) -> None:
                     raise ValueError(f"{file}: {name} is {found}; the model's is {tuple(t.shape)}")
                 local, start, end = _shard_rows(t)
                 try:
-                    _read_rows(f.fileno(), info, base, start, end, local)
+                    read_rows(f.fileno(), info, base, start, end, local)
                 except ValueError as e:
                     raise ValueError(f"{file}: {name} {e}: the file is truncated") from e
 
@@ -297,8 +227,6 @@ def save_weights(model: nn.Module, directory: str, *, dtype: torch.dtype, tokeni
     One parameter is all-gathered at a time; the rank that owns its file (:func:`file_plan`) keeps it on the CPU
     in ``dtype``, so no rank holds more than its files (about 1/world of the model). Each rank writes and fsyncs its
     files, rank 0 the index and configs; a failure on any rank raises on every rank (no rank waits forever)."""
-    from safetensors.torch import save_file
-
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     entries = _state_tensors(model)
     file_of, n_files = file_plan([t.numel() * dtype.itemsize for _, t in entries], world, max_shard_bytes)
@@ -317,16 +245,14 @@ def save_weights(model: nn.Module, directory: str, *, dtype: torch.dtype, tokeni
     try:
         for f, tensors in owned.items():
             file = os.path.join(directory, names[f])
-            save_file(tensors, file, metadata={"format": "pt"})
-            os.chmod(file, _file_mode())  # safetensors writes 0600; other files get the umask's mode
-            fsync_path(file)
+            write_safetensors(file, tensors)
         owned.clear()
         if rank == 0:
             _write_config(model, directory, dtype)
             if n_files > 1:
                 total = sum(t.numel() * dtype.itemsize for _, t in entries)
                 weight_map = {tn[0]: names[f] for (tn, _), f in zip(entries, file_of)}
-                _write_json(
+                write_json_synced(
                     os.path.join(directory, SAFE_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map}
                 )
             if tokenizer is not None:
@@ -356,30 +282,6 @@ def _write_config(model: nn.Module, directory: str, dtype: torch.dtype) -> None:
         fsync_path(os.path.join(directory, "generation_config.json"))
 
 
-def _file_mode() -> int:
-    """The mode ``open`` gives a new file under the current umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def fsync_path(path: str) -> None:
-    """fsync a file or a directory (a directory: so that the names in it, renames included, are on disk)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def agree_failed(failed: bool) -> bool:
     """Whether any rank failed (``failed`` on that rank): one all-reduce, so that all ranks stop together."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -389,12 +291,3 @@ def agree_failed(failed: bool) -> bool:
     flag = torch.tensor([int(failed)], device=device)
     dist.all_reduce(flag)
     return bool(flag.item())
-
-
-def is_model_file(name: str) -> bool:
-    """Whether ``name`` is one of the files :func:`save_weights` writes (weights, index, configs)."""
-    return (name.startswith("model") and name.endswith(".safetensors")) or name in (
-        SAFE_INDEX,
-        "config.json",
-        "generation_config.json",
-    )

@@ -130,3 +130,119 @@ def test_a_bad_kv_cache_is_refused_before_anything_loads(name, value, message, t
         s1fast_main([name, *required(name, tmp_path / "out"), "--device", "cpu", "--kv-cache", value])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"s1fast {name}: error: {message}" in err, err
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tiny_qwen import save_qwen_vocab_model
+
+    return save_qwen_vocab_model(tmp_path_factory.mktemp("tiny"), hidden=32, intermediate=64, heads=2, kv_heads=1)
+
+
+def _gpt2(model_dir, tmp_path) -> str:
+    """The tiny model's directory with a GPT-2 config.json."""
+    import shutil
+
+    from transformers import GPT2Config
+
+    path = shutil.copytree(model_dir, tmp_path / "gpt2")
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["generate", "eval", "serve"])
+@pytest.mark.parametrize("case, message", [
+    ("--kv-cache 1KiB", "--kv-cache 1 KiB holds fewer than 2 KV pages of this model (2 KiB each: 16 tokens in fl"),
+    ("--kv-cache 10TiB", "--kv-cache 10 TiB is more than the "),
+    ("gpt2", "model_type 'gpt2'; s1fast runs Qwen2, Qwen2.5 and Qwen3 (qwen2, qwen3)"),
+])
+def test_what_the_config_tells_is_checked_before_the_weights_load(name, case, message, model_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    monkeypatch.setattr(patch_module, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    model = _gpt2(model_dir, tmp_path) if case == "gpt2" else model_dir
+    argv = [a if a != "no-such-model" else model for a in required(name, tmp_path / "out")]
+    if name == "eval":
+        from s1fast.eval.problems import EXAMPLE_PROBLEMS
+
+        argv[argv.index("no-such-problems.jsonl")] = EXAMPLE_PROBLEMS
+    with pytest.raises(SystemExit) as e:
+        s1fast_main([name, *argv, "--device", "cpu", *(case.split() if case != "gpt2" else [])])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"s1fast {name}: error: " in err and message in err and "Traceback" not in err, err
+    assert err.endswith("\n") and "\n" not in err[err.index(f"s1fast {name}: error: "):-1]  # one line, the last
+    assert not (tmp_path / "out").exists()
+
+
+def test_serve_refuses_max_seq_len_beyond_the_model(model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(patch_module, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        s1fast_main(["serve", "--model", model_dir, "--device", "cpu", "--max-seq-len", "50000"])
+    assert e.value.code == 2 and ("s1fast serve: error: --max-seq-len 50000 is more than the model's 512 positions "
+                                  "(max_position_embeddings in its config.json)") in capsys.readouterr().err
+
+
+@pytest.fixture
+def silent_hub(monkeypatch):
+    """A Hugging Face endpoint that accepts connections and never answers (a network that swallows packets)."""
+    import socket
+
+    import huggingface_hub.constants
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(commands, "HUB_PROBE_S", 0.5)
+    yield
+    server.close()
+
+
+@pytest.mark.parametrize("name", ["train", "eval"])
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_hub_name_that_cannot_be_found_fails_at_once(name, offline, silent_hub, tmp_path, capsys, monkeypatch):
+    import time
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    argv = {"train": ["--model", "nobody/none", "--out", str(tmp_path / "out")],
+            "eval": required("eval", tmp_path / "out")}[name]
+    argv[argv.index("no-such-model") if "no-such-model" in argv else 1] = "nobody/none"
+    if name == "eval":
+        from s1fast.eval.problems import EXAMPLE_PROBLEMS
+
+        argv[argv.index("no-such-problems.jsonl")] = EXAMPLE_PROBLEMS
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        s1fast_main([name, *argv, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert time.perf_counter() - t0 < 30 and e.value.code == 2
+    reason = ("and not in the Hugging Face cache (HF_HUB_OFFLINE is set)" if offline
+              else "not in the Hugging Face cache, and the Hub did not answer within 0.5 s")
+    assert f"s1fast {name}: error: --model 'nobody/none': no such directory, {reason}" in err, err
+
+
+def test_bench_help_names_only_choices_that_exist(capsys):
+    """`s1fast bench --help` points to `s1fast bench kit --help`: kit is a choice, and that help exists."""
+    with pytest.raises(SystemExit) as e:
+        s1fast_main(["bench", "--help"])
+    usage = capsys.readouterr().out
+    assert e.value.code == 0 and "`s1fast bench kit --help`" in usage and ",all,kit}" in usage
+    with pytest.raises(SystemExit) as e:
+        s1fast_main(["bench", "kit", "--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: s1fast bench kit")
+
+
+def test_the_profiler_prints_no_usdt_lines():
+    """`s1fast bench` measures CPU memory under torch.profiler, whose Kineto printed `USDT: ... profiler_start` at
+    every shape. A fresh process (Kineto reads its log level once)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from s1fast.cli import quiet_profiler_logs; quiet_profiler_logs(); import torch\n"
+            "with torch.profiler.profile():\n    torch.ones(4) + 1\n")
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "profiler_start" not in done.stderr, done.stderr

@@ -120,18 +120,18 @@ def test_generate_kv_cache_budget_keeps_the_tokens(model_dir, capsys, tmp_path):
         (["--prompt", "x", "--temperature", "-1"], "sampling: temperature must be a number >= 0, got -1.0"),
         (["--prompt", "x", "--top-p", "1.5"], "sampling: top_p must be None or a number in (0, 1], got 1.5"),
         (["--prompt", "x", "--top-k", "0"], "sampling: top_k must be None or an int >= 1, got 0"),
-        (["--prompt", "x", "--max-rows", "0"], "--max-rows must be >= 1, got 0"),
+        (["--prompt", "x", "--max-rows", "0"], "argument --max-rows: expected an integer >= 1, got '0'"),
         (["--prompt", "x", "--dtype", "bfloat16"], "argument --dtype: invalid choice: 'bfloat16'"),
         (["--prompt", "x", "--no-think", "--num-waits", "2"], "--no-think turns budget forcing off"),
         (
             ["--prompt", "x", "--device", "cpu", "--tokenizer", "/nonexistent-tokenizer"],
             "tokenizer (/nonexistent-tokenizer)",
         ),
-        (["--prompt", "x", "--max-seq-len", "1"], "--max-seq-len must be >= 2 (a prompt token and a new one), got 1"),
-        (["--prompt", "x", "--max-seq-len", "-5"], "--max-seq-len must be >= 2 (a prompt token and a new one), got -5"),
+        (["--prompt", "x", "--max-seq-len", "1"], "argument --max-seq-len: expected an integer >= 2, got '1'"),
+        (["--prompt", "x", "--max-seq-len", "-5"], "argument --max-seq-len: expected an integer >= 2, got '-5'"),
         (["--prompt", "x", "--device", "bogus"], "--device must be cuda[:N] or cpu, got 'bogus'"),
         (["--prompt", "x", "--device", "meta"], "--device must be cuda[:N] or cpu, got 'meta'"),
-        (["--prompt", "x", "--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--prompt", "x", "--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
     ],
 )
 def test_generate_rejects_bad_arguments(model_dir, capsys, argv, match):
@@ -148,17 +148,55 @@ def test_generate_rejects_missing_model_and_long_prompt(model_dir, capsys, tmp_p
         run(["--model", model_dir, "--prompt", "x", "--device", "cpu", "--max-seq-len", "20"], capsys)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--max-seq-len 20: the longest prompt (" in err and "--max-new-tokens 4096" in err
-    # the model's own limit (max_position_embeddings=512) is found once loaded: one line, exit 2
-    with pytest.raises(SystemExit) as e:
-        run(["--model", model_dir, "--prompt", "x", "--device", "cpu", "--max-new-tokens", "600"], capsys)
-    last = capsys.readouterr().err.splitlines()[-1]  # after transformers' loading bar and the emptied progress bar
-    assert e.value.code == 2 and last.startswith("s1fast generate: error: ") and "exceeds max_seq_len=512" in last
 
 
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Loading a model fails the test: argument errors must be found before."""
     monkeypatch.setattr(patch_module, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+def _gpt2_dir(model_dir, tmp_path) -> str:
+    """The tiny model's directory with a GPT-2 config.json."""
+    from transformers import GPT2Config
+
+    path = shutil.copytree(model_dir, tmp_path / "gpt2")
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(path)
+    return str(path)
+
+
+def _binary_file(tmp_path) -> str:
+    path = tmp_path / "prompts.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)  # what a PNG file starts with
+    return str(path)
+
+
+# Every check the config or the tokenizer can make runs before the weights load (the model has 512 positions).
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", "x", "--kv-cache", "1KiB"], "--kv-cache 1 KiB holds fewer than 2 KV pages of this model (2 KiB each: "
+                                              "16 tokens in float32); raise it"),
+    (["--prompt", "x", "--kv-cache", "10TiB"], "--kv-cache 10 TiB is more than the "),
+    (["--prompt", "x", "--max-new-tokens", "1000000000"],
+     "--max-new-tokens 1000000000: the longest prompt (32 tokens) plus 1000000000 new tokens exceeds the model's 512 "
+     "positions (max_position_embeddings); lower --max-new-tokens or shorten the prompt"),
+    (["--prompt", "seven " * 600, "--max-new-tokens", "8"],
+     "--max-new-tokens 8: the longest prompt (632 tokens) plus 8 new tokens exceeds the model's 512 positions"),
+    (["--prompt", "", "--raw"], "the prompt is empty (no tokens): give text to decode from"),
+    (["--prompt", "x", "--max-seq-len", "50000"],
+     "--max-seq-len 50000 is more than the model's 512 positions (max_position_embeddings in its config.json)"),
+    (["--prompts", "BINARY"], "--prompts: line 1 of BINARY is not valid UTF-8 (byte 0: invalid start byte)"),
+    (["--prompt", "x", "--model", "GPT2"],
+     "--model 'GPT2': model_type 'gpt2'; s1fast runs Qwen2, Qwen2.5 and Qwen3 (qwen2, qwen3)"),
+])
+def test_generate_checks_config_and_prompts_before_loading(model_dir, capsys, tmp_path, no_model_load, argv, message):
+    paths = {"BINARY": _binary_file(tmp_path) if "BINARY" in argv else "",
+             "GPT2": _gpt2_dir(model_dir, tmp_path) if "GPT2" in argv else ""}
+    argv = [paths.get(a, a) for a in argv]
+    message = message.replace("BINARY", paths["BINARY"]).replace("GPT2", paths["GPT2"])
+    with pytest.raises(SystemExit) as e:
+        run(["--model", model_dir, "--device", "cpu", *argv], capsys)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"s1fast generate: error: {message}" in err and "Traceback" not in err, err
 
 
 def _unwritable_parent(tmp_path):
@@ -249,6 +287,8 @@ def test_generate_on_a_broken_model_directory_is_one_line(model_dir, capsys, tmp
     assert err[len(usage) :].count("\n") == 1
     if case == "empty":  # an argument error: before anything loads
         assert "holds no config.json" in err
+    elif case == "garbage config":  # read before the weights
+        assert f"--model {str(broken)!r}: its config.json does not load (OSError: " in err
     else:
         assert f"model {str(broken)!r} does not load: " in err
 

@@ -344,7 +344,7 @@ def test_threads_and_s1_compat(random_model, problems, tmp_path, capsys, monkeyp
     --s1-compat reaches the budget forcing and is part of the run's settings."""
     monkeypatch.setattr(scaling, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     bad = scaling.parse_args(_args(random_model, problems, tmp_path / "bad", "--budgets", "2"))
-    with pytest.raises(ValueError, match="threads: expected None or a positive integer, got 0"):
+    with pytest.raises(ValueError, match="threads must be an integer >= 1, got 0"):
         scaling.evaluate(replace(bad, threads=0))
     monkeypatch.undo()
     forcings = []
@@ -517,3 +517,42 @@ def test_samples_arguments_are_checked_before_loading(random_model, problems, tm
     assert "--samples" in capsys.readouterr().err
     err = _refused(_args(random_model, problems, tmp_path / "o", "--samples", "4", "--temperature", "0"), capsys)
     assert err.startswith("s1fast eval: error: samples: 4 greedy samples") and not (tmp_path / "o").exists()
+
+
+def test_sizes_are_refused_alike_and_absurd_sample_counts_before_loading(random_model, problems, tmp_path, capsys,
+                                                                       no_model_load):
+    for value in ("-3", "0"):  # one checker, one message (it said "non-negative" for -3 and "positive" for 0)
+        with pytest.raises(SystemExit):
+            scaling.parse_args(["--model", "m", "--problems", "p", "--out", "o", "--samples", value])
+        assert f"argument --samples: expected an integer >= 1, got '{value}'" in capsys.readouterr().err
+    err = _refused(_args(random_model, problems, tmp_path / "o", "--samples", "1000000000"), capsys)
+    assert err.startswith("s1fast eval: error: samples: 1,000,000,000 samples of 5 problems are 5,000,000,000 "
+                          "decodes per point, more than s1fast eval holds (1,000,000)"), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_line_is_printed_before_the_model_loads(random_model, problems, tmp_path, capsys, monkeypatch):
+    seen = []
+
+    def load(*args, **kwargs):
+        seen.append(capsys.readouterr().out)
+        raise ValueError("stopped at the load")
+
+    monkeypatch.setattr(scaling, "load_model", load)
+    err = _refused(_args(random_model, problems, tmp_path / "o", "--budgets", "4", "8"), capsys)
+    assert err == "s1fast eval: error: stopped at the load\n"
+    assert seen == [f"s1fast eval: 2 point(s) of 5 problem(s) x 1 sample(s) to decode; loading {random_model}\n"]
+
+
+def test_plot_legend_says_wait_in_the_singular(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    legends = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, path: legends.append([t.get_text() for t in fig.axes[0].get_legend().get_texts()]))
+    point = dict(accuracy=0.5, mean_thinking_tokens=10.0, samples=2, cons_at_k={"1": 0.5, "2": 0.5})
+    points = [dict(point, max_thinking_tokens=b, num_waits=w) for b in (8, 16) for w in (0, 1, 2)]
+    scaling.plot(points, str(tmp_path / "p.png"), "t")
+    assert legends[0][:3] == ["budget forcing, 0 forced waits", "budget forcing, 1 forced wait",
+                              "budget forcing, 2 forced waits"]
+    assert {"majority vote (budget 8, 1 forced wait)", "majority vote (budget 8, 2 forced waits)"} <= set(legends[0])

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from s1fast.kernels import force_backend
-from s1fast.train.checkpoint import claim_output_dir, latest_checkpoint, read_checkpoint
+from s1fast.train.checkpoint import checkpoint_steps, claim_output_dir, latest_checkpoint, read_checkpoint
 from s1fast.train.config import TrainConfig, run_settings
 from s1fast.train.data import IGNORE_INDEX, Dataset
 from s1fast.train.packing import (
@@ -623,6 +623,26 @@ def test_a_full_disk_says_so_and_removes_the_partial_files(tmp_path, monkeypatch
     assert sorted(os.listdir(out)) == [".lock", "checkpoint-000001", "log.jsonl"]
 
 
+def _signalled(main, argv: list[str], sig: signal.Signals, ready) -> int:
+    """``main(argv)``, while a thread sends ``sig`` to this process once ``ready()`` holds (never after main()
+    returned): real signals, as a user's Ctrl-C or a scheduler's SIGTERM."""
+    done = threading.Event()
+
+    def send():
+        while not ready() and not done.is_set():
+            time.sleep(0.01)
+        if not done.is_set():
+            os.kill(os.getpid(), sig)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        return main(argv)
+    finally:
+        done.set()
+        sender.join()
+
+
 def test_sigterm_and_sigint_end_with_one_line_and_a_resumable_state(tmp_path, capsys):
     """`s1fast train` stopped by SIGTERM once it has a checkpoint, resumed, stopped by SIGINT (Ctrl-C): each time
     one line (no traceback) and 128 + the signal; no partial checkpoint is left, and the run resumes from the last
@@ -639,24 +659,11 @@ def test_sigterm_and_sigint_end_with_one_line_and_a_resumable_state(tmp_path, ca
         return int(last[-6:]) if last else 0
 
     def stop(extra: list[str], sig: signal.Signals, after: int) -> int:
-        done = threading.Event()
-
-        def send():  # once a checkpoint past `after` exists; never after main() returned
-            while step() <= after and not done.is_set():
-                time.sleep(0.02)
-            if not done.is_set():
-                os.kill(os.getpid(), sig)
-
-        sender = threading.Thread(target=send)
-        sender.start()
-        try:
-            rc = main([*args, *extra])
-        finally:
-            done.set()
-            sender.join()
+        rc = _signalled(main, [*args, *extra], sig, lambda: step() > after)  # once a checkpoint past `after` exists
         err = capsys.readouterr().err
         assert rc == 128 + sig, err
-        assert re.fullmatch(
+        assert re.fullmatch(  # the step under way finishes and is saved (the signal's note), then one line
+            rf"\n{sig.name}: stopping after this step, with a checkpoint \(again: stop at once\)\n"
             rf"s1fast train: interrupted \({sig.name}\); {re.escape(out)}/checkpoint-\d{{6}} is complete: "
             "continue with --resume\n",
             err,
@@ -670,6 +677,36 @@ def test_sigterm_and_sigint_end_with_one_line_and_a_resumable_state(tmp_path, ca
     assert main([*args, "--resume", "--max-steps", str(last + 1)]) == 0
     assert f"resumed from {out}/checkpoint-{last:06d} at step {last}" in capsys.readouterr().out
     assert [r["step"] for r in _strict_log(out)] == list(range(1, last + 2))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_checkpoint_that_resumes_to_the_same_losses(tmp_path, capsys, sig):
+    """No --save-every: Ctrl-C or SIGTERM during a step lets it finish and saves it; resumed, the run's losses are
+    those of a run never stopped (bit for bit, as the log keeps them)."""
+    from s1fast.train import make_sample
+    from s1fast.train.cli import main
+
+    data = _jsonl(tmp_path / "d.jsonl", make_sample.make_rows(4))
+    args = ["--data", data, "--global-batch", "1", "--epochs", "50", "--no-progress", "--no-decode"]
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    assert main([*args, "--out", whole, "--max-steps", "5"]) == 0
+    log = os.path.join(cut, "log.jsonl")
+    rc = _signalled(main, [*args, "--out", cut], sig, lambda: os.path.isfile(log) and os.path.getsize(log) > 0)
+    assert rc == 128 + sig
+    stopped = latest_checkpoint(cut)
+    assert stopped is not None and 1 <= int(stopped[-6:]) < 5, os.listdir(cut)
+    assert f"s1fast train: interrupted ({sig.name}); {stopped} is complete" in capsys.readouterr().err
+    assert main([*args, "--out", cut, "--resume", "--max-steps", "5"]) == 0
+    assert [(r["step"], r["loss"]) for r in _strict_log(cut)] == [(r["step"], r["loss"]) for r in _strict_log(whole)]
+
+
+def test_checkpoints_are_saved_at_the_end_of_every_epoch(tmp_path):
+    out = str(tmp_path / "run")
+    trainer = Trainer(train_worker.tiny_model(), train_worker.synthetic_dataset(),
+                      train_worker.config(out, global_batch=8, max_steps=5, keep_checkpoints=5), device=CPU)
+    trainer.fit()
+    per_epoch = trainer.steps_per_epoch
+    assert per_epoch < 5 and checkpoint_steps(out) == sorted({*range(per_epoch, 5, per_epoch), 5})
 
 
 def test_damaged_checkpoints_are_named(tmp_path):
@@ -787,6 +824,26 @@ def test_cli_demo_trains_saves_and_decodes(tmp_path, capsys, monkeypatch):
     _refused(capsys, ["--out", out, "--resume", "--global-batch", "2", "--no-progress"], f"{distcp} is truncated")
 
 
+def test_cli_demo_runs_twice_in_its_default_directory(tmp_path, capsys, monkeypatch):
+    """The README's `s1fast train` (no --out: ./s1fast-demo) run a second time continues the first run (exit 0);
+    with other settings it is refused, naming them, so two runs never mix."""
+    from s1fast.train import cli
+    from s1fast.train.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--max-steps", "2", "--global-batch", "2", "--no-progress", "--no-decode"]
+    assert main(args) == 0 and "trained 2 steps" in capsys.readouterr().out
+    first = _log("s1fast-demo")
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "s1fast train: s1fast-demo holds the demo run of an earlier call: continuing it" in printed
+    assert "resumed from s1fast-demo/checkpoint-000002 at step 2" in printed
+    assert not re.search(r"trained \d+ steps", printed)
+    assert _log("s1fast-demo") == first and os.path.isfile("s1fast-demo/model.safetensors")
+    monkeypatch.setattr(cli, "_build_model", _no_model)
+    _refused(capsys, [*args, "--lr", "0.5"], "settings differ from", "lr 0.01 -> 0.5")
+
+
 def _no_model(*args, **kwargs):
     raise AssertionError("the model was loaded")
 
@@ -834,9 +891,9 @@ def test_cli_bad_model_tokenizer_data_or_output_dir(tmp_path, capsys, monkeypatc
         ),
         (
             broken("llama", lambda p: (p / "config.json").write_text('{"model_type": "llama"}')),
-            "model_type 'llama'; s1fast trains Qwen2, Qwen2.5 and Qwen3 (qwen2, qwen3)",
+            "model_type 'llama'; s1fast runs Qwen2, Qwen2.5 and Qwen3 (qwen2, qwen3)",
         ),
-        (broken("bad-config", lambda p: (p / "config.json").write_text("{")), "config.json': not a model config"),
+        (broken("bad-config", lambda p: (p / "config.json").write_text("{")), "config.json does not load (OSError: "),
         (broken("no-config", lambda p: (p / "config.json").unlink()), "no config.json"),
         (broken("no-weights", lambda p: (p / "model.safetensors").unlink()), "no weights in it"),
     ]

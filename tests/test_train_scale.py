@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from s1fast.commands import DTYPES
+from s1fast.files import SAFE_INDEX, weight_files
 from s1fast.kernels import force_backend
-from s1fast.model.fsdp import SAFE_INDEX, empty_model, file_plan, load_weights, materialize, weight_files
+from s1fast.model.fsdp import empty_model, file_plan, load_weights, materialize
 from s1fast.model.patch import patch
 from s1fast.train.packing import plan_micro_batches
 from s1fast.train.trainer import Trainer, init_distributed

