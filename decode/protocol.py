@@ -264,11 +264,14 @@ class ChatChoice(_Counts):
     finish_reason: str
 
 
-class ChatCompletion(BaseModel):
+class _Head(BaseModel):
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+
+
+class ChatCompletion(_Head):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
 
@@ -285,11 +288,8 @@ class ChatChunkChoice(_Counts):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Head):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = Field(**_omit_none)
 
@@ -301,13 +301,10 @@ class CompletionChoice(_Counts):
     finish_reason: str | None
 
 
-class Completion(BaseModel):
+class Completion(_Head):
     """A completion; streamed, each chunk is one of these with a piece of the text (usage in the last only)."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Usage | None = Field(**_omit_none)
 

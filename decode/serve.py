@@ -137,7 +137,8 @@ class Server:
         room = self.max_seq_len - len(prompt)
         max_tokens = request.new_tokens
         if max_tokens is None:
-            max_tokens = min(room, self.default_max_tokens + (budget.max_thinking_tokens or 0 if budget else 0))
+            thinking = budget.max_thinking_tokens if budget is not None else None
+            max_tokens = min(room, self.default_max_tokens + (thinking or 0))
         elif max_tokens > room:
             name = "max_tokens" if request.max_tokens is not None else "max_completion_tokens"
             raise BadRequest(name, f"{name} {max_tokens} plus the prompt's {len(prompt)} tokens exceeds the model's "

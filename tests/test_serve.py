@@ -3,6 +3,7 @@ loopback port; every response checked against ``Decoder.generate`` token for tok
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -53,6 +54,13 @@ def served(model_dir):
     server.budget = BudgetForcing(
         end_think=[t], wait=wait, budget_end=[t, *tok("\nX:", add_special_tokens=False)["input_ids"]]
     )
+    with running(server) as url:
+        yield server, url, ref
+
+
+@contextlib.contextmanager
+def running(server):
+    """``server`` under uvicorn on a free loopback port, its engine on the kernels' CPU path; yields its url."""
     loop = server.engine.loop
     server.engine.loop = lambda stop: _torch_backend(loop, stop)
     port = free_port()
@@ -63,9 +71,11 @@ def served(model_dir):
     while not uv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
-    yield server, f"http://127.0.0.1:{port}", ref
-    uv.should_exit = True
-    thread.join(30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(30)
     assert not thread.is_alive()
 
 
@@ -732,30 +742,20 @@ def test_readme_examples_answer_in_seconds(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # beside other test processes on 2 cores, 2 threads each thrash (10x slower)
     assert server.max_seq_len == 32768
-    loop = server.engine.loop
-    server.engine.loop = lambda stop: _torch_backend(loop, stop)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(server.app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
     try:
-        while not uv.started:
-            assert thread.is_alive()
-            time.sleep(0.05)
-        t0 = time.monotonic()
-        out = subprocess.run(["bash", "-c", curl.replace("localhost:8000", f"127.0.0.1:{port}")], capture_output=True,
-                             text=True, timeout=120)
-        data = json.loads(out.stdout)
-        (choice,) = data["choices"]
-        assert choice["thinking_tokens"] <= 512 and choice["message"]["reasoning_content"], out.stdout[-500:]
-        assert data["usage"]["completion_tokens"] <= serve.DEFAULT_MAX_TOKENS + 512
-        curl_s, t0 = time.monotonic() - t0, time.monotonic()
-        scope: dict = {}
-        exec(client.replace("http://127.0.0.1:8000", f"http://127.0.0.1:{port}"), scope)  # noqa: S102
-        r = scope["r"]
-        assert r.usage.completion_tokens <= serve.DEFAULT_MAX_TOKENS + 256 and r.choices[0].message.reasoning_content
-        assert curl_s < 120 and time.monotonic() - t0 < 120
+        with running(server) as url:
+            t0 = time.monotonic()
+            curl = curl.replace("localhost:8000", url.removeprefix("http://"))
+            out = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=120)
+            data = json.loads(out.stdout)
+            (choice,) = data["choices"]
+            assert choice["thinking_tokens"] <= 512 and choice["message"]["reasoning_content"], out.stdout[-500:]
+            assert data["usage"]["completion_tokens"] <= serve.DEFAULT_MAX_TOKENS + 512
+            curl_s, t0 = time.monotonic() - t0, time.monotonic()
+            scope: dict = {}
+            exec(client.replace("http://127.0.0.1:8000", url), scope)  # noqa: S102
+            r = scope["r"]
+            assert r.usage.completion_tokens <= serve.DEFAULT_MAX_TOKENS + 256
+            assert r.choices[0].message.reasoning_content and curl_s < 120 and time.monotonic() - t0 < 120
     finally:
-        uv.should_exit = True
-        thread.join(30)
         torch.set_num_threads(threads)
