@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 INT64 = 2**63
 MAX_STOP = 16  # stop entries (OpenAI takes 4 strings; s1fast also takes token ids)
@@ -112,6 +112,12 @@ class GenerationRequest(_Request):
     min_thinking_tokens: int | None = Field(None, ge=0, description="an integer >= 0, at most max_thinking_tokens: "
                                             "'Wait' replaces an end of thinking before it (s1fast extension)")
     return_token_ids: bool = Field(False, description="a boolean: each choice's token_ids (s1fast extension)")
+
+    @field_validator("n", "stream", "return_token_ids", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """null asks for the default, as OpenAI's nullable fields do."""
+        return cls.model_fields[info.field_name].default if value is None else value
 
     @model_validator(mode="before")
     @classmethod

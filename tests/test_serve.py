@@ -592,11 +592,13 @@ def test_unsupported_and_unbounded_fields_name_the_field(served, path, fields, p
 
 
 def test_neutral_values_of_unsupported_fields_are_accepted(served):
-    """OpenAI fields given the value that asks for nothing (what some clients send by default) change nothing."""
+    """OpenAI fields given the value that asks for nothing (what some clients send by default), and null for a
+    nullable field, change nothing."""
     server, url, _ = served
     body = {"model": server.model_name, "messages": CHAT, "max_tokens": 6, "temperature": 0, "return_token_ids": True}
     neutral = {"logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "user": "u",
-               "tool_choice": "none", "response_format": {"type": "text"}, "top_logprobs": None, "seed": -(2**63)}
+               "tool_choice": "none", "response_format": {"type": "text"}, "top_logprobs": None, "seed": -(2**63),
+               "n": None, "stream": None, "stop": None, "top_p": None, "max_completion_tokens": None}
     plain, given = post(url, "/v1/chat/completions", body), post(url, "/v1/chat/completions", {**body, **neutral})
     assert plain.status_code == given.status_code == 200, given.text
     assert given.json()["choices"][0]["token_ids"] == plain.json()["choices"][0]["token_ids"]
