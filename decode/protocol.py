@@ -154,16 +154,17 @@ class GenerationRequest(_Request):
         if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
             raise BadRequest("max_completion_tokens", f"max_completion_tokens ({self.max_completion_tokens}) and "
                                                       f"max_tokens ({self.max_tokens}) differ: give one of them")
-        within = {"max_tokens": limits.max_seq_len - 1, "max_completion_tokens": limits.max_seq_len - 1,
-                  "max_thinking_tokens": limits.max_seq_len, "num_waits": limits.max_seq_len,
-                  "min_thinking_tokens": limits.max_seq_len, "n": limits.max_rows, "top_k": limits.vocab}
-        for name, high in within.items():
+        length = (limits.max_seq_len, "the model's length")
+        new_tokens = (limits.max_seq_len - 1, "the model's length less one prompt token")
+        bounds = {"max_tokens": new_tokens, "max_completion_tokens": new_tokens,
+                  "max_thinking_tokens": length, "num_waits": length, "min_thinking_tokens": length,
+                  "n": (limits.max_rows, "the server's --max-rows"), "top_k": (limits.vocab, "the vocabulary size")}
+        for name, (high, why) in bounds.items():
             if (value := getattr(self, name)) is not None and value > high:
-                raise BadRequest(name, f"{name} must be at most {high} ({_WHY[name]}), got {value}")
+                raise BadRequest(name, f"{name} must be at most {high} ({why}), got {value}")
         if self.top_k == 0:
             raise BadRequest("top_k", "top_k must be -1 (off) or an integer >= 1, got 0")
-        if (self.min_thinking_tokens or 0) > (self.max_thinking_tokens if self.max_thinking_tokens is not None
-                                              else limits.max_seq_len):
+        if self.max_thinking_tokens is not None and (self.min_thinking_tokens or 0) > self.max_thinking_tokens:
             raise BadRequest("min_thinking_tokens", f"min_thinking_tokens ({self.min_thinking_tokens}) must be at "
                                                     f"most max_thinking_tokens ({self.max_thinking_tokens})")
         stops = self.stops
@@ -176,11 +177,6 @@ class GenerationRequest(_Request):
                                          f"characters or token ids in [0, {limits.vocab}), got {s!r:.60}")
         if self.stream_options is not None and not self.stream:
             raise BadRequest("stream_options", "stream_options needs stream: true")
-
-
-_WHY = {"max_tokens": "the model's length less one prompt token", "max_completion_tokens": "the model's length less "
-        "one prompt token", "max_thinking_tokens": "the model's length", "num_waits": "the model's length",
-        "min_thinking_tokens": "the model's length", "n": "the server's --max-rows", "top_k": "the vocabulary size"}
 
 
 class CompletionRequest(GenerationRequest):
