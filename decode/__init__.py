@@ -9,7 +9,9 @@
 - budget forcing (``budget``): ``BudgetForcing`` settings and the per-request ``RowState``;
 - results (``results``): ``RowResult`` per request (what was injected, where the answer starts),
   ``GenerationResult``;
-- the commands ``s1fast generate`` (``generate``) and ``s1fast serve`` (``serve``).
+- the commands ``s1fast generate`` (``generate``) and ``s1fast serve`` (``serve``: FastAPI routes over the OpenAI
+  request/response models of ``protocol`` (pydantic; bounds, refused fields, our budget-forcing extensions), with
+  stop strings and incremental text from ``detokenize``).
 """
 
 from s1fast.decode.budget import BudgetForcing

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import signal
 import socket
 import subprocess
@@ -474,6 +475,11 @@ def test_sigterm_finishes_cancels_and_exits_0(model_dir, tmp_path):
     with pytest.raises(SystemExit) as e:
         serve.main(["--model", model_dir, "--shutdown-timeout", "-1"])
     assert e.value.code == 2
+    long_model = tmp_path / "model"  # room for the 16000-token stream: --max-seq-len within the model's positions
+    shutil.copytree(model_dir, long_model)
+    config = json.loads((long_model / "config.json").read_text())
+    (long_model / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=16384)))
+    model_dir = str(long_model)
     port, timeout = free_port(), 2.0  # the short stream's last 2 steps take well under a second
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "serve.log", "w+")
