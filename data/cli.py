@@ -5,7 +5,7 @@
     s1fast data attempt  --out DIR --name qwen7b --endpoint http://gpu2:8000/v1      (once per student)
     s1fast data classify --out DIR --endpoint http://gpu3:8000/v1                    (or --field domain)
     s1fast data select   --out DIR --size 1000 --high-quality aime --high-quality gpqa
-    s1fast train --data DIR/s1k.jsonl
+    s1fast train --data DIR
 
 Files in DIR: ``questions.jsonl`` and ``collect_report.json`` (collect); ``distill.jsonl``, ``attempt.jsonl``,
 ``classify.jsonl`` (records keyed by the question's id, appended and fsynced one by one, so a rerun after a crash or
@@ -27,6 +27,7 @@ from s1fast.commands import add_device_arguments, check_device, check_dtype, che
 from s1fast.data.store import Records
 from s1fast.files import write_atomic
 from s1fast.model.chat import FORMAT_CHOICES
+from s1fast.train.data import CURATED_FILE
 
 QUESTIONS, DISTILL, ATTEMPT, CLASSIFY = "questions.jsonl", "distill.jsonl", "attempt.jsonl", "classify.jsonl"
 
@@ -407,7 +408,7 @@ def select_stage(args, parser) -> int:
         rows[q["id"]] = (q, t, by, domain)
     chosen, counts = select(items, method=args.method, size=args.size, seed=args.seed, quality=not args.no_quality,
                             difficulty=not args.no_difficulty, high_quality=high_quality)
-    stem = "s1k" if args.method == "s1" else f"s1k_{args.method}"
+    stem = CURATED_FILE.removesuffix(".jsonl") + ("" if args.method == "s1" else f"_{args.method}")
     out = []
     for i in chosen:
         q, t, by, domain = rows[i]

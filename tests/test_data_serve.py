@@ -95,8 +95,9 @@ def test_pipeline_against_s1fast_serve(teacher, tmp_path):
     from s1fast.model.chat import load_tokenizer
     from s1fast.train.data import load_dataset
 
-    data = load_dataset(os.path.join(out, "s1k.jsonl"), load_tokenizer(model))
+    data = load_dataset(out, load_tokenizer(model))  # `s1fast train --data DIR` reads DIR/s1k.jsonl
     assert len(data) == 3
+    assert data.fingerprint() == load_dataset(os.path.join(out, "s1k.jsonl"), load_tokenizer(model)).fingerprint()
     first = json.loads(open(os.path.join(out, "s1k.jsonl")).readline())
     assert set(first) == {"question", "solution", "cot_type", "source_type", "metadata", "cot",
                           "thinking_trajectories", "attempt"}

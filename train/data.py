@@ -33,6 +33,7 @@ from s1fast.model.chat import ReasoningFormat, check_tokenizer, resolve_format
 IGNORE_INDEX = -100
 DEFAULT_BLOCK_SIZE = 32768
 TRAJECTORY_SOURCES = ("deepseek", "gemini")
+CURATED_FILE = "s1k.jsonl"  # what `s1fast data select` writes into its --out folder; `--data FOLDER` reads it
 SAMPLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "s1k_sample.jsonl")
 
 
@@ -139,6 +140,8 @@ def load_dataset(
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     where = source or SAMPLE_PATH
+    if os.path.isdir(where) and os.path.isfile(os.path.join(where, CURATED_FILE)):
+        where = os.path.join(where, CURATED_FILE)  # a folder written by `s1fast data select`
     records = read_records(where, split=split)
     if not records:
         raise ValueError(f"data {where!r} is empty: no rows to train on")
