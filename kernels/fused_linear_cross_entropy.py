@@ -27,7 +27,9 @@ non-ignored rows gives NaN gradients (checked on the device, no host sync), neve
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -282,6 +284,22 @@ def _check(hidden, weight, labels, bias, reduction, label_smoothing, z_loss, num
 
 
 # --------------------------------------------------------------------------------------------- public
+_COLLECTORS: list[list[torch.Tensor]] = []
+
+
+@contextlib.contextmanager
+def token_statistics() -> Iterator[list[torch.Tensor]]:
+    """Inside the block, every ``fused_linear_cross_entropy`` call (e.g. the patched model's loss) also appends to
+    the yielded list a device tensor ``[top-1 hits, entropy sum, tokens]`` over its non-ignored tokens: accuracy and
+    entropy for a training log, from the kernel's first sweep (no logits, no host sync)."""
+    collected: list[torch.Tensor] = []
+    _COLLECTORS.append(collected)
+    try:
+        yield collected
+    finally:
+        _COLLECTORS.remove(collected)
+
+
 class FusedLinearCrossEntropyOutput(NamedTuple):
     """What ``fused_linear_cross_entropy`` returns when any ``return_*`` flag is set. ``loss`` as without them
     (it includes the z-loss term); the others carry no gradient and are None unless asked for. With "mean" / "sum"
@@ -343,7 +361,7 @@ def fused_linear_cross_entropy(
     budget = chunk_budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES["cuda" if hidden.is_cuda else "cpu"]
     triton_path = hidden.dtype in FLOAT_DTYPES and use_triton(hidden)
     rows = chunk_rows(h2.shape[0], V, hidden.dtype, triton_path, budget)
-    want_extras = return_z_loss or return_token_accuracy or return_entropy
+    want_extras = return_z_loss or return_token_accuracy or return_entropy or bool(_COLLECTORS)
     # inputs already cast: products stay as chosen; kernels launch on hidden's GPU
     with torch.autocast(hidden.device.type, enabled=False), on_device(hidden):
         loss, extras = _FusedLinearCrossEntropyFunction.apply(
@@ -354,6 +372,12 @@ def fused_linear_cross_entropy(
     if not want_extras:
         return loss
     lse, entropy, top1 = extras
+    if _COLLECTORS:
+        counts = torch.stack([top1.sum(), entropy.sum(), (y != ignore_index).sum().to(acc)])
+        for collected in _COLLECTORS:
+            collected.append(counts)
+        if not (return_z_loss or return_token_accuracy or return_entropy):
+            return loss
     if reduction == "none":
         per_token = (float(z_loss) * lse * lse, top1, entropy)
     else:
