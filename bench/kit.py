@@ -31,7 +31,7 @@ RESERVE_S = 15  # kept for the target table at the end
 # name, command (after ``python -m``), cap in seconds; {out} is the step's results folder
 STEPS = (
     ("pytest-gpu", ["pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 80),
-    ("kernels", ["s1fast.cli", "bench", "kernels", "--peers", "eager,liger,hf", "--out", "{out}"], 150),
+    ("kernels", ["s1fast.cli", "bench", "kernels", "--peers", "eager,liger,hf,trl", "--out", "{out}"], 150),
     ("decode", ["s1fast.cli", "bench", "decode", "--peers", "hf", "--out", "{out}"], 70),
     ("train", ["s1fast.cli", "bench", "train", "--peers", "liger", "--out", "{out}"], 90),
     ("sft", ["s1fast.cli", "bench", "sft", "--out", "{out}"], 60),
