@@ -180,3 +180,68 @@ def test_sft_trainer_matches_trl(arch, loss_type, tmp_path, monkeypatch):
 def test_use_s1fast_lm_head_refuses_other_trainers():
     with pytest.raises(TypeError, match="SFTTrainer"):
         s1trl.use_s1fast_lm_head(object())
+
+
+# -------------------------------------------------------------- s1fast's kernel against TRL's on the same inputs
+def sft_head(impl, hidden, weight, labels):
+    """SFTTrainer's loss on the LM head (-mean log-prob of the non-ignored rows, only those scored) and the
+    per-token log-probs, through s1fast's kernel (as ``use_s1fast_lm_head`` calls it) or TRL's."""
+    mask = labels != -100
+    h, y = hidden[mask], labels[mask]
+    if impl == "s1fast":
+        log_probs = -fused_linear_cross_entropy(h, weight, y, reduction="none", uniform_grad=True)
+    else:
+        log_probs = trl_chunked.ChunkedLogProbFunction.apply(h, weight, None, y, 1.0, TRL_VOCAB_TILE, None, 1.0,
+                                                             ("log_probs", "entropy", "is_top1"))[0]
+    return -log_probs.sum() / mask.sum(), log_probs
+
+
+trl_chunked = pytest.importorskip("trl.kernels.chunked_logprob")
+TRL_VOCAB_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+from s1fast.bench import perf_model  # noqa: E402
+from s1fast.kernels import fused_linear_cross_entropy, interpreting  # noqa: E402
+
+
+@pytest.mark.skipif(not interpreting(), reason="runs both heads' Triton kernels through the interpreter (CPU CI)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_against_trl_float64_and_bytes(dtype, monkeypatch):
+    """The measurement behind bench/README.md's TRL section, on one input: loss, log-probs and gradients of both
+    heads against float64, and the bytes their logits kernels move (counted under the interpreter; TRL's Triton
+    path forced on CPU tensors) against the minimum of one read of the logits and one write of their gradient.
+    ``other_kernels_mib``: s1fast's scaling of the finished [V, H] / [N, H] gradients by grad_output (TRL has none
+    on the Triton side: it accumulates in fp32 GEMMs and casts in PyTorch)."""
+    monkeypatch.setattr(trl_chunked, "_use_triton", lambda device: True)
+    g = torch.Generator().manual_seed(11)
+    N, H, V = 40, 32, 40000  # two of TRL's 32K vocabulary tiles
+    hidden = torch.randn(N, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 2 / H**0.5
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::4] = -100
+    rows = int((labels != -100).sum())
+    h64, w64 = (t.double().requires_grad_() for t in (hidden, weight))
+    loss64, logp64 = sft_head("s1fast", h64, w64, labels)  # float64 runs the kernels' PyTorch path: exact math
+    grads64 = torch.autograd.grad(loss64, (h64, w64))
+    report = {}
+    for impl in ("s1fast", "trl"):
+        with perf_model.counting() as launches:  # bytes only: counting() skips the scaling kernel s1fast launches
+            h, w = (t.to(dtype).clone().requires_grad_() for t in (hidden, weight))
+            sft_head(impl, h, w, labels)[0].backward()
+        logits_kernels = ("_cross_entropy_kernel", "_forward_kernel", "_backward_kernel")
+        moved = sum(x["load_bytes"] + x["store_bytes"] for x in launches if x["kernel"] in logits_kernels)
+        other = sum(x["load_bytes"] + x["store_bytes"] for x in launches if x["kernel"] not in logits_kernels)
+        h, w = (t.to(dtype).clone().requires_grad_() for t in (hidden, weight))
+        loss, logp = sft_head(impl, h, w, labels)
+        loss.backward()
+        errs = [((a.double() - b).abs().max() / b.abs().max()).item()
+                for a, b in ((loss, loss64), (logp, logp64), (h.grad, grads64[0]), (w.grad, grads64[1]))]
+        report[impl] = dict(zip(("loss", "log_probs", "grad_hidden", "grad_weight"), errs),
+                            bytes_per_row_over_min=moved / (rows * 2 * V * dtype.itemsize),
+                            other_kernels_mib=other / 2**20)
+    print(f"\n{dtype}: {report}")
+    rel = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the logits GEMM rounds to bf16
+    for impl, r in report.items():
+        assert max(r["loss"], r["log_probs"], r["grad_hidden"], r["grad_weight"]) < rel, (impl, r)
+    # s1fast: sweep 1 reads, sweep 2 reads and writes (3 V s = 1.5x), per-row scalars on top. TRL: forward reads each
+    # tile (V s, in fp32 scalars per row), backward reads and writes it (2 V s): 1.5x too, but after a second GEMM
+    assert 1.5 <= report["s1fast"]["bytes_per_row_over_min"] < 1.51
+    assert 1.5 <= report["trl"]["bytes_per_row_over_min"] < 1.52
