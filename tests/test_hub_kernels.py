@@ -13,7 +13,8 @@ import pytest
 import torch
 from tiny_qwen import random_batch, tiny_model
 
-pytest.importorskip("kernels")
+if not hasattr(pytest.importorskip("kernels"), "kernelize"):  # the repository's own kernels/ folder, left empty
+    pytest.skip("the kernels package (Hub kernels) is not installed", allow_module_level=True)
 hub = pytest.importorskip("s1fast.model.hub_kernels")
 
 from transformers import AutoModelForCausalLM  # noqa: E402
