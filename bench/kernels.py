@@ -17,7 +17,8 @@ For each kernel at each shape, every implementation gets:
 Implementations: ``s1fast`` (the public API), and the peers asked for: ``eager`` (the ``*_reference``
 plain-PyTorch version), ``compile`` (``torch.compile`` of it), ``liger`` (Liger-Kernel, CUDA only, when
 installed), ``hf`` (transformers' own module where it differs from eager: Qwen2RMSNorm,
-apply_rotary_pos_emb).
+apply_rotary_pos_emb), ``trl`` (TRL's fused LM head, ``trl.kernels.chunked_logprob``, with SFTTrainer's loss; fused
+linear cross-entropy only, when installed: Triton on CUDA, its PyTorch tiles on CPU).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from s1fast.kernels._common import interpreting, use_triton
 from s1fast.model.shapes import QWEN25_SHAPES
 
 KERNELS = ("rms_norm", "rope", "swiglu", "cross_entropy", "fused_linear_cross_entropy")
-PEERS = ("eager", "compile", "liger", "hf")
+PEERS = ("eager", "compile", "liger", "hf", "trl")
 IGNORE_INDEX = -100
+TRL_VOCAB_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE: the vocabulary tile of TRL's trainers
 SUMMARY_COLUMNS = ("kernel", "model", "tokens", "impl", "backend", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_bwd_gbps",
                    "fwd_bwd_pct_of_copy_bw", "fwd_bwd_tflops", "peak_mem_mib", "extra_mem_mib", "largest_alloc_mib",
                    "fwd_bwd_speedup_vs_eager", "skipped")
@@ -96,6 +98,23 @@ def _liger(device: str) -> SimpleNamespace | str:
         cross_entropy=LigerCrossEntropyLoss(ignore_index=IGNORE_INDEX),
         fused_linear_cross_entropy=lambda h, w, y: flce(w, h, y),
     )
+
+
+def _trl_lm_head() -> Callable | str:
+    """TRL's fused LM head as SFTTrainer runs it: log-probs (with entropy and top-1, its metrics) of the non-ignored
+    rows only, loss = -sum / count; or why there is none."""
+    try:  # this module alone: it needs torch and transformers, not TRL's other dependencies (GPU kit: --no-deps)
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    except ImportError as e:
+        return f"trl not installed ({e}); pip install trl"
+
+    def loss(hidden, weight, labels):
+        mask = labels != IGNORE_INDEX
+        log_probs = ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask], 1.0,
+                                                 TRL_VOCAB_TILE, None, 1.0, ("log_probs", "entropy", "is_top1"))[0]
+        return -log_probs.sum() / mask.sum().clamp(min=1)
+
+    return loss
 
 
 def _module_fn(module: torch.nn.Module) -> Callable:
@@ -178,7 +197,9 @@ def _build(kernel: str, model: str, tokens: int, dtype: torch.dtype, device: str
     if "fwd" in moved and "bwd" in moved:
         moved["fwd_bwd"] = moved["fwd"] + moved["bwd"]
     impls: dict[str, Callable | str] = {"s1fast": ours}
-    candidates = {"eager": eager, "compile": eager, "liger": lig, "hf": hf}
+    trl = "TRL has a fused LM head only" if kernel != "fused_linear_cross_entropy" else None
+    trl = trl or (_trl_lm_head() if "trl" in peers else "not requested")
+    candidates = {"eager": eager, "compile": eager, "liger": lig, "hf": hf, "trl": trl}
     for peer in peers:
         impl = candidates[peer]
         if peer == "compile" and callable(impl):
@@ -191,7 +212,7 @@ def _build(kernel: str, model: str, tokens: int, dtype: torch.dtype, device: str
 def _backend(impl: str, case: Case) -> str:
     if impl == "compile":
         return "inductor"
-    if impl == "liger":
+    if impl == "liger" or (impl == "trl" and case.leaves[0].is_cuda):
         return "triton"
     if impl == "s1fast" and use_triton(case.leaves[0]):
         return "triton" if case.leaves[0].is_cuda else "triton-interpreter"

@@ -66,8 +66,9 @@ PLAN = (
     # 20 compiles (s1fast's and Liger's); 24 memory-bound rows (4 families x 2 sizes x 3 impls) at ~0.8 s (three
     # do_bench timings of ~0.15 s + the backward loop + one memory pass); cross-entropy at 32K (10 GB of logits,
     # eager ~60 ms a call x ~25 calls) 3 s; fused linear CE, ~21 calls a row of 6NHV = 4.6e13 FLOP at 32K:
-    # 1.7 + 2.1 + 5.3 s (s1fast, eager, Liger 2-4x slower), a quarter of that at 8K: 11 s
-    Step("kernels", _bench("kernels", "--peers", "eager,liger"), START_S + 20 * TRITON + 24 * 0.8 + 3 + 11),
+    # 1.7 + 2.1 + 5.3 s (s1fast, eager, Liger 2-4x slower), a quarter of that at 8K: 11 s; TRL's fused LM head
+    # (fused linear CE rows only): 1 compile + ~21 calls of 8NHV (4 GEMMs) at 32K and 8K: 3 s
+    Step("kernels", _bench("kernels", "--peers", "eager,liger,trl"), START_S + 21 * TRITON + 24 * 0.8 + 3 + 11 + 3),
     # model build 2 s; 7 compiles + graph capture; greedy + sampled: 3 x 128 steps of ~1.5 ms + 3 x 8K prefills
     # (~50 ms) each, 2 s; transformers generate ~25 ms a token: 3 x 3.2 s + prefills, 10 s; budget forcing: 3
     # ways x 3 runs x 1,024 tokens x 1.5 ms + probes and re-prefills, 17 s; mixed workload (quick size, host-bound:

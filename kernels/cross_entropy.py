@@ -7,7 +7,12 @@ Per row ``i`` with label ``y``, smoothing ``eps``, z-loss weight ``z``, ``V`` cl
     dloss_i/dx_ij = p_ij * (1 + 2 z lse_i) - eps / V - (1 - eps) * [j == y],   p_ij = exp(x_ij - lse_i)
 
 ``eps`` spreads ``eps / V`` over every class, as ``torch.nn.functional.cross_entropy``'s ``label_smoothing``.
-Rows whose label is ``ignore_index`` have loss 0 and gradient 0. ``reduction``: "mean" = sum over rows /
+Rows whose label is ``ignore_index`` have loss 0 and gradient 0.
+
+Optional per-row statistics from the same read (``stats``; no gradient, 0 on ignored rows): the entropy of the
+row's softmax ``H_i = lse_i - sum_j p_ij x_ij`` (``sum_j exp(x_ij - m) x_ij`` is carried beside the online sum, with
+the same rescaling) and ``top1_i = [argmax_j x_ij == y]`` (first maximum wins a tie, as ``torch.argmax``: the label
+logit must reach the row maximum and beat every logit before it). ``reduction``: "mean" = sum over rows /
 max(#non-ignored, 1), "sum", "none" (per-row). Loss in fp32 (float64 inputs: float64). Plan: the forward
 kernel reads each row once and stores the loss and the row's log-sum-exp; the backward kernel reads the row
 once more and writes ``scale * dloss/dx``, ``scale`` (grad_output, times 1 / count for "mean") read from device
@@ -98,12 +103,14 @@ def _row_scale(scale_ptr, row, PER_ROW_SCALE: tl.constexpr):
 
 @triton.jit
 def _cross_entropy_kernel(
-    logits_ptr, grad_ptr, labels_ptr, loss_ptr, lse_ptr, scale_ptr,
+    logits_ptr, grad_ptr, labels_ptr, loss_ptr, lse_ptr, scale_ptr, entropy_ptr, top1_ptr,
     stride_logits, stride_grad, V, ignore_index, label_smoothing, z_loss,
     BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr, PER_ROW_SCALE: tl.constexpr, STORE_LSE: tl.constexpr,
+    STORE_STATS: tl.constexpr,
 ):
-    """One program per row: loss_ptr[row] = loss (lse_ptr[row] = lse if STORE_LSE) and, if WRITE_GRAD, a second
-    sweep writing the grad row = scale * dloss/dlogits (the fused linear cross-entropy's in-place chunk)."""
+    """One program per row: loss_ptr[row] = loss (lse_ptr[row] = lse if STORE_LSE; entropy_ptr[row] and
+    top1_ptr[row] if STORE_STATS) and, if WRITE_GRAD, a second sweep writing the grad row = scale * dloss/dlogits
+    (the fused linear cross-entropy's in-place chunk)."""
     row = tl.program_id(0).to(tl.int64)  # 64-bit: rows x V passes 2^31 at 32K tokens x 151,936
     logits_ptr += row * stride_logits
     grad_ptr += row * stride_grad
@@ -113,21 +120,32 @@ def _cross_entropy_kernel(
         tl.store(loss_ptr + row, 0.0)
         if STORE_LSE:
             tl.store(lse_ptr + row, 0.0)
+        if STORE_STATS:
+            tl.store(entropy_ptr + row, 0.0)
+            tl.store(top1_ptr + row, 0.0)
         if WRITE_GRAD:
             _zero_row(grad_ptr, V, BLOCK_V)
     else:
-        # Sweep 1: running max m, sum of exp(x - m), sum of x (for label smoothing), all fp32 scalars.
+        # Sweep 1: running max m, sum of exp(x - m), sum of x (for label smoothing), all fp32 scalars; with
+        # STORE_STATS also sum of exp(x - m) * x (entropy) and the max of the logits before the label (top-1).
         m = -float("inf")
         d = 0.0
         sum_x = 0.0
+        xd = 0.0
+        m_before = -float("inf")
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             mask = cols < V
             x = tl.load(logits_ptr + cols, mask=mask, other=-float("inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, 0))
             m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)  # no -inf - -inf = NaN while all x are -inf
-            d = d * tl.exp(m - m_sub) + tl.sum(tl.exp(x - m_sub), 0)
+            e = tl.exp(x - m_sub)
+            rescale = tl.exp(m - m_sub)
+            d = d * rescale + tl.sum(e, 0)
             sum_x += tl.sum(tl.where(mask, x, 0.0), 0)
+            if STORE_STATS:
+                xd = xd * rescale + tl.sum(e * tl.where(x > -float("inf"), x, 0.0), 0)  # not 0 * -inf
+                m_before = tl.maximum(m_before, tl.max(tl.where(cols < label, x, -float("inf")), 0))
             m = m_new
         lse = m + tl.log(d)
         in_range = (label >= 0) & (label < V)
@@ -139,6 +157,10 @@ def _cross_entropy_kernel(
         tl.store(loss_ptr + row, loss + poison)
         if STORE_LSE:
             tl.store(lse_ptr + row, lse)
+        if STORE_STATS:
+            tl.store(entropy_ptr + row, lse - xd / d + poison)
+            top1 = (x_label >= m) & (x_label > m_before) & in_range
+            tl.store(top1_ptr + row, top1.to(tl.float32))
         if WRITE_GRAD:
             # Sweep 2: re-read the row and write the scaled gradient once.
             scale = _row_scale(scale_ptr, row, PER_ROW_SCALE)
@@ -165,17 +187,20 @@ def _cross_entropy_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------ launch arguments, launchers
-def _fwd_args(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse) -> list:
+def _fwd_args(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse, stats=None) -> list:
     """The forward kernel's runtime arguments in order (shared by the launcher and ``kernel_specs``). The
-    pointers a launch does not use (no ``grad``, ``lse`` or ``scale``) point at ``logits`` / ``loss``."""
+    pointers a launch does not use (no ``grad``, ``lse``, ``scale`` or ``stats``) point at ``logits`` / ``loss``."""
     grad = grad if grad is not None else logits
+    entropy, top1 = stats if stats is not None else (loss, loss)
     return [logits, grad, labels, loss, lse if lse is not None else loss, scale if scale is not None else loss,
-            logits.stride(0), grad.stride(0), logits.shape[1], ignore_index, float(label_smoothing), float(z_loss)]
+            entropy, top1, logits.stride(0), grad.stride(0), logits.shape[1], ignore_index, float(label_smoothing),
+            float(z_loss)]
 
 
-def _fwd_constexprs(V: int, grad, scale, lse) -> dict:
+def _fwd_constexprs(V: int, grad, scale, lse, stats=None) -> dict:
     return dict(BLOCK_V=_config(V)[0], WRITE_GRAD=grad is not None,
-                PER_ROW_SCALE=scale is not None and scale.dim() == 1, STORE_LSE=lse is not None)
+                PER_ROW_SCALE=scale is not None and scale.dim() == 1, STORE_LSE=lse is not None,
+                STORE_STATS=stats is not None)
 
 
 def _bwd_args(logits, labels, lse, grad, scale, ignore_index, label_smoothing, z_loss) -> list:
@@ -187,12 +212,12 @@ def _bwd_constexprs(V: int, scale) -> dict:
     return dict(BLOCK_V=_config(V)[0], PER_ROW_SCALE=scale.dim() == 1)
 
 
-def _launch_fwd(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse=None):
+def _launch_fwd(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse=None, stats=None):
     N, V = logits.shape
     if N:
         _cross_entropy_kernel[(N,)](
-            *_fwd_args(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse),
-            **_fwd_constexprs(V, grad, scale, lse), num_warps=_config(V)[1],
+            *_fwd_args(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse, stats),
+            **_fwd_constexprs(V, grad, scale, lse, stats), num_warps=_config(V)[1],
         )
 
 
@@ -210,7 +235,7 @@ def _upcast(logits):
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def _rows_torch(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse=None):
+def _rows_torch(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse=None, stats=None):
     """The kernel's contract in plain PyTorch (fp32 math, float64 for float64 input); ``grad`` may be
     ``logits``."""
     V = logits.shape[1]
@@ -226,6 +251,11 @@ def _rows_torch(logits, labels, loss, grad, scale, ignore_index, label_smoothing
     loss.copy_(torch.where(valid, rows, 0.0) + poison)
     if lse is not None:
         lse.copy_(torch.where(valid, row_lse, 0.0))
+    if stats is not None:
+        p = torch.exp(x - row_lse.unsqueeze(1))
+        entropy = row_lse - (p * torch.where(x > -torch.inf, x, 0.0)).sum(1)  # not 0 * -inf
+        stats[0].copy_(torch.where(valid, entropy, 0.0) + poison)
+        stats[1].copy_(valid & in_range & (x.argmax(1) == labels))
     if grad is not None:
         _grad_torch(x, labels, row_lse, grad, scale, ignore_index, label_smoothing, z_loss)
 
@@ -253,19 +283,20 @@ def _grad_torch(x, labels, lse, grad, scale, ignore_index, label_smoothing, z_lo
 # The fused variant (``cross_entropy_rows`` with ``grad``; what the fused linear cross-entropy runs in place over a
 # logits chunk it owns, with the scale known in the forward) writes the gradient in the forward: sweep 1 reads the
 # row, sweep 2 reads it again and writes the gradient (``3 V s``).
-def cross_entropy_rows(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse=None):
+def cross_entropy_rows(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse=None, stats=None):
     """Per-row loss into ``loss`` (fp32 [N]) and, if ``grad`` is given, ``scale * dloss/dlogits`` into it.
 
     ``scale`` is a 0-d or [N] fp32 tensor on the logits' device (None when ``grad`` is None). ``grad`` may be
     ``logits`` itself (in-place, each element is read before it is overwritten by the same program). ``lse``
     (fp32 [N], optional) receives each row's log-sum-exp (0 for ignored rows) for ``cross_entropy_grad_rows``.
-    Triton or PyTorch per ``use_triton``; float64 always runs PyTorch. Inputs are assumed validated (see
-    ``check_labels``).
+    ``stats`` (optional pair of fp32 [N]) receives each row's softmax entropy and top-1 hit (1.0 / 0.0), see the
+    module docstring. Triton or PyTorch per ``use_triton``; float64 always runs PyTorch. Inputs are assumed
+    validated (see ``check_labels``).
     """
     if logits.dtype in FLOAT_DTYPES and use_triton(logits):
-        _launch_fwd(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse)
+        _launch_fwd(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse, stats)
     else:
-        _rows_torch(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse)
+        _rows_torch(logits, labels, loss, grad, scale, ignore_index, label_smoothing, z_loss, lse, stats)
 
 
 def cross_entropy_grad_rows(logits, labels, lse, grad, scale, ignore_index, label_smoothing, z_loss):

@@ -12,12 +12,26 @@ gradients are finished during the forward and backward only multiplies them by `
 with the host. Extra memory beyond the inputs and their gradients: one chunk of logits, plus the fp32
 weight-gradient accumulator when the weight is not fp32 (an fp32 weight's accumulator is its gradient). The
 GEMMs are cuBLAS; the only Triton kernels are the cross-entropy's and ``kernels._common``'s scaling.
+
+Per-token statistics without logits (``return_entropy``, ``return_token_accuracy``, ``return_z_loss``): the
+cross-entropy kernel's sweep 1 also carries ``sum_j exp(x_j - m) x_j`` and the largest logit before the label, so
+the softmax entropy ``H = lse - sum_j p_j x_j`` and ``top1 = [argmax_j x_j == y]`` cost per-row scalars, no extra
+read; the z-loss part of the loss is ``z * lse**2`` from the stored lse. They carry no gradient.
+
+``reduction="none"`` recomputes every chunk in backward (each row has its own grad_output). With
+``uniform_grad=True`` the caller promises that grad_output is the same for every non-ignored row (the per-token
+losses are only summed and scaled, as in SFT): the gradients of their sum are then finished in the forward as for
+"sum", and backward multiplies them by that one value, read on the device. A grad_output that differs between
+non-ignored rows gives NaN gradients (checked on the device, no host sync), never silently wrong ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -106,11 +120,13 @@ def _add_product(acc: torch.Tensor, product: torch.Tensor, first: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------- chunk loop
-def _chunk_loop(hidden, weight, bias, labels, scale, loss, grads, ignore_index, label_smoothing, z_loss, rows):
+def _chunk_loop(hidden, weight, bias, labels, scale, loss, grads, ignore_index, label_smoothing, z_loss, rows,
+                extras=None):
     """One pass over the token chunks (shared by every path; only the per-chunk cross-entropy differs).
 
     Writes per-row losses into ``loss``. ``grads`` is ``None`` (loss only) or ``(grad_hidden, grad_weight,
     grad_bias)`` with ``None`` for gradients not wanted; ``scale`` (0-d or [N]) multiplies the gradients.
+    ``extras`` (optional): ``(lse, entropy, top1)`` [N] rows to fill (see ``cross_entropy_rows``).
     """
     grad_h, grad_w, grad_b = grads if grads is not None else (None, None, None)
     want_grad = grads is not None and any(g is not None for g in grads)
@@ -125,8 +141,10 @@ def _chunk_loop(hidden, weight, bias, labels, scale, loss, grads, ignore_index, 
         else:
             torch.mm(h, weight.t(), out=logits)
         chunk_scale = scale[start:end] if scale.dim() == 1 else scale
+        lse, stats = (None, None) if extras is None else (extras[0][start:end], (extras[1][start:end],
+                                                                                  extras[2][start:end]))
         cross_entropy_rows(logits, labels[start:end], loss[start:end], logits if want_grad else None, chunk_scale,
-                           ignore_index, label_smoothing, z_loss)
+                           ignore_index, label_smoothing, z_loss, lse, stats)
         if grad_h is not None:
             torch.mm(logits, weight, out=grad_h[start:end])
         if grad_w is not None:
@@ -160,35 +178,42 @@ def _new_grads(hidden, weight, bias, need, acc):
 class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, scale, ignore_index, reduction, label_smoothing, z_loss, rows,
-                grad_enabled):
+                grad_enabled, want_extras, uniform_grad):
         acc = torch.promote_types(hidden.dtype, torch.float32)
         need = tuple(n and grad_enabled for n in ctx.needs_input_grad[:3])  # True under no_grad otherwise
         loss = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
-        ctx.options = (ignore_index, reduction, label_smoothing, z_loss, rows)
+        extras = torch.empty(3, hidden.shape[0], dtype=acc, device=hidden.device) if want_extras else None
+        ctx.options = (ignore_index, reduction, label_smoothing, z_loss, rows, uniform_grad)
         ctx.dtype, ctx.param_dtype = hidden.dtype, weight.dtype
         # under autocast fp32 parameters meet bf16 activations: the GEMMs take a cast copy (as F.linear's would),
         # and the gradients go back in the parameters' fp32 straight from the fp32 accumulators (no cast pass)
         weight = weight.to(hidden.dtype)
         bias = bias.to(hidden.dtype) if bias is not None else None
-        if reduction == "none" or not any(need):
-            _chunk_loop(hidden, weight, bias, labels, scale, loss, None, ignore_index, label_smoothing, z_loss, rows)
+        if (reduction == "none" and not uniform_grad) or not any(need):
+            _chunk_loop(hidden, weight, bias, labels, scale, loss, None, ignore_index, label_smoothing, z_loss, rows,
+                        extras)
             ctx.save_for_backward(hidden, weight, bias, labels)
         else:
             grads = _new_grads(hidden, weight, bias, need, acc)
-            _chunk_loop(hidden, weight, bias, labels, scale, loss, grads, ignore_index, label_smoothing, z_loss, rows)
-            ctx.save_for_backward(*grads)  # scaled in place by backward: a second backward fails loudly
+            _chunk_loop(hidden, weight, bias, labels, scale, loss, grads, ignore_index, label_smoothing, z_loss, rows,
+                        extras)
+            ctx.save_for_backward(labels, *grads)  # scaled in place by backward: a second backward fails loudly
+        if extras is None:
+            extras = loss.new_empty(3, 0)
+        ctx.mark_non_differentiable(extras)
         if reduction == "none":
-            return loss
-        return loss.sum() * scale
+            return loss, extras
+        return loss.sum() * scale, extras
 
     # Backward scales by grad_output without a host sync (``kernels._common.scaled``): in place, where a
     # grad_output of 1 (a plain ``loss.backward()``) moves no byte; for a bf16/fp16 weight, folded into the one
     # cast pass that writes its gradient from the accumulator. For reduction="none" every row has its own
-    # grad_output, which does not factor out of ``g^T h``: the chunks are recomputed with it as the row scale.
+    # grad_output, which does not factor out of ``g^T h``: the chunks are recomputed with it as the row scale,
+    # unless ``uniform_grad`` promised one value for every non-ignored row (see the module docstring).
     @staticmethod
-    def backward(ctx, grad_output):
-        ignore_index, reduction, label_smoothing, z_loss, rows = ctx.options
-        if reduction == "none":
+    def backward(ctx, grad_output, _grad_extras):
+        ignore_index, reduction, label_smoothing, z_loss, rows, uniform_grad = ctx.options
+        if reduction == "none" and not uniform_grad:
             hidden, weight, bias, labels = ctx.saved_tensors
             acc = torch.promote_types(hidden.dtype, torch.float32)
             grads = _new_grads(hidden, weight, bias, ctx.needs_input_grad[:3], acc)
@@ -196,12 +221,23 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
             _chunk_loop(hidden, weight, bias, labels, grad_output.to(acc).contiguous(), scratch, grads,
                         ignore_index, label_smoothing, z_loss, rows)
             grad_h, grad_w, grad_b = grads
-            return grad_h, _cast(grad_w, ctx.param_dtype), _cast(grad_b, ctx.param_dtype), *(None,) * 8
+            return grad_h, _cast(grad_w, ctx.param_dtype), _cast(grad_b, ctx.param_dtype), *(None,) * 10
+        labels, grad_h, grad_w, grad_b = ctx.saved_tensors
+        if reduction == "none":
+            grad_output = _uniform_value(grad_output, labels, ignore_index)
         # scaled by grad_output with no host sync: nothing moves when it is 1 (the gradients stay in their fp32
         # accumulators for fp32 parameters), and for bf16/fp16 parameters the scaling rides on the one cast pass
-        grad_h, grad_w, grad_b = ctx.saved_tensors
         return (_scaled(grad_h, grad_output, ctx.dtype), _scaled(grad_w, grad_output, ctx.param_dtype),
-                _scaled(grad_b, grad_output, ctx.param_dtype)) + (None,) * 8
+                _scaled(grad_b, grad_output, ctx.param_dtype)) + (None,) * 10
+
+
+def _uniform_value(grad_output: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The grad_output shared by every non-ignored row, as a 0-d tensor: NaN when two of them differ (checked on
+    the device, no host sync). Ignored rows' values are free: their gradients are zero."""
+    valid = labels != ignore_index
+    value = grad_output[valid.to(torch.uint8).argmax()]  # the first non-ignored row (row 0 if none)
+    differs = (valid & (grad_output != value)).any()
+    return torch.where(differs, torch.nan, value)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -257,6 +293,35 @@ def _check(hidden, weight, labels, bias, reduction, label_smoothing, z_loss, num
 
 
 # --------------------------------------------------------------------------------------------- public
+_COLLECTORS: list[list[torch.Tensor]] = []
+
+
+@contextlib.contextmanager
+def token_statistics() -> Iterator[list[torch.Tensor]]:
+    """Inside the block, every ``fused_linear_cross_entropy`` call (e.g. the patched model's loss) also appends to
+    the yielded list a device tensor ``[top-1 hits, entropy sum, tokens]`` over its non-ignored tokens: accuracy and
+    entropy for a training log, from the kernel's first sweep (no logits, no host sync)."""
+    collected: list[torch.Tensor] = []
+    _COLLECTORS.append(collected)
+    try:
+        yield collected
+    finally:
+        _COLLECTORS.remove(collected)
+
+
+class FusedLinearCrossEntropyOutput(NamedTuple):
+    """What ``fused_linear_cross_entropy`` returns when any ``return_*`` flag is set. ``loss`` as without them
+    (it includes the z-loss term); the others carry no gradient and are None unless asked for. With "mean" / "sum"
+    / ``num_items_in_batch``: ``z_loss`` is the z-loss part of ``loss``, reduced as ``loss``; ``token_accuracy`` and
+    ``entropy`` are means over the non-ignored tokens (0.0 when there are none). With ``reduction="none"``: per
+    token, shaped like ``labels`` (0 on ignored tokens; ``token_accuracy`` is 1.0 where the label is the argmax)."""
+
+    loss: torch.Tensor
+    z_loss: torch.Tensor | None = None
+    token_accuracy: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -269,15 +334,24 @@ def fused_linear_cross_entropy(
     num_items_in_batch: int | torch.Tensor | None = None,
     *,
     chunk_budget_bytes: int | None = None,
-) -> torch.Tensor:
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+    return_entropy: bool = False,
+    uniform_grad: bool = False,
+) -> torch.Tensor | FusedLinearCrossEntropyOutput:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, chunked (see the module docstring).
 
     ``hidden`` [N, H] or [B, T, H] with ``labels`` [N] or [B, T] (already shifted for a causal LM),
     ``weight`` [V, H] (may be a tied embedding), ``bias`` [V]. Returns an fp32 scalar, or fp32 losses shaped
     like ``labels`` for ``reduction="none"`` (float64 inputs give float64). As ``cross_entropy``: "mean" over
-    labels that are all ``ignore_index`` is 0.0 with zero gradients, where PyTorch gives NaN.
+    labels that are all ``ignore_index`` is 0.0 with zero gradients, where PyTorch gives NaN. With
+    ``return_z_loss`` / ``return_token_accuracy`` / ``return_entropy``: a ``FusedLinearCrossEntropyOutput``.
+    ``uniform_grad`` (``reduction="none"`` only): see the module docstring.
     """
     _check(hidden, weight, labels, bias, reduction, label_smoothing, z_loss, num_items_in_batch, chunk_budget_bytes)
+    if uniform_grad and reduction != "none":
+        raise ValueError(f"{_FN}: uniform_grad=True applies to reduction='none' (the others are uniform already), "
+                         f"got reduction={reduction!r}")
     hidden = hidden.to(_autocast_dtype(hidden)[0])
     V, H = weight.shape
     h2 = hidden.reshape(-1, H)
@@ -296,12 +370,31 @@ def fused_linear_cross_entropy(
     budget = chunk_budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES["cuda" if hidden.is_cuda else "cpu"]
     triton_path = hidden.dtype in FLOAT_DTYPES and use_triton(hidden)
     rows = chunk_rows(h2.shape[0], V, hidden.dtype, triton_path, budget)
+    want_extras = return_z_loss or return_token_accuracy or return_entropy or bool(_COLLECTORS)
     # inputs already cast: products stay as chosen; kernels launch on hidden's GPU
     with torch.autocast(hidden.device.type, enabled=False), on_device(hidden):
-        loss = _FusedLinearCrossEntropyFunction.apply(h2, weight, bias, y, scale, int(ignore_index), reduction,
-                                                      float(label_smoothing), float(z_loss), rows,
-                                                      torch.is_grad_enabled())
-    return loss.reshape(labels.shape) if reduction == "none" else loss
+        loss, extras = _FusedLinearCrossEntropyFunction.apply(
+            h2, weight, bias, y, scale, int(ignore_index), reduction, float(label_smoothing), float(z_loss), rows,
+            torch.is_grad_enabled(), want_extras, uniform_grad)
+    if reduction == "none":
+        loss = loss.reshape(labels.shape)
+    if not want_extras:
+        return loss
+    lse, entropy, top1 = extras
+    if _COLLECTORS:
+        counts = torch.stack([top1.sum(), entropy.sum(), (y != ignore_index).sum().to(acc)])
+        for collected in _COLLECTORS:
+            collected.append(counts)
+        if not (return_z_loss or return_token_accuracy or return_entropy):
+            return loss
+    if reduction == "none":
+        per_token = (float(z_loss) * lse * lse, top1, entropy)
+    else:
+        token_mean = mean_scale(y, ignore_index).to(acc)
+        per_token = (float(z_loss) * (lse * lse).sum() * scale, top1.sum() * token_mean, entropy.sum() * token_mean)
+    per_token = [t.reshape(labels.shape) if reduction == "none" else t for t in per_token]
+    wanted = (return_z_loss, return_token_accuracy, return_entropy)
+    return FusedLinearCrossEntropyOutput(loss, *(t if want else None for t, want in zip(per_token, wanted)))
 
 
 # ------------------------------------------------------------------------------------------- reference

@@ -1,5 +1,6 @@
 """The patched training model: ``patch`` / ``unpatch`` / ``load`` (fused kernels in transformers' Qwen2/2.5/3),
-FSDP2 wrapping, the reasoning chat formats and the model shapes (``s1fast.model.shapes``).
+FSDP2 wrapping, the reasoning chat formats and the model shapes (``s1fast.model.shapes``); the same layers as
+transformers Hub kernels (``s1fast.model.hub_kernels``).
 
 ``Decoder`` and ``BudgetForcing`` moved to ``s1fast.decode``; ``from s1fast.model import Decoder`` still works for
 one release, with a DeprecationWarning (imported lazily: the model room does not import the decode room).

@@ -275,9 +275,9 @@ def test_kernel_specs_match_kernel_and_launcher(model):
     fwd, bwd = ce_module.kernel_specs(shape)
     fused = ce_module.fused_kernel_spec(shape)
     block, warps = ce_module._config(shape["vocab"])  # the launcher's own config function
-    for spec, expected_constexprs in ((fwd, ["BLOCK_V", "PER_ROW_SCALE", "STORE_LSE", "WRITE_GRAD"]),
-                                      (bwd, ["BLOCK_V", "PER_ROW_SCALE"]),
-                                      (fused, ["BLOCK_V", "PER_ROW_SCALE", "STORE_LSE", "WRITE_GRAD"])):
+    fwd_constexprs = ["BLOCK_V", "PER_ROW_SCALE", "STORE_LSE", "STORE_STATS", "WRITE_GRAD"]
+    for spec, expected_constexprs in ((fwd, fwd_constexprs), (bwd, ["BLOCK_V", "PER_ROW_SCALE"]),
+                                      (fused, fwd_constexprs)):
         assert isinstance(spec, KernelSpec)
         _, constexprs = assert_spec_matches_kernel(spec)
         assert sorted(constexprs) == expected_constexprs
@@ -285,6 +285,7 @@ def test_kernel_specs_match_kernel_and_launcher(model):
         assert spec.constexprs["BLOCK_V"] == block and spec.num_warps == warps
     assert fwd.constexprs["STORE_LSE"] and not fwd.constexprs["WRITE_GRAD"]
     assert fused.constexprs["WRITE_GRAD"] and not fused.constexprs["STORE_LSE"]
+    assert not fwd.constexprs["STORE_STATS"] and not fused.constexprs["STORE_STATS"]  # training: no statistics
     assert 4096 <= block <= 16384
 
 

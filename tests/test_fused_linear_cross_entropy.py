@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from s1fast.kernels import force_backend, fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+from s1fast.kernels import force_backend, fused_linear_cross_entropy, fused_linear_cross_entropy_reference, interpreting
 from s1fast.model.shapes import QWEN25_SHAPES
 
 flce_module = importlib.import_module("s1fast.kernels.fused_linear_cross_entropy")
@@ -444,3 +444,113 @@ def test_cuda_fp32_out_gemm_call_is_well_formed_on_meta_tensors(beta):
     assert acc.shape == (300, 16) and acc.dtype == torch.float32
     with pytest.raises(RuntimeError):  # and it does check: mismatched inner dimensions are refused
         flce_module._fp32_out_addmm(acc, a, b[:5], beta)
+
+
+# ------------------------------------------------------------------ token accuracy, entropy, z-loss, uniform_grad
+def statistics64(hidden, weight, bias, labels, z_loss):
+    """float64 per-token entropy, top-1 hit and z-loss term from the full logits (0 on ignored tokens)."""
+    x = F.linear(hidden.double(), weight.double(), bias.double() if bias is not None else None)
+    valid = labels != -100
+    logp = x.log_softmax(-1)
+    entropy = torch.where(valid, torch.special.entr(logp.exp()).sum(-1), 0.0)  # 0 log 0 = 0 at -inf logits
+    top1 = (valid & (x.argmax(-1) == labels)).double()
+    z = torch.where(valid, torch.logsumexp(x, -1).pow(2), 0.0)
+    return entropy, top1, z, valid
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_statistics_match_float64(backend, dtype, reduction):
+    """return_entropy / return_token_accuracy / return_z_loss against float64 full logits, over several chunks with
+    ignored tokens and a masked (-inf) vocabulary entry; the loss itself is unchanged by asking for them."""
+    hidden, weight, bias, labels = make_case((2, 5), 48, 1000, dtype)
+    bias[7] = -torch.inf  # a masked vocabulary entry: exp(-inf) * -inf must not turn the entropy into NaN
+    best = F.linear(hidden.double(), weight.double(), bias.double()).argmax(-1)
+    labels = torch.where(torch.arange(10).view(2, 5) % 2 == 0, best, labels)  # hits, so accuracy is not just 0
+    labels[labels == 7] = 8
+    opts = dict(reduction=reduction, z_loss=1e-3, chunk_budget_bytes=3 * 1000 * 12)
+    with force_backend(backend):
+        out = fused_linear_cross_entropy(hidden, weight, labels, bias, return_z_loss=True,
+                                         return_token_accuracy=True, return_entropy=True, **opts)
+        plain = fused_linear_cross_entropy(hidden, weight, labels, bias, **opts)
+    torch.testing.assert_close(out.loss, plain, rtol=0, atol=0)
+    entropy, top1, z, valid = statistics64(hidden, weight, bias, labels, 1e-3)
+    if reduction == "none":
+        want = (1e-3 * z, top1, entropy)
+    else:
+        scale = 1 / valid.sum() if reduction == "mean" else 1.0
+        want = (1e-3 * z.sum() * scale, top1.sum() / valid.sum(), entropy.sum() / valid.sum())
+    rel = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the logits GEMM rounds to bf16 (3 significant digits)
+    assert_close(out.z_loss, want[0], rel)
+    assert_close(out.entropy, want[2], rel)
+    if dtype == torch.float32:  # bf16 rounding can tie or swap the two largest logits
+        assert_close(out.token_accuracy, want[1], 0.0 if reduction == "none" else 1e-6)  # the mean: fp32 rounding
+        assert 0 < top1.sum() < valid.sum()
+    assert not any(t.requires_grad for t in out[1:])
+
+
+def test_token_statistics_collects_every_call():
+    """token_statistics(): each call inside the block adds [top-1 hits, entropy sum, tokens] on the device."""
+    from s1fast.kernels.fused_linear_cross_entropy import token_statistics
+
+    hidden, weight, bias, labels = make_case((8,), 16, 300, torch.float32)
+    labels[:4] = F.linear(hidden, weight, bias)[:4].argmax(-1)
+    with token_statistics() as stats:
+        loss = fused_linear_cross_entropy(hidden, weight, labels, bias)
+        fused_linear_cross_entropy(hidden[:3], weight, labels[:3], bias)
+    assert isinstance(loss, torch.Tensor) and len(stats) == 2
+    entropy, top1, _, valid = statistics64(hidden, weight, bias, labels, 0.0)
+    assert_close(stats[0], torch.stack([top1.sum(), entropy.sum(), valid.sum().double()]), 1e-5)
+    assert_close(stats[1][2], valid[:3].sum().double(), 0.0)
+    fused_linear_cross_entropy(hidden, weight, labels, bias)
+    assert len(stats) == 2  # outside the block: nothing collected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_statistics_only_where_asked(backend):
+    hidden, weight, bias, labels = make_case((6,), 16, 300, torch.float32)
+    with force_backend(backend):
+        out = fused_linear_cross_entropy(hidden, weight, labels, bias, return_token_accuracy=True)
+    assert out.z_loss is None and out.entropy is None and out.token_accuracy is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_uniform_grad_equals_scaled_sum_and_poisons_weighted_rows(backend, dtype):
+    """reduction="none" with uniform_grad: per-token losses as without it; gradients of c * sum as float64 (ignored
+    rows' grad_output is free); a grad_output that differs between non-ignored rows gives NaN gradients."""
+    hidden, weight, bias, labels = make_case((3, 4), 32, 700, dtype)
+    c = torch.rand(()).item() + 0.5
+    go = torch.full((3, 4), c)
+    go[labels == -100] = 123.0  # ignored rows: any value
+    got = run(backend, hidden, weight, bias, labels, go, reduction="none", uniform_grad=True,
+              chunk_budget_bytes=5 * 700 * 12)
+    want = reference64(hidden, weight, bias, labels, go, reduction="none")
+    check(got, want, dtype)
+    go[labels != -100] = torch.rand(int((labels != -100).sum())) + 0.5
+    _, grads = run(backend, hidden, weight, bias, labels, go, reduction="none", uniform_grad=True)
+    assert all(torch.isnan(g).all() for g in grads)
+
+
+def test_uniform_grad_needs_reduction_none():
+    hidden, weight, bias, labels = make_case((4,), 16, 50, torch.float32)
+    with pytest.raises(ValueError, match="uniform_grad=True applies to reduction='none'"):
+        fused_linear_cross_entropy(hidden, weight, labels, uniform_grad=True)
+
+
+@pytest.mark.skipif(not interpreting(), reason="counting runs under Triton's interpreter (CPU CI)")
+def test_statistics_cost_per_row_scalars_only():
+    """Bytes counted under the interpreter: entropy, top-1 and lse add three fp32 stores per row to the forward
+    kernel, no load (they ride on the first sweep)."""
+    from s1fast.bench import perf_model as pm
+
+    hidden, weight, bias, labels = make_case((9,), 16, 5000, torch.float32)
+    counts = []
+    for stats in (False, True):
+        with pm.counting() as launches:
+            fused_linear_cross_entropy(hidden, weight, labels, bias, return_entropy=stats, return_z_loss=stats)
+        (ce,) = [x for x in launches if x["kernel"] == "_cross_entropy_kernel"]
+        counts.append(ce)
+    assert counts[1]["load_bytes"] == counts[0]["load_bytes"]
+    assert counts[1]["store_bytes"] == counts[0]["store_bytes"] + 3 * 4 * 9

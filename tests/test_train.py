@@ -226,6 +226,30 @@ def test_global_batch_loss_independent_of_split(tmp_path):
         torch.testing.assert_close(params, results[0][1], rtol=1e-5, atol=1e-6)
 
 
+def test_log_has_token_accuracy_and_entropy(tmp_path):
+    """log.jsonl's mean_token_accuracy and entropy of a step (split into micro-batches) are those of the trained
+    tokens under the step's weights, computed the plain way in float64 (the loss alongside as a check)."""
+    dataset = train_worker.synthetic_dataset(8)
+    cfg = train_worker.config(str(tmp_path), global_batch=8, micro_batch_tokens=64, max_steps=1)
+    trainer = Trainer(train_worker.tiny_model(), dataset, cfg, device=CPU)
+    examples = [dataset.examples[j] for j in trainer.batch_positions(0)]
+    trainer.fit()
+    (record,) = _log(str(tmp_path))
+    model = train_worker.tiny_model(patched=False, dtype=torch.float64).eval()
+    hits = entropy = count = 0.0
+    for ex in examples:
+        logits = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0, :-1]
+        target = torch.tensor(ex["labels"][1:])
+        valid = target != IGNORE_INDEX
+        logp = logits.log_softmax(-1)[valid]
+        hits += float((logits.argmax(-1)[valid] == target[valid]).sum())
+        entropy += float(-(logp.exp() * logp).sum())
+        count += float(valid.sum())
+    # an untrained model hits few tokens (maybe none); the kernel tests check top-1 with many hits
+    assert record["mean_token_accuracy"] == pytest.approx(hits / count, abs=1e-12)
+    assert record["entropy"] == pytest.approx(entropy / count, rel=1e-5)
+
+
 def test_s1_schedule_and_step_count(tmp_path):
     """s1: 1,000 examples, global batch 16, 5 epochs = 63 steps per epoch (the last batch of an epoch holds 8),
     315 optimizer steps; AdamW 1e-5, betas (0.9, 0.95), weight decay 1e-4 on matrices only; linear warmup over

@@ -1,4 +1,5 @@
-"""What a run reports: each step's loss, gradient norm, learning rate and throughput, synchronised once per log
+"""What a run reports: each step's loss, gradient norm, learning rate, throughput, and the trained tokens' top-1
+accuracy and softmax entropy (``mean_token_accuracy``, ``entropy``, as TRL names them), synchronised once per log
 interval, checked to be finite, written to ``log.jsonl`` (and TensorBoard when installed) and shown on the progress
 bar; rank 0 writes, every rank takes part in the sync."""
 
@@ -23,7 +24,7 @@ class MetricsLogger:
 
     def __init__(self, out: str, *, enabled: bool, progress: bool, initial: int, end: int, steps_per_epoch: int):
         self.steps_per_epoch = steps_per_epoch
-        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, int, torch.Tensor]] = []
         self.window_tokens, self.window_t0 = 0, time.perf_counter()
         self.file = self.tb = self.bar = None
         if not enabled:
@@ -39,21 +40,24 @@ class MetricsLogger:
             return
         self.tb = SummaryWriter(os.path.join(out, "tensorboard"))
 
-    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int) -> None:
-        """Step ``step`` ran: this rank's share of the loss, the gradient norm, the tokens of its global batch."""
-        self.pending.append((step, loss, grad_norm, tokens))
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int,
+            token_stats: list[torch.Tensor] = ()) -> None:
+        """Step ``step`` ran: this rank's share of the loss, the gradient norm, the tokens of its global batch, and
+        its micro-batches' ``[top-1 hits, entropy sum, trained tokens]`` (``token_statistics``; none: zeros)."""
+        stats = torch.stack(list(token_stats)).sum(0) if token_stats else torch.zeros(3, device=loss.device)
+        self.pending.append((step, loss, grad_norm, tokens, stats.to(loss.dtype)))
         self.window_tokens += tokens
 
     def flush(self, lr: float, latest_checkpoint: Callable[[], str | None]) -> list[dict]:
         """The one host sync per log interval: all ranks sum their loss shares. Returns the pending steps' records
         (also logged), or raises a FloatingPointError at the first non-finite loss or gradient norm, naming the step
         and ``latest_checkpoint()``, before anything of that step is logged."""
-        stacked = torch.stack([p[1] for p in self.pending])
+        stacked = torch.stack([torch.cat([p[1].reshape(1), p[4]]) for p in self.pending])  # [steps, loss + stats]
         dist.all_reduce(stacked)
         norms = torch.stack([_local(p[2]) for p in self.pending]).tolist()
         tps = self.window_tokens / max(time.perf_counter() - self.window_t0, 1e-9)
         records = []
-        for (step, _, _, tokens), loss, norm in zip(self.pending, stacked.tolist(), norms):
+        for (step, _, _, tokens, _), (loss, hits, entropy, count), norm in zip(self.pending, stacked.tolist(), norms):
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 last = latest_checkpoint()
                 last = f"the last checkpoint is {os.path.basename(last)}" if last else "no checkpoint"
@@ -62,7 +66,8 @@ class MetricsLogger:
                     f"{step} or later was saved ({last}); lower the learning rate or check the data"
                 )
             record = {"step": step, "epoch": (step - 1) // self.steps_per_epoch + 1, "loss": loss, "grad_norm": norm,
-                      "lr": lr, "tokens": tokens, "tokens_per_s": tps}
+                      "lr": lr, "tokens": tokens, "tokens_per_s": tps, "mean_token_accuracy": hits / max(count, 1),
+                      "entropy": entropy / max(count, 1)}
             self._write(record)
             records.append(record)
         if self.bar is not None:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from s1fast.commands import DTYPES, DeferredInterrupt
+from s1fast.kernels.fused_linear_cross_entropy import token_statistics
 from s1fast.model.fsdp import agree_failed, load_weights, materialize, shard_model
 from s1fast.model.patch import causal_lm
 from s1fast.train.checkpoint import Checkpointer, check_writable, claim_output_dir, read_checkpoint
@@ -209,9 +210,10 @@ class Trainer:
             try:
                 while self.step < end:
                     examples = [self.dataset.examples[i] for i in self.batch_positions(self.step)]
-                    loss, grad_norm = self.train_step(examples)
+                    with token_statistics() as stats:  # accuracy and entropy from the fused loss, on the device
+                        loss, grad_norm = self.train_step(examples)
                     self.step += 1
-                    logger.add(self.step, loss, grad_norm, sum(len(ex["input_ids"]) for ex in examples))
+                    logger.add(self.step, loss, grad_norm, sum(len(ex["input_ids"]) for ex in examples), stats)
                     stop = agree_failed(signals.signum is not None)  # every rank stops at the same step
                     save = self.step % self.steps_per_epoch == 0 or self.step == end or stop or bool(
                         cfg.save_every and self.step % cfg.save_every == 0)
