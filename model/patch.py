@@ -301,19 +301,21 @@ def _warn_if_dropped(lm: nn.Module) -> None:
 def _turn_off_hub_kernels(lm: nn.Module) -> None:
     """transformers >= 5.25 kernelizes a model in ``from_pretrained`` by default (``use_kernels``) and kernelizes it
     again at every ``train()`` / ``eval()`` mode switch, which removes instance forwards of the layers the Hub kernels
-    name (``RMSNorm``). ``patch`` supersedes Hub kernels for the layers it patches: it resets them and turns
-    ``use_kernels`` off, so a later ``model.train()`` keeps s1fast's forwards. Hub kernels that were really loaded
-    (not the torch fallback) are named in a warning."""
-    if not getattr(lm, "use_kernels", False):
-        return
-    loaded = sorted({type(m).__name__ for m in lm.modules() if "_kernel_repo" in vars(m)})
-    if loaded:
+    name (``RMSNorm``). ``patch`` supersedes Hub kernels for the layers it patches: it turns ``use_kernels`` off (so a
+    later ``model.train()`` keeps s1fast's forwards) and removes the Hub-kernel forwards of modules kernelized before
+    (by transformers or ``s1fast.model.hub_kernels``), naming them in a warning."""
+    kernelized = [m for m in lm.modules() if "_kernel_repo" in vars(m)]
+    if kernelized:
         warnings.warn(
-            f"s1fast.model.patch: the model ran Hub kernels for {loaded} (use_kernels=True); patch() resets them and "
-            "turns use_kernels off",
+            f"s1fast.model.patch: the model ran Hub kernels for {sorted({type(m).__name__ for m in kernelized})}; "
+            "patch() replaces them and turns use_kernels off",
             stacklevel=3,
         )
-    lm.reset_kernels()
+    if getattr(lm, "use_kernels", False):
+        lm.use_kernels = False  # transformers' switch: no re-kernelization at train() / eval() from now on
+    for module in kernelized:  # what the kernels package does to restore a layer's own forward
+        vars(module).pop("forward", None)
+        vars(module).pop("_kernel_repo", None)
 
 
 def _targets(

@@ -88,6 +88,16 @@ def test_kernelize_matches_patch(arch, monkeypatch):
     assert calls["rms_norm"] == calls["swiglu"] == 0
 
 
+def test_patch_after_hub_kernels_replaces_them_and_says_so(monkeypatch):
+    """patch() on a kernelized model: the Hub-kernel forwards go (named in a warning), every layer runs patch()'s
+    forward, and the model is no longer re-kernelized by train() / eval()."""
+    model = hub.kernelize(tiny_model("qwen2"))
+    with pytest.warns(UserWarning, match=r"ran Hub kernels for \['Qwen2MLP', 'Qwen2RMSNorm'\]"):
+        patch(model)
+    assert patch_module.patched(model) == {"rms_norm": 5, "rope": 2, "swiglu": 2, "loss": 1}
+    assert not any("_kernel_repo" in vars(m) for m in model.modules()) and not model.use_kernels
+
+
 def test_kernel_config_resolves_the_local_repository(monkeypatch):
     """kernel_config() passes transformers' checks for a Qwen model and resolves, through the kernels package's
     LocalLayerRepository, to s1fast's layers (transformers' KernelConfig maps GPU device types only: the device is
