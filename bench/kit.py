@@ -38,7 +38,7 @@ from pathlib import Path
 
 from s1fast.files import atomic_output
 
-DEFAULT_MINUTES = 6.0  # + about 0.5 min of install (gpu_kit.sh) = the 7-minute command bench/README.md plans for
+DEFAULT_MINUTES = 6.25  # + about 0.5 min of install (gpu_kit.sh): under the 7-minute command bench/README.md plans for
 RESERVE_S = 15  # of the budget, kept for the last packing and the target table
 MARGIN = 1.25  # cap = MARGIN x estimate
 PACK_EVERY_S = 20

@@ -117,7 +117,8 @@ def test_the_plan_puts_the_headline_figures_first_within_the_budget(capsys):
 def test_kit_cli_dry_run_scales_the_caps_and_names_bad_arguments(tmp_path, capsys):
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "results.json").write_text(json.dumps({"suites": {"kernels": {"rows": []}}}))
-    assert cli.main(["kit", "--dry-run", "--out", str(tmp_path), "--minutes", "3"]) == 0
+    half = kit.DEFAULT_MINUTES / 2
+    assert cli.main(["kit", "--dry-run", "--out", str(tmp_path), "--minutes", str(half)]) == 0
     out = capsys.readouterr().out
     kernels = kit.PLAN[0]
     assert f"kernels (estimate {kernels.estimate_s:.0f} s, cap {kernels.cap_s / 2:.0f} s)" in out
