@@ -7,8 +7,8 @@ exponential backoff on 429, 5xx, time-outs, dropped connections and malformed re
         reply.thinking, reply.answer, reply.tokens, reply.error   # error: None, or why every try failed
 
 A top-level module (beside ``files`` and ``commands``) because two rooms use it: ``s1fast data`` (teachers, students,
-the domain classifier) and, later, ``s1fast eval --endpoint``; ``data`` imports ``eval``, so the client can live in
-neither without one room importing the other's internals.
+the domain classifier) and ``s1fast eval --endpoint`` (budget-forced completions from ``s1fast serve``); ``data``
+imports ``eval``, so the client can live in neither without one room importing the other's internals.
 
 Thinking comes from the message's ``reasoning_content`` (vLLM, SGLang, DeepSeek, ``s1fast serve``; ``reasoning`` as
 newer vLLM names it), else from ``<think>...</think>`` at the start of the content (R1-style servers that return the
@@ -118,9 +118,10 @@ class Client:
                 self._model = models[0].id
             return self._model
 
-    def chat(self, messages: list[dict], **params) -> Reply:
+    def chat(self, messages: list[dict] | None = None, *, prompt: str | list[int] | None = None, **params) -> Reply:
         """One chat completion with retries (``params``: the request's fields; those the ``openai`` client does not
-        know, e.g. ``max_thinking_tokens``, go in ``extra_body``). Never raises for the server's failures: the
+        know, e.g. ``max_thinking_tokens``, go in ``extra_body``); with ``prompt`` instead of ``messages``, one
+        completion (``/v1/completions``: the text in ``Reply.answer``). Never raises for the server's failures: the
         last error is in ``Reply.error``."""
         import openai
 
@@ -133,10 +134,15 @@ class Client:
                 i = next(self._turn) % len(self.clients)
             pause = None
             try:
-                r = self.clients[i].chat.completions.create(model=self.model, messages=messages, extra_body=extra,
-                                                            **body)
-                choice = r.choices[0]
-                thinking, answer, source = split_thinking(choice.message)
+                if prompt is not None:
+                    r = self.clients[i].completions.create(model=self.model, prompt=prompt, extra_body=extra, **body)
+                    choice = r.choices[0]
+                    thinking, answer, source = None, choice.text, None
+                else:
+                    r = self.clients[i].chat.completions.create(model=self.model, messages=messages,
+                                                                extra_body=extra, **body)
+                    choice = r.choices[0]
+                    thinking, answer, source = split_thinking(choice.message)
                 usage = r.usage
                 details = getattr(usage, "completion_tokens_details", None) if usage is not None else None
                 return Reply(thinking=thinking, answer=answer, tokens=usage.completion_tokens if usage else None,
@@ -160,9 +166,9 @@ class Client:
 
     def map(self, jobs: dict | Iterable[tuple], **params) -> Iterator[tuple]:
         """``(key, Reply)`` for each ``(key, request)`` of ``jobs`` (a dict or pairs; a request is the messages, or a
-        dict of :meth:`chat`'s arguments: ``messages`` and fields of its own, e.g. ``seed``), as they finish, with
-        at most ``concurrency`` requests in flight; ``params``: fields of every request. The requests run on
-        daemon threads: stopping the iteration (Ctrl-C) sends no new request and does not wait for those in
+        dict of :meth:`chat`'s arguments: ``messages`` or ``prompt`` and fields of its own, e.g. ``seed``), as they
+        finish, with at most ``concurrency`` requests in flight; ``params``: fields of every request. The requests
+        run on daemon threads: stopping the iteration (Ctrl-C) sends no new request and does not wait for those in
         flight, whose replies are dropped."""
         pending = iter(jobs.items() if isinstance(jobs, dict) else jobs)
         done: queue.Queue = queue.Queue()
@@ -186,6 +192,23 @@ class Client:
             if error is not None:
                 raise error
             yield key, reply
+
+
+def add_client_arguments(group) -> None:
+    """The command-line options of a :class:`Client` (``--endpoint`` repeatable, ``--model-name``, ``--api-key-env``,
+    ``--concurrency``, ``--timeout``, ``--retries``, ``--backoff``), on an argparse parser or group."""
+    group.add_argument("--endpoint", action="append", default=[], metavar="URL",
+                       help="base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1; repeat to spread "
+                            "the requests over several servers")
+    group.add_argument("--model-name", help="model name sent to the servers (default: the first at /v1/models)")
+    group.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key "
+                       "(default: %(default)s; unset: no key)")
+    group.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default: %(default)s)")
+    group.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
+    group.add_argument("--retries", type=int, default=5,
+                       help="retries on 429 / 5xx / time-outs / malformed replies, with backoff (default: %(default)s)")
+    group.add_argument("--backoff", type=float, default=1.0, help="first retry pause in seconds, doubled per retry "
+                       "unless the server sends Retry-After (default: %(default)s)")
 
 
 def check_client_settings(endpoints: list[str], *, concurrency: int, timeout: float, retries: int,

@@ -23,6 +23,7 @@ import sys
 import time
 from collections import Counter
 
+from s1fast.client import add_client_arguments
 from s1fast.commands import add_device_arguments, check_device, check_dtype, check_model_dir, sigterm_as_interrupt
 from s1fast.data.store import Records
 from s1fast.files import write_atomic
@@ -34,18 +35,7 @@ QUESTIONS, DISTILL, ATTEMPT, CLASSIFY = "questions.jsonl", "distill.jsonl", "att
 
 def _client_arguments(p, local: str | None) -> None:
     g = p.add_argument_group("model: OpenAI-compatible servers" + (f" or a local model ({local})" if local else ""))
-    g.add_argument("--endpoint", action="append", default=[], metavar="URL",
-                   help="base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1; repeat to spread the "
-                        "requests over several servers")
-    g.add_argument("--model-name", help="model name sent to the servers (default: the first at /v1/models)")
-    g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key "
-                   "(default: %(default)s; unset: no key)")
-    g.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default: %(default)s)")
-    g.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
-    g.add_argument("--retries", type=int, default=5,
-                   help="retries on 429 / 5xx / time-outs / malformed replies, with backoff (default: %(default)s)")
-    g.add_argument("--backoff", type=float, default=1.0, help="first retry pause in seconds, doubled per retry "
-                   "unless the server sends Retry-After (default: %(default)s)")
+    add_client_arguments(g)
     if local:
         g.add_argument(f"--{local}", metavar="PATH", help="local model directory decoded by s1fast's engine")
         g.add_argument("--format", choices=FORMAT_CHOICES, default="s1",

@@ -246,12 +246,15 @@ class Usage(BaseModel):
 
 
 class _Counts(BaseModel):
-    """The budget-forcing counts of a finished choice (s1fast extension) and, with return_token_ids, its tokens."""
+    """The budget-forcing counts of a finished choice (s1fast extension) and, with return_token_ids, its tokens and
+    where its answer starts in them."""
 
     thinking_tokens: int | None = Field(**_omit_none)
     forced_waits: int | None = Field(**_omit_none)
     budget_cut: bool | None = Field(**_omit_none)
     token_ids: list[int] | None = Field(**_omit_none)
+    answer_start: int | None = Field(**_omit_none, description="with return_token_ids, once thinking ended: the "
+                                     "index in token_ids where the answer starts (s1fast extension)")
 
 
 class ChatMessageOut(BaseModel):

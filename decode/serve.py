@@ -8,8 +8,9 @@
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true``: server-sent events in
 OpenAI's chunk format, then ``data: [DONE]``), ``GET /v1/models``, ``GET /health``. Bodies take OpenAI's fields plus
-``max_thinking_tokens``, ``num_waits``, ``min_thinking_tokens`` (budget forcing) and ``return_token_ids``: the
-request and response models are ``s1fast.decode.protocol``'s (also at ``/docs``), each field checked with its bounds;
+``max_thinking_tokens``, ``num_waits``, ``min_thinking_tokens`` (budget forcing) and ``return_token_ids`` (each
+choice's ``token_ids`` and, once thinking ended, ``answer_start``, where the answer starts in them): the request and
+response models are ``s1fast.decode.protocol``'s (also at ``/docs``), each field checked with its bounds;
 ``Server.parse`` says how they are decoded, ``s1fast.decode.detokenize`` how text and stop strings are sent. Limits:
 bodies up to ``--max-body-mib`` (413 past it), read and parsed off the event loop; ``max_tokens`` defaults to
 ``--default-max-tokens`` (1024) past the thinking budget. SIGTERM or Ctrl-C shuts the server down gracefully: the
@@ -255,9 +256,10 @@ class Server:
     # --- responses ---------------------------------------------------------------------------------------
     @staticmethod
     def counts(row, token_ids: bool) -> dict:
-        """A finished choice's budget-forcing counts (and its tokens when asked)."""
+        """A finished choice's budget-forcing counts (and its tokens and answer start when asked)."""
         return dict(thinking_tokens=row.thinking_tokens, forced_waits=row.forced_waits, budget_cut=row.budget_cut,
-                    token_ids=row.tokens if token_ids else None)
+                    token_ids=row.tokens if token_ids else None,
+                    answer_start=row.answer_start if token_ids and row.thinking_ended else None)
 
     @staticmethod
     def usage(prompt: list[int], rows) -> protocol.Usage:

@@ -1,7 +1,9 @@
 """``s1fast eval``'s run loop: every pending point of a sweep decoded, graded (``metrics``) and written
 (``records``). Decoding is a callable, ``generate(point, problem_indices) -> rows`` (one row per index, in order:
 :func:`decode_batch`'s fields), so that the loop does not depend on where the model runs: the local decoder
-(:func:`decode_batch` on a ``s1fast.decode.Decoder``) or any other backend that returns the same rows.
+(:func:`decode_batch` on a ``s1fast.decode.Decoder``), ``s1fast serve`` instances behind a client
+(:func:`endpoint_batch`, ``s1fast eval --endpoint``) or any other backend that returns the same rows
+(:func:`row_fields` makes one from a decode's tokens).
 """
 
 from __future__ import annotations
@@ -59,25 +61,61 @@ def decode_batch(decoder, prompts: list[list[int]], forcing, *, max_new_tokens: 
         engine.submit(p, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids, budget=forcing,
                       **{**sampling, "seed": None if seed is None else seed + i})
     result = engine.run()
+    return [row_fields(r.tokens, r.answer_start if r.thinking_ended else None, thinking_tokens=r.thinking_tokens,
+                       forced_waits=r.forced_waits, budget_cut=r.budget_cut, finish_reason=r.finish_reason,
+                       forcing=forcing, stop_token_ids=stop_token_ids, tokenizer=tokenizer) for r in result.rows]
+
+
+def endpoint_batch(client, prompts: list[list[int]], forcing, *, max_new_tokens: int, stop_token_ids: list[int],
+                   tokenizer, sampling: dict) -> list[dict]:
+    """:func:`decode_batch`'s rows, decoded by ``s1fast serve`` instances behind ``client`` (an
+    ``s1fast.client.Client``: its endpoints in turn, its concurrency, its retries): one ``/v1/completions`` request
+    per prompt (its token ids), with the point's budget fields and ``return_token_ids`` in the body; prompt i
+    samples with seed + i, as locally. The server's budget forcing is its own (its ``--format``'s). A request that
+    fails every try raises a ValueError naming the server and the error (the point is not written)."""
+    seed = sampling.get("seed")
+    jobs = [(i, {"prompt": p, "seed": None if seed is None else seed + i}) for i, p in enumerate(prompts)]
+    replies = dict(client.map(jobs, max_tokens=max_new_tokens, temperature=sampling.get("temperature"),
+                              top_p=sampling.get("top_p"), top_k=sampling.get("top_k"),
+                              max_thinking_tokens=forcing.max_thinking_tokens, num_waits=forcing.num_waits,
+                              return_token_ids=True))
+    rows = []
+    for i in range(len(prompts)):
+        reply = replies[i]
+        if reply.error is not None:
+            raise ValueError(f"--endpoint: {reply.error}")
+        extra = reply.extra or {}
+        if not isinstance(extra.get("token_ids"), list) or "thinking_tokens" not in extra:
+            raise ValueError("--endpoint: the server returned no token_ids / thinking_tokens (fields of s1fast "
+                             "serve's return_token_ids); s1fast eval --endpoint needs s1fast serve")
+        rows.append(row_fields(extra["token_ids"], extra.get("answer_start"), thinking_tokens=extra["thinking_tokens"],
+                               forced_waits=extra["forced_waits"], budget_cut=extra["budget_cut"],
+                               finish_reason=reply.finish_reason, forcing=forcing, stop_token_ids=stop_token_ids,
+                               tokenizer=tokenizer))
+    return rows
+
+
+def row_fields(tokens: list[int], answer_start: int | None, *, thinking_tokens: int, forced_waits: int,
+               budget_cut: bool, finish_reason: str, forcing, stop_token_ids: list[int], tokenizer) -> dict:
+    """One decode's row (:func:`decode_batch`'s fields) from its tokens and where its answer starts (None when
+    thinking never ended), whichever backend decoded it."""
     # the decoder's answer starts after `<|im_start|>answer`; when the budget cut thinking, the rest of the
     # injected budget_end ("\nFinal Answer:") comes first and is not the model's (s1_compat can end a cut with
     # the bare delimiter instead, as s1 does); when budget_end does not start with the delimiter, the decoder
     # starts the answer after the whole budget_end
     starts = tuple(forcing.budget_end[: len(forcing.end_think)]) == tuple(forcing.end_think)
     forced_tail = list(forcing.budget_end[len(forcing.end_think) :]) if starts else []
-    rows = []
-    for r in result.rows:
-        answer = r.tokens[r.answer_start :] if r.thinking_ended else []
-        own = answer[:-1] if answer and answer[-1] in stop_token_ids else answer
-        forced_prefix = len(forced_tail) if r.budget_cut and answer[: len(forced_tail)] == forced_tail else 0
-        rows.append({
-            "thinking_tokens": r.thinking_tokens,
-            "answer_tokens": max(0, len(own) - forced_prefix),
-            "forced_waits": r.forced_waits,
-            "budget_cut": r.budget_cut,
-            "thinking_ended": r.thinking_ended,
-            "finish_reason": r.finish_reason,
-            "output": tokenizer.decode(r.tokens, skip_special_tokens=False),
-            "answer_text": tokenizer.decode(answer, skip_special_tokens=True) if r.thinking_ended else None,
-        })
-    return rows
+    ended = answer_start is not None
+    answer = tokens[answer_start:] if ended else []
+    own = answer[:-1] if answer and answer[-1] in stop_token_ids else answer
+    forced_prefix = len(forced_tail) if budget_cut and answer[: len(forced_tail)] == forced_tail else 0
+    return {
+        "thinking_tokens": thinking_tokens,
+        "answer_tokens": max(0, len(own) - forced_prefix),
+        "forced_waits": forced_waits,
+        "budget_cut": budget_cut,
+        "thinking_ended": ended,
+        "finish_reason": finish_reason,
+        "output": tokenizer.decode(tokens, skip_special_tokens=False),
+        "answer_text": tokenizer.decode(answer, skip_special_tokens=True) if ended else None,
+    }

@@ -3,14 +3,17 @@
 For every point of a sweep (``--budgets``: maximum thinking budgets; ``--waits``: numbers of forced "Wait"s),
 every problem of a dataset is decoded with budget forcing, graded with math-verify and written to
 ``OUT/points/<point>.json``; reruns resume; ``OUT/results.json``, ``OUT/results.md`` and ``OUT/scaling.png`` are
-rebuilt from every finished point. ``--samples N`` adds parallel scaling (pass@k, cons@k).
+rebuilt from every finished point. ``--samples N`` adds parallel scaling (pass@k, cons@k). With ``--endpoint URL``
+(repeatable) instead of ``--model``, the decodes go to ``s1fast serve`` instances (one per GPU), the budget fields in
+each request's body, and the point files are those of the local run (greedy decoding), timings aside.
 
 This module is the command (its arguments, :class:`EvalConfig`, the checks before anything loads, the model and
-the local decoder); the parts live beside it and are re-exported here: the run loop (``eval.run``:
-:func:`run_points`, which takes any ``generate(point, problem_indices)`` callable, and :func:`decode_batch`, the
-local decoder's), the point files and reports (``eval.records``: :class:`SweepPoint`, :func:`sweep`,
-:func:`write_reports`), the numbers (``eval.metrics``: :func:`parallel_metrics`, ...) and the figure
-(``eval.plots``). Entry point: :func:`evaluate` (an :class:`EvalConfig`; ``main`` parses one from the command line).
+the local decoder, or the client of the servers); the parts live beside it and are re-exported here: the run loop
+(``eval.run``: :func:`run_points`, which takes any ``generate(point, problem_indices)`` callable, and the rows of
+the local decoder, :func:`decode_batch`, or of the servers, :func:`endpoint_batch`), the point files and reports
+(``eval.records``: :class:`SweepPoint`, :func:`sweep`, :func:`write_reports`), the numbers (``eval.metrics``:
+:func:`parallel_metrics`, ...) and the figure (``eval.plots``). Entry point: :func:`evaluate` (an
+:class:`EvalConfig`; ``main`` parses one from the command line).
 
     s1fast eval --model ckpt/ --problems eval/data/example_problems.jsonl --out runs/scaling \\
         --budgets 512 1024 2048 4096 --waits 0
@@ -26,9 +29,11 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 
+from s1fast.client import add_client_arguments
 from s1fast.commands import (
     AT_LEAST_0,
     COUNT,
@@ -59,13 +64,13 @@ from s1fast.eval.records import (
     sweep,
     write_reports,
 )
-from s1fast.eval.run import decode_batch, run_points
+from s1fast.eval.run import decode_batch, endpoint_batch, run_points
 from s1fast.model.chat import FORMAT_CHOICES, load_tokenizer, resolve_format
 
 # the eval API, wherever each part lives
-__all__ = ["EXAMPLE_PROBLEMS", "EvalConfig", "SweepPoint", "decode_batch", "evaluate", "load_problems", "main",
-           "majority_correct", "markdown_table", "parallel_metrics", "parse_args", "pass_at_k", "plot", "run_points",
-           "sample_ks", "sweep", "write_reports"]
+__all__ = ["EXAMPLE_PROBLEMS", "EvalConfig", "SweepPoint", "decode_batch", "endpoint_batch", "evaluate",
+           "load_problems", "main", "majority_correct", "markdown_table", "parallel_metrics", "parse_args",
+           "pass_at_k", "plot", "run_points", "sample_ks", "sweep", "write_reports"]
 
 MAX_POINT_ROWS = 1_000_000  # decodes (problems x samples) of one point: each is a request held in memory
 SAMPLED = {"temperature": 0.6, "top_p": 0.95}  # with --samples > 1, unless given: DeepSeek-R1's recommended sampling
@@ -73,7 +78,7 @@ SAMPLED = {"temperature": 0.6, "top_p": 0.95}  # with --samples > 1, unless give
 
 @dataclass
 class EvalConfig:
-    model: str
+    model: str | None  # a local model, or None with endpoint
     problems: str
     out: str
     budgets: list  # ints, None = no cap
@@ -99,6 +104,14 @@ class EvalConfig:
     format: str = "s1"  # reasoning format (s1fast.model.chat.FORMAT_CHOICES)
     threads: int | None = None  # CPU threads (None: set_cpu_threads' default)
     kv_cache: dict = field(default_factory=dict)  # Decoder's KV budget (commands.kv_cache_budget); not a result setting
+    # instead of model: s1fast serve instances (s1fast.client.Client's settings; none of them a result setting)
+    endpoint: list = field(default_factory=list)
+    model_name: str | None = None  # None: the first model the first endpoint lists
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8
+    timeout: float = 600.0
+    retries: int = 5
+    backoff: float = 1.0
 
 
 def evaluate(cfg: EvalConfig) -> list[dict]:
@@ -133,10 +146,19 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     check_kv_cache(cfg.kv_cache, device)
     dtype = check_dtype(cfg.dtype, device)
     COUNT.check("max_answer_tokens", cfg.max_answer_tokens)
-    check_hub_model(cfg.model)  # a local directory, or a Hugging Face name the cache or the Hub knows
-    if os.path.isdir(cfg.model):
-        check_model_dir(cfg.model)
-    check_kv_pages(cfg.kv_cache, read_model_config(cfg.model), dtype)
+    if (cfg.model is None) == (not cfg.endpoint):
+        raise ValueError("give --model PATH (decode here) or --endpoint URL (s1fast serve instances), not both"
+                         if cfg.endpoint else "give --model PATH or --endpoint URL")
+    client = None
+    if cfg.endpoint:
+        client = _client(cfg)
+        model = client.model  # the served model's name (recorded as the model)
+    else:
+        check_hub_model(cfg.model)  # a local directory, or a Hugging Face name the cache or the Hub knows
+        if os.path.isdir(cfg.model):
+            check_model_dir(cfg.model)
+        check_kv_pages(cfg.kv_cache, read_model_config(cfg.model), dtype)
+        model = cfg.model
     points = sweep(cfg.budgets, cfg.waits)
     problems = load_problems(cfg.problems, question_field=cfg.question_field, answer_field=cfg.answer_field,
                              limit=cfg.limit, split=cfg.split, choice_seed=cfg.choice_seed)
@@ -148,11 +170,12 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         return os.path.abspath(name) if name is not None and os.path.exists(name) else name
 
     settings = {
-        "model": where(cfg.model), "tokenizer": where(cfg.tokenizer), "problems": where(cfg.problems),
+        "model": where(model), "tokenizer": where(cfg.tokenizer), "problems": where(cfg.problems),
         "problems_sha256": hashlib.sha256(json.dumps(problems, sort_keys=True).encode()).hexdigest(),
         "num_problems": len(problems), "max_new_tokens": cfg.max_new_tokens,
         "max_answer_tokens": cfg.max_answer_tokens, "temperature": temperature, "top_k": cfg.top_k,
-        "top_p": top_p, "seed": cfg.seed, "dtype": str(dtype).removeprefix("torch."),  # float32, bfloat16, ...
+        "top_p": top_p, "seed": cfg.seed,  # dtype: float32, bfloat16, ...; the servers' as --dtype says, else None
+        "dtype": str(dtype).removeprefix("torch.") if cfg.dtype is not None or client is None else None,
         "grader": f"math-verify {importlib.metadata.version('math-verify')}",
         **({"samples": cfg.samples} if sampled else {}),
         **({"s1_compat": True} if cfg.s1_compat else {}),  # absent when off: runs from before it still resume
@@ -160,16 +183,39 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     }
     os.makedirs(os.path.join(cfg.out, "points"), exist_ok=True)
     with exclusive(cfg.out):
-        return _run(cfg, settings, points, problems, device, dtype)
+        return _run(cfg, settings, points, problems, device, dtype, client)
+
+
+def _client(cfg: EvalConfig):
+    """The ``Client`` of ``cfg.endpoint``, its model name asked of the first endpoint unless given, or a one-line
+    ValueError (a bad setting, a server that does not answer)."""
+    from s1fast.client import Client, check_client_settings
+
+    if cfg.s1_compat:
+        raise ValueError("--s1-compat: s1fast serve forces budgets its own way, not with s1's quirks; decode "
+                         "locally with --model")
+    check_client_settings(cfg.endpoint, concurrency=cfg.concurrency, timeout=cfg.timeout, retries=cfg.retries,
+                          backoff=cfg.backoff)
+    client = Client(cfg.endpoint, model=cfg.model_name, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
+                    timeout=cfg.timeout, retries=cfg.retries, backoff=cfg.backoff)
+    try:
+        client.model  # noqa: B018  (asks the first endpoint now: a server that does not answer is one line)
+    except Exception as e:  # noqa: BLE001  (any failure to reach the server is one line)
+        raise ValueError(f"--endpoint {cfg.endpoint[0]}: cannot list its models ({type(e).__name__}: "
+                         f"{str(e)[:200]}); check the server or give --model-name") from None
+    return client
 
 
 def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: list[dict], device: torch.device,
-         dtype: torch.dtype) -> list[dict]:
+         dtype: torch.dtype, client=None) -> list[dict]:
     """``evaluate`` once ``cfg.out`` is held: check the finished points, decode the missing ones, report.
 
     Prompts are those of the reasoning format (``--format``, ``s1fast.model.chat``): s1's by default, the ChatML turns
     followed by ``<|im_start|>think``; ``r1`` / ``qwen3`` (the chat template, the \\boxed{} instruction, ``<think>\\n``)
-    or ``auto`` (read from the tokenizer); budget cuts append the format's end of thinking.
+    or ``auto`` (read from the tokenizer); budget cuts append the format's end of thinking. With ``client``
+    (``--endpoint``), the same prompts' token ids go to the servers (:func:`endpoint_batch`), whose budget forcing is
+    their own ``--format``'s: give the servers' format, and their tokenizer when the served model's name is not its
+    directory.
     """
     from s1fast.decode import BudgetForcing, Decoder
     from s1fast.decode.decoder import set_cpu_threads
@@ -181,51 +227,55 @@ def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: li
         print(f"s1fast eval: {len(points) - len(pending)} of {len(points)} points already in {cfg.out}, skipped")
 
     if pending:  # a first line at once: loading a large model takes a while
+        backend = f"on {', '.join(cfg.endpoint)}" if client is not None else f"loading {cfg.model}"
         print(f"s1fast eval: {len(pending)} point(s) of {len(problems)} problem(s) x {settings.get('samples', 1)} "
-              f"sample(s) to decode; loading {cfg.model}", flush=True)
-        tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, cfg.format)
+              f"sample(s) to decode; {backend}", flush=True)
+        tokenizer = load_tokenizer(settings["model"], cfg.tokenizer, cfg.format)
         fmt = resolve_format(cfg.format, tokenizer)
         prompts = [tokenizer(fmt.think_prompt(p["question"], tokenizer), add_special_tokens=False)["input_ids"]
                    for p in problems]
         stop_ids = fmt.stop_ids(tokenizer)
         base = BudgetForcing.from_tokenizer(tokenizer, s1_compat=cfg.s1_compat, format=fmt)  # before the weights
         room = base.longest_injection()  # the injected end of thinking (with s1's newline) on top of the budget
-        model = load_model(cfg.model, dtype=dtype, device=device)
-        note = set_cpu_threads(model, cfg.threads)
-        if note:
-            print(f"s1fast eval: {note}", file=sys.stderr)
+        sampling = {k: settings[k] for k in ("temperature", "top_k", "top_p")}
 
         def new_tokens(point: SweepPoint) -> int:
             if point.max_thinking_tokens is None:
                 return cfg.max_new_tokens
             return min(cfg.max_new_tokens, point.max_thinking_tokens + room + cfg.max_answer_tokens)
 
-        needed = max(map(len, prompts)) + max(map(new_tokens, pending))
-        # s1_compat decodes past the budget as s1 does, up to the model's length (vLLM's max_model_len)
-        decoder = Decoder(
-            model,
-            max_seq_len=max(needed, model.config.max_position_embeddings) if cfg.s1_compat else needed,
-            **cfg.kv_cache,
-        )
-        sampling = {k: settings[k] for k in ("temperature", "top_k", "top_p")}
+        if client is not None:
+            batch = partial(endpoint_batch, client)  # cfg.concurrency requests in flight over the endpoints
+        else:
+            model = load_model(cfg.model, dtype=dtype, device=device)
+            note = set_cpu_threads(model, cfg.threads)
+            if note:
+                print(f"s1fast eval: {note}", file=sys.stderr)
+            needed = max(map(len, prompts)) + max(map(new_tokens, pending))
+            # s1_compat decodes past the budget as s1 does, up to the model's length (vLLM's max_model_len)
+            decoder = Decoder(
+                model,
+                max_seq_len=max(needed, model.config.max_position_embeddings) if cfg.s1_compat else needed,
+                **cfg.kv_cache,
+            )
+            # cfg.max_rows rows, each refilled as soon as its row finishes
+            batch = partial(decode_batch, decoder, max_rows=cfg.max_rows)
 
         def generate(point: SweepPoint, indices: list[int]) -> list[dict]:
-            """The local decoder's rows: ``cfg.max_rows`` rows, each refilled as soon as its row finishes."""
             forcing = replace(base, max_thinking_tokens=point.max_thinking_tokens, num_waits=point.num_waits)
-            return decode_batch(decoder, [prompts[i] for i in indices], forcing, max_new_tokens=new_tokens(point),
-                                stop_token_ids=stop_ids, tokenizer=tokenizer, sampling={**sampling, "seed": cfg.seed},
-                                max_rows=cfg.max_rows)
+            return batch([prompts[i] for i in indices], forcing, max_new_tokens=new_tokens(point),
+                         stop_token_ids=stop_ids, tokenizer=tokenizer, sampling={**sampling, "seed": cfg.seed})
 
         run_points(cfg.out, pending, problems, generate, max_new_tokens=new_tokens, settings=settings,
                    progress=cfg.progress)
-    return write_reports(cfg.out, settings, environment(device))
+    return write_reports(cfg.out, settings, {"endpoints": list(cfg.endpoint)} if client else environment(device))
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="s1fast eval", description=__doc__.split("\n\n")[0],
                                 epilog="example:\n" + __doc__.split("\n\n")[-1].rstrip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model directory or Hugging Face name")
+    p.add_argument("--model", help="model directory or Hugging Face name, decoded here (or --endpoint)")
     p.add_argument("--problems", required=True,
                    help=f"problems: .jsonl/.json/.parquet, or a dataset name; MATH-500, AIME and GPQA Diamond "
                         f"fields are recognised (samples of each: {os.path.dirname(EXAMPLE_PROBLEMS)})")
@@ -266,6 +316,10 @@ def _parser() -> argparse.ArgumentParser:
         "--threads", type=COUNT, help="CPU threads (default on CPU: 1 for a model under 100M parameters)"
     )
     add_kv_cache_argument(p)
+    g = p.add_argument_group("instead of --model: s1fast serve instances (one per GPU), each point's requests spread "
+                             "over them with its budget fields; --dtype: the servers' (recorded), --tokenizer and "
+                             "--format: theirs")
+    add_client_arguments(g)
     return p
 
 

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 from tiny_qwen import save_qwen_vocab_model
@@ -31,23 +28,10 @@ def teacher(tmp_path_factory):
     """(model directory, base URL) of ``s1fast serve`` over a random 1-layer Qwen2 with the real tokenizer."""
     path = save_qwen_vocab_model(tmp_path_factory.mktemp("teacher"), seed=1, layers=1, tied=False,
                                  initializer_range=0.1, rope_theta=10000.0)
-    from test_serve import free_port
+    from test_serve import start_serve
 
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "s1fast", "serve", "--model", path, "--port", str(port),
-                             "--device", "cpu", "--max-rows", "4", "--served-model-name", "tiny"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "s1fast serve did not start"
-        time.sleep(0.5)
+    log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")
+    proc, url = start_serve(path, "--device", "cpu", "--max-rows", "4", "--served-model-name", "tiny", log=log)
     yield path, url + "/v1"
     proc.terminate()
     proc.wait(60)

@@ -86,6 +86,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_serve(model: str, *flags: str, log, env: dict | None = None, wait_s: float = 300) -> tuple:
+    """``(process, base URL)`` of ``s1fast serve --model model --port P flags`` in a subprocess on a free loopback
+    port (its output to the open file ``log``), once ``/health`` answers; the caller terminates it."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "s1fast", "serve", "--model", model, "--port", str(port), *flags],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            log.seek(0)
+            pytest.fail(f"s1fast serve did not start: {log.read()[-2000:]}")
+        time.sleep(0.5)
+
+
 def _torch_backend(loop, stop):
     with force_backend("torch"):  # the kernels' CPU path, as the reference decoder's
         loop(stop)
@@ -187,7 +208,7 @@ def test_chat_budget_fields_match_decoder(served, fields, check):
     (choice,) = data["choices"]
     prompt = chat_prompt(server)
     row = reference(served, prompt, max_new_tokens=40, budget=BudgetForcing(**{**vars(server.budget), **fields}))
-    assert choice["token_ids"] == row.tokens
+    assert choice["token_ids"] == row.tokens and choice["answer_start"] == row.answer_start  # where content starts
     assert choice["message"] == {"role": "assistant", "content": row.answer, "reasoning_content": row.thinking}
     assert (choice["thinking_tokens"], choice["forced_waits"], choice["budget_cut"]) == (
         row.thinking_tokens,
@@ -208,6 +229,7 @@ def test_chat_budget_fields_match_decoder(served, fields, check):
     assert "".join(d["delta"].get("reasoning_content", "") for d in deltas) == row.thinking
     assert "".join(d["delta"].get("content", "") for d in deltas) == row.answer
     assert deltas[-1]["finish_reason"] == row.finish_reason and deltas[-1]["token_ids"] == row.tokens
+    assert deltas[-1]["answer_start"] == row.answer_start
     assert deltas[-1]["forced_waits"] == row.forced_waits and all(d["finish_reason"] is None for d in deltas[:-1])
     assert chunks[-1]["usage"] == data["usage"] and all(c["object"] == "chat.completion.chunk" for c in chunks)
 
@@ -619,6 +641,7 @@ def test_max_completion_tokens_and_the_default_max_tokens(served, monkeypatch):
     for fields in ({"max_completion_tokens": 5}, {"max_completion_tokens": 5, "max_tokens": 5}):
         (choice,) = post(url, "/v1/completions", {**body, **fields}).json()["choices"]
         assert choice["token_ids"] == reference(served, prompt, max_new_tokens=5).tokens
+        assert choice["answer_start"] == 0  # no budget forcing: all of it is the answer
     monkeypatch.setattr(server, "default_max_tokens", 6)
     data = post(url, "/v1/completions", body).json()
     assert data["choices"][0]["token_ids"] == reference(served, prompt, max_new_tokens=6).tokens
