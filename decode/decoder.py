@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from s1fast.commands import THREADS
 from s1fast.decode.budget import BudgetForcing
 from s1fast.decode.engine import Engine
 from s1fast.decode.kv_cache import KVCache
@@ -91,12 +92,12 @@ SMALL_CPU_MODEL = 100_000_000  # parameters: below, CPU decoding runs on one thr
 
 
 def set_cpu_threads(model, threads: int | None = None) -> str | None:
-    """Set torch's intra-op threads for decoding ``model``: ``threads`` when given; on CPU otherwise one for a
-    model under ``SMALL_CPU_MODEL`` parameters, whose per-token matrices are too small to split (on 2 shared
-    cores, decoding was measured 2-4x slower with torch's default thread count than with one), else torch's
-    default. Returns a one-line note for the user on CPU, None on GPU."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
+    """Set torch's intra-op threads for decoding ``model``: ``threads`` when given (at most the machine's CPUs); on
+    CPU otherwise one for a model under ``SMALL_CPU_MODEL`` parameters, whose per-token matrices are too small to
+    split (on 2 shared cores, decoding was measured 2-4x slower with torch's default thread count than with one),
+    else torch's default. Returns a one-line note for the user on CPU, None on GPU."""
+    if threads is not None:
+        THREADS.check("threads", threads)  # more threads than CPUs: torch's thread pool crashes the process
     params = list(model.parameters())  # shared (tied) weights once
     if params[0].device.type != "cpu":
         if threads is not None:

@@ -23,6 +23,8 @@ import time
 
 from s1fast.commands import (
     COUNT,
+    TEXT,
+    THREADS,
     Range,
     add_device_arguments,
     add_kv_cache_argument,
@@ -82,8 +84,9 @@ def _parser() -> argparse.ArgumentParser:
                         "and most: the model's)")
     add_kv_cache_argument(g)
     g.add_argument("--no-cuda-graphs", action="store_true")
-    g.add_argument("--threads", type=COUNT, help="CPU threads (default on CPU: 1 for a model under 100M parameters)")
-    g.add_argument("--out", help="write one JSON object per prompt to this JSONL file (instead of printing them)")
+    g.add_argument("--threads", type=THREADS, help="CPU threads (default on CPU: 1 for a model under 100M parameters)")
+    g.add_argument("--out", type=TEXT,
+                   help="write one JSON object per prompt to this JSONL file (instead of printing them)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
