@@ -131,7 +131,7 @@ def test_generate_kv_cache_budget_keeps_the_tokens(model_dir, capsys, tmp_path):
         (["--prompt", "x", "--max-seq-len", "-5"], "argument --max-seq-len: expected an integer >= 2, got '-5'"),
         (["--prompt", "x", "--device", "bogus"], "--device must be cuda[:N] or cpu, got 'bogus'"),
         (["--prompt", "x", "--device", "meta"], "--device must be cuda[:N] or cpu, got 'meta'"),
-        (["--prompt", "x", "--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
+        (["--prompt", "x", "--threads", "0"], "argument --threads: expected an integer >= 1 and < "),
     ],
 )
 def test_generate_rejects_bad_arguments(model_dir, capsys, argv, match):
