@@ -125,7 +125,7 @@ def test_generate_kv_cache_budget_keeps_the_tokens(model_dir, capsys, tmp_path):
         (["--prompt", "x", "--no-think", "--num-waits", "2"], "--no-think turns budget forcing off"),
         (
             ["--prompt", "x", "--device", "cpu", "--tokenizer", "/nonexistent-tokenizer"],
-            "tokenizer (/nonexistent-tokenizer)",
+            "--tokenizer '/nonexistent-tokenizer': no such directory, and not a Hugging Face name (owner/name)",
         ),
         (["--prompt", "x", "--max-seq-len", "1"], "argument --max-seq-len: expected an integer >= 2, got '1'"),
         (["--prompt", "x", "--max-seq-len", "-5"], "argument --max-seq-len: expected an integer >= 2, got '-5'"),
