@@ -206,6 +206,10 @@ def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: li
             return min(cfg.max_new_tokens, point.max_thinking_tokens + room + cfg.max_answer_tokens)
 
         needed = max(map(len, prompts)) + max(map(new_tokens, pending))
+        if needed > model.config.max_position_embeddings:  # rows that run so long would decode past them
+            print(f"s1fast eval: warning: the longest prompt plus the tokens a point may decode (--max-new-tokens, or "
+                  f"a budget plus --max-answer-tokens) is {needed:,} tokens, more than the model's "
+                  f"{model.config.max_position_embeddings:,} positions (max_position_embeddings)", file=sys.stderr)
         # s1_compat decodes past the budget as s1 does, up to the model's length (vLLM's max_model_len)
         decoder = Decoder(
             model,
