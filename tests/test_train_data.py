@@ -282,3 +282,21 @@ def test_an_example_past_the_models_positions_is_warned_about(tmp_path, capsys, 
         assert ("s1fast train: warning: the longest example has " in err) == warned, err
     assert re.search(r"has \d{3} tokens, more than the model's 512 positions \(max_position_embeddings in its "
                      r"config.json\); .* \(--block-size 512 drops such examples\)\n", err), err
+
+
+@pytest.mark.parametrize("error", [ConnectionError("Couldn't reach 'nobody/none' on the Hub (OfflineModeIsEnabled)"),
+                                   FileNotFoundError("Dataset 'nobody/none' doesn't exist on the Hub"),
+                                   ValueError('Unknown split "test". Should be one of [\'train\'].')])
+def test_a_dataset_name_that_does_not_load_names_the_argument(error, monkeypatch):
+    """issue 28's probe round: `s1fast eval --problems nobody/none` offline printed datasets' own line, naming
+    neither --problems nor what it was."""
+    datasets = pytest.importorskip("datasets")
+
+    def fail(*args, **kwargs):  # what datasets raises offline, for a name the Hub lacks, for a missing split
+        raise error
+
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    with pytest.raises(ValueError) as e:
+        read_records("nobody/none", what="problems")
+    assert str(e.value) == (f"problems 'nobody/none': the Hugging Face dataset does not load ({type(error).__name__}: "
+                            f"{error})")
