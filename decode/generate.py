@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
 def _questions(args) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
+    if os.path.isdir(args.prompts):
+        raise ValueError(f"--prompts {args.prompts!r} is a directory; give a JSONL file")
     if not os.path.isfile(args.prompts):
         raise ValueError(f"--prompts: no such file {args.prompts!r}")
     questions = []
