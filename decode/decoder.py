@@ -58,6 +58,7 @@ Design:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from types import SimpleNamespace
@@ -66,7 +67,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from s1fast.commands import THREADS
 from s1fast.decode.budget import BudgetForcing
 from s1fast.decode.engine import Engine
 from s1fast.decode.kv_cache import KVCache
@@ -96,8 +96,9 @@ def set_cpu_threads(model, threads: int | None = None) -> str | None:
     CPU otherwise one for a model under ``SMALL_CPU_MODEL`` parameters, whose per-token matrices are too small to
     split (on 2 shared cores, decoding was measured 2-4x slower with torch's default thread count than with one),
     else torch's default. Returns a one-line note for the user on CPU, None on GPU."""
-    if threads is not None:
-        THREADS.check("threads", threads)  # more threads than CPUs: torch's thread pool crashes the process
+    cpus = os.cpu_count() or 1  # more threads than CPUs: past some count torch's thread pool crashes the process
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus):
+        raise ValueError(f"threads must be None or an int in [1, {cpus}] (this machine's CPUs), got {threads!r}")
     params = list(model.parameters())  # shared (tied) weights once
     if params[0].device.type != "cpu":
         if threads is not None:

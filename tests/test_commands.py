@@ -285,7 +285,8 @@ def test_set_cpu_threads_refuses_more_threads_than_cpus():
     from s1fast.decode.decoder import set_cpu_threads
 
     n = TOO_MANY_THREADS
-    with pytest.raises(ValueError, match=f"threads must be an integer >= 1 and < {n}, got {n}"):
+    message = rf"threads must be None or an int in \[1, {int(n) - 1}\] \(this machine's CPUs\), got {n}"
+    with pytest.raises(ValueError, match=message):
         set_cpu_threads(torch.nn.Linear(1, 1), int(TOO_MANY_THREADS))
 
 
