@@ -211,6 +211,9 @@ def add_client_arguments(group) -> None:
                        "unless the server sends Retry-After (default: %(default)s)")
 
 
+MAX_WAIT_S = 7 * 24 * 3600  # --timeout and --backoff at most: past it a deadline overflows the clock
+
+
 def check_client_settings(endpoints: list[str], *, concurrency: int, timeout: float, retries: int,
                           backoff: float) -> None:
     """The client's settings, or a one-line ValueError naming the command-line option."""
@@ -221,9 +224,9 @@ def check_client_settings(endpoints: list[str], *, concurrency: int, timeout: fl
             raise ValueError(f"--endpoint {url!r}: expected an http(s) URL such as http://127.0.0.1:8000/v1")
     if concurrency < 1:
         raise ValueError(f"--concurrency must be >= 1, got {concurrency}")
-    if not timeout > 0:
-        raise ValueError(f"--timeout must be > 0 seconds, got {timeout}")
+    if not 0 < timeout <= MAX_WAIT_S:  # nan and inf too; a longer one overflows the clock's time_t
+        raise ValueError(f"--timeout must be > 0 and at most {MAX_WAIT_S} seconds (a week), got {timeout}")
     if retries < 0:
         raise ValueError(f"--retries must be >= 0, got {retries}")
-    if backoff < 0:
-        raise ValueError(f"--backoff must be >= 0 seconds, got {backoff}")
+    if not 0 <= backoff <= MAX_WAIT_S:
+        raise ValueError(f"--backoff must be >= 0 and at most {MAX_WAIT_S} seconds (a week), got {backoff}")

@@ -28,9 +28,9 @@ import torch
 @dataclass(frozen=True)
 class Range:
     """Which values an argument or setting takes: a finite int or float ``>= low`` (``> low`` when ``strict``; any
-    when ``low`` is None), ``< below`` when given; or, for ``kind=str``, any non-empty string. The one checker of
-    every command's numeric options (an argparse ``type``) and of the same settings given through the Python API
-    (:meth:`check`)."""
+    when ``low`` is None), ``< below`` when given; or, for ``kind=str``, any non-empty string (a path, a name). The
+    one checker of every command's numeric options (an argparse ``type``) and of the same settings given through the
+    Python API (:meth:`check`)."""
 
     kind: type
     low: float | None = 0
@@ -39,7 +39,7 @@ class Range:
 
     def describe(self) -> str:
         if self.kind is str:
-            return "a path or a name"
+            return "a non-empty string"
         rule = "" if self.low is None else f" {'>' if self.strict else '>='} {self.low:g}"
         rule += f" and < {self.below:g}" if self.below is not None else ""
         return f"{'an integer' if self.kind is int else 'a finite number'}{rule}"
@@ -69,6 +69,8 @@ class Range:
 
 
 COUNT, AT_LEAST_0, TEXT = Range(int, 1), Range(int, 0), Range(str)
+THREADS = Range(int, 1, below=(os.cpu_count() or 1) + 1)  # --threads: more than the machine's CPUs crashes torch
+PORT = Range(int, 1, below=65536)
 POSITIVE, NON_NEGATIVE, FRACTION = Range(float, 0, strict=True), Range(float, 0), Range(float, 0, below=1)
 
 
@@ -113,7 +115,7 @@ def kv_cache_budget(value: str) -> dict:
         number = float(text[: -len(unit)] if unit else text)
     except ValueError:
         number = float("nan")
-    if unit and number > 0 and number * _UNITS[unit] >= 1:
+    if unit and 0 < number < math.inf and number * _UNITS[unit] >= 1:
         return {"kv_cache_bytes": int(number * _UNITS[unit])}
     if not unit and 0 < number <= 1:
         return {"kv_cache_fraction": number}

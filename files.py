@@ -107,7 +107,12 @@ def read_records(source: str, *, split: str = "train", what: str = "data") -> li
         import datasets
     except ImportError as e:
         raise ImportError(f"loading the dataset {source!r} by name needs `datasets`: pip install datasets") from e
-    return datasets.load_dataset(source, split=split).to_list()
+    try:
+        return datasets.load_dataset(source, split=split).to_list()
+    except (OSError, ValueError) as e:  # not found, offline (ConnectionError), no such split: name the argument
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{what} {source!r}: the Hugging Face dataset does not load ({type(e).__name__}: {reason})"
+                         ) from e
 
 
 def parse_json(raw: bytes, where: str):

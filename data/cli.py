@@ -18,13 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from collections import Counter
 
 from s1fast.client import add_client_arguments
-from s1fast.commands import add_device_arguments, check_device, check_dtype, check_model_dir, sigterm_as_interrupt
+from s1fast.commands import (
+    add_device_arguments,
+    check_device,
+    check_dtype,
+    check_model_dir,
+    read_model_config,
+    sigterm_as_interrupt,
+)
 from s1fast.data.store import Records
 from s1fast.files import write_atomic
 from s1fast.model.chat import FORMAT_CHOICES
@@ -196,8 +204,8 @@ def _backend(args, parser, local: str | None):
         for name in ("max_tokens", "tries", "samples", "max_rows"):
             if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        if getattr(args, "temperature", 0.0) < 0:
-            raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+        if not 0 <= getattr(args, "temperature", 0.0) < math.inf:
+            raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
         for name in ("max_thinking_tokens", "num_waits"):
             if getattr(args, name, None) is not None and getattr(args, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -205,6 +213,10 @@ def _backend(args, parser, local: str | None):
             if args.endpoint:
                 raise ValueError(f"give --endpoint or --{local}, not both")
             check_model_dir(path, f"--{local}")
+            positions = read_model_config(path, f"--{local}").max_position_embeddings  # before the weights load
+            if args.max_tokens >= positions:
+                raise ValueError(f"--max-tokens {args.max_tokens}: the model has {positions} positions, which must "
+                                 "hold the question too; lower it")
             device = check_device(args.device)
             dtype = check_dtype(args.dtype, device)
         elif not args.endpoint:

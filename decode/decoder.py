@@ -58,6 +58,7 @@ Design:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from types import SimpleNamespace
@@ -91,12 +92,13 @@ SMALL_CPU_MODEL = 100_000_000  # parameters: below, CPU decoding runs on one thr
 
 
 def set_cpu_threads(model, threads: int | None = None) -> str | None:
-    """Set torch's intra-op threads for decoding ``model``: ``threads`` when given; on CPU otherwise one for a
-    model under ``SMALL_CPU_MODEL`` parameters, whose per-token matrices are too small to split (on 2 shared
-    cores, decoding was measured 2-4x slower with torch's default thread count than with one), else torch's
-    default. Returns a one-line note for the user on CPU, None on GPU."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
+    """Set torch's intra-op threads for decoding ``model``: ``threads`` when given (at most the machine's CPUs); on
+    CPU otherwise one for a model under ``SMALL_CPU_MODEL`` parameters, whose per-token matrices are too small to
+    split (on 2 shared cores, decoding was measured 2-4x slower with torch's default thread count than with one),
+    else torch's default. Returns a one-line note for the user on CPU, None on GPU."""
+    cpus = os.cpu_count() or 1  # more threads than CPUs: past some count torch's thread pool crashes the process
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus):
+        raise ValueError(f"threads must be None or an int in [1, {cpus}] (this machine's CPUs), got {threads!r}")
     params = list(model.parameters())  # shared (tied) weights once
     if params[0].device.type != "cpu":
         if threads is not None:

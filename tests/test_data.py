@@ -483,17 +483,30 @@ def test_classify_with_a_model_retries_then_unknown(standin, tmp_path):
     (["distill", "--endpoint", "http://127.0.0.1:9/v1", "--retries", "0", "--timeout", "2"],
      "--endpoint http://127.0.0.1:9/v1: cannot list its models"),
     (["select", "--high-quality", ":3"], "--high-quality ':3': expected SOURCE or SOURCE:MIN_TOKENS"),
+    # issue 28's probe round: these loaded the model, or failed later with another option's name
+    (["attempt", "--student", "GPT2"], "--student 'GPT2': model_type 'gpt2'; s1fast runs Qwen2"),
+    (["attempt", "--student", "QWEN", "--max-tokens", "64"], "--max-tokens 64: the model has 64 positions"),
+    (["distill", "--endpoint", "http://127.0.0.1:9/v1", "--timeout", "1e300"], "--timeout must be > 0 and at most"),
+    (["distill", "--endpoint", "http://127.0.0.1:9/v1", "--backoff", "nan"], "--backoff must be >= 0 and at most"),
+    (["distill", "--endpoint", "http://127.0.0.1:9/v1", "--temperature", "inf"],
+     "--temperature must be a finite number >= 0, got inf"),
     (["select"], "holds no distilled traces; run `s1fast data distill` first"),
     (["classify", "--field", "x", "--endpoint", "http://h/v1"], "give --field or --endpoint, not both"),
 ])
 def test_bad_input_is_one_line(argv, message, tmp_path, capsys):
+    from transformers import GPT2Config, Qwen2Config
+
     pool = write_jsonl(tmp_path / "pool.jsonl", [{"question": QUESTIONS[0], "answer": "1"}])
+    models = {"GPT2": GPT2Config(n_layer=1), "QWEN": Qwen2Config(max_position_embeddings=64)}  # configs, no weights
+    for name, config in models.items():
+        config.save_pretrained(tmp_path / name)
     out = str(tmp_path / "run")
     if argv[0] != "collect":
         assert main(["collect", "--out", out, "--pool", pool]) == 0
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        main([argv[0], "--out", out, *[pool if a == "POOL" else a for a in argv[1:]], "--no-progress"])
+        main([argv[0], "--out", out, *[pool if a == "POOL" else str(tmp_path / a) if a in models else a
+                                         for a in argv[1:]], "--no-progress"])
     assert e.value.code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    last = capsys.readouterr().err.strip().splitlines()[-1].replace(str(tmp_path / "GPT2"), "GPT2")
     assert last.startswith(f"s1fast data {argv[0]}: error: ") and message in last, last

@@ -125,13 +125,13 @@ def test_generate_kv_cache_budget_keeps_the_tokens(model_dir, capsys, tmp_path):
         (["--prompt", "x", "--no-think", "--num-waits", "2"], "--no-think turns budget forcing off"),
         (
             ["--prompt", "x", "--device", "cpu", "--tokenizer", "/nonexistent-tokenizer"],
-            "tokenizer (/nonexistent-tokenizer)",
+            "--tokenizer '/nonexistent-tokenizer': no such directory, and not a Hugging Face name (owner/name)",
         ),
         (["--prompt", "x", "--max-seq-len", "1"], "argument --max-seq-len: expected an integer >= 2, got '1'"),
         (["--prompt", "x", "--max-seq-len", "-5"], "argument --max-seq-len: expected an integer >= 2, got '-5'"),
         (["--prompt", "x", "--device", "bogus"], "--device must be cuda[:N] or cpu, got 'bogus'"),
         (["--prompt", "x", "--device", "meta"], "--device must be cuda[:N] or cpu, got 'meta'"),
-        (["--prompt", "x", "--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
+        (["--prompt", "x", "--threads", "0"], "argument --threads: expected an integer >= 1 and < "),
     ],
 )
 def test_generate_rejects_bad_arguments(model_dir, capsys, argv, match):
@@ -185,14 +185,15 @@ def _binary_file(tmp_path) -> str:
     (["--prompt", "x", "--max-seq-len", "50000"],
      "--max-seq-len 50000 is more than the model's 512 positions (max_position_embeddings in its config.json)"),
     (["--prompts", "BINARY"], "--prompts: line 1 of BINARY is not valid UTF-8 (byte 0: invalid start byte)"),
+    (["--prompts", "DIR"], "--prompts 'DIR' is a directory; give a JSONL file"),  # was: "no such file"
     (["--prompt", "x", "--model", "GPT2"],
      "--model 'GPT2': model_type 'gpt2'; s1fast runs Qwen2, Qwen2.5 and Qwen3 (qwen2, qwen3)"),
 ])
 def test_generate_checks_config_and_prompts_before_loading(model_dir, capsys, tmp_path, no_model_load, argv, message):
     paths = {"BINARY": _binary_file(tmp_path) if "BINARY" in argv else "",
-             "GPT2": _gpt2_dir(model_dir, tmp_path) if "GPT2" in argv else ""}
+             "GPT2": _gpt2_dir(model_dir, tmp_path) if "GPT2" in argv else "", "DIR": str(tmp_path)}
     argv = [paths.get(a, a) for a in argv]
-    message = message.replace("BINARY", paths["BINARY"]).replace("GPT2", paths["GPT2"])
+    message = message.replace("BINARY", paths["BINARY"]).replace("GPT2", paths["GPT2"]).replace("DIR", paths["DIR"])
     with pytest.raises(SystemExit) as e:
         run(["--model", model_dir, "--device", "cpu", *argv], capsys)
     err = capsys.readouterr().err

@@ -344,7 +344,7 @@ def test_threads_and_s1_compat(random_model, problems, tmp_path, capsys, monkeyp
     --s1-compat reaches the budget forcing and is part of the run's settings."""
     monkeypatch.setattr(scaling, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     bad = scaling.parse_args(_args(random_model, problems, tmp_path / "bad", "--budgets", "2"))
-    with pytest.raises(ValueError, match="threads must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="threads must be an integer >= 1 and < "):
         scaling.evaluate(replace(bad, threads=0))
     monkeypatch.undo()
     forcings = []
@@ -556,3 +556,14 @@ def test_plot_legend_says_wait_in_the_singular(tmp_path, monkeypatch):
     assert legends[0][:3] == ["budget forcing, 0 forced waits", "budget forcing, 1 forced wait",
                               "budget forcing, 2 forced waits"]
     assert {"majority vote (budget 8, 1 forced wait)", "majority vote (budget 8, 2 forced waits)"} <= set(legends[0])
+
+
+def test_decoding_past_the_models_positions_is_warned_about(random_model, problems, tmp_path, capsys):
+    """issue 28's probe round: a sweep whose rows may run past the model's positions (here 512) said nothing."""
+    for new_tokens, warned in ((64, False), (600, True)):
+        argv = _args(random_model, problems, tmp_path / str(new_tokens), "--budgets", "2", "--limit", "1")
+        argv[argv.index("--max-new-tokens") + 1] = str(new_tokens)
+        argv[argv.index("--max-answer-tokens") + 1] = str(new_tokens)
+        assert scaling.main(argv) == 0
+        err = capsys.readouterr().err
+        assert ("more than the model's 512 positions (max_position_embeddings)" in err) == warned, err

@@ -256,3 +256,47 @@ def test_write_atomic_gives_the_umask_permissions_and_leaves_no_temporaries(tmp_
     with pytest.raises(OSError, match="No space left"):
         write_atomic(str(path), "three")
     assert path.read_text() == "two" and os.listdir(tmp_path) == ["out.json"]
+
+
+def test_an_example_past_the_models_positions_is_warned_about(tmp_path, capsys, monkeypatch):
+    """issue 28's probe round: `s1fast train --block-size` beyond the model's positions trained an example longer than
+    them with no word (s1 never cuts, so the example stays; the user is told, before the model loads)."""
+    from tiny_qwen import save_qwen_vocab_model
+
+    from s1fast.train import cli
+
+    class Loading(Exception):
+        pass
+
+    model = save_qwen_vocab_model(tmp_path / "model", hidden=32, intermediate=64, heads=2, kv_heads=1)  # 512 positions
+    rows = make_sample.make_rows(3, seed=2)
+    make_sample.write_jsonl(rows, str(tmp_path / "short.jsonl"))
+    rows[1]["thinking_trajectories"] = ["step " * 600]
+    make_sample.write_jsonl(rows, str(tmp_path / "long.jsonl"))
+    monkeypatch.setattr(cli, "_build_model", lambda *a, **k: (_ for _ in ()).throw(Loading()))
+    for data, warned in (("short", False), ("long", True)):
+        with pytest.raises(Loading):
+            cli.main(["--model", model, "--data", str(tmp_path / f"{data}.jsonl"), "--out", str(tmp_path / data),
+                      "--device", "cpu", "--no-progress"])
+        err = capsys.readouterr().err
+        assert ("s1fast train: warning: the longest example has " in err) == warned, err
+    assert re.search(r"has \d{3} tokens, more than the model's 512 positions \(max_position_embeddings in its "
+                     r"config.json\); .* \(--block-size 512 drops such examples\)\n", err), err
+
+
+@pytest.mark.parametrize("error", [ConnectionError("Couldn't reach 'nobody/none' on the Hub (OfflineModeIsEnabled)"),
+                                   FileNotFoundError("Dataset 'nobody/none' doesn't exist on the Hub"),
+                                   ValueError('Unknown split "test". Should be one of [\'train\'].')])
+def test_a_dataset_name_that_does_not_load_names_the_argument(error, monkeypatch):
+    """issue 28's probe round: `s1fast eval --problems nobody/none` offline printed datasets' own line, naming
+    neither --problems nor what it was."""
+    datasets = pytest.importorskip("datasets")
+
+    def fail(*args, **kwargs):  # what datasets raises offline, for a name the Hub lacks, for a missing split
+        raise error
+
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    with pytest.raises(ValueError) as e:
+        read_records("nobody/none", what="problems")
+    assert str(e.value) == (f"problems 'nobody/none': the Hugging Face dataset does not load ({type(error).__name__}: "
+                            f"{error})")

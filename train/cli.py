@@ -364,6 +364,11 @@ def _run(args, config: TrainConfig, attn: str, rank: int, world: int, device: to
                f"{args.data or SAMPLE_PATH} in {time.perf_counter() - t0:.1f}s")
     for index, length in dataset.dropped:
         _log(rank, f"data: dropped row {index}: {length:,} tokens > block size {args.block_size:,} (never cut)")
+    positions = None if args.model is None else read_model_config(args.model).max_position_embeddings
+    if positions is not None and longest > positions and rank == 0:  # kept (not cut), but the user must know
+        print(f"s1fast train: warning: the longest example has {longest:,} tokens, more than the model's "
+              f"{positions:,} positions (max_position_embeddings in its config.json); its tokens past them train "
+              f"at positions the model never saw (--block-size {positions} drops such examples)", file=sys.stderr)
     if resume is not None:  # settings and files checked before the model loads
         read_checkpoint(resume, run_settings(config, dataset), schedule_steps(len(dataset), config)[1],
                         allow_changed_settings=args.allow_changed_settings)
