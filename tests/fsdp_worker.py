@@ -10,6 +10,7 @@ after both steps.
 
 from __future__ import annotations
 
+import faulthandler
 import sys
 
 import torch
@@ -60,6 +61,7 @@ def run_case(arch: str, tied: bool, patch_first: bool, rank: int, world: int) ->
 
 
 def main(out: str) -> None:
+    faulthandler.enable()  # a native crash (SIGABRT, SIGSEGV) prints every thread's Python stack to stderr
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {case_name(*case): run_case(*case, rank, world) for case in CASES}

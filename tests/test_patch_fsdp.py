@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from fsdp_worker import BATCH, CASES, LR, STEPS, TOKENS, case_name
+from helpers import run_torchrun
 from tiny_qwen import random_batch, tiny_model
 
 HERE = Path(__file__).resolve().parent
@@ -48,7 +48,7 @@ def test_fsdp2_two_processes_match_one(tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(HERE / "fsdp_worker.py"), str(out)]
-    proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(cmd, cwd=HERE, env=env, timeout=300)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     results = torch.load(out)
     assert results.keys() == {case_name(*case) for case in CASES}

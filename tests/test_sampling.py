@@ -33,10 +33,13 @@ def test_filters_keep_what_transformers_keeps():
     """Rows of different settings in one batch keep exactly the tokens transformers' warpers keep for each."""
     g = generator()
     logits = torch.randn(len(SETTINGS), 300, generator=g) * 2
-    logits[2, :10] = logits[2, 10]  # ties at a row's boundary values are kept, as transformers keeps them
+    logits[2, :10] = logits[2, 10]  # ties: at the k-th value all are kept, as transformers keeps them
     kept = torch.isfinite(_top_k_top_p(logits, params(SETTINGS)))
     for r, s in enumerate(SETTINGS):
-        assert torch.equal(kept[r], transformers_kept(logits[r], s)), (r, s)
+        want = transformers_kept(logits[r], s)
+        # Where the top-p cut falls inside a run of equal logits, which of them an (unstable) sort puts first is
+        # arbitrary, in transformers as here: the kept tokens must then be the same in number and value, not index.
+        assert torch.equal(logits[r][kept[r]].sort().values, logits[r][want].sort().values), (r, s)
     assert kept.sum(1).tolist()[4] == 1 and kept[6].all() and kept[7].all()
 
 

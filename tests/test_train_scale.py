@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -26,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import tiny_qwen  # noqa: E402
 import train_worker  # noqa: E402
+from helpers import run_torchrun  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -45,7 +45,7 @@ def test_four_ranks_load_shards_train_save_and_resume_as_one_rank(tmp_path):
     env.pop("TRITON_INTERPRET", None)  # the kernels' PyTorch path on CPU, as in the fixture above
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
            os.path.join(HERE, "train_worker.py"), out, "--scale", src]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    proc = run_torchrun(cmd, env=env, timeout=400)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     with open(os.path.join(out, "results.json")) as f:
         got = json.load(f)
