@@ -287,9 +287,11 @@ def patched(model: nn.Module) -> dict[str, int]:
 def _warn_if_dropped(lm: nn.Module) -> None:
     """Warn once if Hub kernelization after ``patch`` (``model.use_kernels = True``, ``kernelize(model)``, or a
     ``train()`` / ``eval()`` switch of a model with ``use_kernels`` on) replaced s1fast forwards."""
+    if vars(lm).get("_s1fast_warned"):  # said once; no module scan per forward after that
+        return
     installed, now = vars(lm).get("_s1fast_patched", {}), patched(lm)
     lost = {kernel: n - now[kernel] for kernel, n in installed.items() if now[kernel] < n}
-    if lost and not vars(lm).get("_s1fast_warned"):
+    if lost:
         lm._s1fast_warned = True
         warnings.warn(
             f"s1fast.model.patch: transformers' Hub kernelization (use_kernels=True) replaced s1fast forwards after "
