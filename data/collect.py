@@ -55,7 +55,7 @@ def eval_ngrams(sets: list[str]) -> dict[tuple[str, ...], str]:
 def read_pool(source: str, path: str, *, question_field: str | None = None, answer_field: str | None = None) -> list:
     """The pool's questions as records (module docstring), in file order."""
     rows = read_records(path, what=f"pool {source}")
-    problems = load_problems(path, question_field=question_field, answer_field=answer_field, split="train")
+    problems = load_problems(path, question_field=question_field, answer_field=answer_field, split="train", rows=rows)
     out = []
     for row, p in zip(rows, problems):
         skip = _TAKEN | {question_field, answer_field}

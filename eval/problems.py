@@ -66,10 +66,12 @@ def _choice_answer(answer, options: list[str]) -> int | None:
 
 
 def load_problems(source: str, *, question_field: str | None = None, answer_field: str | None = None,
-                  limit: int | None = None, split: str = "test", choice_seed: int = 0) -> list[dict]:
+                  limit: int | None = None, split: str = "test", choice_seed: int = 0,
+                  rows: list | None = None) -> list[dict]:
     """``[{"question": str, "answer": str[, "choices": int]}, ...]`` from a .jsonl / .json / .parquet file or a
-    dataset name (its ``split``); fields found as the module docstring says unless named."""
-    rows = read_records(source, split=split, what="problems")
+    dataset name (its ``split``); fields found as the module docstring says unless named. ``rows``: the source's
+    rows when the caller has already read them (``source`` then only names it in messages)."""
+    rows = read_records(source, split=split, what="problems") if rows is None else rows
     problems = []
     for i, row in enumerate(rows[:limit]):
         if not isinstance(row, dict):
