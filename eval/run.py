@@ -85,7 +85,8 @@ def endpoint_batch(client, prompts: list[list[int]], forcing, *, max_new_tokens:
         if reply.error is not None:
             raise ValueError(f"--endpoint: {reply.error}")
         extra = reply.extra or {}
-        if not isinstance(extra.get("token_ids"), list) or "thinking_tokens" not in extra:
+        if not isinstance(extra.get("token_ids"), list) or not {"thinking_tokens", "forced_waits", "budget_cut"} <= (
+                extra.keys()):
             raise ValueError("--endpoint: the server returned no token_ids / thinking_tokens (fields of s1fast "
                              "serve's return_token_ids); s1fast eval --endpoint needs s1fast serve")
         rows.append(row_fields(extra["token_ids"], extra.get("answer_start"), thinking_tokens=extra["thinking_tokens"],

@@ -197,9 +197,10 @@ class Trainer:
         """Train from ``self.step`` to the end (or ``max_steps``), logging and checkpointing; returns the
         global-batch loss of each step run. The output directory is claimed (``checkpoint.claim_output_dir``) for
         the run: a fresh start there is refused when it holds another run. A checkpoint is saved at the end of every
-        epoch, every ``save_every`` steps and at the end; Ctrl-C or SIGTERM lets the step finish, saves a checkpoint
-        and raises KeyboardInterrupt (a second signal stops at once). A non-finite loss or gradient norm stops
-        training with a ``FloatingPointError`` naming the step, before anything of that step is saved."""
+        epoch, every ``save_every`` steps and at the end; Ctrl-C or SIGTERM lets training run to the next step that
+        logs (``log_every``) or saves, saves a checkpoint and raises KeyboardInterrupt (a second signal stops at
+        once). A non-finite loss or gradient norm stops training with a ``FloatingPointError`` naming the step, before
+        anything of that step is saved."""
         cfg = self.config
         end = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
         losses: list[float] = []
@@ -214,10 +215,14 @@ class Trainer:
                         loss, grad_norm = self.train_step(examples)
                     self.step += 1
                     logger.add(self.step, loss, grad_norm, sum(len(ex["input_ids"]) for ex in examples), stats)
-                    stop = agree_failed(signals.signum is not None)  # every rank stops at the same step
-                    save = self.step % self.steps_per_epoch == 0 or self.step == end or stop or bool(
+                    save = self.step % self.steps_per_epoch == 0 or self.step == end or bool(
                         cfg.save_every and self.step % cfg.save_every == 0)
-                    if save or self.step % cfg.log_every == 0:  # a checkpoint is saved only once its losses are checked
+                    flush = save or self.step % cfg.log_every == 0  # the steps that sync with the host anyway
+                    # Every rank stops at the same step: agreed (one all-reduce) only where the host syncs anyway, so
+                    # a signal takes effect at the next log or save step (each step with the default --log-every 1).
+                    stop = flush and agree_failed(signals.signum is not None)
+                    save = save or stop
+                    if flush:  # a checkpoint is saved only once its losses are checked
                         for record in logger.flush(self.scheduler.get_last_lr()[0], self.checkpointer.latest):
                             losses.append(record["loss"])
                             if on_step is not None:
