@@ -20,6 +20,7 @@ is not a chat completion included, is retried the same way and a retry moves on 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import queue
 import random
@@ -70,12 +71,15 @@ def retry_after(headers) -> float | None:
         return None
     try:
         if headers.get("retry-after-ms") is not None:
-            return min(float(headers["retry-after-ms"]) / 1000, MAX_RETRY_AFTER_S)
-        if headers.get("retry-after") is not None:
-            return min(max(float(headers["retry-after"]), 0.0), MAX_RETRY_AFTER_S)
+            seconds = float(headers["retry-after-ms"]) / 1000
+        elif headers.get("retry-after") is not None:
+            seconds = float(headers["retry-after"])
+        else:
+            return None
     except ValueError:  # an HTTP date: rare from model servers, so treated as no hint
         return None
-    return None
+    # a pause time.sleep takes: never negative or NaN (either raised out of chat()), at most the cap
+    return None if math.isnan(seconds) else min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
 class Client:
@@ -99,6 +103,8 @@ class Client:
         import openai
 
         check_client_settings(endpoints, concurrency=concurrency, timeout=timeout, retries=retries, backoff=backoff)
+        if not 0 <= max_backoff <= MAX_WAIT_S:  # nan too
+            raise ValueError(f"Client: max_backoff must be >= 0 and at most {MAX_WAIT_S} seconds, got {max_backoff}")
         key = os.environ.get(api_key_env) or "none"
         self.clients = [openai.OpenAI(base_url=url, api_key=key, timeout=timeout, max_retries=0) for url in endpoints]
         self.endpoints, self.concurrency, self.retries = list(endpoints), concurrency, retries
@@ -160,7 +166,7 @@ class Client:
                 error = f"{self.endpoints[i]}: malformed reply: {type(e).__name__}: {str(e)[:200]}"
             if attempt < self.retries:
                 if pause is None:
-                    pause = min(self.backoff * 2**attempt, self.max_backoff) * (1 - 0.25 * random.random())
+                    pause = min(self.backoff * 2.0 ** min(attempt, 64), self.max_backoff) * (1 - 0.25 * random.random())
                 time.sleep(pause)
         return Reply(error=f"{self.retries + 1} tries failed; last: {error}", tries=self.retries + 1)
 

@@ -21,7 +21,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("math_verify")
 
-from s1fast.client import Client, split_thinking  # noqa: E402
+from s1fast.client import MAX_RETRY_AFTER_S, Client, retry_after, split_thinking  # noqa: E402
 from s1fast.data.classify import domains, parse_domain  # noqa: E402
 from s1fast.data.cli import main  # noqa: E402
 from s1fast.data.collect import collect  # noqa: E402
@@ -136,6 +136,16 @@ def read(path) -> list[dict]:
 
 
 QUESTIONS = [f"What is the value of question number {i} in this set of problems?" for i in range(8)]
+
+
+@pytest.mark.parametrize("headers, pause", [
+    ({"retry-after": "2"}, 2.0), ({"retry-after-ms": "1500"}, 1.5), ({}, None), (None, None),
+    ({"retry-after": "Wed, 21 Oct 2026 07:28:00 GMT"}, None),  # an HTTP date: no hint
+    ({"retry-after-ms": "-500"}, 0.0), ({"retry-after": "-3"}, 0.0),  # time.sleep raises on a negative pause
+    ({"retry-after": "nan"}, None), ({"retry-after-ms": "nan"}, None),  # ... and on NaN
+    ({"retry-after": "inf"}, MAX_RETRY_AFTER_S), ({"retry-after": "1e9"}, MAX_RETRY_AFTER_S)])
+def test_retry_after_gives_a_pause_time_sleep_takes(headers, pause):
+    assert retry_after(headers) == pause
 
 
 def test_client_retries_429_500_hang_and_malformed_honouring_retry_after(standin):
