@@ -37,7 +37,7 @@ def request_key(seed: int | None, stream: int = 0) -> int:
 
 @dataclass(frozen=True)
 class Sampling:
-    """How one request draws its tokens (checked by ``s1fast.decode.engine.check_sampling``)."""
+    """How one request draws its tokens (checked by ``s1fast.decode.params.SamplingParams``)."""
 
     temperature: float = 0.0
     top_k: int | None = None
