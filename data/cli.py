@@ -341,18 +341,17 @@ def classify_stage(args, parser) -> int:
                 records.add({"id": i, "domain": field_domain(q, args.field), "how": f"field {args.field}"})
     elif todo:
         ask, _, _ = _backend(args, parser, None)
-        for attempt in range(1, args.tries + 1):
-            replies = dict(ask({i: rubric(q["question"]) for i, q in todo.items()}, max_tokens=args.max_tokens,
-                               temperature=0.0 if attempt == 1 else 0.7, seed=attempt))
-            with records:
-                for i, reply in replies.items():
+        with records:  # the lock is held across the tries: a second run cannot take it between two of them
+            for attempt in range(1, args.tries + 1):
+                for i, reply in ask({i: rubric(q["question"]) for i, q in todo.items()}, max_tokens=args.max_tokens,
+                                    temperature=0.0 if attempt == 1 else 0.7, seed=attempt):
                     domain = parse_domain(reply.answer) or parse_domain(reply.thinking)
-                    if domain is not None or attempt == args.tries:
+                    if domain is not None or attempt == args.tries:  # written as it arrives: a crash keeps it
                         records.add({"id": i, "domain": domain or UNKNOWN, "how": "model", "tries": attempt,
                                      "reply": (reply.answer or reply.error or "")[-500:]})
                         del todo[i]
-            if not todo:
-                break
+                if not todo:
+                    break
     counts = Counter(records.get(i)["domain"] for i in questions if records.has(i))
     print(f"classify: {len(counts)} domain(s): " + ", ".join(f"{d} {n}" for d, n in counts.most_common()))
     return 0
