@@ -370,7 +370,8 @@ def fused_linear_cross_entropy(
     budget = chunk_budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES["cuda" if hidden.is_cuda else "cpu"]
     triton_path = hidden.dtype in FLOAT_DTYPES and use_triton(hidden)
     rows = chunk_rows(h2.shape[0], V, hidden.dtype, triton_path, budget)
-    want_extras = return_z_loss or return_token_accuracy or return_entropy or bool(_COLLECTORS)
+    asked = return_z_loss or return_token_accuracy or return_entropy
+    want_extras = asked or bool(_COLLECTORS)
     # inputs already cast: products stay as chosen; kernels launch on hidden's GPU
     with torch.autocast(hidden.device.type, enabled=False), on_device(hidden):
         loss, extras = _FusedLinearCrossEntropyFunction.apply(
@@ -385,16 +386,24 @@ def fused_linear_cross_entropy(
         counts = torch.stack([top1.sum(), entropy.sum(), (y != ignore_index).sum().to(acc)])
         for collected in _COLLECTORS:
             collected.append(counts)
-        if not (return_z_loss or return_token_accuracy or return_entropy):
-            return loss
+    if not asked:
+        return loss
+    # only what was asked for is computed (TRL's head asks for entropy and accuracy every step, never z-loss)
     if reduction == "none":
-        per_token = (float(z_loss) * lse * lse, top1, entropy)
-    else:
-        token_mean = mean_scale(y, ignore_index).to(acc)
-        per_token = (float(z_loss) * (lse * lse).sum() * scale, top1.sum() * token_mean, entropy.sum() * token_mean)
-    per_token = [t.reshape(labels.shape) if reduction == "none" else t for t in per_token]
-    wanted = (return_z_loss, return_token_accuracy, return_entropy)
-    return FusedLinearCrossEntropyOutput(loss, *(t if want else None for t, want in zip(per_token, wanted)))
+        shape = labels.shape
+        return FusedLinearCrossEntropyOutput(
+            loss,
+            (float(z_loss) * lse * lse).reshape(shape) if return_z_loss else None,
+            top1.reshape(shape) if return_token_accuracy else None,
+            entropy.reshape(shape) if return_entropy else None,
+        )
+    token_mean = mean_scale(y, ignore_index).to(acc) if return_token_accuracy or return_entropy else None
+    return FusedLinearCrossEntropyOutput(
+        loss,
+        float(z_loss) * (lse * lse).sum() * scale if return_z_loss else None,
+        top1.sum() * token_mean if return_token_accuracy else None,
+        entropy.sum() * token_mean if return_entropy else None,
+    )
 
 
 # ------------------------------------------------------------------------------------------- reference
