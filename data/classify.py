@@ -5,6 +5,7 @@ that names none (or several) is asked again, then recorded as ``unknown``."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -13,8 +14,10 @@ UNKNOWN = "unknown"
 MSC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "msc2020.json")
 
 
+@functools.cache
 def domains() -> dict[str, str]:
-    """Code -> title: the 63 top-level MSC 2020 classes, then the non-mathematical domains."""
+    """Code -> title: the 63 top-level MSC 2020 classes, then the non-mathematical domains. Read once and shared
+    by every caller: do not change the dict."""
     with open(MSC_PATH, encoding="utf-8") as f:
         data = json.load(f)
     return {**data["msc2020"], **data["other"]}
