@@ -252,8 +252,8 @@ def _rows_torch(logits, labels, loss, grad, scale, ignore_index, label_smoothing
     if lse is not None:
         lse.copy_(torch.where(valid, row_lse, 0.0))
     if stats is not None:
-        p = torch.exp(x - row_lse.unsqueeze(1))
-        entropy = row_lse - (p * torch.where(x > -torch.inf, x, 0.0)).sum(1)  # not 0 * -inf
+        p = torch.sub(x, row_lse.unsqueeze(1)).exp_()  # in place: one [rows, V] temporary fewer than p * where(...)
+        entropy = row_lse - p.mul_(torch.where(x > -torch.inf, x, 0.0)).sum(1)  # not 0 * -inf
         stats[0].copy_(torch.where(valid, entropy, 0.0) + poison)
         stats[1].copy_(valid & in_range & (x.argmax(1) == labels))
     if grad is not None:
