@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from s1fast.bench.serve import build_server, plan, start
+from s1fast.bench.serve import build_server, plan, serving
 from s1fast.client import Client
 from s1fast.env import environment
 
@@ -26,14 +26,13 @@ def run(*, device: str, quick: bool, peers: list[str], headline: bool = False) -
     p = plan(device, quick)
     requests = 16 if quick else 48
     server = build_server(p, device)
-    uv, thread, url = start(server.app())
     rows = [dict(case="environment", **environment(device), torch_threads=torch.get_num_threads())]
     settings = dict(max_tokens=p["new_tokens"], temperature=0.0, max_thinking_tokens=max(1, p["new_tokens"] // 2))
-    try:
+    jobs = {i: [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}] for i in range(requests)}
+    with serving(server.app()) as url:
         for concurrency in CONCURRENCY:
             client = Client([f"{url}/v1"], model=server.model_name, concurrency=concurrency, retries=0)
-            jobs = {i: [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}] for i in range(requests)}
-            list(client.map(dict(list(jobs.items())[:1]), **settings))  # untimed
+            list(client.map({0: jobs[0]}, **settings))  # untimed
             t0 = time.perf_counter()
             replies = [r for _, r in client.map(jobs, **settings)]
             wall = time.perf_counter() - t0
@@ -43,7 +42,4 @@ def run(*, device: str, quick: bool, peers: list[str], headline: bool = False) -
             rows.append(dict(case="distill", model=p["shape"], concurrency=concurrency, requests=requests,
                              new_tokens=p["new_tokens"], requests_per_s=requests / wall,
                              tokens_per_s=sum(r.tokens for r in replies) / wall, seconds=wall))
-    finally:
-        uv.should_exit = True
-        thread.join(60)
     return rows

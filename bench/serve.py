@@ -12,11 +12,13 @@ first chunk and the median request latency. One untimed request first (the engin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 
 import fastapi  # noqa: F401  (the serve extra; without it, uvicorn or httpx (the test extra) the suite is skipped)
 import httpx
@@ -54,7 +56,9 @@ def build_server(p: dict, device: str):
     return Server(engine, tok, fmt, BudgetForcing.from_tokenizer(tok, format=fmt), "bench")
 
 
-def start(app) -> tuple[uvicorn.Server, threading.Thread, str]:
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """``app`` served by uvicorn on a free loopback port in a thread, for the block; yields its URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -66,7 +70,11 @@ def start(app) -> tuple[uvicorn.Server, threading.Thread, str]:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("bench serve: uvicorn did not start")
         time.sleep(0.02)
-    return uv, thread, f"http://127.0.0.1:{port}"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(60)
 
 
 async def load(url: str, body: dict, clients: int, per_client: int) -> tuple[float, list[tuple[float, float, int]]]:
@@ -102,8 +110,7 @@ def run(*, device: str, quick: bool, peers: list[str], headline: bool = False) -
     prompt = list(range(1000, 1000 + p["prompt"]))
     body = dict(model=server.model_name, prompt=prompt, max_tokens=p["new_tokens"], temperature=0, stream=True)
     rows = [dict(case="environment", **environment(device), torch_threads=torch.get_num_threads())]
-    uv, thread, url = start(server.app())
-    try:
+    with serving(server.app()) as url:
         asyncio.run(load(url, body, 1, 1))  # untimed
         for clients in CLIENTS:
             wall, done = asyncio.run(load(url, body, clients, p["per_client"]))
@@ -123,7 +130,4 @@ def run(*, device: str, quick: bool, peers: list[str], headline: bool = False) -
                     seconds=wall,
                 )
             )
-    finally:
-        uv.should_exit = True
-        thread.join(60)
     return rows
