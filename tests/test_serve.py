@@ -562,10 +562,19 @@ def test_sigterm_finishes_cancels_and_exits_0(model_dir, tmp_path):
     assert exited < sigterm + timeout + 5  # uvicorn's backstop is at timeout + 10
 
 
+@pytest.mark.parametrize("flag, value", [("--max-queue", "-1"), ("--max-seq-len", "1"), ("--default-max-tokens", "0"),
+                                         ("--shutdown-timeout", "nan"), ("--shutdown-timeout", "inf"),
+                                         ("--max-body-mib", "0"), ("--max-body-mib", "inf")])
+def test_serve_cli_names_each_bad_number_before_loading(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--model", "/nonexistent-model", flag, value])  # refused before the model directory is checked
+    assert e.value.code == 2 and f"argument {flag}: expected " in capsys.readouterr().err
+
+
 def test_serve_cli_rejects_bad_arguments(model_dir, capsys):
     with pytest.raises(SystemExit) as e:
         serve.main(["--model", model_dir, "--max-rows", "0"])
-    assert e.value.code == 2 and "--max-rows must be >= 1" in capsys.readouterr().err
+    assert e.value.code == 2 and "argument --max-rows: expected an integer >= 1, got '0'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         serve.main(["--model", "/nonexistent-model", "--device", "cpu"])
     assert e.value.code == 2
