@@ -128,9 +128,11 @@ class Client:
         """One chat completion with retries (``params``: the request's fields; those the ``openai`` client does not
         know, e.g. ``max_thinking_tokens``, go in ``extra_body``); with ``prompt`` instead of ``messages``, one
         completion (``/v1/completions``: the text in ``Reply.answer``). Never raises for the server's failures: the
-        last error is in ``Reply.error``."""
+        last error is in ``Reply.error``; a call with both or neither of ``messages`` and ``prompt`` is a ValueError."""
         import openai
 
+        if (messages is None) == (prompt is None):
+            raise ValueError("Client.chat: give messages (a chat) or prompt (a completion), one of the two")
         known = {"max_tokens", "temperature", "top_p", "seed", "stop", "n"}
         body = {k: v for k, v in params.items() if k in known and v is not None}
         extra = {k: v for k, v in params.items() if k not in known and v is not None}

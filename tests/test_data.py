@@ -148,6 +148,13 @@ def test_retry_after_gives_a_pause_time_sleep_takes(headers, pause):
     assert retry_after(headers) == pause
 
 
+def test_client_chat_takes_messages_or_prompt():
+    client = Client(["http://127.0.0.1:9/v1"], model="m", retries=0)
+    for kwargs in ({}, {"messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}):
+        with pytest.raises(ValueError, match="Client.chat: give messages .* or prompt .*, one of the two"):
+            client.chat(**kwargs)
+
+
 def test_client_retries_429_500_hang_and_malformed_honouring_retry_after(standin):
     s = standin(script={"q": ["429", "500", "hang", "malformed"]}, retry_after="1")
     client = Client([s.url], timeout=0.5, retries=4, backoff=0.01, concurrency=2)
