@@ -159,10 +159,12 @@ def check_kv_pages(budget: dict, config, dtype: torch.dtype) -> None:
     before the weights load: it must hold two KV pages of the decoder's smallest size (its trash page and one
     page for a row; the decoder checks its own page size again once the model is loaded)."""
     from s1fast.decode.decoder import PAGE_SIZE
+    from s1fast.decode.kv_cache import KVCache
 
     size = budget.get("kv_cache_bytes")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    page = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize * PAGE_SIZE
+    page = KVCache(layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads, head_dim=head_dim,
+                   dtype=dtype, device="cpu", page_size=PAGE_SIZE).page_bytes  # sizes only: it allocates nothing
     if size is not None and size < 2 * page:
         raise ValueError(f"--kv-cache {_size(size)} holds fewer than 2 KV pages of this model ({_size(page)} each: "
                          f"{PAGE_SIZE} tokens in {str(dtype).removeprefix('torch.')}); raise it")
