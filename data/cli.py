@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -26,6 +25,9 @@ from collections import Counter
 
 from s1fast.client import add_client_arguments
 from s1fast.commands import (
+    AT_LEAST_0,
+    COUNT,
+    NON_NEGATIVE,
     add_device_arguments,
     check_device,
     check_dtype,
@@ -33,6 +35,7 @@ from s1fast.commands import (
     read_model_config,
     sigterm_as_interrupt,
 )
+from s1fast.data.select import METHODS
 from s1fast.data.store import Records
 from s1fast.files import write_atomic
 from s1fast.model.chat import FORMAT_CHOICES
@@ -48,18 +51,19 @@ def _client_arguments(p, local: str | None) -> None:
         g.add_argument(f"--{local}", metavar="PATH", help="local model directory decoded by s1fast's engine")
         g.add_argument("--format", choices=FORMAT_CHOICES, default="s1",
                        help="the local model's reasoning format (default: s1)")
-        g.add_argument("--max-rows", type=int, default=16, help="local: requests decoded at once (default: 16)")
+        g.add_argument("--max-rows", type=COUNT, default=16, help="local: requests decoded at once (default: 16)")
         add_device_arguments(g)
 
 
 def _generation_arguments(p) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--max-tokens", type=int, default=32768, help="new tokens per answer (default: %(default)s)")
-    g.add_argument("--temperature", type=float, default=0.0, help="default: %(default)s")
+    g.add_argument("--max-tokens", type=COUNT, default=32768, help="new tokens per answer (default: %(default)s)")
+    g.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="default: %(default)s")
     g.add_argument("--seed", type=int, help="sampling seed (each request samples with a seed made of it, the question "
                    "and the sample)")
-    g.add_argument("--max-thinking-tokens", type=int, help="budget forcing (s1fast serve and local models only)")
-    g.add_argument("--num-waits", type=int, help="budget forcing: forced 'Wait's (s1fast serve and local models)")
+    g.add_argument("--max-thinking-tokens", type=AT_LEAST_0, help="budget forcing (s1fast serve and local models only)")
+    g.add_argument("--num-waits", type=AT_LEAST_0,
+                   help="budget forcing: forced 'Wait's (s1fast serve and local models)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,16 +90,16 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--name", help=f"the {'teacher' if name == 'distill' else 'student'}'s name in the records "
                        "(default: the model name)")
         if name == "distill":
-            s.add_argument("--samples", type=int, default=1, help="traces per question (default: 1)")
+            s.add_argument("--samples", type=COUNT, default=1, help="traces per question (default: 1)")
     k = sub.add_parser("classify", help="a domain per question: a field, or a model with the MSC 2020 rubric")
     k.add_argument("--field", help="take the domain from this field of the pools")
     _client_arguments(k, None)
-    k.add_argument("--tries", type=int, default=3, help="requests per question before 'unknown' (default: 3)")
-    k.add_argument("--max-tokens", type=int, default=4096, help="new tokens per reply (default: %(default)s)")
+    k.add_argument("--tries", type=COUNT, default=3, help="requests per question before 'unknown' (default: 3)")
+    k.add_argument("--max-tokens", type=COUNT, default=4096, help="new tokens per reply (default: %(default)s)")
     s = sub.add_parser("select", help="s1's quality / difficulty / diversity selection, or an ablation")
-    s.add_argument("--method", choices=("s1", "random", "longest", "diversity"), default="s1",
+    s.add_argument("--method", choices=METHODS, default="s1",
                    help="s1 (default) or the paper's ablations")
-    s.add_argument("--size", type=int, default=1000, help="questions to select (default: %(default)s)")
+    s.add_argument("--size", type=COUNT, default=1000, help="questions to select (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     s.add_argument("--no-quality", action="store_true",
                    help="skip the formatting checks (failed requests and missing traces are always removed)")
@@ -201,14 +205,6 @@ def _backend(args, parser, local: str | None):
 
     path = getattr(args, local, None) if local else None
     try:
-        for name in ("max_tokens", "tries", "samples", "max_rows"):
-            if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        if not 0 <= getattr(args, "temperature", 0.0) < math.inf:
-            raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
-        for name in ("max_thinking_tokens", "num_waits"):
-            if getattr(args, name, None) is not None and getattr(args, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
         if path is not None:
             if args.endpoint:
                 raise ValueError(f"give --endpoint or --{local}, not both")
@@ -372,8 +368,6 @@ def select_stage(args, parser) -> int:
             if not source or (minimum and not minimum.isdigit()):
                 raise ValueError(f"--high-quality {value!r}: expected SOURCE or SOURCE:MIN_TOKENS")
             high_quality[source] = int(minimum or 0)
-        if args.size < 1:
-            raise ValueError(f"--size must be >= 1, got {args.size}")
         distill = Records(os.path.join(args.out, DISTILL), key=("id", "sample"))
         if not distill.latest:
             raise ValueError(f"--out {args.out!r} holds no distilled traces; run `s1fast data distill` first")

@@ -506,7 +506,7 @@ def test_classify_with_a_model_retries_then_unknown(standin, tmp_path):
     (["distill", "--endpoint", "http://127.0.0.1:9/v1", "--timeout", "1e300"], "--timeout must be > 0 and at most"),
     (["distill", "--endpoint", "http://127.0.0.1:9/v1", "--backoff", "nan"], "--backoff must be >= 0 and at most"),
     (["distill", "--endpoint", "http://127.0.0.1:9/v1", "--temperature", "inf"],
-     "--temperature must be a finite number >= 0, got inf"),
+     "argument --temperature: expected a finite number >= 0, got 'inf'"),
     (["select"], "holds no distilled traces; run `s1fast data distill` first"),
     (["classify", "--field", "x", "--endpoint", "http://h/v1"], "give --field or --endpoint, not both"),
 ])
