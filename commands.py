@@ -303,6 +303,22 @@ def check_hub_model(name: str, flag: str = "--model") -> None:
                          "HF_HUB_OFFLINE=1 to use the cache only") from e
 
 
+
+def check_local_decoding(args, command: str):
+    """The checks of a command that decodes a local model (``s1fast generate``, ``s1fast serve``), before anything
+    loads: ``--device``, ``--kv-cache`` (free memory, then KV pages of the model), ``--dtype``, ``--model`` (a local
+    directory of a supported model), ``--tokenizer``. Returns (device, dtype, the model's config); one-line
+    ValueErrors."""
+    device = check_device(args.device)
+    check_kv_cache(args.kv_cache, device)
+    dtype = check_dtype(args.dtype, device)
+    check_model_dir(args.model, f"--model (s1fast {command} loads local models only)")
+    if args.tokenizer is not None:  # a directory, or a Hugging Face name the cache or the Hub knows
+        check_hub_model(args.tokenizer, "--tokenizer")
+    config = read_model_config(args.model)  # what the config tells, before the weights load
+    check_kv_pages(args.kv_cache, config, dtype)
+    return device, dtype, config
+
 def load_model(path: str, *, dtype: torch.dtype, device: str | torch.device):
     """``s1fast.model.load`` in eval mode; a directory that does not load (garbage or truncated config or
     weights, another architecture) gives a one-line ValueError naming it instead of a traceback."""

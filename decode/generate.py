@@ -28,16 +28,10 @@ from s1fast.commands import (
     Range,
     add_device_arguments,
     add_kv_cache_argument,
-    check_device,
-    check_dtype,
-    check_hub_model,
-    check_kv_cache,
-    check_kv_pages,
-    check_model_dir,
+    check_local_decoding,
     check_positions,
     check_sampling,
     load_model,
-    read_model_config,
     sigterm_as_interrupt,
 )
 from s1fast.files import atomic_output, check_output_file, parse_json
@@ -131,14 +125,7 @@ def main(argv: list[str]) -> int:
     try:
         check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed)
-        device = check_device(args.device)
-        check_kv_cache(args.kv_cache, device)
-        dtype = check_dtype(args.dtype, device)
-        check_model_dir(args.model, "--model (s1fast generate loads local models only)")
-        if args.tokenizer is not None:  # a directory, or a Hugging Face name the cache or the Hub knows
-            check_hub_model(args.tokenizer, "--tokenizer")
-        config = read_model_config(args.model)
-        check_kv_pages(args.kv_cache, config, dtype)
+        device, dtype, config = check_local_decoding(args, "generate")
         if args.out is not None:
             check_output_file(args.out)
         questions = _questions(args)

@@ -43,15 +43,10 @@ from s1fast.commands import (
     Range,
     add_device_arguments,
     add_kv_cache_argument,
-    check_device,
     check_dtype,
-    check_hub_model,
-    check_kv_cache,
-    check_kv_pages,
+    check_local_decoding,
     check_max_seq_len,
-    check_model_dir,
     load_model,
-    read_model_config,
 )
 from s1fast.decode.detokenize import ChoiceText
 from s1fast.model.chat import FORMAT_CHOICES, IM_END, IM_START
@@ -517,14 +512,7 @@ def main(argv: list[str]) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        device = check_device(args.device)
-        check_kv_cache(args.kv_cache, device)
-        dtype = check_dtype(args.dtype, device)
-        check_model_dir(args.model, "--model (s1fast serve loads local models only)")
-        if args.tokenizer is not None:  # a directory, or a Hugging Face name the cache or the Hub knows
-            check_hub_model(args.tokenizer, "--tokenizer")
-        config = read_model_config(args.model)  # what the config tells, before the weights load
-        check_kv_pages(args.kv_cache, config, dtype)
+        device, dtype, config = check_local_decoding(args, "serve")
         check_max_seq_len(config, args.max_seq_len)
     except ValueError as e:
         parser.error(str(e))
