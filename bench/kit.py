@@ -159,7 +159,8 @@ def run_steps(out: Path, budget_s: float, steps: list[tuple[Step, float]], save=
         record["seconds"] = round(time.monotonic() - t0, 1)
         print(f"kit: {step.name}: {record['status']} ({record['seconds']} s)", flush=True)
         save(records)
-    save(records)  # with the steps the budget left out
+    if records and records[-1]["status"].startswith("not run"):  # a step that ran was saved after it ran
+        save(records)  # with the steps the budget left out
     return records
 
 
@@ -169,10 +170,10 @@ def pack(out: Path, records: list[dict], meta: dict, pack_dir: Path | None) -> N
     replaced atomically."""
     kit = {**meta, "steps": records}
     table = format_targets(evaluate(out))
-    unfinished = [r["step"] for r in records if r["status"] not in ("passed", "pending")]
+    unfinished = [f"{r['step']} ({r['status']})" for r in records if r["status"] not in ("passed", "pending")]
     if unfinished:
         table += "\n\nSteps that did not pass (the rows they measured count above; kit.json, <step>.log): " + ", ".join(
-            f"{r['step']} ({r['status']})" for r in records if r["step"] in unfinished)
+            unfinished)
     texts = {"kit.json": json.dumps(kit, indent=1) + "\n", "targets.md": table + "\n"}
     for folder in (out, pack_dir) if pack_dir else (out,):
         for name, text in texts.items():
