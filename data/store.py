@@ -1,8 +1,9 @@
 """The record files of ``s1fast data``: one JSON object per line, appended and fsynced one at a time, keyed by the
 question's hash (and the sample, student, ...), the last record of a key winning.
 
-A run killed in the middle of a write (``kill -9``, a power cut) leaves at most a partial last line: opening the file
-cuts it off, so every record whose line ended is kept and the one being written is done again. Finished work is
+A run killed in the middle of a write (``kill -9``, a power cut) leaves at most a partial last line: reading the file
+skips it and taking the write lock cuts it off (a reader cuts nothing: the line may be one a live writer is still
+writing), so every record whose line ended is kept and the one being written is done again. Finished work is
 never redone: each stage asks :meth:`Records.has` before sending a request.
 """
 
@@ -33,6 +34,20 @@ def words(text: str) -> list[str]:
     return re.findall(r"\w+", unicodedata.normalize("NFKC", text).lower())
 
 
+def _line_end(path: str, chunk: int = 1 << 16) -> tuple[int, int]:
+    """(the offset just past the last ``\n`` of the file, 0 when it has none; its size), read from its end."""
+    with open(path, "rb") as f:
+        size = pos = os.fstat(f.fileno()).st_size
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            i = f.read(pos - start).rfind(b"\n")
+            if i >= 0:
+                return start + i + 1, size
+            pos = start
+    return 0, size
+
+
 class Records:
     """An append-only JSONL file of records; ``key`` names the fields that identify one (the last record of a
     key is the one that counts)."""
@@ -43,12 +58,7 @@ class Records:
         if os.path.exists(path):
             with open(path, "rb") as f:
                 raw = f.read()
-            end = raw.rfind(b"\n") + 1
-            if end < len(raw):  # a write cut short: drop its partial line
-                with open(path, "r+b") as f:
-                    f.truncate(end)
-                    f.flush()
-                    os.fsync(f.fileno())
+            end = raw.rfind(b"\n") + 1  # a partial last line (a write cut short, or under way) is not read
             for n, line in enumerate(raw[:end].decode("utf-8").splitlines(), 1):
                 try:
                     record = json.loads(line)
@@ -71,7 +81,8 @@ class Records:
 
     def lock(self) -> None:
         """Open the file for appending and hold an exclusive lock on it until :meth:`close` (the process's end,
-        however it ends): a second writer of the same file is refused with a ValueError."""
+        however it ends): a second writer of the same file is refused with a ValueError. With the lock held, a
+        partial last line (left by a writer that died mid-write) is cut off."""
         import fcntl
 
         if self._file is None:
@@ -82,6 +93,10 @@ class Records:
                 self.close()
                 raise ValueError(f"{self.path} is being written by another process (one run per stage and directory "
                                  "at a time)") from None
+            end, size = _line_end(self.path)  # read now: no one else writes while the lock is held
+            if end < size:  # a write cut short: drop its partial line
+                os.ftruncate(self._file.fileno(), end)
+                os.fsync(self._file.fileno())
 
     def add(self, record: dict) -> None:
         """Append ``record`` and fsync it: once this returns the record survives a crash."""

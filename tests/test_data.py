@@ -335,6 +335,18 @@ def test_near_duplicates_as_every_pair_compared(tmp_path, threshold):
     assert 0 < report["sources"]["p"]["near_duplicate"] and len(kept) > 6
 
 
+def test_records_cut_a_partial_line_only_under_the_lock(tmp_path):
+    path = tmp_path / "r.jsonl"
+    text = '{"id": "a", "v": 1}\n{"id": "b", "v"'  # the line may be one a live writer is still writing
+    path.write_text(text)
+    r = Records(str(path))
+    assert list(r.latest) == [("a",)] and path.read_text() == text  # a reader cuts nothing
+    path.write_text(text + ': 2}\n{"id": "c')  # the writer went on, then died mid-line
+    r.lock()
+    assert path.read_text() == '{"id": "a", "v": 1}\n{"id": "b", "v": 2}\n'
+    r.close()
+
+
 def test_records_drop_a_partial_last_line(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"id": "a", "v": 1}\n{"id": "b", "v": 2}\n{"id": "a", "v": 3}\n{"id": "c", "v"')
