@@ -177,6 +177,12 @@ def test_sft_trainer_matches_trl(arch, loss_type, tmp_path, monkeypatch):
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (key, want, got)
 
 
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan")])
+def test_add_fused_lm_head_names_a_bad_temperature(temperature):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        s1trl.add_fused_lm_head(tiny_model("qwen2"), temperature)
+
+
 def test_use_s1fast_lm_head_refuses_other_trainers():
     with pytest.raises(TypeError, match="SFTTrainer"):
         s1trl.use_s1fast_lm_head(object())

@@ -34,6 +34,7 @@ from torch import nn
 from trl import SFTTrainer
 from trl.trainer.utils import FusedCausalLMOutput
 
+from s1fast.commands import POSITIVE
 from s1fast.kernels import fused_linear_cross_entropy
 from s1fast.model.patch import causal_lm
 
@@ -54,8 +55,7 @@ def add_fused_lm_head(model: nn.Module, temperature: float = 1.0, *, uniform_gra
     for name in ("final_logit_softcapping", "logit_scale"):
         if getattr(config, name, None) is not None:
             raise ValueError(f"{_FN}: models with {name} are not supported (Qwen2 / Qwen3 have none)")
-    if not temperature > 0:
-        raise ValueError(f"{_FN}: temperature must be positive, got {temperature}")
+    POSITIVE.check(f"{_FN}: temperature", temperature)  # finite too: inf would flatten every logit to 0
     previous = lm.forward
 
     @functools.wraps(type(lm).forward)  # generate() and Trainer read the original signature, as with TRL's wrapper
