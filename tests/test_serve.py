@@ -543,8 +543,10 @@ def test_sigterm_finishes_cancels_and_exits_0(model_dir, tmp_path):
         refused = time.monotonic()
         for thread in threads.values():
             thread.join(TIMEOUT)
+        while "Finished server process" not in (tmp_path / "serve.log").read_text() and time.monotonic() < sigterm + 30:
+            time.sleep(0.02)
+        finished = time.monotonic()  # the server's work done; the interpreter's teardown (seconds on a busy CPU) not
         status = proc.wait(30)
-        exited = time.monotonic()
         with half:
             assert status_of(half) == 503
     finally:
@@ -559,7 +561,7 @@ def test_sigterm_finishes_cancels_and_exits_0(model_dir, tmp_path):
     error = json.loads(lines["long"][-1][len("data: ") :])["error"]
     assert "shut down" in error["message"] and "data: [DONE]" not in lines["long"]
     assert sigterm + timeout - 0.5 < ended["long"] < sigterm + timeout + 10
-    assert exited < sigterm + timeout + 5  # uvicorn's backstop is at timeout + 10
+    assert finished < sigterm + timeout + 5  # uvicorn's backstop is at timeout + 10
 
 
 @pytest.mark.parametrize("flag, value", [("--max-queue", "-1"), ("--max-seq-len", "1"), ("--default-max-tokens", "0"),
