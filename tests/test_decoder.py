@@ -674,6 +674,17 @@ def test_memory_report_and_timings():
     assert dec.memory()["kv_cache_bytes"] == 0
 
 
+def test_the_loop_runs_on_inference_tensors():
+    """The cache and the step buffers are made in inference mode, as the loop runs: a normal tensor sliced there pays
+    view and version-counter tracking on every op (5% of a tiny model's CPU decode step, measured against 23f2fc1)."""
+    dec = Decoder(model_for())
+    dec.generate(make_prompts((5, 9)), max_new_tokens=4)
+    made = {f"cache.{k}": v for k, v in vars(dec.cache).items() if isinstance(v, torch.Tensor)}
+    made |= {k: v for k, v in vars(dec).items() if isinstance(v, torch.Tensor) and k.startswith("_")}
+    assert {"cache.k", "cache.v", "cache.table", "_ids", "_pos", "_cos"} <= set(made)
+    assert [k for k, v in made.items() if not v.is_inference()] == []
+
+
 def test_tokenizer_text_and_split():
     """With a tokenizer: decoded text, thinking and answer (s1 defaults from the real Qwen tokenizer)."""
     from transformers import AutoTokenizer
