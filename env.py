@@ -150,7 +150,7 @@ def decode_path(device: torch.device) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="s1fast env", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="s1fast env", description=__doc__.split("\n\n")[0])
     parser.parse_args(argv)
     device = torch.device(default_device())
     found = versions()

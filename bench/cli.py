@@ -45,7 +45,7 @@ def _peers(value: str) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="s1fast bench",
+        allow_abbrev=False, prog="s1fast bench",
         description="Benchmarks against peers and the device's measured limits. "
         "`s1fast bench inspect --help` for the ahead-of-time kernel inspection and the static performance model, "
         "`s1fast bench kit --help` for the GPU kit.",

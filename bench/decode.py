@@ -414,7 +414,7 @@ def run(*, device: str, quick: bool, peers: list[str], headline: bool = False) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m s1fast.bench.decode", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m s1fast.bench.decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--quick", action="store_true")

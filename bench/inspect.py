@@ -277,7 +277,7 @@ def _csv(value: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="s1fast bench inspect",
+        allow_abbrev=False, prog="s1fast bench inspect",
         description="Compile every Triton kernel for sm_90 / sm_80 (no GPU needed) and report registers, "
         "spills, shared memory and the widest global load/store in the SASS.",
     )

@@ -334,7 +334,7 @@ def format_targets(targets: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from s1fast.env import git_commit
 
-    p = argparse.ArgumentParser(prog="s1fast bench kit", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="s1fast bench kit", description=__doc__.splitlines()[0])
     p.add_argument("--out", help="results folder (default: bench/results/<device> in the repository)")
     p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
                    help="wall-clock budget for all steps; scales every step's cap (default %(default)s)")

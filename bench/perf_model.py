@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     csv = lambda v: [x for x in v.split(",") if x]  # noqa: E731
-    p = argparse.ArgumentParser(prog="python -m s1fast.bench.perf_model")
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m s1fast.bench.perf_model")
     p.add_argument("--models", type=csv, default=list(MODELS))
     p.add_argument("--tokens", type=lambda v: [int(x) for x in csv(v)], default=list(MODEL_TOKENS))
     p.add_argument("--families", type=csv, default=list(FAMILIES))

@@ -142,7 +142,8 @@ def run(*, device: str, quick: bool, peers: list[str], headline: bool = False) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m s1fast.bench.sft", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m s1fast.bench.sft",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--device", default=default_device())
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")

@@ -182,7 +182,8 @@ COLUMNS = ("impl", "model", "layers", "tokens", "dtype", "grad_ckpt", "median_ms
 def main(argv: list[str] | None = None) -> int:
     from s1fast.bench.report import markdown_table
 
-    p = argparse.ArgumentParser(prog="python -m s1fast.bench.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m s1fast.bench.train",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=default_device(), help="cuda, cuda:N or cpu (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="one small configuration, few repetitions")
     p.add_argument("--peers", default="liger", help="comma-separated; 'liger' adds Liger-Kernel (default: %(default)s)")

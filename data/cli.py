@@ -67,10 +67,11 @@ def _generation_arguments(p) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="s1fast data", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="s1fast data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    c = sub.add_parser("collect", help="read, normalise, deduplicate and decontaminate question pools")
+    c = sub.add_parser("collect", allow_abbrev=False,
+                       help="read, normalise, deduplicate and decontaminate question pools")
     c.add_argument("--pool", action="append", required=True, metavar="[NAME=]PATH",
                    help="a question pool (.jsonl/.json/.parquet or a dataset name), its source named NAME "
                         "(default: the file name); repeatable")
@@ -84,19 +85,21 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--answer-field", help="the pools' answer field")
     for name, helptext in (("distill", "a teacher's reasoning trace and answer per question"),
                            ("attempt", "a student attempts every question; graded with math-verify")):
-        s = sub.add_parser(name, help=helptext)
+        s = sub.add_parser(name, allow_abbrev=False, help=helptext)
         _client_arguments(s, "teacher" if name == "distill" else "student")
         _generation_arguments(s)
         s.add_argument("--name", help=f"the {'teacher' if name == 'distill' else 'student'}'s name in the records "
                        "(default: the model name)")
         if name == "distill":
             s.add_argument("--samples", type=COUNT, default=1, help="traces per question (default: 1)")
-    k = sub.add_parser("classify", help="a domain per question: a field, or a model with the MSC 2020 rubric")
+    k = sub.add_parser("classify", allow_abbrev=False,
+                       help="a domain per question: a field, or a model with the MSC 2020 rubric")
     k.add_argument("--field", help="take the domain from this field of the pools")
     _client_arguments(k, None)
     k.add_argument("--tries", type=COUNT, default=3, help="requests per question before 'unknown' (default: 3)")
     k.add_argument("--max-tokens", type=COUNT, default=4096, help="new tokens per reply (default: %(default)s)")
-    s = sub.add_parser("select", help="s1's quality / difficulty / diversity selection, or an ablation")
+    s = sub.add_parser("select", allow_abbrev=False,
+                       help="s1's quality / difficulty / diversity selection, or an ablation")
     s.add_argument("--method", choices=METHODS, default="s1",
                    help="s1 (default) or the paper's ablations")
     s.add_argument("--size", type=COUNT, default=1000, help="questions to select (default: %(default)s)")

@@ -454,7 +454,8 @@ def _error_response(request: Request, e: BadRequest) -> JSONResponse:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="s1fast serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False, prog="s1fast serve", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="local directory of a Qwen2/2.5/3 causal LM (transformers format)")
     p.add_argument("--host", type=TEXT, default="127.0.0.1", help="address to bind (default: loopback only)")

@@ -281,7 +281,7 @@ def _run(cfg: EvalConfig, settings: dict, points: list[SweepPoint], problems: li
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="s1fast eval", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="s1fast eval", description=__doc__.split("\n\n")[0],
                                 epilog="example:\n" + __doc__.split("\n\n")[-1].rstrip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model directory or Hugging Face name, decoded here (or --endpoint)")

@@ -43,6 +43,24 @@ def test_parsers_share_the_flags(name):
 
 
 
+@pytest.mark.parametrize("module", ["s1fast.decode.generate", "s1fast.decode.serve", "s1fast.train.cli",
+                                    "s1fast.data.cli", "s1fast.eval.scaling", "s1fast.bench.cli"])
+def test_no_option_is_taken_for_a_longer_one(module):
+    """A prefix of a long option is left unknown, not read as that option (argparse's default): in ``s1fast data
+    distill``, ``--model`` would have been ``--model-name``. Every long option of every (sub)parser, cut by one (the
+    required arguments made optional, so that only the prefix is parsed)."""
+    parser = importlib.import_module(module)._parser()
+    subs = [a for a in parser._actions if isinstance(a.choices, dict)]
+    tried = 0
+    for p in [parser] + [p for a in subs for p in a.choices.values()]:
+        for action in p._actions + p._mutually_exclusive_groups:
+            action.required = False
+        for flag in [f for a in p._actions for f in a.option_strings if f.startswith("--") and len(f) > 4]:
+            if flag[:-1] not in p._option_string_actions:
+                assert p.parse_known_args([flag[:-1]])[1] == [flag[:-1]], flag
+                tried += 1
+    assert tried >= 5
+
 
 def required(name: str, out) -> list[str]:
     """The least each command needs to get as far as its --device check; ``out`` must not be created."""

@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     help, range and default taken from the field; unset options are absent from the parsed arguments, so that
     :func:`train_config` applies the defaults, the demo's or s1's), then the command's own."""
     p = argparse.ArgumentParser(
-        prog="s1fast train", description=__doc__.split("\n\n")[0],
+        allow_abbrev=False, prog="s1fast train", description=__doc__.split("\n\n")[0],
         epilog="Without --model: the CPU demo (tiny random Qwen2 with the real vocabulary, bundled sample data).",
     )
     p.add_argument("--model", type=TEXT,

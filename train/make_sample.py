@@ -202,7 +202,8 @@ def write_jsonl(rows: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m s1fast.train.make_sample", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m s1fast.train.make_sample",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=320)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=SAMPLE_PATH)
