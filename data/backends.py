@@ -12,15 +12,19 @@ from collections.abc import Iterator
 
 from s1fast.client import Client, Reply
 
+DEFAULT_MAX_TOKENS = 32768  # new tokens per answer: s1's distillation and attempts
 
-def ask_endpoints(client: Client, questions: dict, *, max_tokens: int, temperature: float, seed: int | None = None,
-                  max_thinking_tokens: int | None = None, num_waits: int | None = None) -> Iterator[tuple]:
+
+
+def ask_endpoints(client: Client, questions: dict, *, max_tokens: int | None, temperature: float,
+                  seed: int | None = None, max_thinking_tokens: int | None = None,
+                  num_waits: int | None = None) -> Iterator[tuple]:
     """``(key, Reply)`` for ``questions`` (key -> question text) asked as one user message each, with the seed
-    :func:`request_seed`; budget forcing fields go in the body (``s1fast serve`` reads them, other servers ignore or
-    refuse them: leave them unset there)."""
+    :func:`request_seed` and ``max_tokens`` (None: ``DEFAULT_MAX_TOKENS``); budget forcing fields go in the body
+    (``s1fast serve`` reads them, other servers ignore or refuse them: leave them unset there)."""
     jobs = ((key, {"messages": [{"role": "user", "content": text}], "seed": request_seed(seed, key)})
             for key, text in questions.items())
-    yield from client.map(jobs, max_tokens=max_tokens, temperature=temperature,
+    yield from client.map(jobs, max_tokens=max_tokens or DEFAULT_MAX_TOKENS, temperature=temperature,
                           max_thinking_tokens=max_thinking_tokens, num_waits=num_waits)
 
 
@@ -52,20 +56,23 @@ class LocalModel:
         set_cpu_threads(model)
         self.engine = Engine(Decoder(model, tokenizer=self.tokenizer), max_rows=max_rows)
 
-    def ask(self, questions: dict, *, max_tokens: int, temperature: float, seed: int | None = None,
+    def ask(self, questions: dict, *, max_tokens: int | None, temperature: float, seed: int | None = None,
             **_) -> Iterator[tuple]:
         """``(key, Reply)`` as each request finishes (the engine's loop runs on a thread; requests are posted
-        to it and their results come back through a queue)."""
+        to it and their results come back through a queue). ``max_tokens`` None: ``DEFAULT_MAX_TOKENS``, or what the
+        model's positions leave after the question when that is less."""
         done: queue.Queue = queue.Queue()
         stop = threading.Event()
         worker = threading.Thread(target=self.engine.loop, args=(stop,), name="s1fast-data-engine", daemon=True)
         worker.start()
         try:
             for key, text in questions.items():
-                prompt = self.tokenizer(self.fmt.think_prompt(text, self.tokenizer), add_special_tokens=False)
+                ids = self.tokenizer(self.fmt.think_prompt(text, self.tokenizer), add_special_tokens=False)["input_ids"]
+                room = self.engine.decoder.max_seq_len - len(ids)
                 try:
-                    self.engine.post(prompt["input_ids"], on_tokens=lambda new, state: None,
-                                     on_done=lambda row, key=key: done.put((key, row)), max_new_tokens=max_tokens,
+                    self.engine.post(ids, on_tokens=lambda new, state: None,
+                                     on_done=lambda row, key=key: done.put((key, row)),
+                                     max_new_tokens=max_tokens or max(1, min(DEFAULT_MAX_TOKENS, room)),
                                      temperature=temperature, top_k=None, top_p=None,
                                      seed=request_seed(seed, key),
                                      stop_token_ids=self.fmt.stop_ids(self.tokenizer), budget=self.budget)

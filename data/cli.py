@@ -10,7 +10,8 @@
 Files in DIR: ``questions.jsonl`` and ``collect_report.json`` (collect); ``distill.jsonl``, ``attempt.jsonl``,
 ``classify.jsonl`` (records keyed by the question's id, appended and fsynced one by one, so a rerun after a crash or
 ``kill -9`` asks only what is not finished; failed requests are recorded with their error and asked again on the
-next run); ``s1k.jsonl`` (s1K's columns) with ``s1k_report.json`` / ``.md`` / ``.png`` (select; an ablation
+next run; what the answers depend on is kept in ``<stage>.settings.json``, and a rerun that changes it is refused);
+``s1k.jsonl`` (s1K's columns) with ``s1k_report.json`` / ``.md`` / ``.png`` (select; an ablation
 ``--method M`` writes ``s1k_M.*``).
 """
 
@@ -35,6 +36,7 @@ from s1fast.commands import (
     read_model_config,
     sigterm_as_interrupt,
 )
+from s1fast.data.backends import DEFAULT_MAX_TOKENS
 from s1fast.data.select import METHODS
 from s1fast.data.store import Records
 from s1fast.files import write_atomic
@@ -57,7 +59,9 @@ def _client_arguments(p, local: str | None) -> None:
 
 def _generation_arguments(p) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--max-tokens", type=COUNT, default=32768, help="new tokens per answer (default: %(default)s)")
+    g.add_argument("--max-tokens", type=COUNT,
+                   help=f"new tokens per answer (default: {DEFAULT_MAX_TOKENS}, s1's; a local model: at most what its "
+                        "positions leave after the question)")
     g.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="default: %(default)s")
     g.add_argument("--seed", type=int, help="sampling seed (each request samples with a seed made of it, the question "
                    "and the sample)")
@@ -202,8 +206,8 @@ def _writer(path: str, key: tuple[str, ...], parser) -> Records:
 
 
 def _backend(args, parser, local: str | None):
-    """(ask function, model name, the local model's reasoning format or None) of the stage's model, every argument
-    checked before anything loads or is sent."""
+    """(the stage's model's name, ``open``), every argument checked before anything loads or is sent; ``open()``
+    loads a local model and gives (ask function, the local model's reasoning format or None)."""
     from s1fast.client import Client, check_client_settings
 
     path = getattr(args, local, None) if local else None
@@ -213,7 +217,7 @@ def _backend(args, parser, local: str | None):
                 raise ValueError(f"give --endpoint or --{local}, not both")
             check_model_dir(path, f"--{local}")
             positions = read_model_config(path, f"--{local}").max_position_embeddings  # before the weights load
-            if args.max_tokens >= positions:
+            if args.max_tokens is not None and args.max_tokens >= positions:
                 raise ValueError(f"--max-tokens {args.max_tokens}: the model has {positions} positions, which must "
                                  "hold the question too; lower it")
             device = check_device(args.device)
@@ -226,14 +230,18 @@ def _backend(args, parser, local: str | None):
     except ValueError as e:
         parser.error(str(e))
     if path is not None:
-        from s1fast.data.backends import LocalModel
 
-        try:
-            model = LocalModel(path, format=args.format, device=device, dtype=dtype, max_rows=args.max_rows,
-                               max_thinking_tokens=args.max_thinking_tokens, num_waits=args.num_waits or 0)
-        except (ValueError, OSError, TypeError) as e:
-            parser.error(str(e))
-        return model.ask, os.path.basename(os.path.normpath(path)), model.fmt.name
+        def load():
+            from s1fast.data.backends import LocalModel
+
+            try:
+                model = LocalModel(path, format=args.format, device=device, dtype=dtype, max_rows=args.max_rows,
+                                   max_thinking_tokens=args.max_thinking_tokens, num_waits=args.num_waits or 0)
+            except (ValueError, OSError, TypeError) as e:
+                parser.error(str(e))
+            return model.ask, model.fmt.name
+
+        return os.path.basename(os.path.normpath(path)), load
     from s1fast.data.backends import ask_endpoints
 
     client = Client(args.endpoint, model=args.model_name, api_key_env=args.api_key_env,
@@ -243,7 +251,25 @@ def _backend(args, parser, local: str | None):
     except Exception as e:  # noqa: BLE001  (any failure to reach the server is one line)
         parser.error(f"--endpoint {args.endpoint[0]}: cannot list its models ({type(e).__name__}: {e}); "
                      "give --model-name or check the server")
-    return (lambda questions, **kw: ask_endpoints(client, questions, **kw)), name, None
+    return name, lambda: ((lambda questions, **kw: ask_endpoints(client, questions, **kw)), None)
+
+
+def _settings(records: Records, maker: str, made: bool, parser, **settings) -> None:
+    """``Records.check_settings``, or the stage's one-line error."""
+    try:
+        records.check_settings(maker, settings, made)
+    except ValueError as e:
+        records.close()  # the lock let go (a caller in the same process may run the stage again)
+        parser.error(str(e))
+
+
+def _generation_settings(args, local: str) -> dict:
+    """What a distill or attempt answer depends on (not where or how fast it is asked); ``max_tokens`` None: a local
+    model's room after each question."""
+    path = getattr(args, local)
+    return {"max_tokens": args.max_tokens or (None if path else DEFAULT_MAX_TOKENS), "temperature": args.temperature,
+            "seed": args.seed, "max_thinking_tokens": args.max_thinking_tokens, "num_waits": args.num_waits,
+            "format": args.format if path else None}
 
 
 def _run(records: Records, todo: dict, ask, make, args, what: str) -> int:
@@ -279,9 +305,12 @@ def _grade(reply, question: dict) -> tuple[str | None, bool]:
 
 def distill_stage(args, parser) -> int:
     questions = _questions(args, parser)
-    ask, model_name, local_format = _backend(args, parser, "teacher")
+    model_name, load = _backend(args, parser, "teacher")
     teacher = args.name or model_name
     records = _writer(os.path.join(args.out, DISTILL), ("id", "sample"), parser)
+    _settings(records, "teacher", bool(records.latest), parser, teacher=teacher,
+              **_generation_settings(args, "teacher"))
+    ask, local_format = load()
     done = {k for k, r in records.latest.items() if r["error"] is None}
     todo = {(i, s): q["question"] for i, q in questions.items() for s in range(args.samples) if (i, s) not in done}
     print(f"distill: {len(todo)} request(s) to send, {len(done)} finished before", file=sys.stderr)
@@ -303,9 +332,12 @@ def distill_stage(args, parser) -> int:
 
 def attempt_stage(args, parser) -> int:
     questions = _questions(args, parser)
-    ask, model_name, _ = _backend(args, parser, "student")
+    model_name, load = _backend(args, parser, "student")
     student = args.name or model_name
     records = _writer(os.path.join(args.out, ATTEMPT), ("id", "student"), parser)
+    _settings(records, student, any(r["student"] == student for r in records.values()), parser,
+              **_generation_settings(args, "student"))
+    ask, _ = load()
     todo = {(i, student): q["question"] for i, q in questions.items()
             if (r := records.get(i, student)) is None or r["error"] is not None}
     print(f"attempt ({student}): {len(todo)} question(s) to ask", file=sys.stderr)
@@ -334,12 +366,16 @@ def classify_stage(args, parser) -> int:
     questions = _questions(args, parser)
     records = _writer(os.path.join(args.out, CLASSIFY), ("id",), parser)
     todo = {i: q for i, q in questions.items() if not records.has(i)}
+    made = bool(records.latest)
     if args.field is not None:
+        _settings(records, "classifier", made, parser, field=args.field)
         with records:
             for i, q in todo.items():
                 records.add({"id": i, "domain": field_domain(q, args.field), "how": f"field {args.field}"})
     elif todo:
-        ask, _, _ = _backend(args, parser, None)
+        name, load = _backend(args, parser, None)
+        _settings(records, "classifier", made, parser, model=name, max_tokens=args.max_tokens)
+        ask, _ = load()
         with records:  # the lock is held across the tries: a second run cannot take it between two of them
             for attempt in range(1, args.tries + 1):
                 for i, reply in ask({i: rubric(q["question"]) for i, q in todo.items()}, max_tokens=args.max_tokens,

@@ -15,6 +15,8 @@ import os
 import re
 import unicodedata
 
+from s1fast.files import write_atomic
+
 
 def normalise(text: str) -> str:
     """The question as stored: Unicode NFKC, Windows and old Mac line ends as ``\\n``, trailing spaces of each
@@ -97,6 +99,27 @@ class Records:
             if end < size:  # a write cut short: drop its partial line
                 os.ftruncate(self._file.fileno(), end)
                 os.fsync(self._file.fileno())
+
+    def check_settings(self, maker: str, settings: dict, made: bool) -> None:
+        """The records of ``maker`` (the stage's teacher, a student, the classifier) come from ``settings`` alone: they
+        are kept next to the records (``<stem>.settings.json``, one entry per maker), and once records of ``maker``
+        exist (``made``) a run with other settings is refused (a ValueError naming each difference), so that answers
+        made differently are never mixed. Call with the lock held."""
+        path = self.path.removesuffix(".jsonl") + ".settings.json"
+        known = {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                known = json.load(f)
+        settings = json.loads(json.dumps(settings))  # as read back (tuples as lists)
+        old = known.get(maker)
+        if old == settings:
+            return
+        if made and old is not None:
+            changed = ", ".join(f"{k} {old.get(k)!r} before, {settings.get(k)!r} now"
+                                for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
+            raise ValueError(f"{self.path} holds answers of {maker} made with other settings ({changed}); rerun "
+                             f"with the same settings to continue, or give another --out")
+        write_atomic(path, json.dumps({**known, maker: settings}, indent=1, ensure_ascii=False) + "\n")
 
     def add(self, record: dict) -> None:
         """Append ``record`` and fsync it: once this returns the record survives a crash."""

@@ -233,6 +233,42 @@ def test_distill_records_errors_and_asks_them_again(standin, tmp_path):
     assert all(r["error"] is None for r in final.values()) and len(final.latest) == 4
 
 
+def test_a_rerun_with_other_settings_is_refused(standin, tmp_path, capsys):
+    """Answers made with other settings are never mixed into a stage's records: the settings an answer depends on
+    are kept per teacher / student / classifier (``<stage>.settings.json``) and a rerun that changes them is refused
+    in one line, before anything is asked; where and how fast it asks may change."""
+    s = standin(script={QUESTIONS[1]: ["500"]})
+    out = pipeline_dir(tmp_path, QUESTIONS[:2])
+    common = ["--out", out, "--endpoint", s.url, "--retries", "0", "--no-progress"]
+    assert main(["distill", *common, "--temperature", "0.5"]) == 0
+    asked = s.asked()
+    refused = [(["distill", "--temperature", "0.7"], "temperature 0.5 before, 0.7 now"),
+               (["distill", "--temperature", "0.5", "--name", "other"], "teacher 'stand-in' before, 'other' now"),
+               (["distill", "--temperature", "0.5", "--max-tokens", "99"], "max_tokens 32768 before, 99 now")]
+    for argv, said in refused:
+        with pytest.raises(SystemExit) as e:
+            main([argv[0], *common, *argv[1:]])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and said in err and "distill.jsonl holds answers of teacher" in err, err
+    assert s.asked() == asked  # nothing was sent
+    assert main(["distill", *common, "--temperature", "0.5", "--concurrency", "3", "--timeout", "30"]) == 0
+    assert s.asked() - asked == Counter({QUESTIONS[1]: 1})  # the failed one, asked again
+    # attempt: an entry per student; another student may use other settings, the same one may not
+    assert main(["attempt", *common, "--max-tokens", "10"]) == 0
+    assert main(["attempt", *common, "--name", "s2", "--max-tokens", "20"]) == 0
+    with pytest.raises(SystemExit):
+        main(["attempt", *common, "--name", "s2", "--max-tokens", "30"])
+    assert "answers of s2 made with other settings (max_tokens 20 before, 30 now)" in capsys.readouterr().err
+    kept = json.loads(open(os.path.join(out, "attempt.settings.json")).read())
+    assert {k: v["max_tokens"] for k, v in kept.items()} == {"stand-in": 10, "s2": 20}
+    # classify: questions added later are not classified another way than the first ones
+    assert main(["classify", "--out", out, "--endpoint", s.url, "--tries", "1"]) == 0
+    out = pipeline_dir(tmp_path, QUESTIONS[:3])
+    with pytest.raises(SystemExit):
+        main(["classify", "--out", out, "--field", "domain"])
+    assert "field None before, 'domain' now" in capsys.readouterr().err
+
+
 def test_kill_9_mid_distill_then_rerun(standin, tmp_path):
     s = standin(delay=0.3)
     questions = [f"Question {i}: how many ways are there to pick {i} items from a set of ten?" for i in range(12)]
