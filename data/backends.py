@@ -15,7 +15,6 @@ from s1fast.client import Client, Reply
 DEFAULT_MAX_TOKENS = 32768  # new tokens per answer: s1's distillation and attempts
 
 
-
 def ask_endpoints(client: Client, questions: dict, *, max_tokens: int | None, temperature: float,
                   seed: int | None = None, max_thinking_tokens: int | None = None,
                   num_waits: int | None = None) -> Iterator[tuple]:

@@ -206,7 +206,7 @@ def _writer(path: str, key: tuple[str, ...], parser) -> Records:
 
 
 def _backend(args, parser, local: str | None):
-    """(the stage's model's name, ``open``), every argument checked before anything loads or is sent; ``open()``
+    """(the stage's model's name, ``load``), every argument checked before anything loads or is sent; ``load()``
     loads a local model and gives (ask function, the local model's reasoning format or None)."""
     from s1fast.client import Client, check_client_settings
 
