@@ -185,12 +185,12 @@ class Decoder:
             )
         self.config = cfg
         self.tokenizer = tokenizer
-        self.eos_token_ids = _generation_eos(lm)
         self.embed = core.embed_tokens.weight
         self.dtype, self.device = self.embed.dtype, self.embed.device
         if self.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"Decoder: model dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype}")
         self.vocab = self.embed.shape[0]
+        self.eos_token_ids = frozenset(t for t in _generation_eos(lm) if 0 <= t < self.vocab)  # ones it can make
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.group = self.heads // self.kv_heads

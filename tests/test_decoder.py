@@ -554,6 +554,13 @@ def test_generation_config_eos_ids_stop_as_in_vllm(tmp_path):
     forced = named.generate(prompt, max_new_tokens=30, budget=bf).tokens
     assert forced == Decoder(model).generate(prompt, max_new_tokens=30, budget=bf, stop_token_ids=[eos]).tokens
     assert forced[0] == s1_reference(model, prompt[0], bf, 30, stop=[eos])[0]
+    # an eos id past the vocabulary (a cut vocabulary; transformers only warns) is none the model can make: ignored,
+    # budget forcing masks no such id (it raised an IndexError)
+    model.generation_config.eos_token_id = [VOCAB + 7, eos]
+    model.save_pretrained(tmp_path)
+    cut = Decoder(load(str(tmp_path), dtype=torch.float64, device="cpu").eval())
+    assert cut.eos_token_ids == {eos}
+    assert cut.generate(prompt, max_new_tokens=30, budget=bf).tokens == forced
 
 
 def test_generate_bounds_its_rows():
