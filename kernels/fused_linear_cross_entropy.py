@@ -234,8 +234,11 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
 def _uniform_value(grad_output: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """The grad_output shared by every non-ignored row, as a 0-d tensor: NaN when two of them differ (checked on
     the device, no host sync). Ignored rows' values are free: their gradients are zero."""
+    if labels.numel() == 0:  # no rows: no gradient to scale
+        return grad_output.new_zeros(())
     valid = labels != ignore_index
-    value = grad_output[valid.to(torch.uint8).argmax()]  # the first non-ignored row (row 0 if none)
+    first = valid.to(torch.uint8).argmax().reshape(1)  # the first non-ignored row (row 0 if none)
+    value = grad_output.index_select(0, first).squeeze(0)  # a 0-d index would read it on the host (a sync)
     differs = (valid & (grad_output != value)).any()
     return torch.where(differs, torch.nan, value)
 

@@ -533,6 +533,31 @@ def test_uniform_grad_equals_scaled_sum_and_poisons_weighted_rows(backend, dtype
     assert all(torch.isnan(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uniform_grad_without_host_sync_and_on_an_empty_batch(backend):
+    """The shared grad_output is found on the device (no aten._local_scalar_dense: a host sync on a GPU); a batch
+    with no rows (TRL's head with every label ignored) gives zero gradients instead of an IndexError."""
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    seen = []
+    labels = torch.tensor([-100, 5, 7, -100])
+    with Ops():
+        value = flce_module._uniform_value(torch.tensor([9.0, 2.0, 2.0, 4.0]), labels, -100)
+    assert value.item() == 2.0 and seen and "_local_scalar_dense" not in seen
+    hidden, weight, bias, labels = make_case((0,), 16, 50, torch.float32)
+    for t in (hidden, weight, bias):
+        t.requires_grad_(True)
+    with force_backend(backend):
+        loss = fused_linear_cross_entropy(hidden, weight, labels, bias, reduction="none", uniform_grad=True)
+    loss.sum().backward()
+    assert loss.shape == (0,) and hidden.grad.shape == (0, 16)
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(bias.grad, torch.zeros_like(bias))
+
+
 def test_uniform_grad_needs_reduction_none():
     hidden, weight, bias, labels = make_case((4,), 16, 50, torch.float32)
     with pytest.raises(ValueError, match="uniform_grad=True applies to reduction='none'"):
