@@ -259,7 +259,6 @@ def _settings(records: Records, maker: str, made: bool, parser, **settings) -> N
     try:
         records.check_settings(maker, settings, made)
     except ValueError as e:
-        records.close()  # the lock let go (a caller in the same process may run the stage again)
         parser.error(str(e))
 
 
@@ -291,7 +290,6 @@ def _run(records: Records, todo: dict, ask, make, args, what: str) -> int:
                 bar.update()
     finally:
         bar.close()
-        records.close()
     return failed
 
 
@@ -307,26 +305,26 @@ def distill_stage(args, parser) -> int:
     questions = _questions(args, parser)
     model_name, load = _backend(args, parser, "teacher")
     teacher = args.name or model_name
-    records = _writer(os.path.join(args.out, DISTILL), ("id", "sample"), parser)
-    _settings(records, "teacher", bool(records.latest), parser, teacher=teacher,
-              **_generation_settings(args, "teacher"))
-    ask, local_format = load()
-    done = {k for k, r in records.latest.items() if r["error"] is None}
-    todo = {(i, s): q["question"] for i, q in questions.items() for s in range(args.samples) if (i, s) not in done}
-    print(f"distill: {len(todo)} request(s) to send, {len(done)} finished before", file=sys.stderr)
+    with _writer(os.path.join(args.out, DISTILL), ("id", "sample"), parser) as records:  # locked until the stage ends
+        _settings(records, "teacher", any(r["error"] is None for r in records.values()), parser, teacher=teacher,
+                  **_generation_settings(args, "teacher"))
+        ask, local_format = load()
+        done = {k for k, r in records.latest.items() if r["error"] is None}
+        todo = {(i, s): q["question"] for i, q in questions.items() for s in range(args.samples) if (i, s) not in done}
+        print(f"distill: {len(todo)} request(s) to send, {len(done)} finished before", file=sys.stderr)
 
-    def make(key, reply):
-        predicted, correct = _grade(reply, questions[key[0]])
-        fmt = "r1" if reply.source == "think_tags" else local_format or "s1"
-        return {"id": key[0], "sample": key[1], "teacher": teacher, "thinking": reply.thinking,
-                "answer": reply.answer, "tokens": reply.tokens,
-                "thinking_tokens": reply.reasoning_tokens if reply.reasoning_tokens is not None else reply.tokens,
-                "finish_reason": reply.finish_reason, "format": fmt, "predicted": predicted, "correct": correct,
-                "tries": reply.tries, "error": reply.error}
+        def make(key, reply):
+            predicted, correct = _grade(reply, questions[key[0]])
+            fmt = "r1" if reply.source == "think_tags" else local_format or "s1"
+            return {"id": key[0], "sample": key[1], "teacher": teacher, "thinking": reply.thinking,
+                    "answer": reply.answer, "tokens": reply.tokens,
+                    "thinking_tokens": reply.reasoning_tokens if reply.reasoning_tokens is not None else reply.tokens,
+                    "finish_reason": reply.finish_reason, "format": fmt, "predicted": predicted, "correct": correct,
+                    "tries": reply.tries, "error": reply.error}
 
-    failed = _run(records, todo, ask, make, args, "distill")
-    print(f"distill: {len(todo) - failed} done, {failed} failed (recorded; rerun to ask them again) -> "
-          f"{os.path.join(args.out, DISTILL)}")
+        failed = _run(records, todo, ask, make, args, "distill")
+        print(f"distill: {len(todo) - failed} done, {failed} failed (recorded; rerun to ask them again) -> "
+              f"{os.path.join(args.out, DISTILL)}")
     return 0
 
 
@@ -334,24 +332,24 @@ def attempt_stage(args, parser) -> int:
     questions = _questions(args, parser)
     model_name, load = _backend(args, parser, "student")
     student = args.name or model_name
-    records = _writer(os.path.join(args.out, ATTEMPT), ("id", "student"), parser)
-    _settings(records, student, any(r["student"] == student for r in records.values()), parser,
-              **_generation_settings(args, "student"))
-    ask, _ = load()
-    todo = {(i, student): q["question"] for i, q in questions.items()
-            if (r := records.get(i, student)) is None or r["error"] is not None}
-    print(f"attempt ({student}): {len(todo)} question(s) to ask", file=sys.stderr)
+    with _writer(os.path.join(args.out, ATTEMPT), ("id", "student"), parser) as records:  # locked until the stage ends
+        made = any(r["student"] == student and r["error"] is None for r in records.values())
+        _settings(records, student, made, parser, **_generation_settings(args, "student"))
+        ask, _ = load()
+        todo = {(i, student): q["question"] for i, q in questions.items()
+                if (r := records.get(i, student)) is None or r["error"] is not None}
+        print(f"attempt ({student}): {len(todo)} question(s) to ask", file=sys.stderr)
 
-    def make(key, reply):
-        predicted, correct = _grade(reply, questions[key[0]])
-        return {"id": key[0], "student": student, "answer": reply.answer, "tokens": reply.tokens,
-                "thinking_tokens": reply.reasoning_tokens, "predicted": predicted, "correct": correct,
-                "tries": reply.tries, "error": reply.error}
+        def make(key, reply):
+            predicted, correct = _grade(reply, questions[key[0]])
+            return {"id": key[0], "student": student, "answer": reply.answer, "tokens": reply.tokens,
+                    "thinking_tokens": reply.reasoning_tokens, "predicted": predicted, "correct": correct,
+                    "tries": reply.tries, "error": reply.error}
 
-    failed = _run(records, todo, ask, make, args, f"attempt {student}")
-    solved = sum(bool((r := records.get(i, student)) and r["correct"]) for i in questions)
-    print(f"attempt ({student}): {solved} of {len(questions)} solved, {failed} failed -> "
-          f"{os.path.join(args.out, ATTEMPT)}")
+        failed = _run(records, todo, ask, make, args, f"attempt {student}")
+        solved = sum(bool((r := records.get(i, student)) and r["correct"]) for i in questions)
+        print(f"attempt ({student}): {solved} of {len(questions)} solved, {failed} failed -> "
+              f"{os.path.join(args.out, ATTEMPT)}")
     return 0
 
 
@@ -364,20 +362,18 @@ def classify_stage(args, parser) -> int:
     if args.field is not None and args.endpoint:
         parser.error("give --field or --endpoint, not both")
     questions = _questions(args, parser)
-    records = _writer(os.path.join(args.out, CLASSIFY), ("id",), parser)
-    todo = {i: q for i, q in questions.items() if not records.has(i)}
-    made = bool(records.latest)
-    if args.field is not None:
-        _settings(records, "classifier", made, parser, field=args.field)
-        with records:
+    with _writer(os.path.join(args.out, CLASSIFY), ("id",), parser) as records:  # locked until the stage ends
+        todo = {i: q for i, q in questions.items() if not records.has(i)}
+        made = bool(records.latest)
+        if args.field is not None:
+            _settings(records, "classifier", made, parser, field=args.field)
             for i, q in todo.items():
                 records.add({"id": i, "domain": field_domain(q, args.field), "how": f"field {args.field}"})
-    elif todo:
-        name, load = _backend(args, parser, None)
-        _settings(records, "classifier", made, parser, model=name, max_tokens=args.max_tokens)
-        ask, _ = load()
-        with records:  # the lock is held across the tries: a second run cannot take it between two of them
-            for attempt in range(1, args.tries + 1):
+        elif todo:
+            name, load = _backend(args, parser, None)
+            _settings(records, "classifier", made, parser, model=name, max_tokens=args.max_tokens)
+            ask, _ = load()
+            for attempt in range(1, args.tries + 1):  # the lock is held across the tries
                 for i, reply in ask({i: rubric(q["question"]) for i, q in todo.items()}, max_tokens=args.max_tokens,
                                     temperature=0.0 if attempt == 1 else 0.7, seed=attempt):
                     domain = parse_domain(reply.answer) or parse_domain(reply.thinking)
@@ -387,8 +383,8 @@ def classify_stage(args, parser) -> int:
                         del todo[i]
                 if not todo:
                     break
-    counts = Counter(records.get(i)["domain"] for i in questions if records.has(i))
-    print(f"classify: {len(counts)} domain(s): " + ", ".join(f"{d} {n}" for d, n in counts.most_common()))
+        counts = Counter(records.get(i)["domain"] for i in questions if records.has(i))
+        print(f"classify: {len(counts)} domain(s): " + ", ".join(f"{d} {n}" for d, n in counts.most_common()))
     return 0
 
 

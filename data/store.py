@@ -102,9 +102,10 @@ class Records:
 
     def check_settings(self, maker: str, settings: dict, made: bool) -> None:
         """The records of ``maker`` (the stage's teacher, a student, the classifier) come from ``settings`` alone: they
-        are kept next to the records (``<stem>.settings.json``, one entry per maker), and once records of ``maker``
-        exist (``made``) a run with other settings is refused (a ValueError naming each difference), so that answers
-        made differently are never mixed. Call with the lock held."""
+        are kept next to the records (``<stem>.settings.json``, one entry per maker), and once answers of ``maker``
+        exist (``made``: failed requests do not count, they are asked again anyway) a run with other settings is
+        refused (a ValueError naming each difference), so that answers made differently are never mixed. Call with
+        the lock held."""
         path = self.path.removesuffix(".jsonl") + ".settings.json"
         known = {}
         if os.path.exists(path):

@@ -269,6 +269,24 @@ def test_a_rerun_with_other_settings_is_refused(standin, tmp_path, capsys):
     assert "field None before, 'domain' now" in capsys.readouterr().err
 
 
+def test_settings_may_change_while_no_answer_exists_and_a_refusal_lets_the_lock_go(standin, tmp_path, capsys):
+    """Failed requests are asked again on a rerun, so a run whose every request failed (a --max-tokens the server
+    refuses) may be rerun with other settings; a stage stopped by an error (a server that cannot be reached) lets
+    its lock go, so the same process can run it again."""
+    s = standin(script={q: ["400"] for q in QUESTIONS[:2]})
+    out = pipeline_dir(tmp_path, QUESTIONS[:2])
+    common = ["--out", out, "--endpoint", s.url, "--retries", "0", "--no-progress"]
+    assert main(["distill", *common, "--max-tokens", "50"]) == 0
+    assert all(r["error"] for r in read(os.path.join(out, "distill.jsonl")))
+    assert main(["distill", *common, "--max-tokens", "40"]) == 0
+    assert all(r["error"] is None for r in Records(os.path.join(out, "distill.jsonl"), key=("id", "sample")).values())
+    assert json.load(open(os.path.join(out, "distill.settings.json")))["teacher"]["max_tokens"] == 40
+    with pytest.raises(SystemExit) as e:
+        main(["classify", "--out", out, "--endpoint", "http://127.0.0.1:9/v1", "--retries", "0", "--timeout", "2"])
+    assert e.value.code == 2 and "cannot list its models" in capsys.readouterr().err
+    assert main(["classify", "--out", out, "--field", "domain"]) == 0  # e still holds the failed call's frames
+
+
 def test_kill_9_mid_distill_then_rerun(standin, tmp_path):
     s = standin(delay=0.3)
     questions = [f"Question {i}: how many ways are there to pick {i} items from a set of ten?" for i in range(12)]
