@@ -219,8 +219,13 @@ class Server:
                 loop.call_soon_threadsafe(events.put_nowait, (i, None, row))
 
             seed = settings["seed"]
-            requests.append(self.engine.post(prompt, on_tokens=on_tokens, on_done=on_done,
-                                             **{**settings, "seed": None if seed is None else seed + i}))
+            try:
+                requests.append(self.engine.post(prompt, on_tokens=on_tokens, on_done=on_done,
+                                                 **{**settings, "seed": None if seed is None else seed + i}))
+            except ValueError as e:  # the engine's own checks, e.g. a request the KV budget can never hold
+                for r in requests:
+                    self.engine.cancel(r)
+                raise BadRequest("max_tokens", str(e)) from None
         return requests
 
     def abort(self) -> None:

@@ -433,6 +433,21 @@ def test_full_queue_answers_429(served, monkeypatch):
     assert done.wait(20) and server.engine.in_flight() == 0
 
 
+def test_a_request_beyond_the_kv_budget_is_a_400_naming_max_tokens(model_dir):
+    """With a KV memory budget (``--kv-cache``), a request that could never fit in it alone is refused with a 400
+    naming max_tokens (it was a 500), choices included, and nothing is left running; one that fits is answered."""
+    page = serve.build(model_dir, max_rows=2, max_seq_len=200).engine.decoder.cache.page_bytes
+    server = serve.build(model_dir, max_rows=2, max_seq_len=200, kv_cache={"kv_cache_bytes": 5 * page})  # 4 pages
+    with running(server) as url:
+        body = {"model": server.model_name, "prompt": "go on", "max_tokens": 150, "n": 2}
+        r = post(url, "/v1/completions", body)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "max_tokens" and "KV budget holds 4 pages" in error["message"]
+        assert server.engine.in_flight() == 0
+        assert post(url, "/v1/completions", dict(body, max_tokens=8)).status_code == 200
+
+
 @pytest.mark.parametrize(
     "path,fields,param",
     [
