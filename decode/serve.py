@@ -455,7 +455,10 @@ async def _disconnected(request: Request) -> None:
 
 
 def _error_response(request: Request, e: BadRequest) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers={"Retry-After": "1"} if e.status == 429 else None)
+    """OpenAI's error body; a 429 says when to retry, and a 503 (the server shutting down) closes its connection,
+    which uvicorn's shutdown would otherwise wait for as an idle keep-alive connection (5 s)."""
+    headers = {"Retry-After": "1"} if e.status == 429 else {"Connection": "close"} if e.status == 503 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
