@@ -248,6 +248,12 @@ def test_log_has_token_accuracy_and_entropy(tmp_path):
     # an untrained model hits few tokens (maybe none); the kernel tests check top-1 with many hits
     assert record["mean_token_accuracy"] == pytest.approx(hits / count, abs=1e-12)
     assert record["entropy"] == pytest.approx(entropy / count, rel=1e-5)
+    # unpatched, nothing measures them: absent from the log, not zeros
+    plain_cfg = train_worker.config(str(tmp_path / "plain"), global_batch=8, micro_batch_tokens=64, max_steps=1)
+    plain = Trainer(train_worker.tiny_model(patched=False), dataset, plain_cfg, device=CPU)
+    plain.fit()
+    (record,) = _log(str(tmp_path / "plain"))
+    assert "loss" in record and "mean_token_accuracy" not in record and "entropy" not in record
 
 
 def test_s1_schedule_and_step_count(tmp_path):

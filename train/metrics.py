@@ -66,8 +66,9 @@ class MetricsLogger:
                     f"{step} or later was saved ({last}); lower the learning rate or check the data"
                 )
             record = {"step": step, "epoch": (step - 1) // self.steps_per_epoch + 1, "loss": loss, "grad_norm": norm,
-                      "lr": lr, "tokens": tokens, "tokens_per_s": tps, "mean_token_accuracy": hits / max(count, 1),
-                      "entropy": entropy / max(count, 1)}
+                      "lr": lr, "tokens": tokens, "tokens_per_s": tps}
+            if count:  # measured by the fused loss (not without patch(): no made-up zeros)
+                record.update(mean_token_accuracy=hits / count, entropy=entropy / count)
             self._write(record)
             records.append(record)
         if self.bar is not None:
