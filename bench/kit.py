@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import re
 import shlex
@@ -346,11 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         "--dry-run", action="store_true", help="print the plan and evaluate the targets of --out; run nothing"
     )
     args = p.parse_args(argv)
-    if args.budget_s is not None and args.budget_s < 60:
-        p.error(f"--budget-s must be at least 60 seconds, got {args.budget_s:g}")
-    if args.budget_s is None and not args.minutes >= 1:
-        p.error(f"--minutes must be at least 1, got {args.minutes:g}")
     budget = args.budget_s if args.budget_s is not None else 60 * args.minutes
+    if not (math.isfinite(budget) and budget >= 60):  # NaN or inf: no cap would ever stop a step
+        p.error(f"--budget-s must be at least 60 seconds, got {args.budget_s:g}" if args.budget_s is not None
+                else f"--minutes must be at least 1, got {args.minutes:g}")
     pack_dir = Path(args.pack) if args.pack else None
     if pack_dir and not pack_dir.is_dir():
         p.error(f"--pack {str(pack_dir)!r} is not a directory")

@@ -125,7 +125,9 @@ def test_kit_cli_dry_run_scales_the_caps_and_names_bad_arguments(tmp_path, capsy
     assert "pytest -q -m gpu" in out and "bench kernels --headline" in out and "| target | status | measured |" in out
     assert not (tmp_path / "targets.md").exists()  # a dry run writes nothing
     for args, message in ((["--budget-s", "10"], "--budget-s must be at least 60"),
+                          (["--budget-s", "nan"], "--budget-s must be at least 60"),
                           (["--minutes", "0.5"], "--minutes must be at least 1"),
+                          (["--minutes", "inf"], "--minutes must be at least 1"),
                           (["--pack", str(tmp_path / "none")], "--pack"),
                           (["--dry-run", "--out", str(tmp_path / "none")], "is not one")):
         with pytest.raises(SystemExit) as e:
