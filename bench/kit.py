@@ -126,13 +126,15 @@ def run_steps(out: Path, budget_s: float, steps: list[tuple[Step, float]], save=
                 "cap_s": round(cap, 1), "status": "pending"} for s, cap in steps]
     # the kit's environment for every step: gloo (the one-rank FSDP group of bench sft) on the loopback interface
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    for step, _ in steps:  # this run's rows and logs only, in every pack (a step the budget leaves out included)
+        shutil.rmtree(out / step.name, ignore_errors=True)
+        (out / f"{step.name}.log").unlink(missing_ok=True)
     save(records)
     for (step, cap), record in zip(steps, records):
         limit = min(cap, deadline - time.monotonic())
         if limit < cap / 2:
             record["status"] = "not run: budget spent"
             continue
-        shutil.rmtree(out / step.name, ignore_errors=True)  # this run's rows only
         t0 = time.monotonic()
         with open(out / f"{step.name}.log", "w") as log:
             proc = subprocess.Popen([python, *_command(step, out)], stdout=log, stderr=subprocess.STDOUT, env=env,

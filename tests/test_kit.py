@@ -62,6 +62,9 @@ def test_kit_end_to_end_keeps_the_rows_of_a_step_stopped_at_its_cap(tmp_path, mo
     monkeypatch.chdir(tmp_path)  # the kit moves to the repository; back after the test
     out, pack = tmp_path / "results", tmp_path / "OUT"
     pack.mkdir()
+    (out / "later").mkdir(parents=True)  # an earlier run's results of a step this run leaves out: not packed
+    (out / "later" / "results.json").write_text("{}")
+    (out / "later.log").write_text("an earlier run")
     assert kit.main(["--out", str(out), "--pack", str(pack)]) == 0
     assert "| target | status | measured |" in capsys.readouterr().out
 
@@ -80,6 +83,7 @@ def test_kit_end_to_end_keeps_the_rows_of_a_step_stopped_at_its_cap(tmp_path, mo
         read = lambda name: tar.extractfile(files[f"results/{name}"]).read().decode()  # noqa: E731
         assert {"results/toy.log", "results/stalled.log", "results/fails.log", "results/kit.json",
                 "results/targets.md"} <= set(files)
+        assert not {"results/later.log", "results/later/results.json"} & set(files)
         done = json.loads(read("toy/results.json"))["suites"]["kernels"]
         assert "unfinished" not in done and "wall_s" in done
         assert {(r["kernel"], r["impl"]) for r in done["rows"]} == {
