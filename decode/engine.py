@@ -239,7 +239,8 @@ class _Batch:
         leave or are preempted, every row takes its feed in one forward and free rows are refilled."""
         sched, runner = self.sched, self.runner
         t0 = time.perf_counter()
-        pending = runner.load(self.admit(), sched.pos)
+        first = self.admit()  # None: every request taken was cancelled while it waited (serving)
+        pending = None if first is None else runner.load(first, sched.pos)
         runner.synchronize()
         t1 = time.perf_counter()
         while sched.rows:

@@ -200,6 +200,20 @@ def test_sampling_per_request_seed_independent_of_admission():
     assert results[0][0] != hf_generate(model, prompts[0], 10)  # it really samples
 
 
+def test_a_serving_batch_whose_requests_were_all_cancelled_while_waiting_ends_cleanly():
+    """What ``Engine.loop`` runs for the requests it takes: when all of them were cancelled before getting a row, the
+    batch ends with each "cancelled" (it raised a TypeError, and the loop failed every request posted meanwhile)."""
+    from s1fast.decode.engine import _Batch
+
+    engine = Engine(Decoder(model_for()), max_rows=2)
+    rows = []
+    gone = engine.post(make_prompts((4,))[0], max_new_tokens=5, on_tokens=lambda new, state: None, on_done=rows.append)
+    engine.cancel(gone)
+    for _ in _Batch(engine.decoder, [], engine.max_rows, engine.inbox).steps():
+        pass
+    assert [row.finish_reason for row in rows] == ["cancelled"] and engine.in_flight() == 0
+
+
 def test_engine_rejects_bad_arguments():
     dec = Decoder(model_for(), max_seq_len=32)
     with pytest.raises(ValueError, match="max_rows must be an int >= 1"):
