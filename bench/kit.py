@@ -373,11 +373,16 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + format_targets(evaluate(out)))
         return 0
     os.chdir(repo)  # pytest's tests/ and relative paths
+    # SIGTERM (a device call's time limit) as Ctrl-C: the running step's own process group is stopped too (it would
+    # go on using the GPU) and what was measured is packed
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         run_steps(out, budget, steps, lambda records: pack(out, records, meta, pack_dir))
     except KeyboardInterrupt:
         print("kit: interrupted; what was measured is packed", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"\n{(out / 'targets.md').read_text()}", end="")
     if pack_dir:
         print(f"kit: packed into {pack_dir}: bench-results.tgz (tar -xzf it in the repository), kit.json, targets.md")

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,38 @@ def test_kit_end_to_end_keeps_the_rows_of_a_step_stopped_at_its_cap(tmp_path, mo
         assert all(r["fwd_bwd_ms"] > 0 for r in partial["rows"])
         assert "unfinished: " in read("stalled/results.md")
         assert json.loads(read("kit.json")) == meta
+
+
+def test_sigterm_stops_the_running_step_and_packs(tmp_path):
+    """SIGTERM to the kit (a device call's time limit, after gpu_kit.sh exec'd it) acts as Ctrl-C: the running step,
+    in a process group of its own, is stopped with it (it would go on using the GPU), the pack says "interrupted",
+    and the kit exits 130."""
+    script = f"""
+import sys
+from s1fast.bench import kit
+step = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(600)"
+kit.PLAN = (kit.Step("sleeps", ("-c", step, {str(tmp_path / "pid")!r}), 300),)
+sys.exit(kit.main(["--out", {str(tmp_path / "results")!r}, "--pack", {str(tmp_path)!r}]))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    pid_file = tmp_path / "pid"
+    for _ in range(600):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    step = int(pid_file.read_text())
+    proc.terminate()
+    assert proc.wait(60) == 130, proc.stdout.read()
+    for _ in range(100):  # stopped with its group (SIGTERM, then SIGKILL after a grace)
+        try:
+            os.kill(step, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(step, 9)
+        raise AssertionError("the running step outlived the kit")
+    assert [r["status"] for r in json.loads((tmp_path / "kit.json").read_text())["steps"]] == ["interrupted"]
 
 
 def test_the_plan_puts_the_headline_figures_first_within_the_budget(capsys):
