@@ -253,7 +253,7 @@ def _rows_torch(logits, labels, loss, grad, scale, ignore_index, label_smoothing
         lse.copy_(torch.where(valid, row_lse, 0.0))
     if stats is not None:
         p = torch.sub(x, row_lse.unsqueeze(1)).exp_()  # in place: one [rows, V] temporary fewer than p * where(...)
-        entropy = row_lse - p.mul_(torch.where(x > -torch.inf, x, 0.0)).sum(1)  # not 0 * -inf
+        entropy = row_lse - p.mul_(x.clamp(min=torch.finfo(x.dtype).min)).sum(1)  # not 0 * -inf; no mask temporary
         stats[0].copy_(torch.where(valid, entropy, 0.0) + poison)
         stats[1].copy_(valid & in_range & (x.argmax(1) == labels))
     if grad is not None:
