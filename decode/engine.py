@@ -233,7 +233,8 @@ class _Batch:
 
     @torch.inference_mode()
     def steps(self) -> Iterator[tuple[int, list[int]]]:
-        """The loop (a generator of ``(request, new_token_ids)`` returning the ``GenerationResult``): launch the
+        """The loop (a generator of ``(request, new_token_ids)`` returning the ``GenerationResult``; serving: None,
+        each row went to its listener): launch the
         next one-token step on the guess that the pending tokens are fed as they are, meanwhile decide on the
         pending tokens; where an edit, a finished row, a cancellation or missing pages break the guess, rows
         leave or are preempted, every row takes its feed in one forward and free rows are refilled."""
@@ -283,6 +284,8 @@ class _Batch:
                 break
             pending = runner.load(parts[0] if len(parts) == 1 else torch.cat(parts), sched.pos)
         runner.synchronize()
+        if self.inbox is not None:
+            return None  # every request's row went to its listener
         t2 = time.perf_counter()
         rows = [RowResult.from_state(st, runner.tokenizer) for st in self.states]
         return GenerationResult(rows, t1 - t0 + self.admit_s, t2 - t1 - self.admit_s, self.emitted, self.steps_run,
@@ -340,7 +343,10 @@ class _Batch:
             self.runner.move_row(src, dst)
 
     def finished(self, r: int) -> None:
+        """Serving: request ``r``'s row goes to its listener; its state is let go (a batch under steady traffic runs
+        for as long as the server, and would keep every request's tokens)."""
         self.inbox.finished(self.sched.requests[r], RowResult.from_state(self.states[r], self.runner.tokenizer))
+        self.states[r] = None
 
     def banned(self, requests: list[int]) -> list[frozenset[int]]:
         """Per request: the tokens its next token must not be (those ending thinking, at a round's start)."""

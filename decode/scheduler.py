@@ -82,6 +82,7 @@ class Scheduler:
         dropped = [r for r in self.waiting if which(r)]
         for r in dropped:
             self.waiting.remove(r)
+            self._seqs.pop(r, None)  # a preempted one's tokens
         return dropped
 
     def admit(self) -> Prefill | None:
@@ -134,6 +135,7 @@ class Scheduler:
         moves = []
         for s in reversed(range(len(self.rows))):
             if self.feeds[s] is None:
+                del self._seqs[self.rows[s]]  # never prefilled again: a long-running batch keeps no finished tokens
                 moves += self._leave(s)
         return moves
 

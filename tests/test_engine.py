@@ -214,6 +214,28 @@ def test_a_serving_batch_whose_requests_were_all_cancelled_while_waiting_ends_cl
     assert [row.finish_reason for row in rows] == ["cancelled"] and engine.in_flight() == 0
 
 
+def test_a_serving_batch_keeps_no_finished_request():
+    """A serving batch runs as long as requests keep coming: each finished request's tokens and state are let go
+    once its row went to its listener (they piled up until the batch drained), and its rows are those of run()."""
+    from s1fast.decode.engine import _Batch
+
+    model = model_for()
+    prompts = make_prompts((5, 8, 3, 6), seed=4)
+    want = Engine(Decoder(model), max_rows=1)
+    for p in prompts:
+        want.submit(p, max_new_tokens=6)
+    want = want.run().tokens
+    engine = Engine(Decoder(model), max_rows=1)
+    rows = {}
+    for i, p in enumerate(prompts):
+        engine.post(p, max_new_tokens=6, on_tokens=lambda new, state: None,
+                    on_done=lambda row, i=i: rows.setdefault(i, row))
+    batch = _Batch(engine.decoder, [], engine.max_rows, engine.inbox)
+    for _ in batch.steps():  # batch request i is posted request i
+        assert all(batch.states[i] is None for i in rows) and not set(rows) & set(batch.sched._seqs)
+    assert [rows[i].tokens for i in range(4)] == want and batch.states == [None] * 4 and not batch.sched._seqs
+
+
 def test_engine_rejects_bad_arguments():
     dec = Decoder(model_for(), max_seq_len=32)
     with pytest.raises(ValueError, match="max_rows must be an int >= 1"):
