@@ -194,13 +194,11 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
 def _client(cfg: EvalConfig):
     """The ``Client`` of ``cfg.endpoint``, its model name asked of the first endpoint unless given, or a one-line
     ValueError (a bad setting, a server that does not answer)."""
-    from s1fast.client import Client, check_client_settings
+    from s1fast.client import Client  # its settings checked first thing
 
     if cfg.s1_compat:
         raise ValueError("--s1-compat: s1fast serve forces budgets its own way, not with s1's quirks; decode "
                          "locally with --model")
-    check_client_settings(cfg.endpoint, concurrency=cfg.concurrency, timeout=cfg.timeout, retries=cfg.retries,
-                          backoff=cfg.backoff)
     client = Client(cfg.endpoint, model=cfg.model_name, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
                     timeout=cfg.timeout, retries=cfg.retries, backoff=cfg.backoff)
     try:
