@@ -49,6 +49,7 @@ class LocalModel:
 
         self.tokenizer = load_tokenizer(path, None, format)
         self.fmt = resolve_format(format, self.tokenizer)
+        self.stop_ids = self.fmt.stop_ids(self.tokenizer)
         self.budget = BudgetForcing.from_tokenizer(self.tokenizer, max_thinking_tokens=max_thinking_tokens,
                                                    num_waits=num_waits, format=self.fmt)
         model = load_model(path, dtype=dtype, device=device)
@@ -74,7 +75,7 @@ class LocalModel:
                                      max_new_tokens=max_tokens or max(1, min(DEFAULT_MAX_TOKENS, room)),
                                      temperature=temperature, top_k=None, top_p=None,
                                      seed=request_seed(seed, key),
-                                     stop_token_ids=self.fmt.stop_ids(self.tokenizer), budget=self.budget)
+                                     stop_token_ids=self.stop_ids, budget=self.budget)
                 except ValueError as e:  # e.g. prompt + max_tokens longer than the model's positions
                     done.put((key, str(e)))
             for _ in questions:
