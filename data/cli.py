@@ -262,11 +262,12 @@ def _settings(records: Records, maker: str, made: bool, parser, **settings) -> N
         parser.error(str(e))
 
 
-def _generation_settings(args, local: str) -> dict:
-    """What a distill or attempt answer depends on (not where or how fast it is asked); ``max_tokens`` None: a local
-    model's room after each question."""
+def _generation_settings(args, local: str, model_name: str) -> dict:
+    """What a distill or attempt answer depends on, not where or how fast it is asked: the model (a local one by its
+    full path) and the generation settings; ``max_tokens`` None: a local model's room after each question."""
     path = getattr(args, local)
-    return {"max_tokens": args.max_tokens or (None if path else DEFAULT_MAX_TOKENS), "temperature": args.temperature,
+    return {"model": os.path.abspath(path) if path else model_name,
+            "max_tokens": args.max_tokens or (None if path else DEFAULT_MAX_TOKENS), "temperature": args.temperature,
             "seed": args.seed, "max_thinking_tokens": args.max_thinking_tokens, "num_waits": args.num_waits,
             "format": args.format if path else None}
 
@@ -307,7 +308,7 @@ def distill_stage(args, parser) -> int:
     teacher = args.name or model_name
     with _writer(os.path.join(args.out, DISTILL), ("id", "sample"), parser) as records:  # locked until the stage ends
         _settings(records, "teacher", any(r["error"] is None for r in records.values()), parser, teacher=teacher,
-                  **_generation_settings(args, "teacher"))
+                  **_generation_settings(args, "teacher", model_name))
         ask, local_format = load()
         done = {k for k, r in records.latest.items() if r["error"] is None}
         todo = {(i, s): q["question"] for i, q in questions.items() for s in range(args.samples) if (i, s) not in done}
@@ -334,7 +335,7 @@ def attempt_stage(args, parser) -> int:
     student = args.name or model_name
     with _writer(os.path.join(args.out, ATTEMPT), ("id", "student"), parser) as records:  # locked until the stage ends
         made = any(r["student"] == student and r["error"] is None for r in records.values())
-        _settings(records, student, made, parser, **_generation_settings(args, "student"))
+        _settings(records, student, made, parser, **_generation_settings(args, "student", model_name))
         ask, _ = load()
         todo = {(i, student): q["question"] for i, q in questions.items()
                 if (r := records.get(i, student)) is None or r["error"] is not None}

@@ -115,7 +115,10 @@ class Records:
         old = known.get(maker)
         if old == settings:
             return
-        if made and old is not None:
+        if made and old is None:
+            raise ValueError(f"{self.path} holds answers of {maker} but {path} has no record of their settings; "
+                             "give another --out")
+        if made:
             changed = ", ".join(f"{k} {old.get(k)!r} before, {settings.get(k)!r} now"
                                 for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
             raise ValueError(f"{self.path} holds answers of {maker} made with other settings ({changed}); rerun "

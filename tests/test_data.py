@@ -244,7 +244,9 @@ def test_a_rerun_with_other_settings_is_refused(standin, tmp_path, capsys):
     asked = s.asked()
     refused = [(["distill", "--temperature", "0.7"], "temperature 0.5 before, 0.7 now"),
                (["distill", "--temperature", "0.5", "--name", "other"], "teacher 'stand-in' before, 'other' now"),
-               (["distill", "--temperature", "0.5", "--max-tokens", "99"], "max_tokens 32768 before, 99 now")]
+               (["distill", "--temperature", "0.5", "--max-tokens", "99"], "max_tokens 32768 before, 99 now"),
+               (["distill", "--temperature", "0.5", "--model-name", "other", "--name", "stand-in"],
+                "model 'stand-in' before, 'other' now")]
     for argv, said in refused:
         with pytest.raises(SystemExit) as e:
             main([argv[0], *common, *argv[1:]])
@@ -261,6 +263,10 @@ def test_a_rerun_with_other_settings_is_refused(standin, tmp_path, capsys):
     assert "answers of s2 made with other settings (max_tokens 20 before, 30 now)" in capsys.readouterr().err
     kept = json.loads(open(os.path.join(out, "attempt.settings.json")).read())
     assert {k: v["max_tokens"] for k, v in kept.items()} == {"stand-in": 10, "s2": 20}
+    os.rename(os.path.join(out, "attempt.settings.json"), os.path.join(out, "lost.json"))  # answers, no settings
+    with pytest.raises(SystemExit):
+        main(["attempt", *common, "--max-tokens", "10"])
+    assert "has no record of their settings; give another --out" in capsys.readouterr().err
     # classify: questions added later are not classified another way than the first ones
     assert main(["classify", "--out", out, "--endpoint", s.url, "--tries", "1"]) == 0
     out = pipeline_dir(tmp_path, QUESTIONS[:3])
